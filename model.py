@@ -1,0 +1,617 @@
+"""
+The policy language model, in plain PyTorch.
+
+One file, one idea: a decoder-only transformer of the Llama family (Llama 3, Qwen2/2.5, Qwen3) that
+  1. loads a local Hugging Face checkpoint folder (config.json + *.safetensors, sharded or not),
+  2. scores token sequences (teacher-forced log-probs for the RL losses),
+  3. generates replies with a hand-written, preallocated (static) KV cache, and
+  4. saves itself back in the same HF layout, so transformers and vLLM can load what RLVER trained.
+
+Read top to bottom:
+  config           -> ModelConfig.from_hf reads config.json (old and new rope layouts)
+  building blocks  -> RMSNorm, RoPE (incl. Llama-3 scaling), Attention (GQA, optional qkv bias / q-k norm), MLP
+  Transformer      -> forward() returns logits, hidden states, or per-token log-probs
+  KV cache         -> KVCache: (B, H_kv, S, D) tensors written in place at the current positions
+  generate()       -> left-pad prompts, one prefill, then one-token decode steps
+  checkpoints      -> load_model / save_model / load_tokenizer
+  make_tiny_checkpoint -> a real (random-weight) checkpoint + trained tokenizer for tests and the CPU demo
+
+Every module and parameter is named exactly as in the HF checkpoint (model.layers.0.self_attn.q_proj.weight,
+...), so loading and saving are a plain state_dict with no key renaming.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "qwen3")
+
+
+class CheckpointError(ValueError):
+    """A problem with a model folder that the user can fix (bad path, missing file, unsupported model)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = "qwen2"
+    vocab_size: int = 1024
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 16
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    rope_scaling: dict | None = None  # e.g. {"rope_type": "llama3", "factor": 8.0, ...}
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2 has biases on q, k, v (not o)
+    o_bias: bool = False  # Llama/Qwen3 `attention_bias` puts a bias on o_proj too
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm on each head of q and k before RoPE
+    hf: dict = field(default_factory=dict)  # the original config.json, written back unchanged on save
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "ModelConfig":
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise CheckpointError(
+                f"unsupported model_type {model_type!r}: rlver implements {', '.join(SUPPORTED_MODEL_TYPES)} "
+                "(Qwen2/2.5, Llama 3.x, Qwen3); convert the model or pick one of those"
+            )
+        if hf.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"unsupported hidden_act {hf['hidden_act']!r}: only silu (SwiGLU) is implemented")
+        if hf.get("use_sliding_window", False):
+            raise CheckpointError("sliding-window attention is not implemented: set use_sliding_window=false")
+        # RoPE settings: transformers < 5 writes rope_theta + rope_scaling, transformers >= 5 writes rope_parameters.
+        rope = dict(hf.get("rope_parameters") or {})
+        rope_theta = hf.get("rope_theta", rope.get("rope_theta", 10_000.0))
+        rope_scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if rope_scaling is not None:
+            rope_type = rope_scaling.get("rope_type", rope_scaling.get("type"))
+            if rope_type not in ("default", "linear", "llama3"):
+                raise CheckpointError(f"unsupported rope scaling {rope_type!r}: rlver implements default, linear, llama3")
+        n_heads = hf["num_attention_heads"]
+        attention_bias = hf.get("attention_bias", False)
+        return cls(
+            model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=n_heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or n_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            qkv_bias=True if model_type == "qwen2" else attention_bias,
+            o_bias=False if model_type == "qwen2" else attention_bias,
+            mlp_bias=hf.get("mlp_bias", False),
+            qk_norm=model_type == "qwen3",
+            hf=hf,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 (Zhang & Sennrich 2019)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Rotary embedding frequencies theta_i = base^(-2i/D), i < D/2 (Su et al. 2021), with optional scaling. (D/2,)"""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    scaling = cfg.rope_scaling or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "linear":  # position interpolation: positions / factor
+        inv_freq = inv_freq / scaling["factor"]
+    elif rope_type == "llama3":
+        # Llama 3.1 scaling: long wavelengths are divided by `factor`, short ones kept, the band in between
+        # interpolated smoothly between the two.
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_context / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old_context / lo, inv_freq / factor, inv_freq)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_context / hi) & (wavelen <= old_context / lo)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq, positions, dtype):
+    """cos/sin tables for integer positions (B, T) -> two (B, 1, T, D), in the HF 'rotate half' layout."""
+    angles = positions[:, :, None].float() * inv_freq[None, None, :]  # (B, T, D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (B, T, D)
+    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each (x_i, x_{i+D/2}) pair by its angle. x: (B, H, T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query attention (Ainslie et al. 2023): H query heads share H_kv key/value heads."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, cache_index=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):  # Qwen3
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            # Static KV cache: write this step's keys/values at their slots, then attend over the slots the
+            # mask covers (the mask's last dim says how many: prefill and decode both pass (B, 1, T, S_used)).
+            k, v = cache.update(self.layer_idx, cache_index, k, v, mask.shape[-1])  # (B, H_kv, S_used, D)
+        # Without a mask the batch is right-padded training data: plain causal attention is exact for every
+        # real token (padding only ever sits after it), and lets SDPA pick the flash kernel.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, cache_index=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        # `model.*` and `lm_head` mirror the HF module tree so state_dict keys match the checkpoint files.
+        self.model = nn.ModuleDict(
+            dict(
+                embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+                layers=nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers)),
+                norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
+            )
+        )
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:  # small Qwen models share the input embedding with the output head
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.gradient_checkpointing = False
+
+    def reset_rope(self, device):
+        """Recompute the (non-checkpoint) RoPE buffer, e.g. after the model was built on the meta device."""
+        self.inv_freq = rope_inv_freq(self.config).to(device)
+
+    def forward(self, ids, targets=None, temperature=1.0, positions=None, mask=None, cache=None, cache_index=None,
+                return_hidden=False):
+        """
+        ids (B, T) long. Everything goes through forward() so FSDP2's hooks gather the sharded weights.
+          return_hidden       -> final-norm hidden states (B, T, C)              (the critic's value head reads these)
+          targets (B, T)      -> (log p(targets | prefix), entropy), each (B, T) (teacher forcing, chunked)
+          cache (KVCache)     -> next-token logits of the last position (B, V)   (generation)
+          otherwise           -> logits (B, T, V)
+        positions (B, T): RoPE positions (default 0..T-1). mask (B, 1, T, S) bool: True = may attend;
+        None = causal over a right-padded batch.
+        """
+        B, T = ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=ids.device).expand(B, T)
+        x = self.model.embed_tokens(ids)  # (B, T, C)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # (B, 1, T, D)
+        for block in self.model.layers:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache, cache_index)
+        x = self.model.norm(x)
+        if return_hidden:
+            return x
+        if targets is not None:
+            return chunked_logprobs(self.lm_head, x, targets, temperature)
+        if cache is not None:
+            return self.lm_head(x[:, -1])  # (B, V)
+        return self.lm_head(x)  # (B, T, V)
+
+
+def _chunk_logprobs(lm_head, hidden, targets, temperature):
+    logits = lm_head(hidden).float() / temperature  # (B, t, V) fp32, one chunk only
+    logz = torch.logsumexp(logits, dim=-1)  # (B, t)
+    logprobs = logits.gather(-1, targets[..., None]).squeeze(-1) - logz
+    entropy = logz - (logits.softmax(-1) * logits).sum(-1)  # H = log Z - E_p[logit]
+    return logprobs, entropy
+
+
+def chunked_logprobs(lm_head, hidden, targets, temperature=1.0, chunk_size=512):
+    """
+    log p(target_t) under softmax(logits_t / temperature), and the entropy of that distribution, without
+    holding full fp32 (B, T, V) logits: T is cut into chunks, and under autograd each chunk is checkpointed
+    so backward recomputes its logits instead of keeping them (V is 152k for Qwen2.5).
+    hidden (B, T, C), targets (B, T) -> logprobs (B, T), entropy (B, T), fp32.
+    """
+    out_logprobs, out_entropy = [], []
+    for s in range(0, hidden.shape[1], chunk_size):
+        h, t = hidden[:, s:s + chunk_size], targets[:, s:s + chunk_size]
+        if torch.is_grad_enabled():
+            lp, ent = torch.utils.checkpoint.checkpoint(_chunk_logprobs, lm_head, h, t, temperature,
+                                                        use_reentrant=False)
+        else:
+            lp, ent = _chunk_logprobs(lm_head, h, t, temperature)
+        out_logprobs.append(lp)
+        out_entropy.append(ent)
+    return torch.cat(out_logprobs, 1), torch.cat(out_entropy, 1)
+
+
+def token_logprobs(model, ids, temperature=1.0, return_entropy=False):
+    """
+    Teacher-forced log-probs for training. Logits at positions [:, :-1] score ids[:, 1:], so the result is
+    (B, T-1): entry t is log p(ids[:, t+1] | ids[:, :t+1]) at the sampling temperature (PPO's ratio must
+    compare the same distribution the tokens were sampled from). ids must be right-padded.
+    """
+    logprobs, entropy = model(ids[:, :-1], targets=ids[:, 1:], temperature=temperature)
+    return (logprobs, entropy) if return_entropy else logprobs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Static KV cache + generation (prefill, then one token at a time)
+
+
+class KVCache:
+    """Preallocated keys/values, one (B, H_kv, S_max, D) pair per layer, written in place (as in gpt-fast)."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+
+    def update(self, layer, index, k, v, used):
+        """Write k, v (B, H_kv, T, D) at slots `index` (T,) and return the first `used` slots."""
+        self.k[layer].index_copy_(2, index, k)
+        self.v[layer].index_copy_(2, index, v)
+        return self.k[layer][:, :, :used], self.v[layer][:, :, :used]
+
+
+def sample(logits, temperature, top_p, generator):
+    """
+    Pick the next token from logits (B, V). temperature == 0: greedy. Else softmax(logits / temperature),
+    optionally truncated to the smallest set of tokens whose probability reaches top_p (nucleus sampling,
+    Holtzman et al. 2020). Returns tokens (B,) and their log-prob under softmax(logits / temperature), the
+    distribution the trainer recomputes (top-p truncation is a sampling device, not part of the policy).
+    """
+    logits = logits.float()
+    if temperature == 0:
+        tokens = logits.argmax(-1)
+        return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)  # (B, V)
+    probs = logprobs.exp()
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep tokens until the mass reaches top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    # Sampling as argmax(p / Exp(1)) draws from p (exponential race) and needs no host sync.
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    tokens = (probs / noise).argmax(-1)
+    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, eos_ids, temperature=1.0, top_p=1.0, generator=None, pad_id=0,
+             sync_every=8):
+    """
+    Batched sampling for prompts of different lengths.
+      prompts: list of B token-id lists. Returns (new_ids, logprobs): per row the sampled ids up to and
+      including the first EOS (or max_new_tokens of them), and each id's log-prob (see sample()).
+    Layout: prompts are left-padded to length P so every row's next token lands in the same cache slot
+    P + t; RoPE positions count only real tokens, and the mask hides the padding slots.
+    """
+    device = model.inv_freq.device
+    dtype = model.model.embed_tokens.weight.dtype
+    B, P = len(prompts), max(len(p) for p in prompts)
+    S = P + max_new_tokens
+    ids = torch.full((B, P), pad_id, dtype=torch.long)
+    real = torch.zeros(B, S, dtype=torch.bool)  # which cache slots hold real tokens: (B, S)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        real[i, P - len(p):] = True  # the prompt, then every generated slot
+    ids, real = ids.to(device), real.to(device)
+    positions = (real[:, :P].long().cumsum(-1) - 1).clamp(min=0)  # (B, P)
+    # Prefill mask (B, 1, P, P): causal and real keys only; each slot may also see itself, so padding rows
+    # never softmax over an empty set (that would make NaNs that leak through the cache).
+    causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+    mask = (causal & real[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)
+    cache = KVCache(model.config, B, S, device, dtype)
+    logits = model(ids, positions=positions, mask=mask[:, None], cache=cache,
+                   cache_index=torch.arange(P, device=device))  # (B, V)
+
+    eos = torch.tensor(list(eos_ids), device=device)
+    next_pos = positions[:, -1] + 1  # (B,)
+    out_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    out_logprobs = torch.zeros(B, max_new_tokens, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        tokens, logprobs = sample(logits, temperature, top_p, generator)
+        tokens = tokens.masked_fill(done, pad_id)  # finished rows keep emitting padding
+        out_ids[:, t], out_logprobs[:, t] = tokens, logprobs
+        done = done | torch.isin(tokens, eos)
+        if t == max_new_tokens - 1 or (t % sync_every == sync_every - 1 and bool(done.all())):
+            break  # (checking `done` costs a host sync, so only every `sync_every` tokens)
+        slot = P + t  # decode: one token per row, written at cache slot P + t; attend to slots [0, P + t]
+        logits = model(tokens[:, None], positions=next_pos[:, None], mask=real[:, None, None, :slot + 1],
+                       cache=cache, cache_index=torch.tensor([slot], device=device))
+        next_pos = next_pos + 1
+
+    out_ids, out_logprobs, eos = out_ids.tolist(), out_logprobs.tolist(), set(eos_ids)
+    new_ids, new_logprobs = [], []
+    for row_ids, row_lp in zip(out_ids, out_logprobs):
+        n = next((i + 1 for i, tok in enumerate(row_ids) if tok in eos), len(row_ids))
+        new_ids.append(row_ids[:n])
+        new_logprobs.append(row_lp[:n])
+    return new_ids, new_logprobs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints in the Hugging Face layout
+
+
+def read_config(path) -> ModelConfig:
+    if not os.path.isdir(path):
+        raise CheckpointError(f"model path {path!r} is not a directory: pass a local HF checkpoint folder")
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise CheckpointError(f"{config_file} not found: a HF checkpoint folder needs config.json")
+    try:
+        with open(config_file) as f:
+            hf = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file} is not valid JSON ({e})") from None
+    try:
+        return ModelConfig.from_hf(hf)
+    except KeyError as e:
+        raise CheckpointError(f"{config_file} lacks the key {e.args[0]!r}") from None
+
+
+def weight_files(path) -> list:
+    """The *.safetensors files of a checkpoint folder: the index's list when sharded, else model.safetensors."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        names = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    if not names:
+        raise CheckpointError(f"no *.safetensors weights in {path} (.bin checkpoints are not supported: "
+                              "re-save with safe_serialization=True)")
+    files = [os.path.join(path, n) for n in names]
+    for f in files:
+        if not os.path.isfile(f):
+            raise CheckpointError(f"weight shard {f} listed in the index is missing")
+    return files
+
+
+def load_state_dict(path, dtype=None, device="cpu") -> dict:
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in weight_files(path):
+        for name, tensor in load_file(f, device=str(device)).items():
+            state[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    return state
+
+
+def check_state_dict(model: Transformer, state: dict, path):
+    expected = set(model.state_dict().keys())
+    if model.config.tie_word_embeddings:
+        expected.discard("lm_head.weight")  # tied checkpoints store only the embedding
+        state.pop("lm_head.weight", None)
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise CheckpointError(f"weights in {path} do not match config.json: missing {sorted(missing)[:5]}, "
+                              f"unexpected {sorted(unexpected)[:5]}")
+
+
+def load_model(path, device="cpu", dtype=torch.float32) -> Transformer:
+    """Build the model on the meta device (no memory), then adopt the checkpoint's tensors as parameters."""
+    cfg = read_config(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state = load_state_dict(path, dtype, device)
+    check_state_dict(model, state, path)
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.reset_rope(device)
+    return model
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(path):
+        raise CheckpointError(f"tokenizer path {path!r} is not a directory")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.chat_template is None:
+        raise CheckpointError(f"the tokenizer in {path} has no chat template: use an instruct/chat model")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def save_model(state_dict: dict, cfg: ModelConfig, path, tokenizer=None, max_shard_bytes=5 * 2**30):
+    """Write config.json + safetensors (sharded with an index past max_shard_bytes), loadable by transformers."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    shards, size = [{}], 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg.hf, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A tiny real checkpoint: random weights, a BPE tokenizer trained on the spot, a ChatML chat template.
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+THINK_TOKENS = ["<think>", "</think>"]  # added tokens that stay visible in decoded text, as in Qwen3
+
+
+def tokenizer_corpus(prompts_dir=None) -> list:
+    """Text to train the tiny tokenizer on: every file under prompts/ (profiles, templates, cue lists)."""
+    prompts_dir = prompts_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
+    texts = ["I hear you. That sounds really hard, and it makes sense that you feel this way. "
+             "What happened next? How are you feeling right now? You are not alone."]
+    for root, _, files in os.walk(prompts_dir):
+        for name in sorted(files):
+            with open(os.path.join(root, name), encoding="utf-8", errors="ignore") as f:
+                texts.extend(line for line in f.read().splitlines() if line.strip())
+    return texts
+
+
+def train_tokenizer(vocab_size=1024, texts=None):
+    """A byte-level BPE tokenizer (the scheme Qwen and Llama 3 use) trained on our own prompt text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers, AddedToken
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts or tokenizer_corpus(), trainer=trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=CHATML_TEMPLATE, model_max_length=32768)
+
+
+def tiny_hf_config(model_type, vocab_size, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                   intermediate_size=128, tie=None, rope_scaling=None, eos_token_id=None):
+    architectures = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+    hf = {
+        "architectures": [architectures[model_type]], "model_type": model_type, "vocab_size": vocab_size,
+        "hidden_size": hidden_size, "intermediate_size": intermediate_size, "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads,
+        "head_dim": hidden_size // num_heads, "hidden_act": "silu", "rms_norm_eps": 1e-6,
+        "rope_theta": 1_000_000.0 if model_type != "llama" else 500_000.0, "rope_scaling": rope_scaling,
+        "max_position_embeddings": 32768, "tie_word_embeddings": model_type != "llama" if tie is None else tie,
+        "attention_bias": False, "use_sliding_window": False, "torch_dtype": "float32",
+        "eos_token_id": eos_token_id, "bos_token_id": None, "pad_token_id": None,
+    }
+    if model_type == "llama" and rope_scaling is None:
+        hf["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 8192}
+    return hf
+
+
+def random_state_dict(cfg: ModelConfig, seed=0) -> dict:
+    """Random weights; norms and biases are randomised too so tests notice if one is ignored."""
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    state = {}
+    for name, p in model.state_dict().items():
+        if name.endswith("norm.weight"):
+            state[name] = 1.0 + 0.1 * torch.randn_like(p)
+        elif name.endswith("bias"):
+            state[name] = 0.1 * torch.randn_like(p)
+        else:
+            state[name] = 0.05 * torch.randn_like(p)  # std large enough that a tiny model is not uniform
+    return state
+
+
+def make_tiny_checkpoint(path, model_type="qwen2", seed=0, vocab_size=1024, **config_kwargs):
+    """Write a tiny random checkpoint in the exact HF layout of a real one (what tests and the CPU demo use)."""
+    tokenizer = train_tokenizer(vocab_size)
+    hf = tiny_hf_config(model_type, len(tokenizer), eos_token_id=tokenizer.eos_token_id, **config_kwargs)
+    cfg = ModelConfig.from_hf(hf)
+    save_model(random_state_dict(cfg, seed), cfg, path, tokenizer)
+    return path

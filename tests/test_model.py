@@ -1,0 +1,165 @@
+"""model.py against an independent reference: transformers' own Qwen2/Llama/Qwen3 on the same weights."""
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from model import (CheckpointError, generate, load_model, load_tokenizer, make_tiny_checkpoint, save_model,
+                   token_logprobs, chunked_logprobs)
+
+MODEL_TYPES = ["qwen2", "llama", "qwen3"]
+
+
+def hf_model(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def prompts_for(tokenizer):
+    texts = ["I feel so alone since my sister moved away.", "hi",
+             "My manager criticised my report in front of everyone and I have not slept since."]
+    return texts, [tokenizer.encode(t) for t in texts]
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_logits_match_transformers(tiny_checkpoints, model_type):
+    path = tiny_checkpoints[model_type]
+    ours, ref = load_model(path), hf_model(path)
+    ids = torch.randint(0, ours.config.vocab_size, (3, 37), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours_logits, ref_logits = ours(ids), ref(ids).logits
+    assert ours_logits.shape == ref_logits.shape == (3, 37, ours.config.vocab_size)
+    torch.testing.assert_close(ours_logits, ref_logits, atol=1e-4, rtol=1e-4)
+    # and the logits are not trivially equal to something constant
+    assert ours_logits.std() > 0.1
+
+
+def test_architecture_features_are_present(tiny_checkpoints):
+    qwen2, llama, qwen3 = (load_model(tiny_checkpoints[m]) for m in MODEL_TYPES)
+    assert qwen2.lm_head.weight is qwen2.model.embed_tokens.weight  # tied
+    assert qwen2.model.layers[0].self_attn.q_proj.bias is not None and qwen2.model.layers[0].self_attn.o_proj.bias is None
+    assert llama.config.rope_scaling["rope_type"] == "llama3" and llama.lm_head.weight is not llama.model.embed_tokens.weight
+    assert hasattr(qwen3.model.layers[0].self_attn, "q_norm")
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_greedy_generation_matches_transformers_generate(tiny_checkpoints, model_type):
+    path = tiny_checkpoints[model_type]
+    ours, ref, tokenizer = load_model(path), hf_model(path), load_tokenizer(path)
+    texts, prompts = prompts_for(tokenizer)
+    new_ids, _ = generate(ours, prompts, 24, [tokenizer.eos_token_id], temperature=0, pad_id=tokenizer.pad_token_id)
+    tokenizer.padding_side = "left"
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    out = ref.generate(**enc, max_new_tokens=24, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    ref_new = out[:, enc.input_ids.shape[1]:].tolist()
+    for ours_row, ref_row in zip(new_ids, ref_new):
+        assert ours_row == ref_row[:len(ours_row)]
+        assert len(ours_row) == 24 or ours_row[-1] == tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_kv_cache_decode_equals_full_recompute(tiny_checkpoints, model_type):
+    """Sampled tokens' log-probs from the cached decode == teacher-forced log-probs of the full sequence."""
+    path = tiny_checkpoints[model_type]
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    _, prompts = prompts_for(tokenizer)
+    g = torch.Generator().manual_seed(3)
+    new_ids, new_logprobs = generate(model, prompts, 30, [tokenizer.eos_token_id], temperature=0.7, generator=g)
+    for prompt, ids, logprobs in zip(prompts, new_ids, new_logprobs):
+        full = torch.tensor([prompt + ids])
+        with torch.no_grad():
+            recomputed = token_logprobs(model, full, temperature=0.7)[0, len(prompt) - 1:]
+        torch.testing.assert_close(torch.tensor(logprobs), recomputed, atol=1e-4, rtol=1e-4)
+
+
+def test_generation_is_seeded_and_stops_per_row_at_eos(tiny_qwen2):
+    model, tokenizer = load_model(tiny_qwen2), load_tokenizer(tiny_qwen2)
+    _, prompts = prompts_for(tokenizer)
+    run = lambda seed, **kw: generate(model, prompts, 16, [tokenizer.eos_token_id], temperature=1.0,
+                                      generator=torch.Generator().manual_seed(seed), **kw)[0]
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+    # Make the third token of row 0 the stop token: row 0 must end right there, including it.
+    free_run = run(1)
+    stop = free_run[0][2]
+    stopped = generate(model, prompts, 16, [stop], temperature=1.0, generator=torch.Generator().manual_seed(1))[0]
+    assert stopped[0] == free_run[0][:3]
+    for row, free in zip(stopped, free_run):
+        n = free.index(stop) + 1 if stop in free else len(free)
+        assert row == free[:n]  # every row stops at its own first stop token, or runs to max_new_tokens
+
+
+def test_tiny_top_p_is_greedy(tiny_qwen2):
+    model, tokenizer = load_model(tiny_qwen2), load_tokenizer(tiny_qwen2)
+    _, prompts = prompts_for(tokenizer)
+    greedy = generate(model, prompts, 12, [tokenizer.eos_token_id], temperature=0)[0]
+    nucleus = generate(model, prompts, 12, [tokenizer.eos_token_id], temperature=1.0, top_p=1e-6,
+                       generator=torch.Generator().manual_seed(0))[0]
+    assert nucleus == greedy
+
+
+def test_chunked_logprobs_match_full_softmax_and_gradients(tiny_qwen2):
+    model = load_model(tiny_qwen2)
+    ids = torch.randint(0, model.config.vocab_size, (2, 21), generator=torch.Generator().manual_seed(0))
+    hidden = model(ids[:, :-1], return_hidden=True).detach().requires_grad_(True)
+    logprobs, entropy = chunked_logprobs(model.lm_head, hidden, ids[:, 1:], temperature=0.8, chunk_size=6)
+    full = torch.log_softmax(model.lm_head(hidden).float() / 0.8, -1)
+    expected = full.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(logprobs, expected)
+    torch.testing.assert_close(entropy, -(full.exp() * full).sum(-1))
+    g1, = torch.autograd.grad(logprobs.sum(), hidden, retain_graph=True)
+    g2, = torch.autograd.grad(expected.sum(), hidden)
+    torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "llama"])
+def test_save_load_round_trip_through_transformers(tiny_checkpoints, tmp_path, model_type):
+    ours = load_model(tiny_checkpoints[model_type])
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(0.01)  # "trained" weights, so we do not just re-read the original files
+    out = str(tmp_path / "saved")
+    save_model(ours.state_dict(), ours.config, out, load_tokenizer(tiny_checkpoints[model_type]),
+               max_shard_bytes=20_000)  # force several shards + an index
+    assert os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
+    ref = hf_model(out)
+    ids = torch.randint(0, ours.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ref(ids).logits, ours(ids), atol=1e-4, rtol=1e-4)
+        # ... and back: transformers' own save (new rope_parameters config layout) loads in our code
+        hf_out = str(tmp_path / "hf_saved")
+        ref.save_pretrained(hf_out)
+        torch.testing.assert_close(load_model(hf_out)(ids), ours(ids), atol=1e-4, rtol=1e-4)
+
+
+def test_tokenizer_has_chat_template_and_think_tokens(tiny_qwen2):
+    tokenizer = load_tokenizer(tiny_qwen2)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    ids = tokenizer.encode("<think>x</think>")
+    assert ids[0] == tokenizer.convert_tokens_to_ids("<think>")
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "<think>x</think>"
+
+
+def test_clear_errors_for_bad_checkpoints(tmp_path, tiny_qwen2):
+    with pytest.raises(CheckpointError, match="not a directory"):
+        load_model(str(tmp_path / "nope"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_model(str(empty))
+    (empty / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10}))
+    with pytest.raises(CheckpointError, match="unsupported model_type 'gpt2'"):
+        load_model(str(empty))
+    config = json.load(open(os.path.join(tiny_qwen2, "config.json")))
+    (empty / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+        load_model(str(empty))
+    config["num_hidden_layers"] = 3  # weights only hold 2 layers
+    (empty / "config.json").write_text(json.dumps(config))
+    os.symlink(os.path.join(tiny_qwen2, "model.safetensors"), empty / "model.safetensors")
+    with pytest.raises(CheckpointError, match="missing"):
+        load_model(str(empty))
