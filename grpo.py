@@ -1,0 +1,79 @@
+"""GRPO for RLVER: no critic; the baseline is the other rollouts of the same user profile.
+
+For each profile we run G dialogues (the RLVER scripts use G = 4). Each dialogue gets one reward
+(final emotion / 100); its advantage is that reward measured against its group (Shao et al. 2024,
+"DeepSeekMath", eq. 3 and sec. 4.1.2, outcome supervision), and every policy token of the dialogue
+shares it. The KL to the reference model is a loss term (the k3 estimator), not a reward penalty.
+The clipped surrogate and the loss aggregation are PPO's, imported from ppo.py.
+
+Same conventions as ppo.py: per-token tensors are (B, T-1), aligned with ids[:, 1:]; `mask` marks the
+policy's sampled tokens; log-probs are computed by the caller at the sampling temperature.
+"""
+import torch
+
+from ppo import LOG_RATIO_CLAMP, aggregate, masked_mean, policy_loss
+
+K3_CLAMP = 10.0  # bound on the per-token k3 value, so one wild token cannot dominate the KL term
+
+
+@torch.no_grad()
+def group_advantages(rewards, group_size, eps=1e-6, scale_by_std=True):
+    """Group-relative advantage (GRPO, Shao et al. 2024, sec. 4.1.2): A_i = (r_i - mean(r)) / (std(r) + eps).
+
+    rewards (N,): rows i*G .. (i+1)*G - 1 are the G rollouts of profile i. std is the unbiased sample
+    std. scale_by_std=False gives A_i = r_i - mean(r) (Dr.GRPO, Liu et al. 2025: dividing by the std
+    up-weights groups that are nearly all-equal, i.e. too easy or too hard).
+    A group whose rewards are all equal carries no signal and gets EXACTLY zero advantage. That has to be
+    enforced: the float mean of equal values can differ from them by an ulp, and divided by a std of
+    ~1e-9 + eps the rounding error would turn into an advantage of order 1e-3.
+    """
+    if group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards cannot be split into groups of {group_size}; "
+                         "pass rollouts_per_profile * num_profiles rewards")
+    grouped = rewards.float().reshape(-1, group_size)  # (N/G, G)
+    advantages = grouped - grouped.mean(dim=1, keepdim=True)  # (N/G, G)
+    if scale_by_std and group_size > 1:
+        advantages = advantages / (grouped.std(dim=1, keepdim=True, unbiased=True) + eps)
+    all_equal = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)  # (N/G, 1)
+    advantages = torch.where(all_equal, 0.0, advantages)
+    return advantages.reshape(-1)  # (N,)
+
+
+def k3_kl(logprobs, ref_logprobs):
+    """Per-token KL(pi || pi_ref) estimate, k3 (Schulman 2020, "Approximating KL divergence").
+
+    With tokens sampled from pi and log_r = log pi_ref - log pi:  k3 = exp(log_r) - log_r - 1.
+    Unbiased, and >= 0 for every token (e^x >= 1 + x), unlike k1 = -log_r. log_r is clamped to +-20
+    before exp and k3 to [-10, 10] (in practice [0, 10]), as public GRPO code does. (B, T-1).
+    """
+    log_r = (ref_logprobs.float() - logprobs.float()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # (B, T-1)
+    return (torch.exp(log_r) - log_r - 1.0).clamp(-K3_CLAMP, K3_CLAMP)  # (B, T-1)
+
+
+def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_low=0.2, clip_high=0.2,
+              kl_coef=1e-3, agg="token-mean", loss_scale_tokens=None, loss_scale_seqs=None, dual_clip=None):
+    """GRPO objective (Shao et al. 2024, eq. 3), as a loss to minimise:
+
+        L = aggregate( PPO-clip_t(ratio_t, A_i)  +  kl_coef * k3_t )
+
+    advantages: (B,) one per rollout, broadcast to all of that rollout's tokens, or already (B, T-1).
+    The original GRPO aggregates "seq-mean-token-mean"; "token-mean" (the default) weights every token
+    equally, which avoids favouring short answers (DAPO; Dr.GRPO). Both terms use the same aggregation
+    and normaliser, so the loss is linear in the per-token terms and micro-batches add up exactly.
+    ref_logprobs may be None when kl_coef == 0.
+    """
+    if advantages.dim() == 1:
+        advantages = advantages[:, None].expand_as(logprobs)  # (B,) -> (B, T-1)
+    loss, metrics = policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=clip_low,
+                                clip_high=clip_high, dual_clip=dual_clip, agg=agg,
+                                loss_scale_tokens=loss_scale_tokens, loss_scale_seqs=loss_scale_seqs)
+    if kl_coef:
+        if ref_logprobs is None:
+            raise ValueError("kl_coef > 0 needs ref_logprobs; pass them or set kl_coef=0")
+        kl = k3_kl(logprobs, ref_logprobs)  # (B, T-1)
+        loss = loss + kl_coef * aggregate(kl, mask, agg, loss_scale_tokens, loss_scale_seqs)
+        metrics["kl"] = masked_mean(kl.detach(), mask)
+    elif ref_logprobs is not None:
+        metrics["kl"] = masked_mean(k3_kl(logprobs.detach(), ref_logprobs), mask)
+    metrics["loss"] = loss.detach()
+    return loss, metrics

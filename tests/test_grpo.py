@@ -1,0 +1,109 @@
+"""Tests for grpo.py against hand-worked numbers."""
+import math
+
+import pytest
+import torch
+
+from grpo import group_advantages, grpo_loss, k3_kl
+
+
+def test_group_advantages_hand_worked():
+    rewards = torch.tensor([
+        0.0, 1.0, 1.0, 0.0,  # group 0: mean 0.5; unbiased var (4 * 0.25) / 3 = 1/3 -> std 1/sqrt(3)
+        0.3, 0.3, 0.3, 0.3,  # group 1: all equal -> exactly zero
+        0.2, 0.6, 0.4, 0.4,  # group 2: mean 0.4; unbiased var (0.04 + 0.04) / 3 -> std 0.163299
+    ])
+    adv = group_advantages(rewards, group_size=4)
+    s3 = math.sqrt(3) / 2  # 0.5 / (1/sqrt(3)) = 0.866025
+    s = 0.2 / math.sqrt(0.08 / 3)  # 0.2 / 0.163299 = 1.224745
+    expected = torch.tensor([-s3, s3, s3, -s3, 0, 0, 0, 0, -s, s, 0, 0])
+    assert torch.allclose(adv, expected, atol=1e-4)  # eps = 1e-6 shifts the 5th digit at most
+    assert torch.equal(adv[4:8], torch.zeros(4))
+
+    # Dr.GRPO: no std division -> r - mean
+    adv = group_advantages(rewards, group_size=4, scale_by_std=False)
+    expected = torch.tensor([-0.5, 0.5, 0.5, -0.5, 0, 0, 0, 0, -0.2, 0.2, 0, 0])
+    assert torch.allclose(adv, expected, atol=1e-6)
+    assert torch.equal(adv[4:8], torch.zeros(4))
+
+    # G = 3: [0, 0.5, 1] -> mean 0.5, unbiased std sqrt((0.25 + 0 + 0.25) / 2) = 0.5 -> [-1, 0, 1]
+    adv = group_advantages(torch.tensor([0.0, 0.5, 1.0]), group_size=3)
+    assert torch.allclose(adv, torch.tensor([-1.0, 0.0, 1.0]), atol=1e-5)
+
+
+def test_equal_group_is_exactly_zero_even_when_float_mean_is_off():
+    # In fp32, mean([0.11, 0.11, 0.11]) != 0.11 by one ulp; (r - mean) / (std + 1e-6) would then be ~0.007
+    # for every rollout, a spurious signal. The group must give exact zeros.
+    rewards = torch.tensor([0.11, 0.11, 0.11])
+    assert (rewards - rewards.mean()).abs().max() > 0  # the rounding this test guards against is real
+    assert torch.equal(group_advantages(rewards, group_size=3), torch.zeros(3))
+    assert torch.equal(group_advantages(rewards, group_size=3, scale_by_std=False), torch.zeros(3))
+    assert torch.equal(group_advantages(torch.tensor([0.7, 0.2]), group_size=1), torch.zeros(2))
+
+
+def test_group_size_must_divide():
+    with pytest.raises(ValueError, match="groups of 4"):
+        group_advantages(torch.zeros(6), group_size=4)
+
+
+def test_k3_kl_known_value_nonnegative_and_clamped():
+    # log_r = ref - logp = log 2 -> k3 = e^{log 2} - log 2 - 1 = 1 - log 2 = 0.306853
+    logprobs, ref = torch.tensor([[0.0]]), torch.tensor([[math.log(2.0)]])
+    assert k3_kl(logprobs, ref).item() == pytest.approx(1.0 - math.log(2.0), rel=1e-6)
+    # log_r = -log 2 -> k3 = 1/2 + log 2 - 1 = 0.193147
+    assert k3_kl(ref, logprobs).item() == pytest.approx(0.5 + math.log(2.0) - 1.0, rel=1e-6)
+    torch.manual_seed(0)
+    a, b = 3 * torch.randn(64, 32), 3 * torch.randn(64, 32)
+    assert (k3_kl(a, b) >= 0).all()
+    assert torch.equal(k3_kl(a, a), torch.zeros(64, 32))  # zero at equality
+    # log_r = 50: exp would be 5e21; clamped log_r = 20 then k3 clamped to 10
+    assert k3_kl(torch.tensor([[0.0]]), torch.tensor([[50.0]])).item() == 10.0
+
+
+def test_grpo_loss_one_token_hand_worked():
+    # ratio 1 (logp = old), A = 1, ref - logp = log 2, kl_coef = 0.1:
+    # loss = -A * 1 + 0.1 * (1 - log 2) = -1 + 0.0306853; dL/dlogp = -A * ratio + 0.1 * dk3/dlogp,
+    # dk3/dlogp = -(e^{log_r} - 1) = -(2 - 1) = -1 -> grad = -1 - 0.1 = -1.1
+    logprobs = torch.tensor([[0.0]], requires_grad=True)
+    loss, m = grpo_loss(logprobs, torch.zeros(1, 1), torch.tensor([[math.log(2.0)]]), torch.tensor([1.0]),
+                        torch.ones(1, 1), kl_coef=0.1)
+    loss.backward()
+    assert loss.item() == pytest.approx(-1.0 + 0.1 * (1.0 - math.log(2.0)), rel=1e-6)
+    assert logprobs.grad.item() == pytest.approx(-1.1, rel=1e-6)
+    assert m["kl"].item() == pytest.approx(1.0 - math.log(2.0), rel=1e-6)
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        grpo_loss(logprobs, torch.zeros(1, 1), None, torch.tensor([1.0]), torch.ones(1, 1), kl_coef=0.1)
+
+
+def make_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, Tm1 = 4, 6
+    mask = torch.tensor([[0, 1, 0, 0, 0, 0], [0, 1, 1, 0, 1, 0], [1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 0]])
+    old = -torch.rand(B, Tm1, generator=g)
+    logprobs = (old + 0.3 * torch.randn(B, Tm1, generator=g)).requires_grad_(True)
+    ref = old + 0.3 * torch.randn(B, Tm1, generator=g)
+    advantages = group_advantages(torch.tensor([0.2, 0.9, 0.5, 0.5]), group_size=2)  # (B,)
+    return logprobs, old, ref, advantages, mask
+
+
+def test_sequence_advantage_broadcasts_to_its_tokens():
+    logprobs, old, ref, advantages, mask = make_batch()
+    a, _ = grpo_loss(logprobs, old, ref, advantages, mask)
+    b, _ = grpo_loss(logprobs, old, ref, advantages[:, None].expand(4, 6), mask)
+    assert torch.equal(a, b)
+    assert torch.equal(advantages[2:], torch.zeros(2))  # the equal group [0.5, 0.5]
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_grpo_micro_batches_with_global_count_equal_full_batch(agg):
+    logprobs, old, ref, advantages, mask = make_batch()
+    full, _ = grpo_loss(logprobs, old, ref, advantages, mask, kl_coef=0.1, agg=agg)
+    (grad_full,) = torch.autograd.grad(full, logprobs)
+    total, grad_sum = 0.0, torch.zeros_like(logprobs)
+    for rows in (slice(0, 1), slice(1, 4)):  # micro-batches of 1 and 3 rows: 1 vs 12 tokens
+        part, _ = grpo_loss(logprobs[rows], old[rows], ref[rows], advantages[rows], mask[rows], kl_coef=0.1,
+                            agg=agg, loss_scale_tokens=mask.sum().item(), loss_scale_seqs=4)
+        grad_sum += torch.autograd.grad(part, logprobs)[0]
+        total += part.item()
+    assert total == pytest.approx(full.item(), abs=1e-6)  # the loss is a small sum of +- terms
+    assert torch.allclose(grad_sum, grad_full, atol=1e-7)
