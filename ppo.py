@@ -33,9 +33,9 @@ class Critic(nn.Module):
     """V(s_t): the policy's Transformer (deep copy, trained separately) with a scalar value head.
 
     The critic starts from the policy's weights (RLVER, like most RLHF PPO code, initialises the critic
-    from the actor). It only calls `hidden_states`, so the copy's lm_head is unused by the critic; we
-    keep it rather than delete it, because with tied embeddings it is the same tensor as the input
-    embedding and removing it could break the model's own code.
+    from the actor). It only asks the copy for its final-norm hidden states, through forward() (so FSDP2's
+    forward hooks gather sharded weights), so the copy's lm_head is unused; we keep it rather than delete
+    it, because with tied embeddings it is the same tensor as the input embedding.
 
     Value head init: weight ~ N(0, 1/(D+1)), bias 0 (the OpenRLHF choice). The final-norm hidden states
     have entries of order 1, so initial values are ~N(0, 1/D): close to zero, a neutral guess for rewards
@@ -58,7 +58,7 @@ class Critic(nn.Module):
         nn.init.zeros_(self.value_head.bias)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone.hidden_states(ids)  # (B, T, D) final-norm hidden states
+        hidden = self.backbone(ids, return_hidden=True)  # (B, T, D) final-norm hidden states
         # the value of target position t (token ids[:, t+1]) is read from the hidden state at t, the state
         # just before that token was sampled -- the same alignment as the log-probs.
         hidden = hidden[:, :-1].to(self.value_head.weight.dtype)  # (B, T-1, D)

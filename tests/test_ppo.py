@@ -290,3 +290,51 @@ def test_micro_batches_with_global_count_equal_full_batch(agg):
                               loss_scale_tokens=n_tokens / world, loss_scale_seqs=n_seqs / world)
         grads.append(torch.autograd.grad(part, logprobs)[0])
     assert torch.allclose(sum(grads) / world, grad_full, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Critic on a tiny real checkpoint
+
+
+def test_critic_shape_alignment_and_gradients(tiny_qwen2):
+    from model import load_model
+
+    from ppo import Critic
+
+    policy = load_model(tiny_qwen2)
+    policy.requires_grad_(False)  # e.g. a frozen copy: the critic must still be trainable
+    critic = Critic(policy)
+    vocab = policy.config.vocab_size
+    ids = torch.randint(0, vocab, (2, 9), generator=torch.Generator().manual_seed(0))  # (B, T)
+    values = critic(ids)
+    assert values.shape == (2, 8)  # (B, T-1), like token_logprobs
+
+    # column t is the value head on the hidden state at position t (the state before target ids[:, t+1]);
+    # at init the backbone equals the policy, so the policy's hidden states give the same numbers
+    hidden = policy(ids, return_hidden=True)  # (B, T, D)
+    assert torch.allclose(values, critic.value_head(hidden[:, :-1]).squeeze(-1), atol=1e-6)
+
+    # causality: column t depends only on ids[:, :t+1]. Changing token 5 leaves columns 0..4 unchanged and
+    # moves column 5; changing the LAST token (a target only) changes no value at all.
+    changed = ids.clone()
+    changed[:, 5] = (ids[:, 5] + 1) % vocab
+    moved = critic(changed)
+    assert torch.allclose(moved[:, :5], values[:, :5], atol=1e-6)
+    assert (moved[:, 5] - values[:, 5]).abs().min() > 1e-6
+    changed = ids.clone()
+    changed[:, -1] = (ids[:, -1] + 1) % vocab
+    assert torch.allclose(critic(changed), values, atol=1e-6)
+
+    # gradient reaches the head and every backbone weight (lm_head is unused by the critic) ...
+    (values**2).sum().backward()
+    assert critic.value_head.weight.grad.abs().sum() > 0 and critic.value_head.bias.grad.abs() > 0
+    for name, p in critic.backbone.named_parameters():
+        if not name.startswith("lm_head"):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    # ... and the critic is a copy: no parameter is shared with the policy, which got no gradient
+    policy_ptrs = {p.data_ptr() for p in policy.parameters()}
+    assert not any(p.data_ptr() in policy_ptrs for p in critic.parameters())
+    assert all(p.grad is None for p in policy.parameters())
+    # value head init: bias 0, small weights (std 1/(D+1)), so initial values are near 0
+    assert torch.equal(critic.value_head.bias.detach(), torch.zeros(1))
+    assert critic.value_head.weight.std().item() < 3.0 / (policy.config.hidden_size + 1)
