@@ -37,7 +37,7 @@ class Critic(nn.Module):
     forward hooks gather sharded weights), so the copy's lm_head is unused; we keep it rather than delete
     it, because with tied embeddings it is the same tensor as the input embedding.
 
-    Value head init: weight ~ N(0, 1/(D+1)), bias 0 (the OpenRLHF choice). The final-norm hidden states
+    Value head init: weight ~ Normal(0, std=1/(D+1)), bias 0 (the OpenRLHF choice). The final-norm hidden states
     have entries of order 1, so initial values are ~N(0, 1/D): close to zero, a neutral guess for rewards
     in [0, 1]. We do not zero-init the weight: with w = 0 the backbone's gradient dL/dh = dL/dV * w is
     exactly zero on the first update, so the backbone would only start learning after the head moved.
@@ -58,10 +58,11 @@ class Critic(nn.Module):
         nn.init.zeros_(self.value_head.bias)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone(ids, return_hidden=True)  # (B, T, D) final-norm hidden states
         # the value of target position t (token ids[:, t+1]) is read from the hidden state at t, the state
-        # just before that token was sampled -- the same alignment as the log-probs.
-        hidden = hidden[:, :-1].to(self.value_head.weight.dtype)  # (B, T-1, D)
+        # just before that token was sampled -- the same alignment as the log-probs, so like
+        # token_logprobs we run the (causal) backbone on ids[:, :-1]: the last token is only a target.
+        hidden = self.backbone(ids[:, :-1], return_hidden=True)  # (B, T-1, D) final-norm hidden states
+        hidden = hidden.to(self.value_head.weight.dtype)
         return self.value_head(hidden).squeeze(-1)  # (B, T-1)
 
 
