@@ -1,0 +1,619 @@
+"""
+The simulated user: RLVER's environment and the source of its verifiable emotion reward.
+
+RLVER (Wang et al. 2025, arXiv 2507.03112) trains a dialogue agent against a simulated user built from
+a profile: a persona, a scenario, a hidden intention (what the user truly needs) and an opening message.
+The simulated user is the "sentient agent" of SAGE (arXiv 2505.02847): it carries an emotion score in
+[0, 100], and after every agent reply it
+
+    (i)   reasons about how the reply changes its emotion,
+    (ii)  describes how it feels now,
+    (iii) decides how to answer,
+
+then writes an integer emotion change and its reply. The CODE, not the simulator, adds the change:
+
+    emotion <- clamp(emotion + change, 0, 100)
+
+The dialogue ends when emotion hits 0 (the user leaves), 100 (the user feels fully supported) or after
+max_turns turns (a turn = one agent reply + the user's answer). The reward is final emotion / 100: it is
+"verifiable" because it is plain arithmetic over the simulator's parsed output.
+
+Reading order of this file:
+  1. profiles        Profile, load_profiles (our JSONL and the public RLVER/SAGE layout), builtin_profiles
+  2. episodes        Episode, new_episode, reward
+  3. prompts         build_request: one chat request per turn from the templates in prompts/
+  4. output format   parse_simulator_output / format_simulator_output (the strict tagged format)
+  5. the turn loop   simulate_turn: one batched backend call per turn, parse, retry, update emotion
+  6. backends        RulesBackend (deterministic cue counting), OpenAIBackend (HTTP), LocalModelBackend,
+                     make_backend (from a CLI string)
+
+Every backend is a callable `backend(requests: list[list[dict]]) -> list[str]`: a batch of chat message
+lists in, one completion text per request out. All of them must answer in the same format, so a single
+parser serves LLM simulators and the rules backend alike.
+"""
+import concurrent.futures
+import hashlib
+import http.client
+import json
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
+MODES = ("vanilla", "challenging")   # the forgiving and the demanding environment (paper: moderate trains best)
+MAX_ABS_CHANGE = 30                  # a parsed change is clamped to [-30, 30]: no single reply moves the user
+                                     # by more than ~a third of the scale (the templates say so too)
+FALLBACK_REPLY = "Sorry, I lost my train of thought. What were you saying?"  # when the simulator fails
+EMPTY_REPLY = "(the supporter sent an empty message)"  # shown to the simulator for an empty agent reply
+
+
+class ProfileError(ValueError):
+    """A profile file the user pointed us at is missing or malformed."""
+
+
+class SimulatorError(RuntimeError):
+    """A simulator backend is unusable (unreachable endpoint, rejected key, wrong answer count)."""
+
+
+class ParseError(ValueError):
+    """A simulator output does not follow the strict <thought>/<change>/<reply> format."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Profiles
+
+@dataclass
+class Profile:
+    id: str
+    persona: str            # who the user is: name, age, job, temperament, speaking style
+    scenario: str           # the background story that brought them here
+    hidden_intention: str   # what they truly need; the agent never sees it, the simulator never says it
+    opening: str            # the user's first message
+    initial_emotion: int = 50
+    traits: list = field(default_factory=list)   # personality words, e.g. ["avoidant", "guarded"]
+
+
+# Our layout, and aliases: (our field, accepted keys in order of preference).
+OUR_KEYS = [("persona", ("persona",)), ("scenario", ("scenario", "background")),
+            ("hidden_intention", ("hidden_intention",)), ("opening", ("opening", "topic"))]
+# The public RLVER/SAGE release (Chinese text): player->persona, scene->scenario, task->hidden_intention,
+# first_talk->opening, main_cha + cha_group -> traits.
+PUBLIC_KEYS = [("persona", ("player",)), ("scenario", ("scene",)), ("hidden_intention", ("task",)),
+               ("opening", ("first_talk",))]
+
+
+def _profile_from_record(record, where, default_id):
+    """One JSON object -> Profile. `where` = "file:line" for error messages."""
+    if not isinstance(record, dict):
+        raise ProfileError(f"{where}: expected a JSON object per line, got {type(record).__name__}")
+    public = "player" in record or "first_talk" in record   # the public layout is recognised by its keys
+    table = PUBLIC_KEYS if public else OUR_KEYS
+    missing = [" or ".join(keys) for _, keys in table if not any(k in record for k in keys)]
+    if missing:
+        layout = "public RLVER" if public else "rlver"
+        raise ProfileError(f"{where}: profile is missing key(s) {', '.join(missing)} ({layout} layout; "
+                           f"expected {[k[0] for _, k in table]})")
+    fields = {}
+    for name, keys in table:
+        value = next(record[k] for k in keys if k in record)
+        if not isinstance(value, str) or not value.strip():
+            raise ProfileError(f"{where}: '{keys[0]}' must be a non-empty string")
+        fields[name] = value.strip()
+    emotion = record.get("initial_emotion", 50)   # SAGE starts every user at 50 unless told otherwise
+    if isinstance(emotion, float) and emotion.is_integer():
+        emotion = int(emotion)
+    if isinstance(emotion, bool) or not isinstance(emotion, int) or not 1 <= emotion <= 99:
+        raise ProfileError(f"{where}: initial_emotion must be an integer in 1..99, got {emotion!r}")
+    if public:
+        group = record.get("cha_group") or []
+        traits = ([record["main_cha"]] if record.get("main_cha") else []) + \
+                 (list(group) if isinstance(group, list) else [group])
+    else:
+        traits = list(record.get("traits") or [])
+    return Profile(id=str(record.get("id", default_id)), initial_emotion=emotion,
+                   traits=[str(t) for t in traits], **fields)
+
+
+def load_profiles(path):
+    """Read a JSONL profile file (one profile per line, blank lines skipped) into a list of Profiles."""
+    path = Path(path)
+    if not path.is_file():
+        raise ProfileError(f"profile file not found: {path}")
+    profiles = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ProfileError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            profiles.append(_profile_from_record(record, where, default_id=f"{path.stem}-{lineno}"))
+    if not profiles:
+        raise ProfileError(f"{path}: no profiles in file")
+    return profiles
+
+
+def builtin_profiles(split="train"):
+    """Our own English profile sets: 'train' (105 profiles) or 'test' (32 profiles)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown profile split {split!r}: use 'train' or 'test'")
+    return load_profiles(PROMPTS_DIR / f"profiles_{split}.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Episodes: one dialogue between the agent and one simulated user
+
+@dataclass
+class Episode:
+    profile: Profile
+    emotion: int              # current emotion in [0, 100]
+    messages: list            # the dialogue from the AGENT's point of view (user/assistant roles, no system)
+    turns: list               # per turn: {turn, agent, thought, change, emotion, user, parse_failed}
+    done: bool = False
+    end_reason: str = None    # "success" (emotion 100), "failure" (emotion 0) or "max_turns"
+    parse_failures: int = 0   # turns whose simulator output stayed unparseable after the retries
+
+
+def new_episode(profile):
+    """The user speaks first: the dialogue starts with the profile's opening message."""
+    return Episode(profile=profile, emotion=profile.initial_emotion,
+                   messages=[{"role": "user", "content": profile.opening}], turns=[])
+
+
+def reward(episode):
+    """RLVER's verifiable reward: final emotion / 100, in [0, 1]."""
+    return episode.emotion / 100
+
+
+def visible_reply(text):
+    """What the user gets to see of an agent message: in think-then-say mode the agent writes
+    <think>...</think> first, and only the text after </think> reaches the user. An unclosed <think>
+    means the agent never got to its reply, so the user sees nothing."""
+    text = text or ""
+    if "</think>" in text:
+        return text.rsplit("</think>", 1)[1].strip()
+    if "<think>" in text:
+        return ""
+    return text.strip()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Prompts: each turn the simulator gets [system: who you are + rules + format, user: the dialogue]
+
+_PROMPT_CACHE = {}
+
+
+def load_prompt(name):
+    """Text of prompts/<name> (cached)."""
+    if name not in _PROMPT_CACHE:
+        _PROMPT_CACHE[name] = (PROMPTS_DIR / name).read_text(encoding="utf-8")
+    return _PROMPT_CACHE[name]
+
+
+def _fill(template, **values):
+    # plain replace, not str.format: profile text may contain braces
+    for key, value in values.items():
+        template = template.replace("{" + key + "}", str(value))
+    return template
+
+
+def build_request(episode, agent_reply, mode="vanilla"):
+    """The chat request for one turn. The system message is the mode's template filled with the profile;
+    the user message holds the dialogue so far (from the user's side), the agent's latest reply (only its
+    visible part) and the current emotion."""
+    p = episode.profile
+    system = _fill(load_prompt(f"simulator_{mode}.txt"), persona=p.persona, scenario=p.scenario,
+                   traits=", ".join(p.traits) or "(not specified)", hidden_intention=p.hidden_intention)
+    lines = [f"You: {p.opening}"]
+    for t in episode.turns:
+        lines += [f"Supporter: {t['agent'] or EMPTY_REPLY}", f"You: {t['user']}"]
+    user = _fill(load_prompt("simulator_turn.txt"), dialogue="\n".join(lines),
+                 agent_reply=agent_reply or EMPTY_REPLY, emotion=episode.emotion)
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. The output format. Strict, so the reward is verifiable:
+#
+#     <thought>
+#     (i) how the reply changes my emotion ... (ii) how I feel now ... (iii) how I will answer ...
+#     </thought>
+#     <change>+6</change>
+#     <reply>
+#     what the user says next
+#     </reply>
+#
+# Tolerated: whitespace anywhere, tag case (<Change>), a sign on the change ("+6", "- 3", "−3"), code fences
+# around the whole answer, text before/after/between the sections, a leading <think>...</think> block
+# (reasoning models), and a missing </reply> at the very end (truncated generation).
+# Rejected (ParseError): a missing section, a change that is not a plain integer ("5.5", "five",
+# "+5 points"), an empty reply. The change is then clamped to [-MAX_ABS_CHANGE, MAX_ABS_CHANGE].
+
+_SECTION = {tag: re.compile(rf"<{tag}>(.*?)</{tag}>", re.IGNORECASE | re.DOTALL)
+            for tag in ("thought", "change", "reply")}
+_OPEN_REPLY = re.compile(r"<reply>(.*)\Z", re.IGNORECASE | re.DOTALL)   # truncated: no </reply>
+_INTEGER = re.compile(r"[+-]?\s*\d+")
+
+
+def parse_simulator_output(text):
+    """Simulator text -> (thought: str, change: int, reply: str); raises ParseError naming the problem."""
+    if not isinstance(text, str):
+        raise ParseError(f"expected text, got {type(text).__name__}")
+    text = re.sub(r"\A\s*<think>.*?</think>", "", text, flags=re.IGNORECASE | re.DOTALL)
+    text = re.sub(r"^\s*```[\w-]*\s*$", "", text, flags=re.MULTILINE)   # drop code-fence lines
+    found = {tag: pattern.search(text) for tag, pattern in _SECTION.items()}
+    if found["reply"] is None:
+        found["reply"] = _OPEN_REPLY.search(text)
+    missing = [f"<{tag}>" for tag, m in found.items() if m is None]
+    if missing:
+        raise ParseError(f"missing section(s) {', '.join(missing)}")
+    thought, change, reply = (found[tag].group(1).strip() for tag in ("thought", "change", "reply"))
+    change = change.replace("\u2212", "-")   # unicode minus
+    if not _INTEGER.fullmatch(change):
+        raise ParseError(f"<change> must be an integer, got {change[:40]!r}")
+    if not reply:
+        raise ParseError("empty <reply>")
+    change = int(change.replace(" ", ""))
+    return thought, max(-MAX_ABS_CHANGE, min(MAX_ABS_CHANGE, change)), reply
+
+
+def format_simulator_output(thought, change, reply):
+    """The canonical form of the format above (what RulesBackend writes and an LLM is asked to write)."""
+    return f"<thought>\n{thought}\n</thought>\n<change>{change:+d}</change>\n<reply>\n{reply}\n</reply>"
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. The turn loop
+
+def simulate_turn(episodes, agent_replies, backend, mode="vanilla", max_turns=8, retries=2):
+    """Advance every unfinished episode by one turn: the agent's reply -> the simulated user's answer.
+
+    agent_replies[i] is the agent's message for episodes[i] (ignored if that episode is done). The backend
+    is queried ONCE for all active episodes; outputs that do not parse are re-queried (only those) up to
+    `retries` times; a turn that still fails counts as change 0 with a fallback reply and is counted in
+    episode.parse_failures, so a flaky simulator never crashes a training run.
+    Returns the user's new message per episode, or None where the episode is done (or now finished)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown simulator mode {mode!r}: use one of {', '.join(MODES)}")
+    if len(agent_replies) != len(episodes):
+        raise ValueError(f"got {len(agent_replies)} agent replies for {len(episodes)} episodes")
+    if max_turns < 1 or retries < 0:
+        raise ValueError(f"need max_turns >= 1 and retries >= 0, got {max_turns} and {retries}")
+    active = [i for i, ep in enumerate(episodes) if not ep.done]
+    if not active:
+        return [None] * len(episodes)
+    shown = {i: visible_reply(agent_replies[i]) for i in active}   # the user never sees <think>
+    requests = [build_request(episodes[i], shown[i], mode) for i in active]
+
+    # query the whole batch once, then re-query just the outputs that failed to parse
+    parsed, errors, pending = {}, {}, list(range(len(active)))
+    for _ in range(retries + 1):
+        outputs = backend([requests[k] for k in pending])
+        if len(outputs) != len(pending):
+            raise SimulatorError(f"simulator backend returned {len(outputs)} answers for {len(pending)} requests")
+        failed = []
+        for k, output in zip(pending, outputs):
+            try:
+                parsed[k] = parse_simulator_output(output)
+            except ParseError as e:
+                errors[k] = str(e)
+                failed.append(k)
+        pending = failed
+        if not pending:
+            break
+
+    new_user_messages = [None] * len(episodes)
+    for k, i in enumerate(active):
+        ep = episodes[i]
+        if k in parsed:
+            thought, change, user_reply = parsed[k]
+        else:   # give up on this turn: no emotion change, a neutral user line, and count the failure
+            thought, change, user_reply = f"(unparseable simulator output: {errors[k]})", 0, FALLBACK_REPLY
+            ep.parse_failures += 1
+        ep.emotion = max(0, min(100, ep.emotion + change))   # the code, not the LLM, applies the change
+        ep.messages.append({"role": "assistant", "content": agent_replies[i] or ""})
+        ep.messages.append({"role": "user", "content": user_reply})
+        ep.turns.append({"turn": len(ep.turns) + 1, "agent": shown[i], "thought": thought, "change": change,
+                         "emotion": ep.emotion, "user": user_reply, "parse_failed": k not in parsed})
+        if ep.emotion <= 0:
+            ep.done, ep.end_reason = True, "failure"     # the user gives up and leaves
+        elif ep.emotion >= 100:
+            ep.done, ep.end_reason = True, "success"     # the user feels fully supported
+        elif len(ep.turns) >= max_turns:
+            ep.done, ep.end_reason = True, "max_turns"
+        else:
+            new_user_messages[i] = user_reply
+    return new_user_messages
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6a. RulesBackend: a deterministic simulated user without an LLM.
+#
+# It reads the agent's latest reply, the current emotion, the hidden intention and the mode out of the
+# request that build_request made, scores the reply by counting cue words from prompts/rules_cues.json,
+# and writes its answer in the same tagged format as an LLM would. Scoring (per turn, vanilla / challenging):
+#   base drift                                   0 / -2
+#   warmth cues  (understand, feel, sorry, you, hard, makes sense, ...)   +1 each, up to +6 / +4
+#   questions    ("?", what, how)                                        +1 each, up to +3 / +2
+#   lecturing    (should, must, need to, have to, obviously, ...)        -1 / -2 each, down to -4 / -8
+#   dismissive   (just, whatever, calm down, at least, cheer up, ...)    -2 / -4 each, down to -6 / -12
+#   hidden need  (cues of the need named in hidden_intention, e.g. fault/blame for "not your fault")
+#                                                +3 for the first hit, +1 per further hit, up to +5 / +4
+#   fewer than 3 words -3 / -5; more than 120 words -2 / -3
+#   change = clamp(sum, -10..+10 / -15..+8)
+# Each distinct cue counts at most twice per reply. Counting single common words makes the reward GRADED:
+# even the token soup of a tiny random policy hits a cue now and then, so rollouts differ in reward and
+# producing more cue words measurably raises the emotion; for real English it ranks validation and open
+# questions above lecturing and dismissal. The user's answer is picked from short canned lines by the
+# size of the change, with a hash of the request choosing among variants (deterministic, no RNG).
+
+REPLY_HEADER = "## The supporter's latest reply\n"
+EMOTION_HEADER = "\n## Your current emotion\n"
+HIDDEN_HEADER = re.compile(r"^## What you truly need[^\n]*\n(.*?)(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+MODE_LINE = re.compile(r"^Environment: (\w+)\s*$", re.MULTILINE)
+
+
+def _cue_pattern(cue):
+    """Regex for one cue: whole words ("you" matches "you're", not "youth"); "feel*" is a prefix; a cue
+    starting with punctuation ("?") or with non-ASCII text (Chinese triggers) is matched literally."""
+    if not cue[0].isalnum() or not cue.isascii():
+        return re.compile(re.escape(cue))
+    words = r"\s+".join(re.escape(w) for w in cue.rstrip("*").split())
+    return re.compile(r"(?<!\w)" + words + ("" if cue.endswith("*") else r"(?!\w)"))
+
+
+class RulesBackend:
+    def __init__(self, cues_path=PROMPTS_DIR / "rules_cues.json"):
+        try:
+            self.table = json.loads(Path(cues_path).read_text(encoding="utf-8"))
+            self.cues = {name: [_cue_pattern(c) for c in cues] for name, cues in self.table["cues"].items()}
+            self.needs = {name: ([_cue_pattern(c) for c in need["triggers"]], [_cue_pattern(c) for c in need["cues"]])
+                          for name, need in self.table["needs"].items()}
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise SimulatorError(f"cannot load rules cue file {cues_path}: {e!r}") from None
+
+    def check(self):
+        pass   # nothing to reach: the cue table was loaded and validated in __init__
+
+    def __repr__(self):
+        return "RulesBackend()"
+
+    def _count(self, patterns, text):
+        cap = self.table["per_cue_cap"]
+        return sum(min(len(p.findall(text)), cap) for p in patterns)
+
+    def needs_of(self, hidden_intention):
+        """Names of the needs whose trigger words occur in a hidden intention."""
+        text = hidden_intention.lower()
+        return [name for name, (triggers, _) in self.needs.items() if any(t.search(text) for t in triggers)]
+
+    def score(self, reply, hidden_intention, mode="vanilla"):
+        """Emotion change for one agent reply, plus the counts that explain it."""
+        rules = self.table["modes"][mode]
+        text = reply.lower().replace("\u2019", "'")
+        hits = {name: self._count(patterns, text) for name, patterns in self.cues.items()}
+        hits["need"] = sum(self._count(self.needs[n][1], text) for n in self.needs_of(hidden_intention))
+        points = rules["base"]
+        for name in ("warmth", "question", "lecturing", "dismissive"):
+            each, cap = rules[name]["each"], rules[name]["cap"]
+            points += max(each * hits[name], cap) if cap < 0 else min(each * hits[name], cap)
+        if hits["need"]:
+            need = rules["need"]
+            points += min(need["first"] + need["each"] * (hits["need"] - 1), need["cap"])
+        n_words = len(re.findall(r"\w+", text))
+        if n_words < self.table["short_words"]:
+            points += rules["short"]     # a brush-off (or nothing at all)
+        elif n_words > self.table["long_words"]:
+            points += rules["long"]      # a wall of text / advice dump
+        low, high = rules["clamp"]
+        return max(low, min(high, points)), hits
+
+    def _respond(self, messages):
+        system, turn = messages[0]["content"], messages[-1]["content"]
+        end = turn.rfind(EMOTION_HEADER)
+        start = turn.rfind(REPLY_HEADER, 0, end)
+        mode, need = MODE_LINE.search(system), HIDDEN_HEADER.search(system)
+        emotion = re.match(r"\s*(\d+)", turn[end + len(EMOTION_HEADER):]) if end >= 0 else None
+        if start < 0 or mode is None or need is None or emotion is None or mode.group(1) not in MODES:
+            raise SimulatorError("RulesBackend only understands requests made by simulator.build_request "
+                                 "from the templates in prompts/")
+        reply = turn[start + len(REPLY_HEADER):end].strip()
+        reply = "" if reply == EMPTY_REPLY else reply
+        change, hits = self.score(reply, need.group(1), mode.group(1))
+        emotion = max(0, min(100, int(emotion.group(1)) + change))
+        # (i) why the emotion moved, (ii) how the user feels now, (iii) how it will answer
+        touched = "it touched what I really need" if hits["need"] else "it missed what I really need"
+        why = (f"(i) The reply had {hits['warmth']} warm or validating words, {hits['question']} question cues, "
+               f"{hits['lecturing']} lecturing and {hits['dismissive']} dismissive cues, and {touched}; "
+               f"my emotion changes by {change:+d}.")
+        feeling = next(text for bound, text in self.table["feelings"] if emotion <= bound)
+        bucket = ("leave" if emotion <= 0 else "helped" if emotion >= 100 else "much_worse" if change <= -5
+                  else "worse" if change < 0 else "flat" if change == 0 else "better" if change < 5
+                  else "much_better")
+        plan = {"leave": "I will end the conversation.", "helped": "I will thank them.",
+                "much_worse": "I will pull back and say less.", "worse": "I will hold back a little.",
+                "flat": "I will keep it short and see if they get it.",
+                "better": "I will open up a little more.", "much_better": "I will tell them more."}[bucket]
+        thought = f"{why} (ii) I feel {feeling} ({emotion}/100). (iii) {plan}"
+        variants = self.table["replies"][bucket]
+        digest = hashlib.sha256((system + "\0" + turn).encode("utf-8")).digest()
+        return format_simulator_output(thought, change, variants[digest[0] % len(variants)])
+
+    def __call__(self, requests):
+        return [self._respond(messages) for messages in requests]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6b. OpenAIBackend: any OpenAI-compatible /chat/completions server (vLLM, SGLang, llama.cpp, OpenAI, ...),
+# stdlib only. Requests of a batch run concurrently on threads; each one is retried with exponential
+# backoff (backoff, 2*backoff, 4*backoff, ... seconds) on 5xx/408/429, timeouts and connection errors.
+# Other 4xx answers are the user's mistake (bad model name, bad key) and fail at once. The API key is read
+# from an environment variable, sent as "Authorization: Bearer ...", and redacted from every message.
+
+class OpenAIBackend:
+    def __init__(self, url, model=None, api_key_env="OPENAI_API_KEY", concurrency=16, timeout=120.0,
+                 max_retries=4, backoff=1.0, temperature=0.7, max_tokens=1024):
+        if not re.match(r"https?://[^/]", url or ""):
+            raise ValueError(f"simulator URL must start with http:// or https://, got {url!r}")
+        url = url.rstrip("/")
+        if url.endswith("/chat/completions"):
+            url = url[: -len("/chat/completions")]
+        elif url.count("/") == 2:          # bare "http://host:port": assume the usual /v1 prefix
+            url += "/v1"
+        self.base, self.url = url, url + "/chat/completions"
+        self.model, self.api_key_env = model, api_key_env
+        self.concurrency, self.timeout, self.max_retries, self.backoff = concurrency, timeout, max_retries, backoff
+        self.temperature, self.max_tokens = temperature, max_tokens
+        self._api_key = os.environ.get(api_key_env) or None   # no key is fine for local servers
+
+    def __repr__(self):   # never shows the key
+        return f"OpenAIBackend(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
+
+    def _redact(self, text):
+        text = str(text)
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+    def _http(self, method, url, payload=None, timeout=None):
+        """One HTTP exchange -> parsed JSON body. Errors propagate to the caller."""
+        headers = {"Content-Type": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        data = None if payload is None else json.dumps(payload).encode("utf-8")
+        request = urllib.request.Request(url, data=data, headers=headers, method=method)
+        with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
+            return json.loads(response.read().decode("utf-8"))
+
+    def check(self):
+        """Fail fast, before any heavy work, if the endpoint is unreachable or rejects the key."""
+        try:
+            listing = self._http("GET", self.base + "/models", timeout=min(self.timeout, 10))
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):
+                raise SimulatorError(f"simulator endpoint {self.url} rejected the request (HTTP {e.code}); "
+                                     f"put a valid API key in ${self.api_key_env}") from None
+            return                          # reachable; this server just has no /models route
+        except (OSError, http.client.HTTPException) as e:   # URLError, refused, timeout, reset, DNS
+            raise SimulatorError(f"cannot reach simulator endpoint {self.url}: "
+                                 f"{self._redact(getattr(e, 'reason', e))}; "
+                                 f"start the server or pass --simulator rules") from None
+        except ValueError:
+            return                          # reachable, answered something that is not JSON
+        if self.model is None:
+            self.model = _first_model_id(listing)
+
+    def _complete(self, messages):
+        """One chat request -> completion text, with retries."""
+        payload = {"model": self.model, "messages": messages,
+                   "temperature": self.temperature, "max_tokens": self.max_tokens}
+        last_error = None
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                answer = self._http("POST", self.url, payload)
+                return answer["choices"][0]["message"]["content"] or ""
+            except urllib.error.HTTPError as e:
+                try:
+                    body = e.read()[:300].decode("utf-8", errors="replace")
+                except Exception:
+                    body = ""
+                last_error = f"HTTP {e.code} {body}".strip()
+                if e.code < 500 and e.code not in (408, 429):      # our mistake: retrying will not help
+                    hint = f"; check the API key in ${self.api_key_env}" if e.code in (401, 403) else ""
+                    raise SimulatorError(f"simulator endpoint {self.url} refused the request "
+                                         f"({self._redact(last_error)}){hint}") from None
+            except (OSError, http.client.HTTPException) as e:       # timeout, refused, reset
+                last_error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            except (ValueError, KeyError, IndexError, TypeError) as e:   # 200 with a body we cannot read
+                last_error = f"malformed response: {e!r}"
+        raise SimulatorError(f"simulator endpoint {self.url} failed after {self.max_retries + 1} attempts: "
+                             f"{self._redact(last_error)}")
+
+    def __call__(self, requests):
+        if not requests:
+            return []
+        if self.model is None:              # ask the server which model it serves (vLLM needs the name)
+            try:
+                self.model = _first_model_id(self._http("GET", self.base + "/models", timeout=10))
+            except (OSError, http.client.HTTPException, ValueError):
+                self.model = "default"
+        workers = max(1, min(self.concurrency, len(requests)))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(self._complete, messages) for messages in requests]
+            try:
+                return [f.result() for f in futures]
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+
+
+def _first_model_id(listing):
+    try:
+        return listing["data"][0]["id"]
+    except (KeyError, IndexError, TypeError):
+        return "default"
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6c. LocalModelBackend: an LLM simulator in this process, through model.py's generate(). Each request is
+# rendered with the tokenizer's chat template (add_generation_prompt=True) and sampled with the backend's
+# own seeded torch.Generator, so a run is reproducible without touching global random state.
+
+class LocalModelBackend:
+    def __init__(self, model, tokenizer, max_new_tokens=512, temperature=0.7, top_p=1.0, seed=0,
+                 batch_size=16, chat_template_kwargs=None):
+        import torch
+        self.model, self.tokenizer = model, tokenizer
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.batch_size, self.chat_template_kwargs = batch_size, dict(chat_template_kwargs or {})
+        device = next(model.parameters()).device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        vocab = tokenizer.get_vocab()
+        ends = [tokenizer.eos_token_id] + [vocab.get(t) for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>")]
+        self.eos_ids = sorted({i for i in ends if i is not None})
+
+    def check(self):
+        pass   # the model is already loaded
+
+    def __repr__(self):
+        return f"LocalModelBackend(max_new_tokens={self.max_new_tokens}, temperature={self.temperature})"
+
+    def __call__(self, requests):
+        import torch
+        from model import generate
+        prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(
+                       messages, tokenize=False, add_generation_prompt=True, **self.chat_template_kwargs),
+                       add_special_tokens=False) for messages in requests]
+        texts = []
+        with torch.no_grad():
+            for start in range(0, len(prompts), self.batch_size):
+                new_ids, _ = generate(self.model, prompts[start:start + self.batch_size], self.max_new_tokens,
+                                      self.eos_ids, temperature=self.temperature, top_p=self.top_p,
+                                      generator=self.generator)
+                texts += [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
+        return texts
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6d. From a CLI string to a backend
+
+def make_backend(spec, *, model_name=None, api_key_env="OPENAI_API_KEY", device="cpu", **kwargs):
+    """'rules' -> RulesBackend; 'http(s)://...' -> OpenAIBackend; a local model folder -> LocalModelBackend.
+    Extra keyword arguments go to the backend's constructor."""
+    spec = str(spec)
+    if spec == "rules":
+        return RulesBackend(**kwargs)
+    if re.match(r"https?://", spec):
+        return OpenAIBackend(spec, model=model_name, api_key_env=api_key_env, **kwargs)
+    if Path(spec).is_dir():
+        from model import load_model, load_tokenizer
+        return LocalModelBackend(load_model(spec, device=device), load_tokenizer(spec), **kwargs)
+    raise ValueError(f"unknown simulator {spec!r}: use 'rules', an http(s):// URL of an OpenAI-compatible "
+                     f"server, or a local model folder")
