@@ -1,0 +1,588 @@
+"""Tests for simulator.py: profiles, the strict output format, the rules backend, whole episodes, the HTTP
+backend against a real local server, and the local-model backend on a tiny random checkpoint."""
+import http.server
+import json
+import random
+import socket
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import simulator as S
+from simulator import (OpenAIBackend, ParseError, ProfileError, RulesBackend, SimulatorError, build_request,
+                       builtin_profiles, format_simulator_output, load_profiles, make_backend, new_episode,
+                       parse_simulator_output, reward, simulate_turn)
+
+WARM = ("I hear you. That sounds really hard, and I'm so sorry. It makes sense that you feel this way. "
+        "What has been the hardest part for you?")
+COLD = "Just calm down, whatever. At least it could be worse. You should move on, it's fine, stop the drama."
+NEUTRAL = "The weather report says rain tomorrow afternoon in the north."   # no cue words at all
+SECRET = "sk-test-DO-NOT-LEAK-1234567890"
+
+
+def run_episode(profile, replies, backend, mode="vanilla", max_turns=8):
+    """Play one episode with scripted agent replies (the last one repeats)."""
+    episode = new_episode(profile)
+    while not episode.done:
+        simulate_turn([episode], [replies[min(len(episode.turns), len(replies) - 1)]], backend, mode, max_turns)
+    return episode
+
+
+def profile(need="not_at_fault", emotion=50):
+    """A small profile whose hidden intention names one need of the rules table."""
+    intentions = {"not_at_fault": "You need to hear that this is not your fault.",
+                  "listen": "You want to vent and be listened to.",
+                  "practical": "You want practical help with concrete next steps."}
+    return S.Profile(id=f"p-{need}", persona="Test Person, 40, a baker.", scenario="The oven broke.",
+                     hidden_intention=intentions[need], opening="My oven broke again.", initial_emotion=emotion)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Profiles
+
+def test_builtin_profiles_are_many_distinct_and_varied():
+    rules = RulesBackend()
+    train, test = builtin_profiles("train"), builtin_profiles("test")
+    assert len(train) >= 100 and len(test) >= 30
+    everything = train + test
+    for key in ("id", "persona", "scenario", "opening"):
+        values = [getattr(p, key) for p in everything]
+        assert len(set(values)) == len(values), f"duplicate {key}"
+    assert len({p.initial_emotion for p in everything}) >= 5
+    assert all(20 <= p.initial_emotion <= 60 for p in everything)
+    assert len({p.id.split("-")[-1] for p in everything}) >= 8            # topics, from the id suffix
+    assert len({p.traits[0] for p in everything}) >= 10                   # personalities
+    needs = [rules.needs_of(p.hidden_intention) for p in everything]
+    assert all(len(n) == 1 for n in needs), "every built-in profile should name exactly one hidden need"
+    assert len({n[0] for n in needs}) == 8
+    with pytest.raises(ValueError, match="unknown profile split"):
+        builtin_profiles("dev")
+
+
+def write_lines(tmp_path, lines, name="profiles.jsonl"):
+    path = tmp_path / name
+    path.write_text("\n".join(l if isinstance(l, str) else json.dumps(l, ensure_ascii=False) for l in lines) + "\n",
+                    encoding="utf-8")
+    return path
+
+
+def test_load_our_layout_defaults_and_aliases(tmp_path):
+    path = write_lines(tmp_path, [
+        {"id": "a", "persona": "P", "scenario": "S", "hidden_intention": "H", "opening": "Hi",
+         "initial_emotion": 30, "traits": ["blunt"]},
+        "",   # blank lines are skipped
+        {"persona": "P2", "background": "S2", "hidden_intention": "H2", "topic": "Money"},
+    ])
+    a, b = load_profiles(path)
+    assert (a.id, a.persona, a.scenario, a.hidden_intention, a.opening, a.initial_emotion, a.traits) == \
+           ("a", "P", "S", "H", "Hi", 30, ["blunt"])
+    assert (b.id, b.scenario, b.opening, b.initial_emotion, b.traits) == ("profiles-3", "S2", "Money", 50, [])
+
+
+def test_load_public_rlver_layout_with_chinese_text(tmp_path):
+    record = {"id": "3f2b9c1e-uuid", "player": "李明，32岁，程序员，说话简短。", "scene": "项目失败后被领导当众批评。",
+              "main_cha": "消极", "cha_group": ["回避", "敏感"], "task": "你希望对方认真倾听你的倾诉。",
+              "first_talk": "今天真是糟透了。"}
+    (p,) = load_profiles(write_lines(tmp_path, [record]))
+    assert (p.id, p.persona, p.scenario, p.hidden_intention, p.opening) == \
+           ("3f2b9c1e-uuid", record["player"], record["scene"], record["task"], record["first_talk"])
+    assert p.traits == ["消极", "回避", "敏感"] and p.initial_emotion == 50
+    assert RulesBackend().needs_of(p.hidden_intention) == ["listen"]
+    request = build_request(new_episode(p), "我理解你。", "vanilla")   # Chinese text survives into the prompt
+    assert record["scene"] in request[0]["content"] and record["first_talk"] in request[1]["content"]
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    path = write_lines(tmp_path, [{"persona": "P", "scenario": "S", "hidden_intention": "H", "opening": "O"},
+                                  '{"persona": "P", "scenario": '])
+    with pytest.raises(ProfileError, match=rf"{path}:2: not valid JSON"):
+        load_profiles(path)
+    with pytest.raises(ProfileError, match=r":1: expected a JSON object"):
+        load_profiles(write_lines(tmp_path, ["[1, 2]"], "list.jsonl"))
+
+
+def test_missing_keys_are_named(tmp_path):
+    path = write_lines(tmp_path, [{"persona": "P", "scenario": "S"}])
+    with pytest.raises(ProfileError, match=r":1: profile is missing key\(s\) hidden_intention, opening or topic"):
+        load_profiles(path)
+    path = write_lines(tmp_path, [{"player": "P", "scene": "S", "first_talk": "O"}], "public.jsonl")
+    with pytest.raises(ProfileError, match=r"public\.jsonl:1: profile is missing key\(s\) task \(public RLVER"):
+        load_profiles(path)
+    with pytest.raises(ProfileError, match=r"'opening' must be a non-empty string"):
+        load_profiles(write_lines(tmp_path, [{"persona": "P", "scenario": "S", "hidden_intention": "H",
+                                              "opening": "  "}], "empty.jsonl"))
+
+
+@pytest.mark.parametrize("emotion", [0, 100, 150, -5, 42.5, "high", True])
+def test_bad_initial_emotion(tmp_path, emotion):
+    path = write_lines(tmp_path, [{"persona": "P", "scenario": "S", "hidden_intention": "H", "opening": "O",
+                                   "initial_emotion": emotion}])
+    with pytest.raises(ProfileError, match=r":1: initial_emotion must be an integer in 1\.\.99"):
+        load_profiles(path)
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(ProfileError, match=r"profile file not found: .*nope\.jsonl"):
+        load_profiles(tmp_path / "nope.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(ProfileError, match="no profiles"):
+        load_profiles(tmp_path / "empty.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The strict output format
+
+GOOD = "<thought>\n(i) kind. (ii) better. (iii) say more.\n</thought>\n<change>+5</change>\n<reply>\nThanks.\n</reply>"
+
+
+@pytest.mark.parametrize("text, change, reply", [
+    (GOOD, 5, "Thanks."),
+    ("<thought>t</thought><change>-3</change><reply>Hm.</reply>", -3, "Hm."),
+    ("<thought>t</thought><change>7</change><reply>Ok</reply>", 7, "Ok"),
+    ("  <THOUGHT> t </Thought>\n\n <Change>  + 4 </CHANGE>\n<Reply>\n  Fine, maybe.  \n</REPLY>  ", 4, "Fine, maybe."),
+    ("<thought>t</thought><change>\u22124</change><reply>x</reply>", -4, "x"),            # unicode minus
+    ("```xml\n<thought>t</thought>\n<change>+2</change>\n<reply>yes</reply>\n```", 2, "yes"),  # code fence
+    ("```\n<thought>t</thought><change>+2</change>\n<reply>\nyes\n```", 2, "yes"),     # fenced, no </reply>
+    ("Sure! Here is my answer:\n<thought>t</thought>\nnoise\n<change>1</change><reply>ok</reply>\nBye", 1, "ok"),
+    ("<think>I will write <change>+30</change> maybe</think><thought>t</thought><change>-2</change>"
+     "<reply>no</reply>", -2, "no"),                                                       # reasoning block
+    ("<thought>t</thought><change>+3</change><reply>I was going to say", 3, "I was going to say"),  # truncated
+    ("<thought>t</thought><change>+999</change><reply>wow</reply>", S.MAX_ABS_CHANGE, "wow"),  # clamped
+    ("<thought>t</thought><change>-999</change><reply>bye</reply>", -S.MAX_ABS_CHANGE, "bye"),
+    ("<thought></thought><change>0</change><reply>...</reply>", 0, "..."),                 # empty thought is ok
+])
+def test_parse_accepts(text, change, reply):
+    _, parsed_change, parsed_reply = parse_simulator_output(text)
+    assert (parsed_change, parsed_reply) == (change, reply)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("<thought>t</thought><reply>hi</reply>", "missing section.*<change>"),
+    ("<thought>t</thought><change>+1</change>", "missing section.*<reply>"),
+    ("<change>+1</change><reply>hi</reply>", "missing section.*<thought>"),
+    ("<thought>t</thought><change>5.5</change><reply>hi</reply>", "must be an integer"),
+    ("<thought>t</thought><change>five</change><reply>hi</reply>", "must be an integer"),
+    ("<thought>t</thought><change>+5 points</change><reply>hi</reply>", "must be an integer"),
+    ("<thought>t</thought><change></change><reply>hi</reply>", "must be an integer"),
+    ("<thought>t</thought><change>+1</change><reply>   </reply>", "empty <reply>"),
+    ("asdf qwerty <<>> zxcv", "missing section"),
+    ("", "missing section"),
+    (None, "expected text"),
+])
+def test_parse_rejects(text, message):
+    with pytest.raises(ParseError, match=message):
+        parse_simulator_output(text)
+
+
+def test_format_round_trips():
+    text = format_simulator_output("(i) a (ii) b (iii) c", -7, "Fine.")
+    assert parse_simulator_output(text) == ("(i) a (ii) b (iii) c", -7, "Fine.")
+    assert "<change>+3</change>" in format_simulator_output("t", 3, "r")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rules backend scoring
+
+def test_rules_scores_cues_in_the_documented_direction():
+    rules, p = RulesBackend(), profile("listen")
+    warm, _ = rules.score(WARM, p.hidden_intention, "vanilla")
+    cold, hits = rules.score(COLD, p.hidden_intention, "vanilla")
+    assert warm >= 5 and cold <= -5 and hits["dismissive"] >= 3
+    assert rules.score(NEUTRAL, p.hidden_intention, "vanilla")[0] == 0
+    assert rules.score(NEUTRAL, p.hidden_intention, "challenging")[0] == -2      # the demanding user drifts down
+    assert rules.score(COLD, p.hidden_intention, "challenging")[0] < cold          # and punishes harder
+    assert rules.score("ok", p.hidden_intention, "vanilla")[0] == -3              # brush-off
+    assert rules.score("", p.hidden_intention, "vanilla")[0] == -3
+    assert rules.score("and " * 130, p.hidden_intention, "vanilla")[0] == -2      # wall of text
+    lecture = "You should call them. You must plan. You need to rest, and you have to eat."
+    assert rules.score(lecture, p.hidden_intention, "vanilla")[1]["lecturing"] == 4
+
+
+def test_rules_score_is_count_based_and_capped():
+    rules, need = RulesBackend(), profile("listen").hidden_intention
+    growing = ["the cat sat", "the cat sat you", "the cat sat you feel", "the cat sat you feel sorry",
+               "the cat sat you feel sorry?", "the cat sat you feel sorry? what"]
+    changes = [rules.score(r, need, "vanilla")[0] for r in growing]
+    assert changes == sorted(changes) and len(set(changes)) == len(changes), changes   # each cue adds a point
+    assert rules.score("the cat sat you you you you", need, "vanilla") == rules.score("the cat sat you you", need, "vanilla")
+    flood = " ".join(["you feel sorry understand hard tough care? what how, tell me more"] * 5)
+    assert rules.score(flood, need, "vanilla")[0] == 10 and rules.score(flood, need, "challenging")[0] == 8
+    awful = " ".join(["just whatever relax calm down should must obviously"] * 5)
+    assert rules.score(awful, need, "vanilla")[0] == -10 and rules.score(awful, need, "challenging")[0] == -15
+
+
+def test_rules_need_bonus_only_for_the_matching_need():
+    rules = RulesBackend()
+    reply = "It was not your fault, and nobody would blame you for that."
+    on_need, hits = rules.score(reply, profile("not_at_fault").hidden_intention, "vanilla")
+    off_need, _ = rules.score(reply, profile("practical").hidden_intention, "vanilla")
+    assert hits["need"] == 2 and on_need == off_need + 4   # +3 for the first need cue, +1 for the second
+
+
+def test_rules_rewards_are_learnable_from_token_soup():
+    """A random policy's word soup must give different rewards inside a group of 4 rollouts (else GRPO
+    has nothing to learn from), and soup richer in cue words must earn more."""
+    words = " ".join(p.scenario + " " + p.hidden_intention for p in builtin_profiles("train")).split()
+    cues = ["you", "feel", "sorry", "understand", "hear", "?"]
+    rng, rules, profiles = random.Random(0), RulesBackend(), builtin_profiles("train")
+
+    def group(p, cue_rate):
+        rewards = []
+        for _ in range(4):
+            episode = new_episode(p)
+            while not episode.done:
+                soup = " ".join(rng.choice(cues) if rng.random() < cue_rate else rng.choice(words) for _ in range(12))
+                simulate_turn([episode], [soup], rules, max_turns=4)
+            rewards.append(reward(episode))
+        return rewards
+
+    plain = [group(p, 0.0) for p in profiles[:20]]
+    rich = [group(p, 0.3) for p in profiles[:20]]
+    assert sum(statistics.pstdev(g) > 0 for g in plain) >= 12
+    assert statistics.mean(map(statistics.mean, rich)) > statistics.mean(map(statistics.mean, plain)) + 0.05
+
+
+def test_rules_backend_rejects_foreign_requests():
+    with pytest.raises(SimulatorError, match="only understands requests made by simulator.build_request"):
+        RulesBackend()([[{"role": "system", "content": "hi"}, {"role": "user", "content": "hello"}]])
+    with pytest.raises(SimulatorError, match="cannot load rules cue file"):
+        RulesBackend(cues_path="/nonexistent/cues.json")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Whole episodes with the rules backend
+
+def test_episode_reaches_100_with_warm_replies():
+    episode = run_episode(profile(emotion=60), [WARM], RulesBackend())
+    assert episode.done and episode.end_reason == "success" and episode.emotion == 100
+    assert reward(episode) == 1.0 and len(episode.turns) < 8 and episode.parse_failures == 0
+    emotion = 60
+    for turn in episode.turns:   # reward arithmetic: the code clamps emotion + change into [0, 100]
+        emotion = max(0, min(100, emotion + turn["change"]))
+        assert turn["emotion"] == emotion and turn["agent"] == WARM and turn["thought"].startswith("(i)")
+    assert episode.turns[-1]["user"] in RulesBackend().table["replies"]["helped"]
+
+
+def test_episode_reaches_0_with_cold_replies():
+    episode = run_episode(profile(emotion=40), [COLD], RulesBackend(), mode="challenging")
+    assert episode.end_reason == "failure" and episode.emotion == 0 and reward(episode) == 0.0
+    assert all(t["change"] == -15 for t in episode.turns) and len(episode.turns) == 3   # 40 -> 25 -> 10 -> 0
+
+
+def test_episode_stops_at_max_turns():
+    episode = run_episode(profile(emotion=45), [NEUTRAL], RulesBackend(), max_turns=3)
+    assert episode.end_reason == "max_turns" and len(episode.turns) == 3 and episode.emotion == 45
+    assert reward(episode) == 0.45
+    episode = run_episode(profile(emotion=45), [NEUTRAL], RulesBackend())
+    assert len(episode.turns) == 8   # default max_turns
+
+
+def test_episodes_are_deterministic_and_independent_of_batching():
+    profiles = builtin_profiles("test")[:4]
+    options = [WARM, NEUTRAL, COLD, "Tell me more? I hear you."]
+    replies = [[options[(i + t) % 4] for t in range(8)] for i in range(4)]
+
+    def play(batch):
+        episodes = [new_episode(profiles[i]) for i in batch]
+        for t in range(8):
+            simulate_turn(episodes, [replies[i][t] for i in batch], RulesBackend(), max_turns=8)
+        return episodes
+
+    first, second, alone = play(range(4)), play(range(4)), play([2])
+    assert first == second
+    assert first[2] == alone[0]
+    assert len({tuple(t["user"] for t in e.turns) for e in first}) > 1
+
+
+def test_messages_turns_and_think_stripping():
+    seen = []
+
+    def recording_rules(requests):   # a plain backend callable wrapping the real rules backend
+        seen.extend(requests)
+        return RulesBackend()(requests)
+
+    done, active = new_episode(profile()), new_episode(profile("listen"))
+    done.done = True
+    raw = "<think>the user seems to blame herself</think> I hear you. It is not your fault."
+    out = simulate_turn([done, active], [None, raw], recording_rules)
+    assert len(seen) == 1 and out[0] is None and out[1] == active.turns[0]["user"]
+    assert "blame herself" not in seen[0][1]["content"] and "It is not your fault." in seen[0][1]["content"]
+    assert active.turns[0]["agent"] == "I hear you. It is not your fault."
+    assert [m["role"] for m in active.messages] == ["user", "assistant", "user"]
+    assert active.messages[0]["content"] == "My oven broke again." and active.messages[1]["content"] == raw
+    assert set(active.turns[0]) == {"turn", "agent", "thought", "change", "emotion", "user", "parse_failed"}
+    # an unclosed <think> reaches the user as an empty message (scored as a brush-off)
+    simulate_turn([active], ["<think>still thinking"], recording_rules)
+    assert active.turns[1]["agent"] == "" and S.EMPTY_REPLY in seen[-1][1]["content"]
+    # the second request carries the dialogue so far
+    assert "Supporter: I hear you. It is not your fault." in seen[-1][1]["content"]
+
+
+def test_emotion_is_clamped_by_code_not_the_simulator():
+    episode = new_episode(profile(emotion=90))
+    simulate_turn([episode], ["hi"], lambda requests: [format_simulator_output("t", 30, "Yay")] * len(requests))
+    assert episode.emotion == 100 and episode.turns[0]["change"] == 30 and episode.end_reason == "success"
+
+
+def test_unparseable_output_is_retried_then_counted():
+    calls = []
+
+    def flaky(requests):   # garbage for the first call, good answers afterwards
+        calls.append(len(requests))
+        return ["nonsense"] * len(requests) if len(calls) == 1 else [GOOD] * len(requests)
+
+    episodes = [new_episode(profile()), new_episode(profile())]
+    simulate_turn(episodes, ["a", "b"], flaky)
+    assert calls == [2, 2] and all(e.parse_failures == 0 and e.emotion == 55 for e in episodes)
+
+    calls.clear()
+
+    def half_garbage(requests):   # the first request of every call fails: only it is re-queried
+        calls.append(len(requests))
+        return ["nonsense"] + [GOOD] * (len(requests) - 1)
+
+    episodes = [new_episode(profile()), new_episode(profile())]
+    returned = simulate_turn(episodes, ["a", "b"], half_garbage, retries=2)
+    assert calls == [2, 1, 1]
+    bad, good = episodes
+    assert (bad.parse_failures, bad.emotion, bad.turns[0]["change"], bad.turns[0]["parse_failed"]) == (1, 50, 0, True)
+    assert "missing section" in bad.turns[0]["thought"] and returned[0] == S.FALLBACK_REPLY
+    assert not bad.done and good.parse_failures == 0 and good.emotion == 55
+    simulate_turn(episodes, ["c", "d"], lambda r: ["still nonsense"] * len(r), retries=0)
+    assert bad.parse_failures == 2 and len(bad.turns) == 2     # counted, never raised
+
+
+def test_simulate_turn_rejects_user_mistakes():
+    episode = new_episode(profile())
+    with pytest.raises(ValueError, match="unknown simulator mode 'hard'"):
+        simulate_turn([episode], ["hi"], RulesBackend(), mode="hard")
+    with pytest.raises(ValueError, match="got 2 agent replies for 1 episodes"):
+        simulate_turn([episode], ["hi", "there"], RulesBackend())
+    with pytest.raises(SimulatorError, match="returned 0 answers for 1 requests"):
+        simulate_turn([episode], ["hi"], lambda requests: [])
+    with pytest.raises(ValueError, match="need max_turns >= 1"):
+        simulate_turn([episode], ["hi"], RulesBackend(), max_turns=0)
+    episode.done = True   # nothing left to simulate: the backend is not called at all
+
+    def never(requests):
+        raise AssertionError("backend called for finished episodes")
+
+    assert simulate_turn([episode], ["hi"], never) == [None] and len(episode.turns) == 0
+
+
+def test_make_backend(tmp_path):
+    assert isinstance(make_backend("rules"), RulesBackend)
+    backend = make_backend("http://127.0.0.1:9/v1", model_name="m", timeout=3)
+    assert isinstance(backend, OpenAIBackend) and backend.url == "http://127.0.0.1:9/v1/chat/completions"
+    assert backend.model == "m" and backend.timeout == 3
+    assert OpenAIBackend("http://h:1").url == "http://h:1/v1/chat/completions"
+    assert OpenAIBackend("https://h/api/v1/chat/completions/").base == "https://h/api/v1"
+    with pytest.raises(ValueError, match=r"unknown simulator .*use 'rules', an http\(s\):// URL"):
+        make_backend(str(tmp_path / "no-such-model"))
+    with pytest.raises(ValueError, match="must start with http:// or https://"):
+        OpenAIBackend("localhost:8000/v1")
+
+
+# ----------------------------------------------------------------------------------------------------
+# OpenAIBackend against a real HTTP server on 127.0.0.1
+
+class SimulatorServer:
+    """A threaded OpenAI-compatible server whose good answers come from RulesBackend. `plan` scripts the
+    next POST answers ("ok", "500", "400", "slow", "garbage", "echo401"); when empty, `default` applies."""
+
+    def __init__(self):
+        self.plan, self.default, self.slow_s, self.sleep_s = [], "ok", 1.0, 0.0
+        self.posts, self.gets, self.inflight, self.max_inflight = [], [], 0, 0
+        self.lock, rules, server = threading.Lock(), RulesBackend(), self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def send(self, status, body):
+                data = json.dumps(body).encode() if not isinstance(body, bytes) else body
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except OSError:
+                    pass   # the client timed out and hung up
+
+            def do_GET(self):
+                server.gets.append(dict(self.headers))
+                if self.headers.get("Authorization") == "Bearer wrong-key":
+                    return self.send(401, {"error": f"bad key {self.headers['Authorization']}"})
+                self.send(200, {"object": "list", "data": [{"id": "sim-model", "object": "model"}]})
+
+            def do_POST(self):
+                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.posts.append((dict(self.headers), payload))
+                    action = server.plan.pop(0) if server.plan else server.default
+                    server.inflight += 1
+                    server.max_inflight = max(server.max_inflight, server.inflight)
+                try:
+                    time.sleep(server.sleep_s)
+                    if action == "500":
+                        return self.send(500, {"error": "overloaded"})
+                    if action == "400":
+                        return self.send(400, {"error": "unknown model"})
+                    if action == "echo401":
+                        return self.send(401, {"error": f"invalid header {self.headers.get('Authorization')}"})
+                    if action == "slow":
+                        time.sleep(server.slow_s)
+                    content = "I refuse to use your format." if action == "garbage" else rules([payload["messages"]])[0]
+                    self.send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]})
+                finally:
+                    with server.lock:
+                        server.inflight -= 1
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server(monkeypatch):
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("RLVER_TEST_KEY", SECRET)
+    s = SimulatorServer()
+    yield s
+    s.close()
+
+
+def http_backend(server, **kwargs):
+    kwargs = {"api_key_env": "RLVER_TEST_KEY", "backoff": 0.01, "timeout": 5.0, **kwargs}
+    return OpenAIBackend(server.url, **kwargs)
+
+
+def test_http_episodes_match_rules_and_send_bearer_key(server):
+    backend = http_backend(server)
+    backend.check()
+    assert backend.model == "sim-model"                     # resolved from GET /models
+    profiles = builtin_profiles("test")[:3]
+    replies = [WARM, COLD, "Tell me more? I hear you."]
+    via_http, direct = [new_episode(p) for p in profiles], [new_episode(p) for p in profiles]
+    for _ in range(3):
+        simulate_turn(via_http, replies, backend)
+        simulate_turn(direct, replies, RulesBackend())
+    assert via_http == direct
+    assert all(h["Authorization"] == f"Bearer {SECRET}" and p["model"] == "sim-model" for h, p in server.posts)
+    assert build_request(new_episode(profiles[0]), WARM, "vanilla") in [p["messages"] for _, p in server.posts]
+    assert len(server.posts) == 9 and SECRET not in repr(backend)
+
+
+def test_http_retries_5xx_then_succeeds(server):
+    server.plan = ["500", "500", "ok"]
+    (answer,) = http_backend(server, max_retries=3)([build_request(new_episode(profile()), WARM)])
+    assert parse_simulator_output(answer)[1] > 0 and len(server.posts) == 3
+
+
+def test_http_gives_up_after_retries_without_leaking_the_key(server):
+    server.default = "500"
+    backend = http_backend(server, max_retries=2)
+    with pytest.raises(SimulatorError, match=r"failed after 3 attempts: HTTP 500") as error:
+        backend([build_request(new_episode(profile()), WARM)])
+    assert len(server.posts) == 3 and SECRET not in str(error.value)
+
+
+def test_http_client_errors_are_not_retried(server):
+    server.plan = ["400"]
+    with pytest.raises(SimulatorError, match=r"refused the request \(HTTP 400"):
+        http_backend(server, model="x")([build_request(new_episode(profile()), WARM)])
+    assert len(server.posts) == 1
+
+
+def test_http_timeout_is_retried(server):
+    server.plan, server.slow_s = ["slow", "ok"], 1.5
+    (answer,) = http_backend(server, timeout=0.3, model="x")([build_request(new_episode(profile()), WARM)])
+    assert parse_simulator_output(answer) and len(server.posts) == 2
+
+
+def test_http_garbage_is_parse_retried_then_counted(server):
+    server.default = "garbage"
+    episode = new_episode(profile())
+    simulate_turn([episode], [WARM], http_backend(server, model="x"), retries=2)
+    assert len(server.posts) == 3 and episode.parse_failures == 1 and episode.emotion == 50
+    assert episode.turns[0]["user"] == S.FALLBACK_REPLY and not episode.done
+    server.plan = ["garbage", "ok"]
+    server.posts.clear()
+    episode = new_episode(profile())
+    simulate_turn([episode], [WARM], http_backend(server, model="x"), retries=2)
+    assert len(server.posts) == 2 and episode.parse_failures == 0 and episode.emotion > 50
+
+
+def test_http_requests_run_concurrently(server):
+    server.sleep_s = 0.2
+    requests = [build_request(new_episode(p), WARM) for p in builtin_profiles("test")[:8]]
+    http_backend(server, model="x", concurrency=8)(requests)
+    assert server.max_inflight >= 4
+    server.max_inflight = 0
+    http_backend(server, model="x", concurrency=1)(requests[:3])
+    assert server.max_inflight == 1
+
+
+def test_http_check_unreachable_port_gives_one_clear_line():
+    with socket.socket() as s:   # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = OpenAIBackend(f"http://127.0.0.1:{port}/v1", timeout=2)
+    with pytest.raises(SimulatorError) as error:
+        backend.check()
+    message = str(error.value)
+    assert message.startswith(f"cannot reach simulator endpoint http://127.0.0.1:{port}/v1/chat/completions: ")
+    assert message.endswith("start the server or pass --simulator rules") and "\n" not in message
+
+
+def test_http_key_never_appears_in_errors_or_repr(server, monkeypatch):
+    server.plan = ["echo401"]   # this server even echoes the Authorization header back in its error body
+    backend = http_backend(server, model="x")
+    with pytest.raises(SimulatorError, match=r"HTTP 401.*check the API key in \$RLVER_TEST_KEY") as error:
+        backend([build_request(new_episode(profile()), WARM)])
+    assert SECRET not in str(error.value) and "***" in str(error.value)
+    assert SECRET not in repr(backend) and "RLVER_TEST_KEY" in repr(backend)
+    monkeypatch.setenv("RLVER_TEST_KEY", "wrong-key")
+    with pytest.raises(SimulatorError, match=r"rejected the request \(HTTP 401\); put a valid API key") as error:
+        http_backend(server).check()
+    assert "wrong-key" not in str(error.value)
+    assert server.gets[-1]["Authorization"] == "Bearer wrong-key"
+
+
+# ----------------------------------------------------------------------------------------------------
+# LocalModelBackend on a tiny random checkpoint (model.py)
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from model import make_tiny_checkpoint
+    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny") / "ckpt"))
+
+
+def test_local_model_backend(tiny_checkpoint):
+    from model import load_model, load_tokenizer
+    backend = make_backend(tiny_checkpoint, max_new_tokens=6, temperature=1.0, seed=0, batch_size=2)
+    assert isinstance(backend, S.LocalModelBackend)
+    requests = [[{"role": "system", "content": "Be a user."}, {"role": "user", "content": f"Hello {i}"}]
+                for i in range(3)]
+    outputs = backend(requests)                    # 3 requests in batches of 2
+    assert len(outputs) == 3 and all(isinstance(o, str) for o in outputs)
+    model, tokenizer = load_model(tiny_checkpoint), load_tokenizer(tiny_checkpoint)
+    again = S.LocalModelBackend(model, tokenizer, max_new_tokens=6, temperature=1.0, seed=0, batch_size=2)
+    other = S.LocalModelBackend(model, tokenizer, max_new_tokens=6, temperature=1.0, seed=1, batch_size=2)
+    assert again(requests) == outputs and other(requests) != outputs   # seeded, no global random state
+    # the random model cannot follow the format: retried, then counted, and the episode goes on
+    episode = new_episode(builtin_profiles("test")[0])
+    simulate_turn([episode], [WARM], S.LocalModelBackend(model, tokenizer, max_new_tokens=4), retries=1)
+    assert episode.parse_failures == 1 and episode.emotion == episode.profile.initial_emotion
+    assert not episode.done and episode.turns[0]["user"] == S.FALLBACK_REPLY
