@@ -506,8 +506,8 @@ def test_http_client_errors_are_not_retried(server):
 
 
 def test_http_timeout_is_retried(server):
-    server.plan, server.slow_s = ["slow", "ok"], 1.5
-    (answer,) = http_backend(server, timeout=0.3, model="x")([build_request(new_episode(profile()), WARM)])
+    server.plan, server.slow_s = ["slow", "ok"], 2.0
+    (answer,) = http_backend(server, timeout=0.6, model="x")([build_request(new_episode(profile()), WARM)])
     assert parse_simulator_output(answer) and len(server.posts) == 2
 
 
