@@ -1,0 +1,543 @@
+"""
+benchmark.py: how good is a policy at empathetic dialogue, and how fast is our model code?
+
+    python benchmark.py eval  --policy runs/rlver/checkpoint --simulator rules --seeds 0,1,2
+    python benchmark.py eval  --policy http://localhost:8000/v1 --policy-model gpt-4o --simulator rules
+    python benchmark.py speed --batch 8 --new-tokens 128 --device cuda --dtype bfloat16
+
+`eval`: a SAGE-style benchmark (Sentient Agent as a Judge, arXiv 2505.02847; RLVER reports its "Sentient
+benchmark" score). How the score is computed, in four steps:
+  1. Every test profile becomes a simulated user (simulator.py) with a persona, a scenario, a hidden intention,
+     an opening message and an emotion on a 0..100 scale (its initial_emotion, 50 unless the profile says).
+  2. The policy under test and that user talk for at most --max-turns (8) turns. After each policy reply the
+     simulator reasons about how the reply lands and writes an integer change; the CODE applies it:
+         emotion <- clamp(emotion + change, 0, 100)
+  3. A dialogue ends early at 100 (the user feels fully supported: a success) or at 0 (the user leaves: a
+     failure); otherwise it ends after max turns.
+  4. score = mean over dialogues of the FINAL emotion (0..100); success rate = share that reached 100;
+     failure rate = share that reached 0; mean turns = average dialogue length.
+With several seeds every profile is played once per seed; the score is the mean over all dialogues and the
+spread is the std of the per-seed scores. The policy is a local HF folder, a model object already in memory
+(rlver.py's periodic evaluation) or any OpenAI-compatible endpoint, so GPT-4o-class models are scored the same.
+
+`speed`: decode tokens/s of model.generate (static KV cache) against transformers' generate and against a
+no-cache loop, on the same weights and prompts, plus the time split of one training step.
+
+Read top to bottom: score arithmetic -> dialogue loops -> report files (transcripts, summary, SVG) ->
+evaluate() -> speed harness -> command line.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from xml.sax.saxutils import escape
+
+import torch
+
+import simulator as sim
+from model import CheckpointError, generate, load_model, load_tokenizer, make_tiny_checkpoint, read_config, token_logprobs
+
+
+class BenchmarkError(ValueError):
+    """A problem the user can fix (bad flag, bad path, unreachable endpoint): printed as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Score arithmetic (pure functions of the episodes' emotions)
+
+
+def outcome(final_emotion):
+    """How a dialogue ended, judged by its final emotion only (the same rule the simulator applies)."""
+    return "success" if final_emotion >= 100 else "failure" if final_emotion <= 0 else "max_turns"
+
+
+def trajectory(episode):
+    """Emotion before the first reply and after every turn: [e_0, e_1, ..., e_final]."""
+    return [episode.profile.initial_emotion] + [turn["emotion"] for turn in episode.turns]
+
+
+def summarize(episodes):
+    """The SAGE-style numbers over a list of finished simulator.Episodes (one per dialogue)."""
+    if not episodes:
+        raise ValueError("no dialogues to summarize")
+    n = len(episodes)
+    finals = [ep.emotion for ep in episodes]
+    return {
+        "score": sum(finals) / n,  # mean final emotion, 0..100: the headline number
+        "success_rate": sum(outcome(e) == "success" for e in finals) / n,  # reached 100
+        "failure_rate": sum(outcome(e) == "failure" for e in finals) / n,  # reached 0 (the user left)
+        "mean_turns": sum(len(ep.turns) for ep in episodes) / n,
+        "dialogues": n,
+    }
+
+
+def seed_spread(per_seed_scores):
+    """Mean and sample std (n-1) of the per-seed scores; std is 0.0 for a single seed."""
+    scores = list(per_seed_scores.values())
+    return statistics.mean(scores), statistics.stdev(scores) if len(scores) > 1 else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Dialogue loops: the policy answers every open dialogue at once, then the simulator answers every reply.
+
+
+def policy_error(err, url):
+    """simulator.OpenAIBackend words its errors for a simulator; say which endpoint it really was."""
+    text = str(err).split("; start the server")[0].replace("simulator endpoint", "policy endpoint")
+    return BenchmarkError(f"{text}; check that the server at {url} is up and --policy is right")
+
+
+def endpoint_dialogues(policy_client, profiles, backend, *, mode, max_turns, think, log):
+    """
+    A text-level loop for a policy behind an OpenAI-compatible endpoint. Per turn: build each open dialogue's
+    agent-side chat (policy system prompt + the dialogue so far), ask the endpoint for all of them at once,
+    then let simulator.simulate_turn score the replies and write the users' answers.
+    """
+    system = sim.load_prompt("policy_system_think.txt" if think else "policy_system.txt").strip()
+    episodes = [sim.new_episode(p) for p in profiles]
+    start = time.time()
+    for turn in range(1, max_turns + 1):
+        active = [ep for ep in episodes if not ep.done]
+        if not active:
+            break
+        requests = [[{"role": "system", "content": system}] + ep.messages for ep in active]
+        try:
+            replies = policy_client(requests)  # one completion text per open dialogue
+        except sim.SimulatorError as e:
+            raise policy_error(e, getattr(policy_client, "url", "?")) from None
+        sim.simulate_turn(active, replies, backend, mode=mode, max_turns=max_turns)  # strips <think> itself
+        mean_emotion = statistics.mean(ep.emotion for ep in active)
+        log(f"  turn {turn}/{max_turns}: {len(active)} open dialogues, mean emotion {mean_emotion:.1f}, "
+            f"{time.time() - start:.1f}s")
+    return episodes
+
+
+def local_dialogues(model, tokenizer, profiles, backend, *, mode, max_turns, think, max_new_tokens, temperature,
+                    seed):
+    """A model in this process: rlver.rollout, the very loop training uses (same template, tokens, stopping)."""
+    import rlver  # imported here: rlver imports this file for its periodic evaluation
+
+    generator = torch.Generator(model.inv_freq.device).manual_seed(seed)
+    dialogues = rlver.rollout(model, tokenizer, profiles, backend, think=think, max_turns=max_turns,
+                              max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, mode=mode,
+                              generator=generator)
+    return [d.episode for d in dialogues]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Report: a per-profile table, transcripts.jsonl, summary.json and an SVG of the emotion trajectories
+
+OUTCOME_COLORS = {"success": "#1a9850", "failure": "#d73027", "max_turns": "#7b8794"}
+OUTCOME_LABELS = {"success": "success (reached 100)", "failure": "failure (reached 0)",
+                  "max_turns": "ended at max turns"}
+
+
+def transcript_record(episode, seed):
+    """One JSON line per dialogue: everything needed to read it back and to re-score it."""
+    return {"profile_id": episode.profile.id, "seed": seed, "initial_emotion": episode.profile.initial_emotion,
+            "final_emotion": episode.emotion, "end_reason": episode.end_reason, "opening": episode.profile.opening,
+            "parse_failures": episode.parse_failures,
+            "turns": [{"turn": t["turn"], "agent": t["agent"], "emotion": t["emotion"], "change": t["change"],
+                       "thought": t["thought"], "user": t["user"]} for t in episode.turns]}
+
+
+def profile_table(episodes, seeds):
+    """Rows per profile over its seeds: final emotions, mean, mean turns, outcomes."""
+    rows = {}
+    for ep, seed in zip(episodes, seeds):
+        rows.setdefault(ep.profile.id, []).append(ep)
+    width = max(12, *(len(pid) for pid in rows))
+    lines = [f"{'profile':<{width}}  {'final emotion per seed':<24} {'mean':>6} {'turns':>6}  outcomes"]
+    for pid, eps in rows.items():
+        finals = " ".join(str(ep.emotion) for ep in eps)
+        marks = "".join({"success": "S", "failure": "F", "max_turns": "."}[outcome(ep.emotion)] for ep in eps)
+        lines.append(f"{pid:<{width}}  {finals:<24} {statistics.mean(ep.emotion for ep in eps):>6.1f} "
+                     f"{statistics.mean(len(ep.turns) for ep in eps):>6.1f}  {marks}")
+    lines.append("(outcomes per seed: S reached 100, F reached 0, . ended at max turns)")
+    return "\n".join(lines)
+
+
+def write_svg(path, trajectories, *, max_turns, title, subtitle="", labels=None):
+    """
+    Emotion (y, 0..100) against turn (x, 0..max_turns): one thin polyline per dialogue coloured by how it
+    ended, and the mean trajectory in bold. In the mean, a dialogue that ended early keeps its final emotion
+    (it stays at 100 or 0), so the mean line ends exactly at the score. Hand-written SVG, no plotting library.
+    trajectories: list of [e_0, e_1, ...] emotion lists. Returns the SVG text (and writes it if path is set).
+    """
+    W, H = 900, 460
+    left, right, top, bottom = 64, W - 270, 62, H - 56  # plot area; the legend lives right of it
+    x = lambda turn: left + turn * (right - left) / max_turns  # noqa: E731
+    y = lambda emotion: bottom - emotion * (bottom - top) / 100  # noqa: E731
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
+           f'font-family="Helvetica, Arial, sans-serif" font-size="12">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<text x="{left}" y="26" font-size="17" font-weight="bold">{escape(title)}</text>',
+           f'<text x="{left}" y="45" fill="#555">{escape(subtitle)}</text>']
+    for e in range(0, 101, 20):  # horizontal grid + y ticks
+        out.append(f'<line x1="{left}" y1="{y(e)}" x2="{right}" y2="{y(e)}" stroke="#e5e5e5"/>')
+        out.append(f'<text x="{left - 8}" y="{y(e) + 4}" text-anchor="end">{e}</text>')
+    for t in range(max_turns + 1):  # x ticks
+        out.append(f'<line x1="{x(t)}" y1="{bottom}" x2="{x(t)}" y2="{bottom + 5}" stroke="#333"/>')
+        out.append(f'<text x="{x(t)}" y="{bottom + 19}" text-anchor="middle">{t}</text>')
+    out.append(f'<polyline points="{left},{top} {left},{bottom} {right},{bottom}" fill="none" stroke="#333"/>')
+    out.append(f'<text x="{(left + right) / 2}" y="{H - 14}" text-anchor="middle">turn</text>')
+    out.append(f'<text x="18" y="{(top + bottom) / 2}" text-anchor="middle" '
+               f'transform="rotate(-90 18 {(top + bottom) / 2})">emotion (0 = leaves, 100 = fully supported)</text>')
+    for i, traj in enumerate(trajectories):
+        jitter = (i % 5 - 2) * 0.8  # < 1 px apart so identical dialogues do not hide behind each other
+        points = " ".join(f"{x(t):.1f},{y(e) + jitter:.1f}" for t, e in enumerate(traj))
+        label = labels[i] if labels else f"dialogue {i}"
+        out.append(f'<polyline class="dialogue" points="{points}" fill="none" stroke-width="1.5" '
+                   f'stroke="{OUTCOME_COLORS[outcome(traj[-1])]}" stroke-opacity="0.55">'
+                   f'<title>{escape(f"{label}: final emotion {traj[-1]}")}</title></polyline>')
+    if trajectories:
+        longest = max(len(traj) for traj in trajectories)
+        mean = [statistics.mean(traj[min(t, len(traj) - 1)] for traj in trajectories) for t in range(longest)]
+        points = " ".join(f"{x(t):.1f},{y(e):.1f}" for t, e in enumerate(mean))
+        out.append(f'<polyline class="mean" points="{points}" fill="none" stroke="#111" stroke-width="3.5"/>')
+        out.append(f'<text x="{x(longest - 1) + 6}" y="{y(mean[-1]) - 6}" font-weight="bold">{mean[-1]:.1f}</text>')
+    counts = {k: sum(outcome(traj[-1]) == k for traj in trajectories) for k in OUTCOME_COLORS}
+    legend = [(OUTCOME_COLORS[k], 1.5, f"{OUTCOME_LABELS[k]}: {counts[k]}") for k in OUTCOME_COLORS]
+    legend.append(("#111", 3.5, "mean (ended = final value)"))
+    for j, (color, width, text) in enumerate(legend):
+        ly = top + 14 + 22 * j
+        out.append(f'<line x1="{right + 56}" y1="{ly}" x2="{right + 80}" y2="{ly}" stroke="{color}" '
+                   f'stroke-width="{width}"/>')
+        out.append(f'<text x="{right + 86}" y="{ly + 4}">{escape(text)}</text>')
+    out.append("</svg>")
+    svg = "\n".join(out) + "\n"
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(svg)
+    return svg
+
+
+def report(episodes, out_dir=None, *, seeds=None, title="", config=None, max_turns=None, log=print):
+    """
+    Summarise finished episodes, print the per-profile table, and (if out_dir) write transcripts.jsonl,
+    summary.json and trajectories.svg. seeds[i] is the seed episodes[i] was played with (default: all 0).
+    Used by evaluate() below and by rlver.py's periodic evaluation. Returns the summary dict.
+    """
+    seeds = list(seeds) if seeds is not None else [0] * len(episodes)
+    summary = summarize(episodes)
+    per_seed = {s: summarize([ep for ep, es in zip(episodes, seeds) if es == s])["score"] for s in dict.fromkeys(seeds)}
+    summary["per_seed_scores"] = {str(s): score for s, score in per_seed.items()}
+    summary["seed_mean"], summary["seed_std"] = seed_spread(per_seed)
+    summary["parse_failures"] = sum(ep.parse_failures for ep in episodes)
+    summary["config"] = config or {}
+    log(profile_table(episodes, seeds))
+    headline = (f"score {summary['score']:.1f} (seeds: {summary['seed_mean']:.1f} ± {summary['seed_std']:.1f}) | "
+                f"success {summary['success_rate']:.0%} | failure {summary['failure_rate']:.0%} | "
+                f"mean turns {summary['mean_turns']:.2f} | {len(episodes)} dialogues")
+    log(f"{title + ': ' if title else ''}{headline}")
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "transcripts.jsonl"), "w", encoding="utf-8") as f:
+            for ep, seed in zip(episodes, seeds):
+                f.write(json.dumps(transcript_record(ep, seed), ensure_ascii=False) + "\n")
+        with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2, ensure_ascii=False)
+        max_turns = max_turns or summary["config"].get("max_turns") or max(len(ep.turns) for ep in episodes) or 1
+        write_svg(os.path.join(out_dir, "trajectories.svg"), [trajectory(ep) for ep in episodes], max_turns=max_turns,
+                  title=f"{title + ' - ' if title else ''}Sentient-style score {summary['score']:.1f}",
+                  subtitle=headline, labels=[f"{ep.profile.id} (seed {s})" for ep, s in zip(episodes, seeds)])
+        log(f"wrote {out_dir}/transcripts.jsonl, summary.json, trajectories.svg")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. evaluate(): play every profile once per seed, then report
+
+
+def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=8, mode="vanilla", think=False,
+             max_new_tokens=256, temperature=0.0, out_dir=None, log=print, title="", config=None):
+    """
+    policy: a model.Transformer already in memory (needs its tokenizer), a local HF folder (loaded on CPU), or
+    a chat client `client(requests) -> texts` such as simulator.OpenAIBackend for an endpoint.
+    backend: the simulated user (simulator.make_backend). Returns report()'s summary dict.
+    """
+    if isinstance(policy, str):
+        policy, tokenizer = load_model(policy), tokenizer or load_tokenizer(policy)
+    local = isinstance(policy, torch.nn.Module)
+    if local and tokenizer is None:
+        raise BenchmarkError("a model policy needs its tokenizer: pass tokenizer=model.load_tokenizer(path)")
+    config = dict(config or {}, seeds=list(seeds), max_turns=max_turns, mode=mode, think=think,
+                  max_new_tokens=max_new_tokens, temperature=temperature, n_profiles=len(profiles))
+    episodes, episode_seeds = [], []
+    for seed in seeds:
+        start = time.time()
+        log(f"seed {seed}: {len(profiles)} dialogues, {'local model' if local else 'endpoint'} policy vs {backend!r}")
+        torch.manual_seed(seed)
+        if local:
+            played = local_dialogues(policy, tokenizer, profiles, backend, mode=mode, max_turns=max_turns, think=think,
+                                     max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        else:  # (an endpoint gets no seed: with temperature 0 the seeds repeat, above 0 they are not reproducible)
+            played = endpoint_dialogues(policy, profiles, backend, mode=mode, max_turns=max_turns, think=think, log=log)
+        log(f"seed {seed}: score {summarize(played)['score']:.1f} in {time.time() - start:.1f}s")
+        episodes += played
+        episode_seeds += [seed] * len(played)
+    return report(episodes, out_dir, seeds=episode_seeds, title=title, config=config, max_turns=max_turns, log=log)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Speed: the same greedy decode three ways, then one training step split into its phases
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, device, warmup, repeats):
+    """Median wall time of fn() over `repeats` runs after `warmup` untimed runs. Returns (seconds, last output)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        result = fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+@torch.no_grad()
+def no_cache_generate(model, prompt_ids, new_tokens):
+    """The baseline a KV cache removes: recompute the forward over the whole sequence for every new token."""
+    ids = prompt_ids  # (B, P)
+    for _ in range(new_tokens):
+        last_hidden = model(ids, return_hidden=True)[:, -1]  # (B, C): only the last position is needed
+        ids = torch.cat([ids, model.lm_head(last_hidden).argmax(-1, keepdim=True)], dim=1)  # (B, T+1)
+    return ids[:, prompt_ids.shape[1]:].tolist()
+
+
+def hbm_percent(model, batch, prompt_len, new_tokens, seconds, peak_bytes_per_s):
+    """
+    Achieved memory bandwidth of a decode as a % of peak. Each decode step must read every weight once
+    (the input embedding only for B rows, so it is left out unless tied to the head) plus the KV cache written
+    so far: 2 (k, v) * layers * B * kv_heads * slots * head_dim * bytes, on average P + (N-1)/2 slots.
+    The step time includes the prefill, so this is a slight underestimate.
+    """
+    cfg = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not cfg.tie_word_embeddings:
+        weights -= model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()
+    element = model.model.embed_tokens.weight.element_size()
+    kv = 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * cfg.head_dim * element
+    bytes_per_step = weights + kv * (prompt_len + (new_tokens - 1) / 2)
+    return 100 * bytes_per_step / (seconds / new_tokens) / peak_bytes_per_s
+
+
+def training_step_times(model, batch, seq_len, prompt_len, device, warmup, repeats):
+    """
+    One policy-gradient step on random tokens, timed by phase: forward log-probs (model.token_logprobs),
+    backward, AdamW step. loss = -mean over "sampled" tokens of advantage * log p(token): the REINFORCE core of
+    PPO/GRPO without the clipping arithmetic, which costs nothing next to the model.
+    """
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=g).to(device)  # (B, T)
+    response_mask = torch.zeros(batch, seq_len - 1, device=device)  # (B, T-1): the tokens the policy "sampled"
+    response_mask[:, prompt_len - 1:] = 1.0
+    advantages = torch.randn(batch, 1, generator=g).to(device)  # (B, 1), one per sequence
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    phases = {"forward log-probs": [], "backward": [], "optimizer step": []}
+    for i in range(warmup + repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        logprobs = token_logprobs(model, ids)  # (B, T-1)
+        loss = -(advantages * logprobs * response_mask).sum() / response_mask.sum()
+        sync(device)
+        t1 = time.perf_counter()
+        loss.backward()
+        sync(device)
+        t2 = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        t3 = time.perf_counter()
+        if i >= warmup:
+            for name, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
+                phases[name].append(seconds)
+    return {name: statistics.median(times) for name, times in phases.items()}
+
+
+def speed(args, log=print):
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchmarkError("--device cuda but torch sees no CUDA device: use --device cpu")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.model
+        if path is None:  # a fresh random checkpoint of the requested size, in the real HF layout
+            path = make_tiny_checkpoint(os.path.join(tmp, "model"), args.model_type, vocab_size=args.vocab,
+                                        hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+                                        num_kv_heads=args.kv_heads, intermediate_size=args.intermediate)
+        read_config(path)  # one-line error for a bad --model before anything heavy
+        model = load_model(path, device=device, dtype=dtype)
+        import transformers
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(path).to(device=device, dtype=dtype).eval()
+        hf_model.generation_config.eos_token_id = None  # never stop early: every row makes exactly N tokens
+    B, P, N = args.batch, args.prompt_len, args.new_tokens
+    params = sum(p.numel() for p in model.parameters())
+    prompt_ids = torch.randint(0, model.config.vocab_size, (B, P), generator=torch.Generator().manual_seed(0))
+    prompts = prompt_ids.tolist()
+    prompt_ids = prompt_ids.to(device)
+    log(f"speed: {model.config.model_type} {params / 1e6:.2f}M params (hidden {model.config.hidden_size}, "
+        f"{model.config.num_hidden_layers} layers), batch {B}, prompt {P} + {N} new tokens, greedy, {device.type} "
+        f"{args.dtype}, {torch.get_num_threads()} threads, median of {args.repeats} after {args.warmup} warm-up")
+
+    runs = {  # name -> a function returning the new token ids per row (all equal-length prompts: no padding)
+        "model.py generate": lambda: generate(model, prompts, N, eos_ids=[-1], temperature=0)[0],  # -1: no EOS
+        "transformers generate": lambda: hf_model.generate(
+            input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=N, min_new_tokens=N,
+            do_sample=False, pad_token_id=0)[:, P:].tolist(),
+        "no-cache loop": lambda: no_cache_generate(model, prompt_ids, N),
+    }
+    results = {}
+    for name, fn in runs.items():
+        with torch.no_grad():
+            results[name] = median_time(fn, device, args.warmup, args.repeats)
+        log(f"  {name}: {results[name][0]:.3f}s")
+    base_seconds, base_ids = results["model.py generate"]
+    header = f"{'generation':<22} {'seconds':>8} {'tokens/s':>10} {'ratio vs model.py':>18} {'same tokens':>12}"
+    if device.type == "cuda":
+        header += f" {'HBM % of peak':>14}"
+    lines = [header]
+    for name, (seconds, ids) in results.items():
+        same = sum(a == b for row, base in zip(ids, base_ids) for a, b in zip(row, base)) / (B * N)
+        line = f"{name:<22} {seconds:>8.3f} {B * N / seconds:>10.1f} {base_seconds / seconds:>17.2f}x {same:>12.1%}"
+        if device.type == "cuda" and name != "no-cache loop":
+            line += f" {hbm_percent(model, B, P, N, seconds, args.peak_bandwidth):>13.1f}%"
+        lines.append(line)
+    log("\n".join(lines))
+    log("(ratio = tokens/s / model.py tokens/s; same tokens = share of greedy tokens equal to model.py's)")
+
+    del hf_model
+    phases = training_step_times(model, B, P + N, P, device, args.warmup, args.repeats)
+    total = sum(phases.values())
+    lines = [f"training step (token_logprobs + policy-gradient loss + AdamW), batch {B} x {P + N} tokens",
+             f"{'phase':<22} {'seconds':>8} {'share':>7}"]
+    lines += [f"{name:<22} {seconds:>8.3f} {seconds / total:>7.0%}" for name, seconds in phases.items()]
+    lines.append(f"{'total':<22} {total:>8.3f} {1:>7.0%}")
+    log("\n".join(lines))
+    return {name: {"seconds": s, "tokens_per_s": B * N / s} for name, (s, _) in results.items()} | {"train": phases}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. Command line
+
+
+def check_policy(args):
+    """Turn --policy into something that can answer, failing with one line before anything heavy is loaded."""
+    if args.policy.startswith(("http://", "https://")):
+        if not args.policy_model:
+            raise BenchmarkError("--policy is an endpoint URL: name the model to query with --policy-model")
+        client = sim.OpenAIBackend(args.policy, model=args.policy_model, api_key_env=args.policy_key_env,
+                                   concurrency=args.concurrency, temperature=args.temperature,
+                                   max_tokens=args.max_new_tokens, max_retries=args.retries)
+        try:
+            client.check()
+        except sim.SimulatorError as e:
+            raise policy_error(e, args.policy) from None
+        return client
+    if not os.path.isdir(args.policy):
+        raise BenchmarkError(f"--policy {args.policy!r} is neither a local model folder nor an http(s):// URL")
+    read_config(args.policy)  # config.json present, parseable and a supported architecture
+    return args.policy
+
+
+def eval_command(args):
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else []
+    if not seeds:
+        raise BenchmarkError(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2")
+    if args.max_turns < 1:
+        raise BenchmarkError("--max-turns must be at least 1")
+    profiles = sim.load_profiles(args.profiles) if args.profiles else sim.builtin_profiles("test")
+    profiles = profiles[:args.limit] if args.limit else profiles
+    policy, tokenizer = check_policy(args), None
+    try:  # (a local simulator model is loaded here: the policy was checked first, cheaply)
+        backend = sim.make_backend(args.simulator, model_name=args.simulator_model,
+                                   api_key_env=args.simulator_key_env, device=args.device)
+    except ValueError as e:  # unknown spec or malformed URL
+        raise BenchmarkError(str(e)) from None
+    backend.check()
+    if isinstance(policy, str):  # the heavy part starts here, after every cheap check passed
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+        policy, tokenizer = load_model(policy, device=args.device, dtype=dtype), load_tokenizer(policy)
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    return evaluate(policy, tokenizer, profiles, backend, seeds=seeds, max_turns=args.max_turns, mode=args.mode,
+                    think=args.think, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    out_dir=args.out, config=config,
+                    title=args.policy_model if args.policy_model else os.path.basename(args.policy.rstrip("/")))
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="RLVER evaluation (SAGE-style) and speed benchmarks.")
+    commands = p.add_subparsers(dest="command", required=True)
+    e = commands.add_parser("eval", help="score a policy against the simulated users",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("--policy", required=True, help="local HF model folder, or http(s)://host:port/v1 endpoint")
+    e.add_argument("--policy-model", default=None, help="model name to request from a --policy endpoint")
+    e.add_argument("--policy-key-env", default="OPENAI_API_KEY", help="env var holding the policy endpoint's key")
+    e.add_argument("--simulator", default="rules", help="'rules', an OpenAI-compatible URL, or a local model folder")
+    e.add_argument("--simulator-model", default=None)
+    e.add_argument("--simulator-key-env", default="OPENAI_API_KEY")
+    e.add_argument("--mode", choices=sim.MODES, default="vanilla")
+    e.add_argument("--profiles", default=None, help="profile JSONL (ours or public RLVER); default: built-in test set")
+    e.add_argument("--limit", type=int, default=0, help="use only the first N profiles (0: all)")
+    e.add_argument("--max-turns", type=int, default=8)
+    e.add_argument("--seeds", default="0", help="comma-separated: each profile is played once per seed")
+    e.add_argument("--think", action=argparse.BooleanOptionalAction, default=False,
+                   help="think-then-say system prompt (use it for policies trained with --think)")
+    e.add_argument("--max-new-tokens", type=int, default=256, help="per policy turn")
+    e.add_argument("--temperature", type=float, default=0.0, help="policy sampling temperature (0: greedy)")
+    e.add_argument("--concurrency", type=int, default=16, help="parallel requests to a policy endpoint")
+    e.add_argument("--retries", type=int, default=4, help="retries per policy endpoint request")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    e.add_argument("--out", default="runs/eval", help="directory for transcripts.jsonl, summary.json, trajectories.svg")
+    e.set_defaults(func=eval_command)
+
+    s = commands.add_parser("speed", help="generation tokens/s and training step time",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--model", default=None, help="local HF model folder; default: a fresh random checkpoint")
+    s.add_argument("--model-type", choices=["qwen2", "llama", "qwen3"], default="qwen2")
+    s.add_argument("--hidden", type=int, default=256)
+    s.add_argument("--layers", type=int, default=4)
+    s.add_argument("--heads", type=int, default=4)
+    s.add_argument("--kv-heads", type=int, default=2)
+    s.add_argument("--intermediate", type=int, default=768)
+    s.add_argument("--vocab", type=int, default=1024, help="tokenizer vocabulary of the fresh checkpoint")
+    s.add_argument("--batch", type=int, default=8)
+    s.add_argument("--prompt-len", type=int, default=32)
+    s.add_argument("--new-tokens", type=int, default=128)
+    s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    s.add_argument("--warmup", type=int, default=1)
+    s.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported")
+    s.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave torch's default)")
+    s.add_argument("--peak-bandwidth", type=float, default=3.35e12, help="peak HBM bytes/s (H100 SXM: 3.35e12)")
+    s.set_defaults(func=speed)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        args.func(args)
+    except (BenchmarkError, CheckpointError, sim.ProfileError, sim.SimulatorError) as e:
+        print(f"benchmark.py {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""benchmark.py: score arithmetic by hand, the report files, eval end to end (fake endpoint, tiny local model),
+the speed table, and one-line CLI errors."""
+import http.server
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import xml.etree.ElementTree as ET
+
+import pytest
+
+import benchmark
+import simulator as sim
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def episode(final_emotion, emotions, pid="p", initial=50):
+    """A finished simulator.Episode with a given emotion trajectory (what simulate_turn would have recorded)."""
+    profile = sim.Profile(id=pid, persona="x", scenario="x", hidden_intention="x", opening="hi",
+                          initial_emotion=initial)
+    turns = [{"turn": i + 1, "agent": "a", "thought": "t", "change": 0, "emotion": e, "user": "u",
+              "parse_failed": False} for i, e in enumerate(emotions)]
+    end = benchmark.outcome(final_emotion)
+    return sim.Episode(profile=profile, emotion=final_emotion, messages=[], turns=turns, done=True, end_reason=end)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# score arithmetic
+
+
+def test_score_on_known_trajectories():
+    episodes = [episode(100, [60, 80, 100]),  # success after 3 turns
+                episode(0, [30, 0]),  # the user left after 2 turns
+                episode(62, [52, 55, 58, 60, 61, 62, 62, 62])]  # ran to 8 turns
+    s = benchmark.summarize(episodes)
+    assert s["score"] == pytest.approx(54.0)  # (100 + 0 + 62) / 3
+    assert s["success_rate"] == pytest.approx(1 / 3) and s["failure_rate"] == pytest.approx(1 / 3)
+    assert s["mean_turns"] == pytest.approx((3 + 2 + 8) / 3)
+    assert s["dialogues"] == 3
+    assert benchmark.trajectory(episodes[1]) == [50, 30, 0]
+    # only the bounds count: 99 is not a success and 1 is not a failure
+    near = benchmark.summarize([episode(99, [99]), episode(1, [1])])
+    assert (near["score"], near["success_rate"], near["failure_rate"]) == (50.0, 0.0, 0.0)
+
+
+def test_seeds_give_mean_and_std(tmp_path):
+    # seed 0: finals 100, 40 -> 70; seed 1: 20, 60 -> 40; seed 2: 50, 50 -> 50
+    finals = {0: [100, 40], 1: [20, 60], 2: [50, 50]}
+    episodes, seeds = [], []
+    for seed, fs in finals.items():
+        for i, f in enumerate(fs):
+            episodes.append(episode(f, [f], pid=f"p{i}"))
+            seeds.append(seed)
+    s = benchmark.report(episodes, str(tmp_path), seeds=seeds, max_turns=8, log=lambda *a: None)
+    assert s["per_seed_scores"] == {"0": 70.0, "1": 40.0, "2": 50.0}
+    assert s["seed_mean"] == pytest.approx(160 / 3) and s["score"] == pytest.approx(160 / 3)
+    assert s["seed_std"] == pytest.approx(statistics.stdev([70, 40, 50]))  # sample std, = 15.275...
+    assert s["seed_std"] == pytest.approx(15.2753, abs=1e-4)
+    assert json.load(open(tmp_path / "summary.json"))["per_seed_scores"]["1"] == 40.0
+
+
+def test_svg_has_one_line_per_dialogue_and_a_mean_ending_at_the_score(tmp_path):
+    trajectories = [[50, 70, 100], [50, 20, 0], [50, 55, 60, 62]]
+    svg = benchmark.write_svg(str(tmp_path / "t.svg"), trajectories, max_turns=8, title="score 54.0",
+                              labels=["a", "b", "c"])
+    root = ET.parse(tmp_path / "t.svg").getroot()
+    assert svg.startswith("<svg") and root.tag == f"{SVG}svg"
+    lines = root.findall(f"{SVG}polyline[@class='dialogue']")
+    assert len(lines) == 3
+    assert [line.get("stroke") for line in lines] == [benchmark.OUTCOME_COLORS[k] for k in
+                                                      ("success", "failure", "max_turns")]
+    assert [len(line.get("points").split()) for line in lines] == [3, 3, 4]
+    (mean,) = root.findall(f"{SVG}polyline[@class='mean']")
+    # ended dialogues keep their final value, so the mean's last point is the score: (100 + 0 + 62) / 3
+    last_y = float(mean.get("points").split()[-1].split(",")[1])
+    top, bottom = 62, 460 - 56  # write_svg's plot area
+    assert (bottom - last_y) * 100 / (bottom - top) == pytest.approx(54.0, abs=0.1)
+    texts = [t.text for t in root.iter(f"{SVG}text")]
+    assert "score 54.0" in texts and "turn" in texts and any("success" in (t or "") for t in texts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# eval end to end against a fake OpenAI-compatible policy endpoint (a real HTTP server on 127.0.0.1)
+
+KIND = ("I hear you, and that sounds really hard. It makes sense that you feel this way, and I'm here for you. "
+        "What has been weighing on you most? Tell me, I'm listening.")
+RUDE = ("Just relax, it's fine. Whatever happened, at least it could be worse, so cheer up and move on. "
+        "You should simply get over it.")
+MEH = "I see what you mean."
+PROFILES = [  # our JSONL layout; the fake policy picks its canned reply by the opening message
+    {"id": "kind", "persona": "Ana, 30, a nurse.", "scenario": "Her dog died.", "initial_emotion": 60,
+     "hidden_intention": "You want to vent and be listened to.", "opening": "My dog died last week."},
+    {"id": "rude", "persona": "Ben, 40, a driver.", "scenario": "He failed his test.", "initial_emotion": 40,
+     "hidden_intention": "You want deep empathy, not shallow comfort.", "opening": "I failed my driving test."},
+    {"id": "meh", "persona": "Cy, 22, a student.", "scenario": "A flatmate eats his food.", "initial_emotion": 30,
+     "hidden_intention": "You want practical next steps.", "opening": "My flatmate eats my food."},
+]
+
+
+class FakePolicy(http.server.BaseHTTPRequestHandler):
+    requests = []  # every chat request received, for the assertions
+
+    def _send(self, body):
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):  # /v1/models, used by the client's reachability check
+        self._send({"data": [{"id": "fake-empath"}]})
+
+    def do_POST(self):
+        payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakePolicy.requests.append(payload)
+        opening = payload["messages"][1]["content"]
+        reply = KIND if "dog" in opening else RUDE if "driving" in opening else MEH
+        self._send({"choices": [{"message": {"role": "assistant", "content": reply}}]})
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_endpoint():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakePolicy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    FakePolicy.requests = []
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def write_profiles(path):
+    path.write_text("".join(json.dumps(p) + "\n" for p in PROFILES))
+    return str(path)
+
+
+def read_outputs(out):
+    transcripts = [json.loads(line) for line in open(out / "transcripts.jsonl")]
+    return transcripts, json.load(open(out / "summary.json")), ET.parse(out / "trajectories.svg").getroot()
+
+
+def test_eval_against_fake_endpoint(tmp_path, fake_endpoint, capsys):
+    out = tmp_path / "eval"
+    benchmark.main(["eval", "--policy", fake_endpoint, "--policy-model", "fake-empath", "--seeds", "0,1",
+                    "--profiles", write_profiles(tmp_path / "p.jsonl"), "--out", str(out)])
+    transcripts, summary, svg = read_outputs(out)
+    assert len(transcripts) == 6  # 3 profiles x 2 seeds
+    by_id = {t["profile_id"]: t for t in transcripts if t["seed"] == 1}
+    assert by_id["kind"]["end_reason"] == "success" and by_id["kind"]["final_emotion"] == 100
+    assert by_id["rude"]["end_reason"] == "failure" and by_id["rude"]["final_emotion"] == 0
+    assert by_id["meh"]["end_reason"] == "max_turns" and len(by_id["meh"]["turns"]) == 8
+    turn = by_id["rude"]["turns"][0]
+    assert set(turn) == {"turn", "agent", "emotion", "change", "thought", "user"} and turn["agent"] == RUDE
+    assert turn["change"] < 0 and turn["emotion"] == 40 + turn["change"] and turn["thought"] and turn["user"]
+    # the score is the mean final emotion, recomputed here from the transcripts
+    finals = [t["final_emotion"] for t in transcripts]
+    assert summary["score"] == pytest.approx(sum(finals) / 6)
+    assert summary["success_rate"] == pytest.approx(1 / 3) and summary["failure_rate"] == pytest.approx(1 / 3)
+    assert set(summary) >= {"score", "success_rate", "failure_rate", "mean_turns", "per_seed_scores", "seed_mean",
+                            "seed_std", "config"}
+    assert summary["seed_std"] == 0.0 and summary["config"]["policy_model"] == "fake-empath"
+    assert len(svg.findall(f"{SVG}polyline[@class='dialogue']")) == 6
+    # what the policy saw: our system prompt, then the dialogue from the agent's side, growing per turn
+    system = open(os.path.join(ROOT, "prompts", "policy_system.txt")).read().strip()
+    first = [r for r in FakePolicy.requests if len(r["messages"]) == 2]
+    assert first and all(r["messages"][0] == {"role": "system", "content": system} for r in first)
+    later = max(FakePolicy.requests, key=lambda r: len(r["messages"]))["messages"]
+    assert [m["role"] for m in later[1:]] == ["user", "assistant"] * 7 + ["user"]  # the 8th turn of "meh"
+    assert later[2]["content"] == MEH and later[3]["content"] == by_id["meh"]["turns"][0]["user"]
+    printed = capsys.readouterr().out
+    assert "turn 1/8" in printed and "score" in printed and "rude" in printed  # progress and the table
+
+
+def test_eval_local_tiny_model_sees_what_training_sees(tmp_path, tiny_qwen2):
+    import rlver
+    from model import load_model, load_tokenizer
+
+    out = tmp_path / "eval"
+    benchmark.main(["eval", "--policy", tiny_qwen2, "--limit", "3", "--max-turns", "2", "--max-new-tokens", "12",
+                    "--out", str(out)])
+    transcripts, summary, svg = read_outputs(out)
+    assert len(transcripts) == 3 and len(svg.findall(f"{SVG}polyline[@class='dialogue']")) == 3
+    assert all(1 <= len(t["turns"]) <= 2 for t in transcripts)
+    # eval is rlver.rollout with greedy decoding: the same replies come out of the training loop
+    model, tokenizer = load_model(tiny_qwen2), load_tokenizer(tiny_qwen2)
+    dialogues = rlver.rollout(model, tokenizer, sim.builtin_profiles("test")[:3], sim.RulesBackend(), think=False,
+                              max_turns=2, max_new_tokens=12, temperature=0.0)
+    assert [[t["agent"] for t in d.episode.turns] for d in dialogues] == [[t["agent"] for t in tr["turns"]]
+                                                                          for tr in transcripts]
+    assert summary["score"] == pytest.approx(statistics.mean(d.episode.emotion for d in dialogues))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI: speed table, one-line errors
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmark.py"), *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+
+
+def test_speed_prints_a_table_with_ratios():
+    r = run_cli("speed", "--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--intermediate",
+                "64", "--batch", "2", "--prompt-len", "8", "--new-tokens", "6", "--warmup", "0", "--repeats", "1")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("generation"))
+    assert "tokens/s" in header and "ratio vs model.py" in header
+    rows = {name: next(line for line in lines if line.startswith(name)) for name in
+            ("model.py generate", "transformers generate", "no-cache loop")}
+    assert rows["model.py generate"].split()[-2:] == ["1.00x", "100.0%"]
+    for row in rows.values():  # the same greedy tokens three ways (fp32, identical weights)
+        assert row.split()[-1] == "100.0%" and row.split()[-2].endswith("x") and float(row.split()[-2][:-1]) > 0
+    for phase in ("forward log-probs", "backward", "optimizer step", "total"):
+        assert any(line.startswith(phase) for line in lines)
+
+
+def closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens here once the socket is closed
+
+
+@pytest.mark.parametrize("case", ["missing folder", "folder without config", "unreachable endpoint",
+                                  "malformed profiles"])
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path, case):
+    bad_profiles = tmp_path / "bad.jsonl"
+    bad_profiles.write_text('{"id": "x", "persona": "no scenario"}\n')
+    args, expected = {
+        "missing folder": (["--policy", str(tmp_path / "nope")], "neither a local model folder"),
+        "folder without config": (["--policy", str(tmp_path)], "config.json not found"),
+        "unreachable endpoint": (["--policy", f"http://127.0.0.1:{closed_port()}/v1", "--policy-model", "m"],
+                                 "cannot reach policy endpoint"),
+        "malformed profiles": (["--policy", str(tmp_path), "--profiles", str(bad_profiles)], "missing key"),
+    }[case]
+    r = run_cli("eval", *args, "--out", str(tmp_path / "out"))
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert expected in r.stderr
+    assert not (tmp_path / "out").exists()  # failed before any work
