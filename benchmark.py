@@ -384,7 +384,7 @@ def speed(args, log=print):
         import transformers
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-        hf_model = transformers.AutoModelForCausalLM.from_pretrained(path).to(device=device, dtype=dtype).eval()
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         hf_model.generation_config.eos_token_id = None  # never stop early: every row makes exactly N tokens
     B, P, N = args.batch, args.prompt_len, args.new_tokens
     params = sum(p.numel() for p in model.parameters())
@@ -421,7 +421,9 @@ def speed(args, log=print):
     log("\n".join(lines))
     log("(ratio = tokens/s / model.py tokens/s; same tokens = share of greedy tokens equal to model.py's)")
 
-    del hf_model
+    del hf_model  # free its memory before the training step's gradients and AdamW state
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     phases = training_step_times(model, B, P + N, P, device, args.warmup, args.repeats)
     total = sum(phases.values())
     lines = [f"training step (token_logprobs + policy-gradient loss + AdamW), batch {B} x {P + N} tokens",
@@ -524,7 +526,7 @@ def get_args(argv=None):
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     s.add_argument("--warmup", type=int, default=1)
     s.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported")
-    s.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave torch's default)")
+    s.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default; on a busy CPU, 1 avoids OpenMP stalls)")
     s.add_argument("--peak-bandwidth", type=float, default=3.35e12, help="peak HBM bytes/s (H100 SXM: 3.35e12)")
     s.set_defaults(func=speed)
     return p.parse_args(argv)

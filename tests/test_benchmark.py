@@ -103,7 +103,7 @@ PROFILES = [  # our JSONL layout; the fake policy picks its canned reply by the 
 
 
 class FakePolicy(http.server.BaseHTTPRequestHandler):
-    requests = []  # every chat request received, for the assertions
+    requests, headers_seen = [], []  # every chat request and Authorization header received
 
     def _send(self, body):
         data = json.dumps(body).encode()
@@ -119,6 +119,7 @@ class FakePolicy(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         FakePolicy.requests.append(payload)
+        FakePolicy.headers_seen.append(self.headers.get("Authorization"))
         opening = payload["messages"][1]["content"]
         reply = KIND if "dog" in opening else RUDE if "driving" in opening else MEH
         self._send({"choices": [{"message": {"role": "assistant", "content": reply}}]})
@@ -131,7 +132,7 @@ class FakePolicy(http.server.BaseHTTPRequestHandler):
 def fake_endpoint():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakePolicy)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    FakePolicy.requests = []
+    FakePolicy.requests, FakePolicy.headers_seen = [], []
     yield f"http://127.0.0.1:{server.server_address[1]}/v1"
     server.shutdown()
     server.server_close()
@@ -147,10 +148,12 @@ def read_outputs(out):
     return transcripts, json.load(open(out / "summary.json")), ET.parse(out / "trajectories.svg").getroot()
 
 
-def test_eval_against_fake_endpoint(tmp_path, fake_endpoint, capsys):
+def test_eval_against_fake_endpoint(tmp_path, fake_endpoint, capsys, monkeypatch):
     out = tmp_path / "eval"
+    monkeypatch.setenv("FAKE_POLICY_KEY", "sk-do-not-log-4242")
     benchmark.main(["eval", "--policy", fake_endpoint, "--policy-model", "fake-empath", "--seeds", "0,1",
-                    "--profiles", write_profiles(tmp_path / "p.jsonl"), "--out", str(out)])
+                    "--policy-key-env", "FAKE_POLICY_KEY", "--profiles", write_profiles(tmp_path / "p.jsonl"),
+                    "--out", str(out)])
     transcripts, summary, svg = read_outputs(out)
     assert len(transcripts) == 6  # 3 profiles x 2 seeds
     by_id = {t["profile_id"]: t for t in transcripts if t["seed"] == 1}
@@ -177,6 +180,10 @@ def test_eval_against_fake_endpoint(tmp_path, fake_endpoint, capsys):
     assert later[2]["content"] == MEH and later[3]["content"] == by_id["meh"]["turns"][0]["user"]
     printed = capsys.readouterr().out
     assert "turn 1/8" in printed and "score" in printed and "rude" in printed  # progress and the table
+    # the key went to the server, and nowhere else
+    assert FakePolicy.headers_seen and all(h == "Bearer sk-do-not-log-4242" for h in FakePolicy.headers_seen)
+    written = "".join(open(out / name).read() for name in os.listdir(out))
+    assert "4242" not in printed + written and summary["config"]["policy_key_env"] == "FAKE_POLICY_KEY"
 
 
 def test_eval_local_tiny_model_sees_what_training_sees(tmp_path, tiny_qwen2):
@@ -221,6 +228,26 @@ def test_speed_prints_a_table_with_ratios():
         assert row.split()[-1] == "100.0%" and row.split()[-2].endswith("x") and float(row.split()[-2][:-1]) > 0
     for phase in ("forward log-probs", "backward", "optimizer step", "total"):
         assert any(line.startswith(phase) for line in lines)
+
+
+def test_hbm_percent_counts_weights_once_and_the_kv_cache(tiny_checkpoints):
+    from model import load_model
+
+    for model_type, tied in (("qwen2", True), ("llama", False)):
+        model = load_model(tiny_checkpoints[model_type])
+        c = model.config
+        assert c.tie_word_embeddings == tied
+        matrices = c.num_hidden_layers * (c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads)
+                                          * c.head_dim + c.num_attention_heads * c.head_dim * c.hidden_size
+                                          + 3 * c.hidden_size * c.intermediate_size)
+        norms = c.hidden_size * (2 * c.num_hidden_layers + 1)
+        qkv_bias = c.num_hidden_layers * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+        extra = qkv_bias if model_type == "qwen2" else 0
+        head = c.vocab_size * c.hidden_size  # read by the lm_head each step; the input embedding is not (B rows)
+        weight_bytes = 4 * (matrices + norms + extra + head)
+        kv_bytes = 2 * c.num_hidden_layers * 3 * c.num_key_value_heads * c.head_dim * 4 * (10 + 4.5)  # B 3, P 10, N 10
+        # 10 steps in 1 s at a peak of exactly the bytes of one step per 0.1 s -> 100%
+        assert benchmark.hbm_percent(model, 3, 10, 10, 1.0, (weight_bytes + kv_bytes) / 0.1) == pytest.approx(100.0)
 
 
 def closed_port():
