@@ -106,10 +106,12 @@ def endpoint_dialogues(policy_client, profiles, backend, *, mode, max_turns, thi
             break
         requests = [[{"role": "system", "content": system}] + ep.messages for ep in active]
         try:
-            replies = policy_client(requests)  # one completion text per open dialogue
+            texts = policy_client(requests)  # one completion text per open dialogue
         except sim.SimulatorError as e:
             raise policy_error(e, getattr(policy_client, "url", "?")) from None
-        sim.simulate_turn(active, replies, backend, mode=mode, max_turns=max_turns)  # strips <think> itself
+        # as in rlver.rollout: in think-then-say mode only the part after </think> enters the dialogue
+        replies = [sim.visible_reply(text) if think else text.strip() for text in texts]
+        sim.simulate_turn(active, replies, backend, mode=mode, max_turns=max_turns)
         mean_emotion = statistics.mean(ep.emotion for ep in active)
         log(f"  turn {turn}/{max_turns}: {len(active)} open dialogues, mean emotion {mean_emotion:.1f}, "
             f"{time.time() - start:.1f}s")
@@ -145,10 +147,10 @@ def transcript_record(episode, seed):
                        "thought": t["thought"], "user": t["user"]} for t in episode.turns]}
 
 
-def profile_table(episodes, seeds):
-    """Rows per profile over its seeds: final emotions, mean, mean turns, outcomes."""
+def profile_table(episodes):
+    """One row per profile over its seeds (in play order): final emotions, their mean, mean turns, outcomes."""
     rows = {}
-    for ep, seed in zip(episodes, seeds):
+    for ep in episodes:
         rows.setdefault(ep.profile.id, []).append(ep)
     width = max(12, *(len(pid) for pid in rows))
     lines = [f"{'profile':<{width}}  {'final emotion per seed':<24} {'mean':>6} {'turns':>6}  outcomes"]
@@ -229,7 +231,7 @@ def report(episodes, out_dir=None, *, seeds=None, title="", config=None, max_tur
     summary["seed_mean"], summary["seed_std"] = seed_spread(per_seed)
     summary["parse_failures"] = sum(ep.parse_failures for ep in episodes)
     summary["config"] = config or {}
-    log(profile_table(episodes, seeds))
+    log(profile_table(episodes))
     headline = (f"score {summary['score']:.1f} (seeds: {summary['seed_mean']:.1f} ± {summary['seed_std']:.1f}) | "
                 f"success {summary['success_rate']:.0%} | failure {summary['failure_rate']:.0%} | "
                 f"mean turns {summary['mean_turns']:.2f} | {len(episodes)} dialogues")
