@@ -353,7 +353,10 @@ def sample(logits, temperature, top_p, generator):
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     # Sampling as argmax(p / Exp(1)) draws from p (exponential race) and needs no host sync.
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    if isinstance(generator, (list, tuple)):  # one generator per row: a row's sample does not depend on
+        noise = torch.stack([torch.empty_like(probs[0]).exponential_(1.0, generator=g) for g in generator])
+    else:  # which other rows share its batch (reproducible across data-parallel layouts and resumes)
+        noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
     tokens = (probs / noise).argmax(-1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
@@ -365,6 +368,7 @@ def generate(model, prompts, max_new_tokens, eos_ids, temperature=1.0, top_p=1.0
     Batched sampling for prompts of different lengths.
       prompts: list of B token-id lists. Returns (new_ids, logprobs): per row the sampled ids up to and
       including the first EOS (or max_new_tokens of them), and each id's log-prob (see sample()).
+      generator: a torch.Generator, or a list of B of them (one random stream per row).
     Layout: prompts are left-padded to length P so every row's next token lands in the same cache slot
     P + t; RoPE positions count only real tokens, and the mask hides the padding slots.
     """

@@ -163,3 +163,15 @@ def test_clear_errors_for_bad_checkpoints(tmp_path, tiny_qwen2):
     os.symlink(os.path.join(tiny_qwen2, "model.safetensors"), empty / "model.safetensors")
     with pytest.raises(CheckpointError, match="missing"):
         load_model(str(empty))
+
+
+def test_per_row_generators_make_a_row_independent_of_its_batch(tiny_qwen2):
+    """With one generator per row, a dialogue samples the same tokens alone or inside a bigger batch."""
+    model, tokenizer = load_model(tiny_qwen2), load_tokenizer(tiny_qwen2)
+    _, prompts = prompts_for(tokenizer)
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
+    together = generate(model, prompts, 16, [tokenizer.eos_token_id], generator=gens([7, 8, 9]))[0]
+    alone = generate(model, prompts[2:], 16, [tokenizer.eos_token_id], generator=gens([9]))[0]
+    assert together[2] == alone[0]
+    shared = generate(model, prompts, 16, [tokenizer.eos_token_id], generator=torch.Generator().manual_seed(9))[0]
+    assert shared[0] != together[0] or shared[1] != together[1]  # a shared stream couples the rows
