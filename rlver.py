@@ -204,15 +204,23 @@ def build_model(args, cfg, device, trainable, critic=False):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     dtype = torch.float32 if device.type == "cpu" or args.dtype == "float32" or not args.no_fsdp else torch.bfloat16
+    if args.no_fsdp:  # a plain module: load it directly (keeps a tied embedding/head tied)
+        module = lm.load_model(args.model, device, dtype)
+        if critic:
+            torch.manual_seed(args.seed)
+            module = ppo.Critic(module)
+        policy = module.backbone if critic else module
+        policy.gradient_checkpointing = args.activation_checkpointing and trainable
+        module.requires_grad_(trainable)
+        return module if trainable else module.eval()
     with torch.device("meta"):
         module = lm.Transformer(cfg)
         if critic:
             module = ppo.Critic(module)
     policy = module.backbone if critic else module
-    if not args.no_fsdp:
-        shard(module, policy.model.layers, device, args)
+    shard(module, policy.model.layers, device, args)
     module.to_empty(device=device)
-    state = lm.load_state_dict(args.model, dtype=dtype) if dist.get_rank() == 0 or args.no_fsdp else {}
+    state = lm.load_state_dict(args.model, dtype=dtype) if dist.get_rank() == 0 else {}
     if state and cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     if critic:
@@ -223,8 +231,7 @@ def build_model(args, cfg, device, trainable, critic=False):
         torch.nn.init.zeros_(head.bias)
         if state:
             state.update({"value_head.weight": head.weight.data, "value_head.bias": head.bias.data})
-    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True,
-                                                                 broadcast_from_rank0=not args.no_fsdp))
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     policy.reset_rope(device)
     policy.gradient_checkpointing = args.activation_checkpointing and trainable
     module.requires_grad_(trainable)
@@ -516,10 +523,16 @@ def train_step(run, args, profiles, backend, tokenizer, eos_ids, step):
                                           args.kl_coef if "ref_logprobs" in batch else 0.0)
         advantages, batch["returns"] = ppo.compute_gae(token_rewards, batch["old_values"], mask, args.gamma, args.lam)
         batch["advantages"] = global_whiten(advantages, mask)
+    kl_to_ref = None
+    if "ref_logprobs" in batch:  # k1 estimate of KL(pi_old || pi_ref) over the global batch's policy tokens
+        kl_to_ref = all_reduce(((batch["old_logprobs"] - batch["ref_logprobs"]) * mask).sum()) / max(
+            all_reduce(mask.sum()), 1)
 
     # 5. update
     metrics = update(run, batch, args)
     t_update = time.time() - t0
+    if kl_to_ref is not None:
+        metrics["kl_ref"] = kl_to_ref
 
     # metrics over the global batch
     episodes = [d.episode for d in dialogues]
@@ -626,7 +639,7 @@ def load_checkpoint(run, path):
 def log_line(m, total_steps):
     return (f"step {m['step']}/{total_steps} | reward {m['reward']:.3f} ± {m['reward_std']:.3f} | "
             f"success {m['success']:.2f} fail {m['failure']:.2f} | turns {m['turns']:.1f} | "
-            f"kl {m.get('kl', m.get('approx_kl', 0.0)):.4f} clip {m.get('clip_frac', 0.0):.3f} "
+            f"kl {m.get('kl_ref', 0.0):.4f} clip {m.get('clip_frac', 0.0):.3f} "
             f"ent {m.get('entropy', 0.0):.2f} | len {m['policy_tokens']:.0f} | "
             f"rollout {m['time_rollout']:.1f}s (sim {m['time_simulator']:.1f}s) update {m['time_update']:.1f}s | "
             f"{m['gen_tokens_per_s']:.0f} tok/s")
