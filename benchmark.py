@@ -399,29 +399,34 @@ def speed(args, log=print):
 
     runs = {  # name -> a function returning the new token ids per row (all equal-length prompts: no padding)
         "model.py generate": lambda: generate(model, prompts, N, eos_ids=[-1], temperature=0)[0],  # -1: no EOS
+        "model.py + compile": lambda: generate(model, prompts, N, eos_ids=[-1], temperature=0, compile=True)[0],
         "transformers generate": lambda: hf_model.generate(
             input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=N, min_new_tokens=N,
             do_sample=False, pad_token_id=0)[:, P:].tolist(),
         "no-cache loop": lambda: no_cache_generate(model, prompt_ids, N),
     }
+    if not args.compile:
+        del runs["model.py + compile"]
     results = {}
     for name, fn in runs.items():
         with torch.no_grad():
             results[name] = median_time(fn, device, args.warmup, args.repeats)
         log(f"  {name}: {results[name][0]:.3f}s")
-    base_seconds, base_ids = results["model.py generate"]
-    header = f"{'generation':<22} {'seconds':>8} {'tokens/s':>10} {'ratio vs model.py':>18} {'same tokens':>12}"
+    base_ids = results["model.py generate"][1]
+    hf_seconds = results["transformers generate"][0]
+    header = f"{'generation':<22} {'seconds':>8} {'tokens/s':>10} {'vs transformers':>16} {'same tokens':>12}"
     if device.type == "cuda":
         header += f" {'HBM % of peak':>14}"
     lines = [header]
     for name, (seconds, ids) in results.items():
         same = sum(a == b for row, base in zip(ids, base_ids) for a, b in zip(row, base)) / (B * N)
-        line = f"{name:<22} {seconds:>8.3f} {B * N / seconds:>10.1f} {base_seconds / seconds:>17.2f}x {same:>12.1%}"
+        line = f"{name:<22} {seconds:>8.3f} {B * N / seconds:>10.1f} {hf_seconds / seconds:>15.2f}x {same:>12.1%}"
         if device.type == "cuda" and name != "no-cache loop":
             line += f" {hbm_percent(model, B, P, N, seconds, args.peak_bandwidth):>13.1f}%"
         lines.append(line)
     log("\n".join(lines))
-    log("(ratio = tokens/s / model.py tokens/s; same tokens = share of greedy tokens equal to model.py's)")
+    log("(vs transformers = tokens/s / transformers' tokens/s, measured in this run; same tokens = share of "
+        "greedy tokens equal to model.py's; compile: the first, untimed warm-up call compiles)")
 
     del hf_model  # free its memory before the training step's gradients and AdamW state
     if device.type == "cuda":
@@ -526,6 +531,8 @@ def get_args(argv=None):
     s.add_argument("--new-tokens", type=int, default=128)
     s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time model.generate(compile=True) (torch.compile of the decode step)")
     s.add_argument("--warmup", type=int, default=1)
     s.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported")
     s.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default; on a busy CPU, 1 avoids OpenMP stalls)")

@@ -23,6 +23,7 @@ Every module and parameter is named exactly as in the HF checkpoint (model.layer
 import json
 import math
 import os
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -116,10 +117,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op (fp32 math inside)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -352,23 +350,37 @@ def sample(logits, temperature, top_p, generator):
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep tokens until the mass reaches top_p
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    # Sampling as argmax(p / Exp(1)) draws from p (exponential race) and needs no host sync.
+    # Sampling as argmax(p / E) with E ~ Exp(1) draws from p (the exponential race, equivalent to the
+    # Gumbel-max trick) and needs no host sync. E = -log(U), U ~ Uniform[0, 1).
     if isinstance(generator, (list, tuple)):  # one generator per row: a row's sample does not depend on
-        noise = torch.stack([torch.empty_like(probs[0]).exponential_(1.0, generator=g) for g in generator])
+        uniform = torch.stack([torch.rand(probs.shape[-1], device=probs.device, generator=g) for g in generator])
     else:  # which other rows share its batch (reproducible across data-parallel layouts and resumes)
-        noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    tokens = (probs / noise).argmax(-1)
+        uniform = torch.rand(probs.shape, device=probs.device, generator=generator)
+    tokens = (probs / -uniform.log()).argmax(-1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+_COMPILED = weakref.WeakKeyDictionary()  # model -> its torch.compile'd forward, for the decode step
+
+
+def compiled(model):
+    """torch.compile of the model for one-token decode steps (static shapes: a fixed (B, S) cache). On CUDA,
+    mode="reduce-overhead" captures the step in a CUDA graph: one launch per token instead of hundreds."""
+    if model not in _COMPILED:
+        mode = "reduce-overhead" if model.inv_freq.device.type == "cuda" else None
+        _COMPILED[model] = torch.compile(model, mode=mode, dynamic=False)
+    return _COMPILED[model]
 
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, eos_ids, temperature=1.0, top_p=1.0, generator=None, pad_id=0,
-             sync_every=8):
+             sync_every=8, compile=False):
     """
     Batched sampling for prompts of different lengths.
       prompts: list of B token-id lists. Returns (new_ids, logprobs): per row the sampled ids up to and
       including the first EOS (or max_new_tokens of them), and each id's log-prob (see sample()).
       generator: a torch.Generator, or a list of B of them (one random stream per row).
+      compile: run the decode step through torch.compile (first call per shape compiles: slow once).
     Layout: prompts are left-padded to length P so every row's next token lands in the same cache slot
     P + t; RoPE positions count only real tokens, and the mask hides the padding slots.
     """
@@ -383,14 +395,15 @@ def generate(model, prompts, max_new_tokens, eos_ids, temperature=1.0, top_p=1.0
         real[i, P - len(p):] = True  # the prompt, then every generated slot
     ids, real = ids.to(device), real.to(device)
     positions = (real[:, :P].long().cumsum(-1) - 1).clamp(min=0)  # (B, P)
+    slots = torch.arange(S, device=device)  # cache slot numbers, (S,)
     # Prefill mask (B, 1, P, P): causal and real keys only; each slot may also see itself, so padding rows
     # never softmax over an empty set (that would make NaNs that leak through the cache).
     causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
     mask = (causal & real[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)
     cache = KVCache(model.config, B, S, device, dtype)
-    logits = model(ids, positions=positions, mask=mask[:, None], cache=cache,
-                   cache_index=torch.arange(P, device=device))  # (B, V)
+    logits = model(ids, positions=positions, mask=mask[:, None], cache=cache, cache_index=slots[:P])  # (B, V)
 
+    decode = compiled(model) if compile else model
     eos = torch.tensor(list(eos_ids), device=device)
     next_pos = positions[:, -1] + 1  # (B,)
     out_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -404,8 +417,12 @@ def generate(model, prompts, max_new_tokens, eos_ids, temperature=1.0, top_p=1.0
         if t == max_new_tokens - 1 or (t % sync_every == sync_every - 1 and bool(done.all())):
             break  # (checking `done` costs a host sync, so only every `sync_every` tokens)
         slot = P + t  # decode: one token per row, written at cache slot P + t; attend to slots [0, P + t]
-        logits = model(tokens[:, None], positions=next_pos[:, None], mask=real[:, None, None, :slot + 1],
-                       cache=cache, cache_index=torch.tensor([slot], device=device))
+        if compile:  # static shapes: attend over all S slots, the ones not written yet masked out
+            step_mask = (real & (slots <= slot))[:, None, None, :]  # (B, 1, 1, S)
+        else:  # eager: attend over just the slots written so far
+            step_mask = real[:, None, None, :slot + 1]  # (B, 1, 1, slot + 1)
+        logits = decode(tokens[:, None], positions=next_pos[:, None], mask=step_mask, cache=cache,
+                        cache_index=slots[slot:slot + 1])
         next_pos = next_pos + 1
 
     out_ids, out_logprobs, eos = out_ids.tolist(), out_logprobs.tolist(), set(eos_ids)
