@@ -420,6 +420,9 @@ def optimizer_step(model, optimizer, grad_clip):
     return norm.item()
 
 
+SUMMED = ("loss", "policy_loss", "value_loss")  # micro-batch losses scaled by the global count (sum, not average)
+
+
 def update(run, batch, args):
     """Several epochs of clipped-surrogate updates over this step's rollouts (and critic updates for PPO)."""
     ids, mask, lengths = batch["ids"], batch["mask"], batch["lengths"]
@@ -457,8 +460,8 @@ def update(run, batch, args):
                     vloss.backward()
                     metrics.update(vmetrics)
                     metrics["loss"] = loss.detach()
-                for k, v in metrics.items():  # token-weighted sums, averaged over the step below
-                    w = mb["mask"].sum().item()
+                for k, v in metrics.items():  # token-weighted sums, averaged over the step below; the losses are
+                    w = 1.0 if k in SUMMED else mb["mask"].sum().item()  # already / N_global: they just add up
                     stats[k] = stats.get(k, 0.0) + float(v) * w
                 stats["_weight"] = stats.get("_weight", 0.0) + mb["mask"].sum().item()
                 stats["loss_total"] = stats.get("loss_total", 0.0) + loss.item()
@@ -470,8 +473,8 @@ def update(run, batch, args):
             run[sched].step()
     weight = all_reduce(stats.pop("_weight"))
     n_updates = args.epochs * args.mini_batches
-    out = {k: all_reduce(v) / max(weight, 1) for k, v in stats.items() if k not in ("grad_norm", "critic_grad_norm",
-                                                                                    "loss_total")}
+    out = {k: all_reduce(v) / (world * n_updates if k in SUMMED else max(weight, 1)) for k, v in stats.items()
+           if k not in ("grad_norm", "critic_grad_norm", "loss_total")}
     out["loss"] = all_reduce(stats["loss_total"]) / world / n_updates  # global loss, mean over optimizer steps
     for k in ("grad_norm", "critic_grad_norm"):
         if k in stats:
