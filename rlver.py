@@ -356,7 +356,9 @@ def rollout(model, tokenizer, profiles, backend, *, think=True, max_turns=8, max
         timing["simulator"] = timing.get("simulator", 0.0) + time.time() - t0
         for d, ids, user_text in zip(active, new_ids, user_texts):
             if user_text is not None:  # None: the simulator ended this dialogue (emotion 0 or 100, or max turns)
-                turn = user_turn_ids(tokenizer, user_text, ended_with_eos=bool(ids) and ids[-1] in eos_ids)
+                # only the template's own end-of-turn token stands in for it (not e.g. Qwen's <|endoftext|> stop)
+                ended = bool(ids) and ids[-1] == tokenizer.eos_token_id
+                turn = user_turn_ids(tokenizer, user_text, ended_with_eos=ended)
                 d.ids += turn
                 d.policy_mask += [False] * len(turn)
     return dialogues
