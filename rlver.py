@@ -106,7 +106,7 @@ def get_args(argv=None):
 
 DEMO = dict(  # `python rlver.py` with no --model: everything small enough for a laptop CPU
     steps=30, profiles_per_step=8, max_turns=3, max_new_tokens=24, micro_batch=16, lr=1e-2, critic_lr=1e-2, warmup_steps=0,
-    out="runs/demo", save_every=10, think=False)
+    out="runs/demo", save_every=10, think=False, eval_every=15, eval_profiles=8)
 
 
 class ConfigError(ValueError):
@@ -799,6 +799,13 @@ def train(args, argv=None):
                 print(f"rlver: saved {path}", flush=True)
         if stop_now:
             break
+    if rank == 0:
+        rewards = [json.loads(line)["reward"] for line in open(metrics_path)]
+        k = max(1, min(5, len(rewards) // 2))
+        print(f"rlver: done. mean reward over the first {k} steps {sum(rewards[:k]) / k:.3f}, over the last {k} "
+              f"{sum(rewards[-k:]) / k:.3f}. Metrics: {metrics_path}; transcripts: "
+              f"{os.path.join(args.out, 'samples.jsonl')}; model (HF layout): {checkpoint_dirs(args.out)[-1]}/hf",
+              flush=True)
     return step + 1
 
 
