@@ -239,21 +239,30 @@ def build_model(args, cfg, device, trainable, critic=False):
 
 
 class generation_mode:
-    """Unshard the policy once for the whole rollout phase (instead of an all-gather per decoded token)."""
+    """
+    Unshard the policy once for the whole rollout phase instead of all-gathering every layer for every
+    decoded token. All ranks all-gather together on entry; after that a forward needs no collective, so
+    ranks may run different numbers of decode steps (their dialogues end at different turns).
+    """
 
     def __init__(self, model):
+        from torch.distributed.fsdp import FSDPModule
+
         self.model = model
-        self.fsdp = hasattr(model, "set_reshard_after_forward")
+        self.fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
 
     def __enter__(self):
-        if self.fsdp:
+        for m in self.fsdp_modules:
+            m.unshard()  # (not recursive: every block and the root)
+        if self.fsdp_modules:
             self.model.set_reshard_after_forward(False)
         self.model.eval()
 
     def __exit__(self, *exc):
-        if self.fsdp:
-            self.model.reshard()
+        if self.fsdp_modules:
             self.model.set_reshard_after_forward(True)
+        for m in self.fsdp_modules:
+            m.reshard()
         self.model.train()
 
 
@@ -681,7 +690,7 @@ def evaluate_policy(run, args, backend, tokenizer, eos_ids, test_profiles, step)
 
     rank, world = dist.get_rank(), dist.get_world_size()
     profiles = test_profiles[:args.eval_profiles]
-    mine = profiles[rank::world]
+    mine = profiles[rank * len(profiles) // world:(rank + 1) * len(profiles) // world]  # contiguous: keeps order
     with generation_mode(run["policy"]):
         dialogues = rollout(run["policy"], tokenizer, mine, backend, think=args.think, max_turns=args.max_turns,
                             max_new_tokens=args.max_new_tokens, temperature=0.0, mode=args.mode,
@@ -718,6 +727,10 @@ def setup(args, argv):
     if args.model is None:
         apply_demo_defaults(args, argv)
     rank, world, device = setup_distributed()
+    from torch.distributed.fsdp import FSDPModule
+    if not args.no_fsdp and not hasattr(FSDPModule, "set_reshard_after_forward"):
+        raise ConfigError(f"torch {torch.__version__} lacks FSDPModule.set_reshard_after_forward, which the "
+                          "rollout phase needs: install torch>=2.7, or run one process with --no-fsdp")
     if args.model == os.path.join(args.out, "tiny-qwen2") and not os.path.isdir(args.model):
         if rank == 0:
             print(f"rlver: demo mode: making a tiny random model in {args.model}", flush=True)
