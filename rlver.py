@@ -325,21 +325,23 @@ def start_dialogue(profile, tokenizer, think, generator=None):
 
 
 def rollout(model, tokenizer, profiles, backend, *, think=True, max_turns=8, max_new_tokens=256, temperature=1.0,
-            top_p=1.0, mode="vanilla", generator=None, seeds=None, max_context=4096, eos_ids=None, timing=None):
+            top_p=1.0, mode="vanilla", generator=None, seeds=None, max_context=4096, eos_ids=None, timing=None,
+            log=None, slow_turn_s=10.0):
     """
     Run one dialogue per profile to the end, all in lockstep. Each turn:
       policy:    generate a reply for every open dialogue at once (prefill the whole conversation, decode)
       simulator: one batched request; it updates each user's emotion and answers (or ends the dialogue)
       carry:     append the sampled ids (policy_mask True) and the template ids of the user's answer (False)
     seeds: one random seed per dialogue (reproducible whatever the batch); else the shared `generator`.
-    temperature 0 decodes greedily (evaluation). Returns the list of Dialogues.
+    temperature 0 decodes greedily (evaluation). log: called with a progress line after each turn that took
+    longer than slow_turn_s seconds (real models), silent for quick turns. Returns the list of Dialogues.
     """
     timing = timing if timing is not None else {}
     eos_ids = eos_ids or stop_token_ids(tokenizer)
     device = model.inv_freq.device if hasattr(model, "inv_freq") else torch.device("cpu")
     gens = [torch.Generator(device).manual_seed(s) for s in seeds] if seeds is not None else [None] * len(profiles)
     dialogues = [start_dialogue(p, tokenizer, think, g) for p, g in zip(profiles, gens)]
-    for _ in range(max_turns):
+    for turn_number in range(1, max_turns + 1):
         for d in dialogues:
             if not d.episode.done and len(d.ids) + max_new_tokens > max_context:
                 d.truncated = d.episode.done = True  # the reward is the emotion reached so far
@@ -347,7 +349,7 @@ def rollout(model, tokenizer, profiles, backend, *, think=True, max_turns=8, max
         active = [d for d in dialogues if not d.episode.done]
         if not active:
             break
-        t0 = time.time()
+        t0 = turn_start = time.time()
         new_ids, _ = lm.generate(model, [d.ids for d in active], max_new_tokens, eos_ids, temperature=temperature,
                                  top_p=top_p, generator=[d.generator for d in active] if seeds is not None else generator,
                                  pad_id=tokenizer.pad_token_id)
@@ -363,6 +365,9 @@ def rollout(model, tokenizer, profiles, backend, *, think=True, max_turns=8, max
         t0 = time.time()
         user_texts = sim.simulate_turn([d.episode for d in active], replies, backend, mode=mode, max_turns=max_turns)
         timing["simulator"] = timing.get("simulator", 0.0) + time.time() - t0
+        if log and time.time() - turn_start > slow_turn_s:
+            log(f"  turn {turn_number}/{max_turns}: {len(active)} open dialogues, {sum(map(len, new_ids))} tokens "
+                f"generated, policy {t0 - turn_start:.1f}s, simulator {time.time() - t0:.1f}s")
         for d, ids, user_text in zip(active, new_ids, user_texts):
             if user_text is not None:  # None: the simulator ended this dialogue (emotion 0 or 100, or max turns)
                 # only the template's own end-of-turn token stands in for it (not e.g. Qwen's <|endoftext|> stop)
@@ -512,7 +517,8 @@ def train_step(run, args, profiles, backend, tokenizer, eos_ids, step):
         dialogues = rollout(run["policy"], tokenizer, batch_profiles, backend, think=args.think,
                             max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_p=args.top_p, mode=args.mode, seeds=seeds,
-                            max_context=args.max_context, eos_ids=eos_ids, timing=timing)
+                            max_context=args.max_context, eos_ids=eos_ids, timing=timing,
+                            log=(lambda line: print(line, flush=True)) if rank == 0 else None)
     t_rollout = time.time() - t0
 
     # 2. rewards: final emotion / 100 (the verifiable emotion reward)
