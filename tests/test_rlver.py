@@ -1,0 +1,543 @@
+"""rlver.py, the training driver, end to end through its real CLI (subprocesses, no mocks):
+
+  learning     GRPO and PPO under torchrun (2 CPU processes, FSDP2) raise the mean reward on the rules simulator
+  resume       SIGKILL after a checkpoint, or SIGTERM mid-run, then --resume: the same metrics as an unbroken run
+  FSDP == 1    `torchrun --nproc_per_node 2` and `python rlver.py --no-fsdp` agree on the first step's metrics
+  checkpoint   <ckpt>/hf loads in transformers with the same logits as model.load_model, and training moved it
+  errors       bad flags and paths: exit code 2 and one "rlver: error:" line, before any model is loaded
+  token carry  rlver.rollout (in-process): the carried ids are the chat template of the dialogue, and the
+               policy mask selects exactly the sampled tokens
+  demo         `python rlver.py` with no --model makes a tiny model and trains
+
+Expensive runs are module-scoped fixtures shared by the assertions that read them. Budget: ~2 minutes on a
+2-core CPU box (every subprocess runs with OMP_NUM_THREADS=1 so two torchrun ranks do not oversubscribe).
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import model as lm
+import rlver
+import simulator as sim
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RLVER = os.path.join(ROOT, "rlver.py")
+TIMEOUT = 300  # seconds per subprocess: generous for a loaded CI box; a hang fails instead of blocking
+
+# Settings that learn within a few steps on the tiny random model (hidden 64, 2 layers) against the rules
+# simulator: 3 turns of up to 24 tokens, 8 profiles x 4 rollouts per step, a toy-sized learning rate.
+# Every profile starts at emotion 50 (the flat_profiles fixture): the built-in profiles start at 20..60, and
+# which of them a step draws would move the step's mean reward by more than the first steps of learning do.
+LEARN = ["--profiles-per-step", "8", "--group-size", "4", "--max-turns", "3", "--max-new-tokens", "24",
+         "--micro-batch", "16", "--no-think", "--save-every", "100"]
+GRPO_LEARN = ["--algo", "grpo", "--lr", "5e-2", "--steps", "10", "--eval-every", "5", "--eval-profiles", "5"]
+# PPO learns more slowly: its critic starts random, so early advantages are mostly noise. Four optimizer
+# steps per rollout batch (--mini-batches 4, same compute as one) and a critic as fast as the policy help.
+PPO_LEARN = ["--algo", "ppo", "--lr", "2e-2", "--critic-lr", "2e-2", "--mini-batches", "4", "--steps", "16"]
+
+# Small and fast: the resume runs and the PPO FSDP comparison.
+SMALL = ["--profiles-per-step", "4", "--max-turns", "2", "--max-new-tokens", "16", "--no-think"]
+
+# Metrics that depend on wall-clock time, not on the computation.
+TIMING = {"time_rollout", "time_generate", "time_simulator", "time_update", "gen_tokens_per_s"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def cli_env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)  # a test runner inside torchrun must not make our subprocesses join its group
+    return env
+
+
+def command(args, nproc=None):
+    if nproc:  # = `torchrun --standalone --nproc_per_node N rlver.py ...`; --standalone picks a free port
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                RLVER, *args]
+    return [sys.executable, RLVER, *args]
+
+
+def run_cli(args, nproc=None, check=True, timeout=TIMEOUT):
+    p = subprocess.run(command(args, nproc), cwd=ROOT, env=cli_env(), capture_output=True, text=True,
+                       timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"rlver.py {' '.join(args)} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}"
+                             f"\n--- stderr\n{p.stderr[-4000:]}")
+    return p
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def checkpoints(out):
+    return [int(os.path.basename(p).split("_")[1]) for p in rlver.checkpoint_dirs(str(out))]
+
+
+def assert_same_metrics(got, want, keys=None, rel=0.0, abs_=0.0, what=""):
+    """Every (non-timing) metric of `got` equals `want`'s, to rel/abs tolerance; lists of steps or one step."""
+    got, want = (got, want) if isinstance(got, list) else ([got], [want])
+    assert [m["step"] for m in got] == [m["step"] for m in want], what
+    for g, w in zip(got, want):
+        ks = keys or sorted(set(w) - TIMING)
+        assert set(ks) <= set(g), f"{what}: metrics missing {set(ks) - set(g)}"
+        bad = {k: (g[k], w[k]) for k in ks if g[k] != pytest.approx(w[k], rel=rel, abs=abs_)}
+        assert not bad, f"{what}: step {w['step']}: metrics differ (got, want): {bad}"
+
+
+def wait_for(predicate, proc, timeout=TIMEOUT, poll=0.02):
+    t0 = time.time()
+    while not predicate():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"rlver.py exited {proc.returncode} before the test could interrupt it\n"
+                                 f"{out[-3000:]}\n{err[-3000:]}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("timed out waiting for the run to reach the interruption point")
+        time.sleep(poll)
+
+
+def n_lines(path):
+    try:
+        with open(path) as f:
+            return sum(1 for line in f if line.endswith("\n"))
+    except FileNotFoundError:
+        return 0
+
+
+@pytest.fixture
+def one_thread():
+    """In-process torch work on one thread: with 2 threads on a 2-core box that is busy with our subprocesses
+    (or anything else) every op waits for a descheduled worker thread, ~5x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def flat_profiles(tmp_path_factory):
+    """The built-in training profiles with every initial_emotion set to 50 (see LEARN)."""
+    path = tmp_path_factory.mktemp("profiles") / "flat.jsonl"
+    with open(os.path.join(ROOT, "prompts", "profiles_train.jsonl")) as src, open(path, "w") as dst:
+        for line in src:
+            if line.strip():
+                dst.write(json.dumps({**json.loads(line), "initial_emotion": 50}) + "\n")
+    assert {p.initial_emotion for p in sim.load_profiles(path)} == {50}
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1-2. Learning under torchrun (2 processes, FSDP2 on CPU/gloo)
+
+
+@pytest.fixture(scope="module")
+def grpo_fsdp(tiny_qwen2, flat_profiles, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("grpo_fsdp"))
+    run_cli(["--model", tiny_qwen2, "--out", out, "--train-profiles", flat_profiles, *LEARN, *GRPO_LEARN], nproc=2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ppo_fsdp(tiny_qwen2, flat_profiles, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ppo_fsdp"))
+    run_cli(["--model", tiny_qwen2, "--out", out, "--train-profiles", flat_profiles, *LEARN, *PPO_LEARN], nproc=2)
+    return out
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def test_grpo_torchrun_reward_rises(grpo_fsdp):
+    m = metrics(grpo_fsdp)
+    assert [x["step"] for x in m] == list(range(1, 11))
+    rewards = [x["reward"] for x in m]
+    # Observed (seeds 0-3): steps 1-3 average 0.505-0.51 (every user starts at 50 and a random policy barely
+    # moves them; the step mean's noise is ~0.005), steps 8-10 average 0.64-0.69. A margin of 0.08 leaves
+    # room for different float rounding on other CPUs; a run that does not learn stays at ~0.51.
+    assert mean(rewards[-3:]) > mean(rewards[:3]) + 0.08, rewards
+    assert m[-1]["kl_ref"] > 0 and m[0]["kl_ref"] == pytest.approx(0.0, abs=1e-6)  # moved away from the reference
+    assert 10 in checkpoints(grpo_fsdp)  # the final step is always saved
+    with open(os.path.join(grpo_fsdp, "config.json")) as f:
+        config = json.load(f)
+    assert config["world_size"] == 2 and config["algo"] == "grpo" and config["group_size"] == 4
+
+
+def test_torchrun_periodic_eval_plays_every_test_profile_in_order(grpo_fsdp):
+    # --eval-every 5 --eval-profiles 5: the ranks play 2 and 3 of the test profiles greedily, rank 0 reports
+    test_ids = [p.id for p in sim.builtin_profiles("test")[:5]]
+    for step in (5, 10):
+        with open(os.path.join(grpo_fsdp, "eval", f"step_{step}", "transcripts.jsonl")) as f:
+            assert [json.loads(line)["profile_id"] for line in f] == test_ids, f"eval at step {step}"
+
+
+def test_ppo_torchrun_reward_rises(ppo_fsdp):
+    m = metrics(ppo_fsdp)
+    assert [x["step"] for x in m] == list(range(1, 17))
+    rewards = [x["reward"] for x in m]
+    # Observed (seeds 0-3): steps 1-4 average 0.51, steps 13-16 average 0.58-0.64 (gap 0.068-0.127); without
+    # learning the two windows agree to ~0.01.
+    assert mean(rewards[-4:]) > mean(rewards[:4]) + 0.04, rewards
+    # the critic learns the returns: its squared error falls well below where the random value head began
+    assert mean([x["value_error"] for x in m[-4:]]) < 0.5 * m[0]["value_error"], [x["value_error"] for x in m]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. FSDP over 2 processes == one process without FSDP (first step)
+#
+# They must agree, up to float summation order: rollouts are seeded per (seed, step, global dialogue index)
+# and model.generate draws each row from its own generator, so the two layouts sample the same dialogues;
+# GRPO groups never straddle ranks; PPO whitens advantages with all-reduced moments; every loss is
+# normalised by the GLOBAL token count (all-reduced, / world because FSDP averages gradients over ranks),
+# so sum-over-ranks-and-micro-batches of the gradients is the single-process gradient, however the batch
+# is cut (the single process runs 2 micro-batches where each rank runs 1 here). The update is one AdamW
+# step on the same gradient, so the second step's rollouts match too (checked for GRPO).
+#
+# Not compared: statistics that are per-micro-batch means by construction (adv_std/min/max,
+# explained_var, ratio_mean/approx_kl that are 1/0 up to padding-layout rounding) and timings.
+COMPARED = ["reward", "reward_std", "turns", "policy_tokens", "seq_len", "loss", "policy_loss", "entropy",
+            "kl_ref", "grad_norm", "clip_frac", "lr"]
+PPO_COMPARED = COMPARED + ["value_loss", "value_error", "values_mean", "returns_mean", "critic_grad_norm"]
+
+
+def test_grpo_fsdp_equals_single_process(grpo_fsdp, tiny_qwen2, flat_profiles, tmp_path):
+    out = str(tmp_path / "single")
+    args = ["--model", tiny_qwen2, "--train-profiles", flat_profiles, *LEARN, *GRPO_LEARN]
+    run_cli([*args, "--out", out, "--no-fsdp", "--steps", "2"])  # later flags win: 2 steps, not 10
+    single, fsdp = metrics(out), metrics(grpo_fsdp)[:2]
+    assert abs(fsdp[0]["loss"]) > 1e-3  # a real value to compare (token-mean of group advantages != 0)
+    assert_same_metrics(single[0], fsdp[0], COMPARED + ["kl"], rel=1e-5, abs_=1e-7, what="grpo --no-fsdp vs torchrun")
+    # Step 2 starts from one AdamW step, whose first update is ~lr * sign(gradient): gradient entries that are
+    # ~0 turn their rounding noise into visible weight differences (observed up to ~1e-5 relative in step 2).
+    assert_same_metrics(single[1], fsdp[1], COMPARED + ["kl"], rel=1e-4, abs_=1e-6, what="grpo step 2")
+
+
+def test_ppo_fsdp_equals_single_process(tiny_qwen2, flat_profiles, tmp_path):
+    # per rank 8 dialogues = 1 micro-batch of 8; the single process cuts its 16 into 2 micro-batches
+    args = ["--model", tiny_qwen2, "--train-profiles", flat_profiles, *SMALL, "--algo", "ppo", "--group-size", "4",
+            "--micro-batch", "8", "--lr", "1e-2", "--critic-lr", "1e-2", "--steps", "1"]
+    run_cli([*args, "--out", str(tmp_path / "fsdp")], nproc=2)
+    run_cli([*args, "--out", str(tmp_path / "single"), "--no-fsdp"])
+    fsdp, single = metrics(tmp_path / "fsdp"), metrics(tmp_path / "single")
+    # PPO's first-step policy loss is -mean(whitened advantages) = 0 up to rounding, hence abs=1e-6 for it;
+    # the value loss (~0.1) and the gradient norms carry the comparison.
+    assert fsdp[0]["value_loss"] > 1e-3 and fsdp[0]["grad_norm"] > 1e-3
+    assert_same_metrics(single, fsdp, PPO_COMPARED, rel=1e-5, abs_=1e-6, what="ppo: --no-fsdp vs torchrun")
+    assert single[0]["policy_loss"] == pytest.approx(single[0]["loss"], abs=1e-9)  # PPO's loss IS the policy loss
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. Kill and resume (single process, PPO: policy + critic, two optimizers, two LR schedules)
+
+# 8 dialogues per step in 2 micro-batches per optimizer step, 2 optimizer steps per training step (a shuffled
+# split), and a warmup so the LR schedules' state matters too.
+RESUME = [*SMALL, "--algo", "ppo", "--group-size", "2", "--micro-batch", "2", "--mini-batches", "2",
+          "--lr", "1e-2", "--critic-lr", "1e-2", "--warmup-steps", "3", "--steps", "6"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_qwen2, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("uninterrupted"))
+    run_cli(["--model", tiny_qwen2, "--out", out, *RESUME, "--save-every", "2"])
+    m = metrics(out)
+    assert [x["step"] for x in m] == [1, 2, 3, 4, 5, 6]
+    assert len({x["lr"] for x in m}) > 1  # the warmup really changes the LR across steps
+    return out, m
+
+
+def start(args):
+    # a session of its own, so the test can SIGKILL the whole process group like a crash or OOM kill would
+    return subprocess.Popen(command(args), cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(uninterrupted, tiny_qwen2, tmp_path):
+    out = str(tmp_path / "killed")
+    args = ["--model", tiny_qwen2, "--out", out, *RESUME, "--save-every", "2"]
+    proc = start(args)
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    # wait for step 3's metrics: step 2 is checkpointed, step 3 is logged but not saved
+    wait_for(lambda: n_lines(metrics_path) >= 3, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    saved = checkpoints(out)
+    assert saved and saved[-1] < 6, f"the run finished before it could be killed (checkpoints {saved})"
+
+    p = run_cli([*args, "--resume"])
+    assert f"at step {saved[-1]}" in p.stdout, p.stdout
+    resumed = metrics(out)
+    assert [x["step"] for x in resumed] == [1, 2, 3, 4, 5, 6]  # each step once: the unsaved step was redone
+    # Rollouts are seeded per (seed, step, dialogue), the mini-batch order per (seed, step, epoch), and the
+    # checkpoint restores weights, both AdamW states and both LR schedules: the redone steps are the same.
+    assert_same_metrics(resumed, uninterrupted[1], rel=1e-6, abs_=1e-9, what="SIGKILL + --resume")
+
+
+def test_sigterm_saves_exits_0_and_resume_continues(uninterrupted, tiny_qwen2, tmp_path):
+    out = str(tmp_path / "terminated")
+    args = ["--model", tiny_qwen2, "--out", out, *RESUME, "--save-every", "100"]  # no periodic checkpoint
+    proc = start(args)
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    wait_for(lambda: n_lines(metrics_path) >= 2, proc)  # well inside the training loop (handlers installed)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "finishing this step" in stdout and "Traceback" not in stderr
+    done = n_lines(metrics_path)
+    assert checkpoints(out) == [done], "SIGTERM must checkpoint exactly the last finished step"
+    assert 2 <= done < 6, f"the run was not stopped early ({done} steps)"
+
+    p = run_cli([*args, "--resume"])
+    assert f"at step {done}" in p.stdout, p.stdout
+    resumed = metrics(out)
+    assert [x["step"] for x in resumed] == [1, 2, 3, 4, 5, 6]
+    assert_same_metrics(resumed, uninterrupted[1], rel=1e-6, abs_=1e-9, what="SIGTERM + --resume")
+    assert checkpoints(out)[-1] == 6
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. The checkpoint's hf/ folder is a Hugging Face model
+
+
+def hf_logits_check(hf_dir, initial_dir):
+    from transformers import AutoModelForCausalLM
+
+    ids = lm.load_tokenizer(hf_dir)(["I hear you. That sounds really hard.", "What happened next?"],
+                                    padding=True, return_tensors="pt")["input_ids"]
+    theirs = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = theirs(ids).logits
+        ours = lm.load_model(hf_dir)(ids)
+        initial = lm.load_model(initial_dir)(ids)
+    torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-4)
+    assert (ours - initial).abs().max() > 1e-2, "training did not change the saved weights"
+    with open(os.path.join(hf_dir, "config.json")) as f, open(os.path.join(initial_dir, "config.json")) as g:
+        assert json.load(f) == json.load(g)
+
+
+def test_fsdp_checkpoint_loads_in_transformers(grpo_fsdp, tiny_qwen2, one_thread):
+    hf_logits_check(os.path.join(grpo_fsdp, "checkpoints", "step_10", "hf"), tiny_qwen2)
+
+
+def test_single_process_checkpoint_loads_in_transformers(uninterrupted, tiny_qwen2, one_thread):
+    hf_logits_check(os.path.join(uninterrupted[0], "checkpoints", "step_6", "hf"), tiny_qwen2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. User errors: exit code 2, one line, no traceback, before any model is loaded
+
+
+def closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once the socket is closed
+
+
+ERRORS = {
+    "bad model path": (lambda d, tiny: ["--model", str(d / "no-such-model")], "not a directory"),
+    "unsupported model_type": (lambda d, tiny: ["--model", str(d / "mistral")], "unsupported model_type"),
+    "malformed profiles": (lambda d, tiny: ["--model", tiny, "--train-profiles", str(d / "bad.jsonl")],
+                           "bad.jsonl:2"),
+    "unreachable simulator": (lambda d, tiny: ["--model", tiny, "--simulator",
+                                               f"http://127.0.0.1:{closed_port()}/v1"], "cannot reach"),
+    "grpo group of 1": (lambda d, tiny: ["--model", tiny, "--algo", "grpo", "--group-size", "1"], "--group-size"),
+}
+
+
+def test_user_errors_are_one_line_with_exit_code_2(tiny_qwen2, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_qwen2, tmp_path / "mistral")
+    config = json.loads((tmp_path / "mistral" / "config.json").read_text())
+    (tmp_path / "mistral" / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
+    good = (tmp_path / "good.jsonl")
+    good.write_text(json.dumps({"persona": "p", "scenario": "s", "hidden_intention": "h", "opening": "o"}) + "\n")
+    (tmp_path / "bad.jsonl").write_text(good.read_text() + '{"persona": "p", "scenario": \n')
+    # all five at once (each is a few seconds of imports), then check each
+    procs = {}
+    for name, (make_args, _) in ERRORS.items():
+        out = tmp_path / name.replace(" ", "_")
+        procs[name] = (subprocess.Popen(command([*make_args(tmp_path, tiny_qwen2), "--out", str(out), "--steps", "1"]),
+                                        cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True), out, time.time())
+    for name, (proc, out, t0) in procs.items():
+        stdout, stderr = proc.communicate(timeout=TIMEOUT)
+        seconds = time.time() - t0
+        lines = stderr.strip().splitlines()
+        assert proc.returncode == 2, f"{name}: exit {proc.returncode}\n{stderr[-3000:]}"
+        assert len(lines) == 1 and lines[0].startswith("rlver: error: "), f"{name}: stderr {stderr!r}"
+        assert ERRORS[name][1] in lines[0], f"{name}: {lines[0]}"
+        # before the heavy part: no model was built, nothing was written, no training banner
+        assert not os.path.exists(out / "config.json") and "rlver: grpo on" not in stdout, name
+        assert seconds < 60, f"{name}: took {seconds:.0f}s to fail"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. The multi-turn token carry in rlver.rollout (in-process; a plain function)
+
+
+def runs(mask):
+    """Maximal runs of equal mask values: [(value, start, end)]."""
+    out, start = [], 0
+    for i in range(1, len(mask) + 1):
+        if i == len(mask) or mask[i] != mask[start]:
+            out.append((mask[start], start, i))
+            start = i
+    return out
+
+
+def eos_bias_hook(model, eos_id, bias):
+    """Make the random tiny model end some (not all) turns with EOS: add `bias` to the EOS logit."""
+    def hook(module, inputs, logits):
+        logits = logits.clone()
+        logits[..., eos_id] += bias
+        return logits
+    return model.lm_head.register_forward_hook(hook)
+
+
+def dialogues_for_carry(tiny_qwen2, think, eos_ids=None, bias_id=None):
+    tok = lm.load_tokenizer(tiny_qwen2)
+    model = lm.load_model(tiny_qwen2)
+    # +5 on the EOS logit: about 60% of 24 turns end with EOS (some at once, an empty reply), the rest run
+    # to max_new_tokens; both branches of the carry get exercised
+    handle = eos_bias_hook(model, tok.eos_token_id if bias_id is None else bias_id, 5.0)
+    try:
+        dialogues = rlver.rollout(model, tok, sim.builtin_profiles("train")[:8], sim.RulesBackend(), think=think,
+                                  max_turns=3, max_new_tokens=12, seeds=list(range(8)), eos_ids=eos_ids)
+    finally:
+        handle.remove()
+    return tok, dialogues
+
+
+def decode(tok, ids, skip=False):
+    return tok.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+
+
+EOS = 2  # <|im_end|> in the tiny tokenizer (checked below)
+
+
+def check_carry(tok, d, think, stop_ids):
+    """The ids of one dialogue are the chat template of its conversation, with the policy turns exactly as
+    sampled; the mask is True on exactly those sampled tokens."""
+    eos = tok.eos_token
+    assert tok.eos_token_id == EOS and eos == "<|im_end|>"
+    rs = runs(d.policy_mask)
+    n = len(d.episode.turns)
+    policy_runs = [(s, e) for v, s, e in rs if v]
+    context_runs = [(s, e) for v, s, e in rs if not v]
+    # prompt, policy turn, user turn, policy turn, ..., policy turn (the simulator's last answer ended it)
+    assert [v for v, _, _ in rs] == [False, True] * n
+    assert len(policy_runs) == len(d.policy_texts) == n
+    sampled = [d.ids[s:e] for s, e in policy_runs]
+    # the masked ids are exactly the sampled replies: their decode is the recorded per-turn text
+    assert [decode(tok, x, skip=True) for x in sampled] == d.policy_texts
+    assert decode(tok, [i for i, m in zip(d.ids, d.policy_mask) if m], skip=True) == "".join(d.policy_texts)
+    # a reply only ends early with a stop token; otherwise it used its whole token budget
+    ended = [bool(x) and x[-1] in stop_ids for x in sampled]
+    assert all(e or len(x) == 12 for e, x in zip(ended, sampled))
+    assert all(i not in stop_ids for x in sampled for i in x[:-1])
+
+    # the conversation as the chat template renders it, the assistant turns being the raw sampled text
+    # (what the USER saw is its stripped / visible part: episode.messages)
+    raw = [decode(tok, x[:-1] if e and decode(tok, x[-1:]) == eos else x) for x, e in zip(sampled, ended)]
+    messages = [{"role": "system", "content": rlver.system_prompt(think)}] + [dict(m) for m in d.episode.messages]
+    assistant = [m for m in messages if m["role"] == "assistant"]
+    assert len(assistant) == n and len(messages) == 2 + 2 * n  # system, opening, n x (reply, user answer)
+    for m, text in zip(assistant, d.policy_texts):
+        assert m["content"] == (sim.visible_reply(text) if think else text.strip())
+    marks = [f"\u2063SAMPLED{i}\u2063" for i in range(n)]
+    for m, mark in zip(assistant, marks):
+        m["content"] = mark
+    # the last user answer ended the dialogue: the policy never saw it
+    template = rlver.render(tok, messages[:-2], add_generation_prompt=True) + marks[-1]
+    pieces = []
+    for mark in marks:
+        before, template = template.split(mark)
+        pieces.append(before)
+    assert template == ""
+    # piece i is the template text before sampled turn i; a turn that ended with the template's own EOS
+    # already holds the "<|im_end|>" that starts the next piece, so the carried ids skip it
+    for i, (s, e) in enumerate(context_runs):
+        want = pieces[i]
+        if i and ended[i - 1] and decode(tok, sampled[i - 1][-1:]) == eos:
+            assert want.startswith(eos)
+            want = want[len(eos):]
+        assert decode(tok, d.ids[s:e]) == want, f"context run {i}"
+    # and the whole sequence: the template of [system] + the dialogue, with the sampled text as the replies
+    rendered = [dict(m) for m in messages[:-2]]
+    for m, text in zip([m for m in rendered if m["role"] == "assistant"], raw):
+        m["content"] = text
+    last = decode(tok, sampled[-1])
+    assert decode(tok, d.ids) == rlver.render(tok, rendered, add_generation_prompt=True) + last
+    return [x[-1] if e else None for x, e in zip(sampled[:-1], ended)]  # how each turn before a user turn ended
+
+
+def kinds(endings):
+    return {"eos" if e == EOS else "other stop" if e is not None else "budget" for e in endings}
+
+
+def test_rollout_carries_template_ids_and_masks_only_sampled_tokens(tiny_qwen2, one_thread):
+    tok, dialogues = dialogues_for_carry(tiny_qwen2, think=False)
+    endings = [e for d in dialogues for e in check_carry(tok, d, think=False, stop_ids={tok.eos_token_id})]
+    # both branches of the carry, each followed by a user turn: a reply that ended with EOS, one that ran out
+    assert kinds(endings) == {"eos", "budget"}
+    # collate aligns the loss mask with the targets ids[:, 1:]
+    ids, mask = rlver.collate(dialogues, tok.pad_token_id, "cpu")
+    for i, d in enumerate(dialogues):
+        assert mask[i, :len(d.ids) - 1].tolist() == d.policy_mask[1:] and not mask[i, len(d.ids) - 1:].any()
+        assert ids[i, :len(d.ids)].tolist() == d.ids
+
+
+def test_rollout_carry_in_think_mode(tiny_qwen2, one_thread):
+    # think-then-say: the user sees only the text after </think>, the ids keep everything the policy sampled
+    tok, dialogues = dialogues_for_carry(tiny_qwen2, think=True)
+    for d in dialogues:
+        rs = runs(d.policy_mask)
+        assert [v for v, _, _ in rs] == [False, True] * len(d.episode.turns)
+        assert [decode(tok, d.ids[s:e], skip=True) for v, s, e in rs if v] == d.policy_texts
+        first = rlver.render(tok, [{"role": "system", "content": rlver.system_prompt(True)},
+                                   d.episode.messages[0]], add_generation_prompt=True)
+        assert decode(tok, d.ids[:rs[0][2]]) == first
+
+
+def test_rollout_carry_when_a_turn_stops_on_another_stop_id(tiny_qwen2, one_thread):
+    # Qwen2.5-Instruct stops on <|im_end|> (the tokenizer's EOS, the template's end of turn) and on
+    # <|endoftext|> (generation_config.json). A turn that ends with <|endoftext|> still needs the template's
+    # "<|im_end|>" after it; only a turn that ended with the template's own EOS may skip it.
+    tok = lm.load_tokenizer(tiny_qwen2)
+    stop = [tok.eos_token_id, tok.pad_token_id]  # pad = <|endoftext|> in the tiny tokenizer
+    assert tok.convert_ids_to_tokens(tok.pad_token_id) == "<|endoftext|>"
+    tok, dialogues = dialogues_for_carry(tiny_qwen2, think=False, eos_ids=stop, bias_id=tok.pad_token_id)
+    endings = [e for d in dialogues for e in check_carry(tok, d, think=False, stop_ids=set(stop))]
+    assert "other stop" in kinds(endings)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 8. Demo mode
+
+
+def test_demo_mode_makes_a_tiny_model_and_trains(tmp_path):
+    out = tmp_path / "demo"
+    p = run_cli(["--steps", "2", "--out", str(out)])
+    assert "demo mode" in p.stdout and "rlver: done." in p.stdout
+    tiny = out / "tiny-qwen2"
+    assert (tiny / "config.json").is_file() and lm.read_config(str(tiny)).model_type == "qwen2"
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+    assert checkpoints(out) == [2]
+    config = json.loads((out / "config.json").read_text())
+    # the demo's defaults, except what was given on the command line
+    assert config["model"] == str(tiny) and config["steps"] == 2 and config["think"] is False
+    assert config["lr"] == rlver.DEMO["lr"] and config["profiles_per_step"] == rlver.DEMO["profiles_per_step"]
