@@ -299,21 +299,22 @@ def stop_token_ids(tokenizer, model_path=None):
     return sorted(i for i in ids if i is not None)
 
 
-def user_turn_ids(tokenizer, user_text, ended_with_eos):
+def user_turn_ids(tokenizer, user_text, stop_text=None):
     """
     The template tokens that close the policy's turn and add the user's next message, ready for the
     policy's next reply: for ChatML "<|im_end|>\\n<|im_start|>user\\n{text}<|im_end|>\\n<|im_start|>assistant\\n".
     Found generically by rendering a conversation with a marker as the last assistant message and taking
-    the text after it, so any chat template works. If the policy ended its turn with EOS itself, the
-    template's own end-of-turn token is already in the sequence and is not added twice.
+    the text after it, so any chat template works. stop_text: the stop token the policy's turn ended with,
+    if any; when the template's turn-closing text is that very token it is already in the sequence and is
+    not added twice (Qwen2.5 may also stop on <|endoftext|>, after which <|im_end|> is still needed).
     """
     marker = "\u2063RLVER\u2063"
     messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
                 {"role": "assistant", "content": marker}, {"role": "user", "content": user_text}]
     text = render(tokenizer, messages, add_generation_prompt=True)
     delta = text[text.rindex(marker) + len(marker):]
-    if ended_with_eos and delta.startswith(tokenizer.eos_token):
-        delta = delta[len(tokenizer.eos_token):]
+    if stop_text and delta.startswith(stop_text):
+        delta = delta[len(stop_text):]
     return tokenizer.encode(delta, add_special_tokens=False)
 
 
@@ -370,9 +371,8 @@ def rollout(model, tokenizer, profiles, backend, *, think=True, max_turns=8, max
                 f"generated, policy {t0 - turn_start:.1f}s, simulator {time.time() - t0:.1f}s")
         for d, ids, user_text in zip(active, new_ids, user_texts):
             if user_text is not None:  # None: the simulator ended this dialogue (emotion 0 or 100, or max turns)
-                # only the template's own end-of-turn token stands in for it (not e.g. Qwen's <|endoftext|> stop)
-                ended = bool(ids) and ids[-1] == tokenizer.eos_token_id
-                turn = user_turn_ids(tokenizer, user_text, ended_with_eos=ended)
+                stop_text = tokenizer.convert_ids_to_tokens(ids[-1]) if ids and ids[-1] in eos_ids else None
+                turn = user_turn_ids(tokenizer, user_text, stop_text)
                 d.ids += turn
                 d.policy_mask += [False] * len(turn)
     return dialogues
@@ -833,7 +833,8 @@ def main(argv=None):
     try:
         train(args, argv)
     except (ConfigError, lm.CheckpointError, sim.ProfileError, sim.SimulatorError) as e:
-        print(f"rlver: error: {e}", file=sys.stderr, flush=True)
+        if not dist.is_initialized() or dist.get_rank() == 0:  # under torchrun: one line, not one per rank
+            print(f"rlver: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
         if dist.is_initialized():
