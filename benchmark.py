@@ -85,12 +85,6 @@ def seed_spread(per_seed_scores):
 # 2. Dialogue loops: the policy answers every open dialogue at once, then the simulator answers every reply.
 
 
-def policy_error(err, url):
-    """simulator.OpenAIBackend words its errors for a simulator; say which endpoint it really was."""
-    text = str(err).split("; start the server")[0].replace("simulator endpoint", "policy endpoint")
-    return BenchmarkError(f"{text}; check that the server at {url} is up and --policy is right")
-
-
 def endpoint_dialogues(policy_client, profiles, backend, *, mode, max_turns, think, log):
     """
     A text-level loop for a policy behind an OpenAI-compatible endpoint. Per turn: build each open dialogue's
@@ -108,7 +102,7 @@ def endpoint_dialogues(policy_client, profiles, backend, *, mode, max_turns, thi
         try:
             texts = policy_client(requests)  # one completion text per open dialogue
         except sim.SimulatorError as e:
-            raise policy_error(e, getattr(policy_client, "url", "?")) from None
+            raise BenchmarkError(str(e)) from None  # the client, made with role="policy", names the endpoint
         # as in rlver.rollout: in think-then-say mode only the part after </think> enters the dialogue
         replies = [sim.visible_reply(text) if think else text.strip() for text in texts]
         sim.simulate_turn(active, replies, backend, mode=mode, max_turns=max_turns)
@@ -452,11 +446,12 @@ def check_policy(args):
             raise BenchmarkError("--policy is an endpoint URL: name the model to query with --policy-model")
         client = sim.OpenAIBackend(args.policy, model=args.policy_model, api_key_env=args.policy_key_env,
                                    concurrency=args.concurrency, temperature=args.temperature,
-                                   max_tokens=args.max_new_tokens, max_retries=args.retries)
+                                   max_tokens=args.max_new_tokens, max_retries=args.retries, role="policy",
+                                   unreachable_hint=f"check that the server at {args.policy} is up and --policy is right")
         try:
             client.check()
         except sim.SimulatorError as e:
-            raise policy_error(e, args.policy) from None
+            raise BenchmarkError(str(e)) from None
         return client
     if not os.path.isdir(args.policy):
         raise BenchmarkError(f"--policy {args.policy!r} is neither a local model folder nor an http(s):// URL")

@@ -458,9 +458,12 @@ class RulesBackend:
 
 class OpenAIBackend:
     def __init__(self, url, model=None, api_key_env="OPENAI_API_KEY", concurrency=16, timeout=120.0,
-                 max_retries=4, backoff=1.0, temperature=0.7, max_tokens=1024):
+                 max_retries=4, backoff=1.0, temperature=0.7, max_tokens=1024, role="simulator",
+                 unreachable_hint="start the server or pass --simulator rules"):
+        # role / unreachable_hint word the errors: benchmark.py uses this same client for a policy endpoint
+        self.role, self.unreachable_hint = role, unreachable_hint
         if not re.match(r"https?://[^/]", url or ""):
-            raise ValueError(f"simulator URL must start with http:// or https://, got {url!r}")
+            raise ValueError(f"{role} URL must start with http:// or https://, got {url!r}")
         url = url.rstrip("/")
         if url.endswith("/chat/completions"):
             url = url[: -len("/chat/completions")]
@@ -495,13 +498,13 @@ class OpenAIBackend:
             listing = self._http("GET", self.base + "/models", timeout=min(self.timeout, 10))
         except urllib.error.HTTPError as e:
             if e.code in (401, 403):
-                raise SimulatorError(f"simulator endpoint {self.url} rejected the request (HTTP {e.code}); "
+                raise SimulatorError(f"{self.role} endpoint {self.url} rejected the request (HTTP {e.code}); "
                                      f"put a valid API key in ${self.api_key_env}") from None
             return                          # reachable; this server just has no /models route
         except (OSError, http.client.HTTPException) as e:   # URLError, refused, timeout, reset, DNS
-            raise SimulatorError(f"cannot reach simulator endpoint {self.url}: "
+            raise SimulatorError(f"cannot reach {self.role} endpoint {self.url}: "
                                  f"{self._redact(getattr(e, 'reason', e))}; "
-                                 f"start the server or pass --simulator rules") from None
+                                 f"{self.unreachable_hint}") from None
         except ValueError:
             return                          # reachable, answered something that is not JSON
         if self.model is None:
@@ -526,13 +529,13 @@ class OpenAIBackend:
                 last_error = f"HTTP {e.code} {body}".strip()
                 if e.code < 500 and e.code not in (408, 429):      # our mistake: retrying will not help
                     hint = f"; check the API key in ${self.api_key_env}" if e.code in (401, 403) else ""
-                    raise SimulatorError(f"simulator endpoint {self.url} refused the request "
+                    raise SimulatorError(f"{self.role} endpoint {self.url} refused the request "
                                          f"({self._redact(last_error)}){hint}") from None
             except (OSError, http.client.HTTPException) as e:       # timeout, refused, reset
                 last_error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
             except (ValueError, KeyError, IndexError, TypeError) as e:   # 200 with a body we cannot read
                 last_error = f"malformed response: {e!r}"
-        raise SimulatorError(f"simulator endpoint {self.url} failed after {self.max_retries + 1} attempts: "
+        raise SimulatorError(f"{self.role} endpoint {self.url} failed after {self.max_retries + 1} attempts: "
                              f"{self._redact(last_error)}")
 
     def __call__(self, requests):
@@ -575,9 +578,8 @@ class LocalModelBackend:
         self.batch_size, self.chat_template_kwargs = batch_size, dict(chat_template_kwargs or {})
         device = next(model.parameters()).device
         self.generator = torch.Generator(device=device).manual_seed(seed)
-        vocab = tokenizer.get_vocab()
-        ends = [tokenizer.eos_token_id] + [vocab.get(t) for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>")]
-        self.eos_ids = sorted({i for i in ends if i is not None})
+        from model import stop_token_ids
+        self.eos_ids = stop_token_ids(tokenizer)   # EOS + the checkpoint's configured stop ids
 
     def check(self):
         pass   # the model is already loaded
