@@ -521,6 +521,23 @@ def load_tokenizer(path):
     return tokenizer
 
 
+def stop_token_ids(tokenizer, model_path=None):
+    """
+    The ids that end an assistant turn: the tokenizer's EOS plus any eos_token_id in the checkpoint's
+    config.json / generation_config.json (Qwen2.5-Instruct stops on <|im_end|> and <|endoftext|>, Llama 3
+    on <|eot_id|> and <|end_of_text|>). model_path defaults to the folder the tokenizer was loaded from.
+    """
+    ids = {tokenizer.eos_token_id}
+    model_path = model_path or getattr(tokenizer, "name_or_path", None)
+    for name in ("config.json", "generation_config.json"):
+        path = os.path.join(model_path or "", name)
+        if model_path and os.path.isfile(path):
+            with open(path) as f:
+                eos = json.load(f).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [eos])
+    return sorted(i for i in ids if i is not None)
+
+
 def save_model(state_dict: dict, cfg: ModelConfig, path, tokenizer=None, max_shard_bytes=5 * 2**30):
     """Write config.json + safetensors (sharded with an index past max_shard_bytes), loadable by transformers."""
     from safetensors.torch import save_file

@@ -288,17 +288,6 @@ def render(tokenizer, messages, add_generation_prompt):
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def stop_token_ids(tokenizer, model_path=None):
-    """End-of-turn ids: the tokenizer's EOS plus any in config.json / generation_config.json (Qwen, Llama 3)."""
-    ids = {tokenizer.eos_token_id}
-    for name in ("config.json", "generation_config.json"):
-        path = os.path.join(model_path or "", name)
-        if model_path and os.path.isfile(path):
-            eos = json.load(open(path)).get("eos_token_id")
-            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    return sorted(i for i in ids if i is not None)
-
-
 def user_turn_ids(tokenizer, user_text, stop_text=None):
     """
     The template tokens that close the policy's turn and add the user's next message, ready for the
@@ -338,7 +327,7 @@ def rollout(model, tokenizer, profiles, backend, *, think=True, max_turns=8, max
     longer than slow_turn_s seconds (real models), silent for quick turns. Returns the list of Dialogues.
     """
     timing = timing if timing is not None else {}
-    eos_ids = eos_ids or stop_token_ids(tokenizer)
+    eos_ids = eos_ids or lm.stop_token_ids(tokenizer)
     device = model.inv_freq.device if hasattr(model, "inv_freq") else torch.device("cpu")
     gens = [torch.Generator(device).manual_seed(s) for s in seeds] if seeds is not None else [None] * len(profiles)
     dialogues = [start_dialogue(p, tokenizer, think, g) for p, g in zip(profiles, gens)]
@@ -781,7 +770,7 @@ def setup(args, argv):
 def train(args, argv=None):
     run, tokenizer, profiles, test_profiles, backend = setup(args, argv)
     rank = dist.get_rank()
-    eos_ids = stop_token_ids(tokenizer, args.model)
+    eos_ids = lm.stop_token_ids(tokenizer, args.model)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     start = 0
     if args.resume and checkpoint_dirs(args.out):

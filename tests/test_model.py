@@ -187,3 +187,16 @@ def test_compiled_decode_matches_eager(tiny_qwen2):
                     generator=torch.Generator().manual_seed(5), compile=True)
     assert fast[0] == eager[0]
     torch.testing.assert_close(torch.tensor(sum(fast[1], [])), torch.tensor(sum(eager[1], [])), atol=1e-4, rtol=1e-4)
+
+
+def test_stop_token_ids_read_the_checkpoint_configs(tiny_qwen2, tmp_path):
+    import shutil
+
+    from model import stop_token_ids
+
+    tokenizer = load_tokenizer(tiny_qwen2)
+    im_end, endoftext = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert stop_token_ids(tokenizer) == [im_end]  # tokenizer EOS == config.json's eos_token_id
+    folder = shutil.copytree(tiny_qwen2, tmp_path / "ckpt")
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [im_end, endoftext]}))
+    assert stop_token_ids(load_tokenizer(str(folder))) == sorted([im_end, endoftext])  # as Qwen2.5-Instruct ships
