@@ -29,6 +29,13 @@ LOG_RATIO_CLAMP = 20.0  # clamp log(pi/pi_old) to +-20 before exp: exp(20) ~ 5e8
 # 1. Critic
 
 
+def init_value_head(head: nn.Linear) -> nn.Linear:
+    """weight ~ Normal(0, 1/(D+1)), bias 0 (see Critic). Also used by rlver.py for a critic built on meta."""
+    nn.init.normal_(head.weight, mean=0.0, std=1.0 / (head.in_features + 1))
+    nn.init.zeros_(head.bias)
+    return head
+
+
 class Critic(nn.Module):
     """V(s_t): the policy's Transformer (deep copy, trained separately) with a scalar value head.
 
@@ -53,9 +60,7 @@ class Critic(nn.Module):
         hidden_size = policy_model.config.hidden_size
         device = next(policy_model.parameters()).device
         # the head stays fp32 even for a bf16 backbone: values are small regression targets
-        self.value_head = nn.Linear(hidden_size, 1, device=device, dtype=torch.float32)
-        nn.init.normal_(self.value_head.weight, mean=0.0, std=1.0 / (hidden_size + 1))
-        nn.init.zeros_(self.value_head.bias)
+        self.value_head = init_value_head(nn.Linear(hidden_size, 1, device=device, dtype=torch.float32))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         # the value of target position t (token ids[:, t+1]) is read from the hidden state at t, the state

@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import sys
@@ -197,22 +196,28 @@ def shard(module, blocks, device, args):
 
 def build_model(args, cfg, device, trainable, critic=False):
     """
-    The policy, the frozen reference, or the PPO critic. Built on the meta device (no memory), sharded,
-    materialised on the device, then filled with the checkpoint: rank 0 reads the safetensors and
-    set_model_state_dict broadcasts each rank its shard, so no rank holds a second full copy.
+    The policy, the frozen reference, or the PPO critic. Under FSDP it is built on the meta device (no
+    memory), sharded, materialised on the device, then filled with the checkpoint: rank 0 reads the
+    safetensors and set_model_state_dict broadcasts each rank its shard, so no rank holds a second full copy.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
     dtype = torch.float32 if device.type == "cpu" or args.dtype == "float32" or not args.no_fsdp else torch.bfloat16
     if args.no_fsdp:  # a plain module: load it directly (keeps a tied embedding/head tied)
         module = lm.load_model(args.model, device, dtype)
         if critic:
             torch.manual_seed(args.seed)
             module = ppo.Critic(module)
-        policy = module.backbone if critic else module
-        policy.gradient_checkpointing = args.activation_checkpointing and trainable
-        module.requires_grad_(trainable)
-        return module if trainable else module.eval()
+    else:
+        module = build_sharded(args, cfg, device, dtype, critic)
+    policy = module.backbone if critic else module
+    policy.gradient_checkpointing = args.activation_checkpointing and trainable
+    module.requires_grad_(trainable)
+    return module if trainable else module.eval()
+
+
+def build_sharded(args, cfg, device, dtype, critic):
+    """Meta-device build, fully_shard, materialise, then rank 0's full state dict broadcast shard by shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
     with torch.device("meta"):
         module = lm.Transformer(cfg)
         if critic:
@@ -223,19 +228,15 @@ def build_model(args, cfg, device, trainable, critic=False):
     state = lm.load_state_dict(args.model, dtype=dtype) if dist.get_rank() == 0 else {}
     if state and cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    if critic:
-        state = {f"backbone.{k}": v for k, v in state.items()}
-        torch.manual_seed(args.seed)  # the value head is new: initialise it (Critic's init, on a real device)
-        head = torch.nn.Linear(cfg.hidden_size, 1)
-        torch.nn.init.normal_(head.weight, std=1.0 / (cfg.hidden_size + 1))
-        torch.nn.init.zeros_(head.bias)
+    if critic:  # the value head is new: the Critic's own init, on a real device (rank 0's is broadcast)
+        torch.manual_seed(args.seed)
+        head = ppo.init_value_head(torch.nn.Linear(cfg.hidden_size, 1))
         if state:
+            state = {f"backbone.{k}": v for k, v in state.items()}
             state.update({"value_head.weight": head.weight.data, "value_head.bias": head.bias.data})
     set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     policy.reset_rope(device)
-    policy.gradient_checkpointing = args.activation_checkpointing and trainable
-    module.requires_grad_(trainable)
-    return module if trainable else module.eval()
+    return module
 
 
 class generation_mode:
@@ -751,7 +752,6 @@ def setup(args, argv):
             json.dump({**vars(args), "world_size": world, "device": str(device), "torch": torch.__version__}, f, indent=2)
 
     torch.manual_seed(args.seed)
-    random.seed(args.seed)
     run = {"device": device, "step": 0}
     run["policy"] = build_model(args, cfg, device, trainable=True)
     run["optimizer"] = torch.optim.AdamW(run["policy"].parameters(), lr=args.lr, weight_decay=args.weight_decay,
