@@ -23,7 +23,7 @@ spread is the std of the per-seed scores. The policy is a local HF folder, a mod
 `speed`: decode tokens/s of model.generate (static KV cache) against transformers' generate and against a
 no-cache loop, on the same weights and prompts, plus the time split of one training step.
 
-Read top to bottom: score arithmetic -> dialogue loops -> report files (transcripts, summary, SVG) ->
+Read top to bottom: score arithmetic -> report files (transcripts, summary, SVG) ->
 evaluate() -> speed harness -> command line.
 """
 
@@ -38,8 +38,11 @@ from xml.sax.saxutils import escape
 
 import torch
 
+import rollout as ro
 import simulator as sim
 from model import CheckpointError, generate, load_model, load_tokenizer, make_tiny_checkpoint, read_config, token_logprobs
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # --dtype choices of both commands
 
 
 class BenchmarkError(ValueError):
@@ -51,8 +54,8 @@ class BenchmarkError(ValueError):
 
 
 def outcome(final_emotion):
-    """How a dialogue ended, judged by its final emotion only (the same rule the simulator applies)."""
-    return "success" if final_emotion >= 100 else "failure" if final_emotion <= 0 else "max_turns"
+    """How a dialogue that has run its course ended, judged by its final emotion (simulator.dialogue_end)."""
+    return sim.dialogue_end(final_emotion, turns=1, max_turns=1)
 
 
 def trajectory(episode):
@@ -68,8 +71,8 @@ def summarize(episodes):
     finals = [ep.emotion for ep in episodes]
     return {
         "score": sum(finals) / n,  # mean final emotion, 0..100: the headline number
-        "success_rate": sum(outcome(e) == "success" for e in finals) / n,  # reached 100
-        "failure_rate": sum(outcome(e) == "failure" for e in finals) / n,  # reached 0 (the user left)
+        "success_rate": sum(ep.end_reason == "success" for ep in episodes) / n,  # reached 100
+        "failure_rate": sum(ep.end_reason == "failure" for ep in episodes) / n,  # reached 0 (the user left)
         "mean_turns": sum(len(ep.turns) for ep in episodes) / n,
         "dialogues": n,
     }
@@ -82,63 +85,11 @@ def seed_spread(per_seed_scores):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 2. Dialogue loops: the policy answers every open dialogue at once, then the simulator answers every reply.
-
-
-def endpoint_dialogues(policy_client, profiles, backend, *, mode, max_turns, think, log):
-    """
-    A text-level loop for a policy behind an OpenAI-compatible endpoint. Per turn: build each open dialogue's
-    agent-side chat (policy system prompt + the dialogue so far), ask the endpoint for all of them at once,
-    then let simulator.simulate_turn score the replies and write the users' answers.
-    """
-    system = sim.load_prompt("policy_system_think.txt" if think else "policy_system.txt").strip()
-    episodes = [sim.new_episode(p) for p in profiles]
-    start = time.time()
-    for turn in range(1, max_turns + 1):
-        active = [ep for ep in episodes if not ep.done]
-        if not active:
-            break
-        requests = [[{"role": "system", "content": system}] + ep.messages for ep in active]
-        try:
-            texts = policy_client(requests)  # one completion text per open dialogue
-        except sim.SimulatorError as e:
-            raise BenchmarkError(str(e)) from None  # the client, made with role="policy", names the endpoint
-        # as in rlver.rollout: in think-then-say mode only the part after </think> enters the dialogue
-        replies = [sim.visible_reply(text) if think else text.strip() for text in texts]
-        sim.simulate_turn(active, replies, backend, mode=mode, max_turns=max_turns)
-        mean_emotion = statistics.mean(ep.emotion for ep in active)
-        log(f"  turn {turn}/{max_turns}: {len(active)} open dialogues, mean emotion {mean_emotion:.1f}, "
-            f"{time.time() - start:.1f}s")
-    return episodes
-
-
-def local_dialogues(model, tokenizer, profiles, backend, *, mode, max_turns, think, max_new_tokens, temperature,
-                    seed):
-    """A model in this process: rlver.rollout, the very loop training uses (same template, tokens, stopping)."""
-    import rlver  # imported here: rlver imports this file for its periodic evaluation
-
-    generator = torch.Generator(model.inv_freq.device).manual_seed(seed)
-    dialogues = rlver.rollout(model, tokenizer, profiles, backend, think=think, max_turns=max_turns,
-                              max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, mode=mode,
-                              generator=generator)
-    return [d.episode for d in dialogues]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 3. Report: a per-profile table, transcripts.jsonl, summary.json and an SVG of the emotion trajectories
+# 2. Report: a per-profile table, transcripts.jsonl, summary.json and an SVG of the emotion trajectories
 
 OUTCOME_COLORS = {"success": "#1a9850", "failure": "#d73027", "max_turns": "#7b8794"}
 OUTCOME_LABELS = {"success": "success (reached 100)", "failure": "failure (reached 0)",
                   "max_turns": "ended at max turns"}
-
-
-def transcript_record(episode, seed):
-    """One JSON line per dialogue: everything needed to read it back and to re-score it."""
-    return {"profile_id": episode.profile.id, "seed": seed, "initial_emotion": episode.profile.initial_emotion,
-            "final_emotion": episode.emotion, "end_reason": episode.end_reason, "opening": episode.profile.opening,
-            "parse_failures": episode.parse_failures,
-            "turns": [{"turn": t["turn"], "agent": t["agent"], "emotion": t["emotion"], "change": t["change"],
-                       "thought": t["thought"], "user": t["user"]} for t in episode.turns]}
 
 
 def profile_table(episodes):
@@ -150,7 +101,7 @@ def profile_table(episodes):
     lines = [f"{'profile':<{width}}  {'final emotion per seed':<24} {'mean':>6} {'turns':>6}  outcomes"]
     for pid, eps in rows.items():
         finals = " ".join(str(ep.emotion) for ep in eps)
-        marks = "".join({"success": "S", "failure": "F", "max_turns": "."}[outcome(ep.emotion)] for ep in eps)
+        marks = "".join({"success": "S", "failure": "F"}.get(ep.end_reason, ".") for ep in eps)
         lines.append(f"{pid:<{width}}  {finals:<24} {statistics.mean(ep.emotion for ep in eps):>6.1f} "
                      f"{statistics.mean(len(ep.turns) for ep in eps):>6.1f}  {marks}")
     lines.append("(outcomes per seed: S reached 100, F reached 0, . ended at max turns)")
@@ -234,7 +185,7 @@ def report(episodes, out_dir=None, *, seeds=None, title="", config=None, max_tur
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "transcripts.jsonl"), "w", encoding="utf-8") as f:
             for ep, seed in zip(episodes, seeds):
-                f.write(json.dumps(transcript_record(ep, seed), ensure_ascii=False) + "\n")
+                f.write(json.dumps(sim.transcript(ep, seed=seed), ensure_ascii=False) + "\n")
         with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2, ensure_ascii=False)
         max_turns = max_turns or summary["config"].get("max_turns") or max(len(ep.turns) for ep in episodes) or 1
@@ -246,33 +197,35 @@ def report(episodes, out_dir=None, *, seeds=None, title="", config=None, max_tur
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. evaluate(): play every profile once per seed, then report
+# 3. evaluate(): play every profile once per seed, then report
 
 
 def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=8, mode="vanilla", think=False,
              max_new_tokens=256, temperature=0.0, out_dir=None, log=print, title="", config=None):
     """
-    policy: a model.Transformer already in memory (needs its tokenizer), a local HF folder (loaded on CPU), or
-    a chat client `client(requests) -> texts` such as simulator.OpenAIBackend for an endpoint.
-    backend: the simulated user (simulator.make_backend). Returns report()'s summary dict.
+    policy: a model.Transformer in memory (with its tokenizer), played by rollout.rollout, the very loop
+    training uses; or a chat client `client(requests) -> texts` such as simulator.OpenAIBackend for an
+    endpoint, played by rollout.endpoint_rollout. backend: the simulated user (simulator.make_backend).
+    Returns report()'s summary dict.
     """
-    if isinstance(policy, str):
-        policy, tokenizer = load_model(policy), tokenizer or load_tokenizer(policy)
     local = isinstance(policy, torch.nn.Module)
-    if local and tokenizer is None:
-        raise BenchmarkError("a model policy needs its tokenizer: pass tokenizer=model.load_tokenizer(path)")
     config = dict(config or {}, seeds=list(seeds), max_turns=max_turns, mode=mode, think=think,
                   max_new_tokens=max_new_tokens, temperature=temperature, n_profiles=len(profiles))
     episodes, episode_seeds = [], []
     for seed in seeds:
         start = time.time()
         log(f"seed {seed}: {len(profiles)} dialogues, {'local model' if local else 'endpoint'} policy vs {backend!r}")
-        torch.manual_seed(seed)
-        if local:
-            played = local_dialogues(policy, tokenizer, profiles, backend, mode=mode, max_turns=max_turns, think=think,
-                                     max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        if local:  # each dialogue its own random stream, as in training (greedy at temperature 0)
+            dialogues = ro.rollout(policy, tokenizer, profiles, backend, think=think, max_turns=max_turns,
+                                   max_new_tokens=max_new_tokens, temperature=temperature, mode=mode,
+                                   seeds=[ro.rollout_seed(seed, 0, i) for i in range(len(profiles))])
+            played = [d.episode for d in dialogues]
         else:  # (an endpoint gets no seed: with temperature 0 the seeds repeat, above 0 they are not reproducible)
-            played = endpoint_dialogues(policy, profiles, backend, mode=mode, max_turns=max_turns, think=think, log=log)
+            try:
+                played = ro.endpoint_rollout(policy, profiles, backend, mode=mode, max_turns=max_turns, think=think,
+                                             log=log)
+            except sim.SimulatorError as e:  # the client, made with role="policy", names the endpoint
+                raise BenchmarkError(str(e)) from None
         log(f"seed {seed}: score {summarize(played)['score']:.1f} in {time.time() - start:.1f}s")
         episodes += played
         episode_seeds += [seed] * len(played)
@@ -280,7 +233,7 @@ def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=8, m
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. Speed: the same greedy decode three ways, then one training step split into its phases
+# 4. Speed: the same greedy decode three ways, then one training step split into its phases
 
 
 def sync(device):
@@ -366,7 +319,7 @@ def speed(args, log=print):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchmarkError("--device cuda but torch sees no CUDA device: use --device cpu")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -436,7 +389,7 @@ def speed(args, log=print):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 6. Command line
+# 5. Command line
 
 
 def check_policy(args):
@@ -475,7 +428,7 @@ def eval_command(args):
         raise BenchmarkError(str(e)) from None
     backend.check()
     if isinstance(policy, str):  # the heavy part starts here, after every cheap check passed
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+        dtype = DTYPES[args.dtype]
         policy, tokenizer = load_model(policy, device=args.device, dtype=dtype), load_tokenizer(policy)
     config = {k: v for k, v in vars(args).items() if k != "func"}
     return evaluate(policy, tokenizer, profiles, backend, seeds=seeds, max_turns=args.max_turns, mode=args.mode,

@@ -56,14 +56,13 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_low=0
 
         L = aggregate( PPO-clip_t(ratio_t, A_i)  +  kl_coef * k3_t )
 
-    advantages: (B,) one per rollout, broadcast to all of that rollout's tokens, or already (B, T-1).
+    advantages: (B, T-1), a rollout's advantage on each of its tokens (rlver broadcasts the (B,) group
+    advantages over the policy mask).
     The original GRPO aggregates "seq-mean-token-mean"; "token-mean" (the default) weights every token
     equally, which avoids favouring short answers (DAPO; Dr.GRPO). Both terms use the same aggregation
     and normaliser, so the loss is linear in the per-token terms and micro-batches add up exactly.
     ref_logprobs may be None when kl_coef == 0.
     """
-    if advantages.dim() == 1:
-        advantages = advantages[:, None].expand_as(logprobs)  # (B,) -> (B, T-1)
     loss, metrics = policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=clip_low,
                                 clip_high=clip_high, dual_clip=dual_clip, agg=agg,
                                 loss_scale_tokens=loss_scale_tokens, loss_scale_seqs=loss_scale_seqs)

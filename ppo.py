@@ -141,35 +141,37 @@ def compute_gae(token_rewards, values, mask, gamma=1.0, lam=1.0):
 # 4. Statistics and loss reductions over valid tokens
 
 
-def masked_mean(x, mask, dim=None):
-    """Mean of x over positions where mask is 1 (all dims, or along `dim`); 0 where nothing is valid."""
+def masked_mean(x, mask, dim=None, reduce=None):
+    """Mean of x over positions where mask is 1 (all dims, or along `dim`); 0 where nothing is valid.
+    reduce: sums a tensor across processes (rlver.sum_over_ranks), so the mean is over the global batch."""
     mask = mask.to(x.dtype)
     total = (x * mask).sum() if dim is None else (x * mask).sum(dim)
     count = mask.sum() if dim is None else mask.sum(dim)
+    if reduce is not None:
+        total, count = reduce(total), reduce(count)
     return total / count.clamp(min=1)
 
 
-def masked_var(x, mask, unbiased=True):
+def masked_var(x, mask, unbiased=True, reduce=None):
     """Variance of x over valid positions (Bessel-corrected by default; 0 for fewer than 2 values)."""
     mask = mask.to(x.dtype)
-    count = mask.sum()
-    centered = (x - masked_mean(x, mask)) * mask
+    count = mask.sum() if reduce is None else reduce(mask.sum())
+    centered = (x - masked_mean(x, mask, reduce=reduce)) * mask
+    squares = (centered**2).sum() if reduce is None else reduce((centered**2).sum())
     denom = (count - 1) if unbiased else count
-    return (centered**2).sum() / denom.clamp(min=1)
+    return squares / denom.clamp(min=1)
 
 
-def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
+def masked_whiten(x, mask, eps=1e-8, reduce=None):
     """(x - mean) / std using statistics of the valid positions only; masked positions come out 0.
 
     Padding and user tokens must not enter the statistics: their advantages are 0 and would pull the mean
-    toward 0 and shrink the std. (Under data parallelism these are per-rank statistics.)
+    toward 0 and shrink the std. reduce (see masked_mean): statistics over the valid tokens of every rank,
+    so the whitening does not depend on how the batch is split across processes.
     """
     mask = mask.to(x.dtype)
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    whitened = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        whitened = whitened + mean
-    return whitened * mask
+    mean, var = masked_mean(x, mask, reduce=reduce), masked_var(x, mask, reduce=reduce)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
 # Loss aggregation and the global normaliser.

@@ -6,37 +6,42 @@ rlver.py: train an empathetic dialogue policy with RLVER (Wang et al. 2025, arXi
         --simulator http://localhost:8000/v1 --simulator-model Qwen2.5-72B-Instruct
 
 One training step, read top to bottom in train_step():
-  1. rollout     each rank talks with its share of simulated users, all dialogues in lockstep: the policy
-                 answers every open dialogue at once (model.generate), the simulator answers every reply at
-                 once (simulator.simulate_turn), finished dialogues drop out. The token ids of each turn
-                 are appended as sampled; nothing is re-tokenised.
-  2. reward      final emotion / 100, the "verifiable emotion reward" (simulator.reward).
-  3. score       log-probs of the sampled tokens under the current (old) and the reference policy, and for
+  1. profiles    step_profiles: this step's share of an epoch-wise shuffle of the training profiles, each
+                 repeated group-size times (a whole GRPO group lives on one rank).
+  2. rollout     rollout.rollout: each rank talks with its simulated users; the token ids of every turn are
+                 carried as sampled, nothing is re-tokenised.
+  3. reward      final emotion / 100, the "verifiable emotion reward" (simulator.reward).
+  4. score       log-probs of the sampled tokens under the current (old) and the reference policy, and for
                  PPO the critic's values: teacher-forced, micro-batched.
-  4. advantages  GRPO: reward against its group of rollouts of the same profile (grpo.group_advantages).
+  5. advantages  GRPO: reward against its group of rollouts of the same profile (grpo.group_advantages).
                  PPO: GAE over policy tokens with the critic as baseline (ppo.compute_gae), whitened.
-  5. update      clipped surrogate losses, several epochs of micro-batches with gradient accumulation,
+  6. update      clipped surrogate losses, several epochs of micro-batches with gradient accumulation,
                  normalised by the global token count, grad clipping, AdamW.
+  7. metrics     step_metrics: means over the global batch.
 Around it: torchrun + FSDP2 setup, checkpoints in the HF layout with trainer state (--resume), metrics.jsonl,
 sample transcripts, periodic evaluation on the test profiles (benchmark.py).
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+import benchmark
 import grpo
 import model as lm
 import ppo
+import rollout as ro
 import simulator as sim
 
 # ----------------------------------------------------------------------------------------------------------
@@ -153,7 +158,9 @@ def setup_distributed():
     """Join torchrun's process group (or make a group of one), pick the device. Returns rank, world, device."""
     if "RANK" not in os.environ:  # plain `python rlver.py`: a process group of one, same code path
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        with socket.socket() as free:  # any free port for the group of one
+            free.bind(("127.0.0.1", 0))
+            os.environ.setdefault("MASTER_PORT", str(free.getsockname()[1]))
     rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -163,14 +170,6 @@ def setup_distributed():
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     return rank, world, device
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def all_reduce(x, op=dist.ReduceOp.SUM):
@@ -239,183 +238,154 @@ def build_sharded(args, cfg, device, dtype, critic):
     return module
 
 
-class generation_mode:
+@contextlib.contextmanager
+def generation_mode(model):
     """
     Unshard the policy once for the whole rollout phase instead of all-gathering every layer for every
     decoded token. All ranks all-gather together on entry; after that a forward needs no collective, so
     ranks may run different numbers of decode steps (their dialogues end at different turns).
     """
+    from torch.distributed.fsdp import FSDPModule
 
-    def __init__(self, model):
-        from torch.distributed.fsdp import FSDPModule
-
-        self.model = model
-        self.fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-
-    def __enter__(self):
-        for m in self.fsdp_modules:
-            m.unshard()  # (not recursive: every block and the root)
-        if self.fsdp_modules:
-            self.model.set_reshard_after_forward(False)
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        if self.fsdp_modules:
-            self.model.set_reshard_after_forward(True)
-        for m in self.fsdp_modules:
+    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in fsdp_modules:
+        m.unshard()  # (not recursive: every block and the root)
+    if fsdp_modules:
+        model.set_reshard_after_forward(False)
+    model.eval()
+    try:
+        yield
+    finally:
+        if fsdp_modules:
+            model.set_reshard_after_forward(True)
+        for m in fsdp_modules:
             m.reshard()
-        self.model.train()
+        model.train()
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Rollouts: multi-turn dialogues between the policy and the simulated users, token ids carried forward.
+# The run: models, optimizers and the environment, built once by setup()
 
 
 @dataclass
-class Dialogue:
-    episode: sim.Episode  # the simulator's side: emotion, per-turn trajectory, end reason
-    ids: list  # every token of the conversation so far, exactly as the policy saw and sampled it
-    policy_mask: list  # True where the policy sampled the token (its <think> and reply tokens)
-    generator: torch.Generator = None  # this dialogue's own random stream
-    policy_texts: list = field(default_factory=list)  # full policy text per turn (think included)
-    truncated: bool = False  # ended early by --max-context
+class Run:
+    device: torch.device
+    tokenizer: object
+    eos_ids: list  # token ids that end a policy turn (model.stop_token_ids)
+    profiles: list  # training profiles (simulator.Profile)
+    test_profiles: list
+    backend: object  # the simulated user (simulator.make_backend)
+    policy: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    reference: torch.nn.Module = None  # frozen initial policy; only when --kl-coef > 0
+    critic: torch.nn.Module = None  # PPO only
+    critic_optimizer: torch.optim.Optimizer = None
+    critic_scheduler: object = None
 
-
-def system_prompt(think):
-    return sim.load_prompt("policy_system_think.txt" if think else "policy_system.txt").strip()
-
-
-def render(tokenizer, messages, add_generation_prompt):
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def user_turn_ids(tokenizer, user_text, stop_text=None):
-    """
-    The template tokens that close the policy's turn and add the user's next message, ready for the
-    policy's next reply: for ChatML "<|im_end|>\\n<|im_start|>user\\n{text}<|im_end|>\\n<|im_start|>assistant\\n".
-    Found generically by rendering a conversation with a marker as the last assistant message and taking
-    the text after it, so any chat template works. stop_text: the stop token the policy's turn ended with,
-    if any; when the template's turn-closing text is that very token it is already in the sequence and is
-    not added twice (Qwen2.5 may also stop on <|endoftext|>, after which <|im_end|> is still needed).
-    """
-    marker = "\u2063RLVER\u2063"
-    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-                {"role": "assistant", "content": marker}, {"role": "user", "content": user_text}]
-    text = render(tokenizer, messages, add_generation_prompt=True)
-    delta = text[text.rindex(marker) + len(marker):]
-    if stop_text and delta.startswith(stop_text):
-        delta = delta[len(stop_text):]
-    return tokenizer.encode(delta, add_special_tokens=False)
-
-
-def start_dialogue(profile, tokenizer, think, generator=None):
-    episode = sim.new_episode(profile)
-    messages = [{"role": "system", "content": system_prompt(think)}] + episode.messages
-    ids = tokenizer.encode(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)
-    return Dialogue(episode=episode, ids=ids, policy_mask=[False] * len(ids), generator=generator)
-
-
-def rollout(model, tokenizer, profiles, backend, *, think=True, max_turns=8, max_new_tokens=256, temperature=1.0,
-            top_p=1.0, mode="vanilla", generator=None, seeds=None, max_context=4096, eos_ids=None, timing=None,
-            log=None, slow_turn_s=10.0):
-    """
-    Run one dialogue per profile to the end, all in lockstep. Each turn:
-      policy:    generate a reply for every open dialogue at once (prefill the whole conversation, decode)
-      simulator: one batched request; it updates each user's emotion and answers (or ends the dialogue)
-      carry:     append the sampled ids (policy_mask True) and the template ids of the user's answer (False)
-    seeds: one random seed per dialogue (reproducible whatever the batch); else the shared `generator`.
-    temperature 0 decodes greedily (evaluation). log: called with a progress line after each turn that took
-    longer than slow_turn_s seconds (real models), silent for quick turns. Returns the list of Dialogues.
-    """
-    timing = timing if timing is not None else {}
-    eos_ids = eos_ids or lm.stop_token_ids(tokenizer)
-    device = model.inv_freq.device if hasattr(model, "inv_freq") else torch.device("cpu")
-    gens = [torch.Generator(device).manual_seed(s) for s in seeds] if seeds is not None else [None] * len(profiles)
-    dialogues = [start_dialogue(p, tokenizer, think, g) for p, g in zip(profiles, gens)]
-    for turn_number in range(1, max_turns + 1):
-        for d in dialogues:
-            if not d.episode.done and len(d.ids) + max_new_tokens > max_context:
-                d.truncated = d.episode.done = True  # the reward is the emotion reached so far
-                d.episode.end_reason = "max_context"
-        active = [d for d in dialogues if not d.episode.done]
-        if not active:
-            break
-        t0 = turn_start = time.time()
-        new_ids, _ = lm.generate(model, [d.ids for d in active], max_new_tokens, eos_ids, temperature=temperature,
-                                 top_p=top_p, generator=[d.generator for d in active] if seeds is not None else generator,
-                                 pad_id=tokenizer.pad_token_id)
-        timing["generate"] = timing.get("generate", 0.0) + time.time() - t0
-        timing["tokens"] = timing.get("tokens", 0) + sum(len(x) for x in new_ids)
-        replies = []
-        for d, ids in zip(active, new_ids):
-            d.ids += ids
-            d.policy_mask += [True] * len(ids)
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            d.policy_texts.append(text)
-            replies.append(sim.visible_reply(text) if think else text.strip())
-        t0 = time.time()
-        user_texts = sim.simulate_turn([d.episode for d in active], replies, backend, mode=mode, max_turns=max_turns)
-        timing["simulator"] = timing.get("simulator", 0.0) + time.time() - t0
-        if log and time.time() - turn_start > slow_turn_s:
-            log(f"  turn {turn_number}/{max_turns}: {len(active)} open dialogues, {sum(map(len, new_ids))} tokens "
-                f"generated, policy {t0 - turn_start:.1f}s, simulator {time.time() - t0:.1f}s")
-        for d, ids, user_text in zip(active, new_ids, user_texts):
-            if user_text is not None:  # None: the simulator ended this dialogue (emotion 0 or 100, or max turns)
-                stop_text = tokenizer.convert_ids_to_tokens(ids[-1]) if ids and ids[-1] in eos_ids else None
-                turn = user_turn_ids(tokenizer, user_text, stop_text)
-                d.ids += turn
-                d.policy_mask += [False] * len(turn)
-    return dialogues
-
-
-def rollout_seed(seed, step, index):
-    """A distinct, reproducible random stream per (run seed, step, dialogue index)."""
-    return (seed * 1_000_003 + step) * 100_003 + index
+    def trained(self):
+        """(name, model, optimizer, scheduler) of what this run trains: the policy, and the PPO critic."""
+        out = [("policy", self.policy, self.optimizer, self.scheduler)]
+        if self.critic is not None:
+            out.append(("critic", self.critic, self.critic_optimizer, self.critic_scheduler))
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Scoring and update
+# One training step
 
 
-def collate(dialogues, pad_id, device):
-    """Right-pad to (B, T). Returns ids (B, T) and the loss mask (B, T-1), aligned with the targets ids[:, 1:]."""
-    T = max(len(d.ids) for d in dialogues)
-    ids = torch.full((len(dialogues), T), pad_id, dtype=torch.long)
-    policy = torch.zeros(len(dialogues), T, dtype=torch.bool)
-    for i, d in enumerate(dialogues):
-        ids[i, :len(d.ids)] = torch.tensor(d.ids)
-        policy[i, :len(d.ids)] = torch.tensor(d.policy_mask)
-    return ids.to(device), policy[:, 1:].to(device)
+def step_profiles(n_profiles, per_step, step, seed):
+    """
+    Indices of the `per_step` profiles of a step. The training set is visited epoch by epoch, each epoch in
+    its own shuffled order, so every epoch sees each profile exactly once; a step that straddles an epoch
+    boundary takes the end of one epoch's order and the start of the next's.
+    """
+    orders = {}
+    chosen = []
+    for g in range(step * per_step, (step + 1) * per_step):  # global position in the stream of profiles
+        epoch, position = divmod(g, n_profiles)
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(n_profiles, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        chosen.append(orders[epoch][position])
+    return chosen
 
 
-def micro_batches(indices, size):
-    """Split row indices into micro-batches; each is trimmed to its own longest row by the caller."""
-    return [indices[i:i + size] for i in range(0, len(indices), size)]
+def train_step(run, args, step):
+    """One RLVER step: profiles -> rollout -> reward -> score -> advantages -> update -> metrics."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    share = args.profiles_per_step // world
+    mine = step_profiles(len(run.profiles), args.profiles_per_step, step, args.seed)[rank * share:(rank + 1) * share]
+    profiles = [run.profiles[i] for i in mine for _ in range(args.group_size)]
+    first = rank * share * args.group_size  # global index of this rank's first dialogue
+    seeds = [ro.rollout_seed(args.seed, step, first + j) for j in range(len(profiles))]
+
+    timing, t0 = {}, time.time()
+    dialogues = play(run, args, profiles, seeds, args.temperature, timing)
+    timing["rollout"] = time.time() - t0
+
+    t0 = time.time()
+    rewards = torch.tensor([sim.reward(d.episode) for d in dialogues], device=run.device)  # (B,)
+    batch = score_rollouts(run, args, dialogues)
+    batch["advantages"] = advantages(run, args, batch, rewards)
+    stats = update(run, batch, args, step)
+    timing["update"] = time.time() - t0
+    return step_metrics(run, args, dialogues, rewards, batch, stats, timing), dialogues
 
 
-def trim(ids, rows, lengths):
-    """ids[rows], cut to the longest of those rows: (b, T_rows)."""
-    return ids[rows, :max(lengths[r] for r in rows)]
+def play(run, args, profiles, seeds, temperature, timing=None):
+    """The rollout phase: the policy unsharded once (generation_mode), every dialogue played to its end."""
+    log = (lambda line: print(line, flush=True)) if dist.get_rank() == 0 else None
+    with generation_mode(run.policy):
+        return ro.rollout(run.policy, run.tokenizer, profiles, run.backend, seeds=seeds, think=args.think,
+                          max_turns=args.max_turns, max_new_tokens=args.max_new_tokens, temperature=temperature,
+                          top_p=args.top_p, mode=args.mode, max_context=args.max_context, eos_ids=run.eos_ids,
+                          timing=timing, log=log)
+
+
+def micro_batches(rows, size, ids, lengths):
+    """(rows, ids[rows]) per micro-batch of `size` rows, the ids cut to the longest of those rows: (b, T_rows)."""
+    for i in range(0, len(rows), size):
+        part = rows[i:i + size]
+        yield part, ids[part, :max(lengths[r] for r in part)]
 
 
 @torch.no_grad()
-def score(model, ids, mask, lengths, args, values=False):
-    """Teacher-forced log-probs (B, T-1) of every row under `model` (or the critic's values), micro-batched."""
-    out = torch.zeros(mask.shape, device=mask.device)
-    for rows in micro_batches(list(range(len(ids))), args.micro_batch):
-        x = trim(ids, rows, lengths)
-        y = model(x) if values else lm.token_logprobs(model, x, args.temperature)
-        out[rows, :y.shape[1]] = y.float()
-    return out
+def score_rollouts(run, args, dialogues):
+    """The batch of one step: ids (B, T), mask (B, T-1), and per token the log-probs under pi_old and pi_ref
+    and (PPO) the critic's values, all (B, T-1) and aligned with the targets ids[:, 1:]. Teacher-forced,
+    micro-batched, each micro-batch cut to its longest row."""
+    ids, mask = ro.collate(dialogues, run.tokenizer.pad_token_id, run.device)
+    lengths = [len(d.ids) for d in dialogues]
+    batch = {"ids": ids, "mask": mask, "lengths": lengths}
+    for key, model in (("old_logprobs", run.policy), ("ref_logprobs", run.reference), ("old_values", run.critic)):
+        if model is None:
+            continue
+        batch[key] = torch.zeros(mask.shape, device=mask.device)  # (B, T-1)
+        for rows, x in micro_batches(list(range(len(ids))), args.micro_batch, ids, lengths):
+            y = model(x) if key == "old_values" else lm.token_logprobs(model, x, args.temperature)
+            batch[key][rows, :y.shape[1]] = y.float()
+    return batch
 
 
-def global_whiten(x, mask, eps=1e-8):
-    """ppo.masked_whiten with mean and variance over the valid tokens of ALL ranks (the global batch)."""
-    m = mask.float()
-    n, s = all_reduce(m.sum()), all_reduce((x * m).sum())
-    mean = s / max(n, 1)
-    var = all_reduce((((x - mean) * m) ** 2).sum()) / max(n - 1, 1)
-    return (x - mean) / math.sqrt(var + eps) * m
+def sum_over_ranks(t):
+    """A tensor summed over every process (the `reduce` hook of ppo.masked_mean / masked_whiten)."""
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t
+
+
+def advantages(run, args, batch, rewards):
+    """(B, T-1) advantages on the policy tokens. GRPO: the group-relative advantage of the whole dialogue on
+    each of its tokens. PPO: GAE with the critic's values, whitened over the policy tokens of all ranks."""
+    mask = batch["mask"]
+    if args.algo == "grpo":
+        group = grpo.group_advantages(rewards, args.group_size, scale_by_std=not args.no_std)  # (B,)
+        return group[:, None] * mask
+    kl_coef = args.kl_coef if "ref_logprobs" in batch else 0.0
+    token_rewards = ppo.token_rewards(rewards, mask, batch["old_logprobs"], batch.get("ref_logprobs"), kl_coef)
+    adv, batch["returns"] = ppo.compute_gae(token_rewards, batch["old_values"], mask, args.gamma, args.lam)
+    return ppo.masked_whiten(adv, mask, reduce=sum_over_ranks)
 
 
 def optimizer_step(model, optimizer, grad_clip):
@@ -426,148 +396,105 @@ def optimizer_step(model, optimizer, grad_clip):
     return norm.item()
 
 
-SUMMED = ("loss", "policy_loss", "value_loss")  # micro-batch losses scaled by the global count (sum, not average)
+def shuffle_seed(seed, step, epoch):
+    """The mini-batch shuffle's seed per (run seed, step, epoch): mixed like rollout.rollout_seed, salted so
+    it is not the seed of any dialogue's stream."""
+    return ro.rollout_seed(seed + 7_919, step, epoch)
 
 
-def update(run, batch, args):
-    """Several epochs of clipped-surrogate updates over this step's rollouts (and critic updates for PPO)."""
+def update(run, batch, args, step):
+    """--epochs passes of clipped-surrogate updates over this step's rollouts, --mini-batches optimizer
+    steps each (and the same for the PPO critic). Returns the step's update metrics (update_metrics)."""
     ids, mask, lengths = batch["ids"], batch["mask"], batch["lengths"]
-    world = dist.get_world_size()
-    B = len(ids)
-    stats = {}
+    world, B = dist.get_world_size(), len(ids)
+    sums = {}
     for epoch in range(args.epochs):
-        order = torch.randperm(B, generator=torch.Generator().manual_seed(args.seed + run["step"] * 7 + epoch)).tolist()
-        per_mini = B // args.mini_batches
-        for m in range(args.mini_batches):
-            mini = order[m * per_mini:(m + 1) * per_mini]
+        order = torch.randperm(B, generator=torch.Generator().manual_seed(shuffle_seed(args.seed, step, epoch)))
+        for mini in order.split(B // args.mini_batches):
+            mini = mini.tolist()
             # Normalise by the GLOBAL count (every micro-batch on every rank) / world: FSDP averages gradients
             # over ranks, so the total gradient is that of sum(per-token loss) / N_global (see ppo.aggregate).
-            n_tokens = all_reduce(mask[mini].sum()) / world
-            n_seqs = all_reduce((mask[mini].sum(1) > 0).sum()) / world
-            scale = dict(agg=args.loss_agg, loss_scale_tokens=n_tokens, loss_scale_seqs=n_seqs)
-            for rows in micro_batches(mini, args.micro_batch):
-                x, T = trim(ids, rows, lengths), max(lengths[r] for r in rows) - 1
-                mb = {k: batch[k][rows, :T] for k in ("mask", "old_logprobs", "ref_logprobs", "advantages",
-                                                      "old_values", "returns") if k in batch}
-                logprobs, entropy = lm.token_logprobs(run["policy"], x, args.temperature, return_entropy=True)
+            scale = dict(agg=args.loss_agg, loss_scale_tokens=all_reduce(mask[mini].sum()) / world,
+                         loss_scale_seqs=all_reduce((mask[mini].sum(1) > 0).sum()) / world)
+            for rows, x in micro_batches(mini, args.micro_batch, ids, lengths):
+                mb = {k: v[rows, :x.shape[1] - 1] for k, v in batch.items() if k not in ("ids", "lengths")}
+                logprobs, entropy = lm.token_logprobs(run.policy, x, args.temperature, return_entropy=True)
                 if args.algo == "grpo":
                     loss, metrics = grpo.grpo_loss(logprobs, mb["old_logprobs"], mb.get("ref_logprobs"),
                                                    mb["advantages"], mb["mask"], args.clip_low, args.clip_high,
                                                    args.kl_coef, dual_clip=args.dual_clip, **scale)
-                else:
+                else:  # the critic shares no parameter with the policy: one backward serves both losses
                     loss, metrics = ppo.policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mb["mask"],
                                                     args.clip_low, args.clip_high, args.dual_clip, **scale)
+                    vloss, vmetrics = ppo.value_loss(run.critic(x), mb["old_values"], mb["returns"], mb["mask"],
+                                                     args.value_clip, **scale)
+                    metrics.update(vmetrics, loss=loss.detach())
+                    loss = loss + vloss
                 loss.backward()
                 metrics["entropy"] = ppo.masked_mean(entropy.detach(), mb["mask"])
-                if args.algo == "ppo":
-                    values = run["critic"](x)
-                    vloss, vmetrics = ppo.value_loss(values, mb["old_values"], mb["returns"], mb["mask"],
-                                                     args.value_clip, **scale)
-                    vloss.backward()
-                    metrics.update(vmetrics)
-                    metrics["loss"] = loss.detach()
-                for k, v in metrics.items():  # token-weighted sums, averaged over the step below; the losses are
-                    w = 1.0 if k in SUMMED else mb["mask"].sum().item()  # already / N_global: they just add up
-                    stats[k] = stats.get(k, 0.0) + float(v) * w
-                stats["_weight"] = stats.get("_weight", 0.0) + mb["mask"].sum().item()
-                stats["loss_total"] = stats.get("loss_total", 0.0) + loss.item()
-            stats["grad_norm"] = optimizer_step(run["policy"], run["optimizer"], args.grad_clip)
-            if args.algo == "ppo":
-                stats["critic_grad_norm"] = optimizer_step(run["critic"], run["critic_optimizer"], args.grad_clip)
-    for sched in ("scheduler", "critic_scheduler"):
-        if sched in run:
-            run[sched].step()
-    weight = all_reduce(stats.pop("_weight"))
-    n_updates = args.epochs * args.mini_batches
-    out = {k: all_reduce(v) / (world * n_updates if k in SUMMED else max(weight, 1)) for k, v in stats.items()
-           if k not in ("grad_norm", "critic_grad_norm", "loss_total")}
-    out["loss"] = all_reduce(stats["loss_total"]) / world / n_updates  # global loss, mean over optimizer steps
-    for k in ("grad_norm", "critic_grad_norm"):
-        if k in stats:
-            out[k] = stats[k]
+                accumulate(sums, metrics, mb["mask"].sum().item())
+            for name, model, optimizer, _ in run.trained():
+                key = "grad_norm" if name == "policy" else "critic_grad_norm"
+                sums[key] = sums.get(key, 0.0) + optimizer_step(model, optimizer, args.grad_clip)
+    for _, _, _, scheduler in run.trained():
+        scheduler.step()
+    return update_metrics(sums, args.epochs * args.mini_batches)
+
+
+SUMMED = ("loss", "policy_loss", "value_loss")  # micro-batch losses already / N_global: they add up, not average
+GRAD_NORMS = ("grad_norm", "critic_grad_norm")  # one value per optimizer step
+
+
+def accumulate(sums, metrics, n_tokens):
+    """Add one micro-batch's metrics: the losses as they are, every other metric weighted by its tokens."""
+    for k, v in metrics.items():
+        sums[k] = sums.get(k, 0.0) + float(v) * (1.0 if k in SUMMED else n_tokens)
+    sums["_tokens"] = sums.get("_tokens", 0.0) + n_tokens
+
+
+def update_metrics(sums, n_updates):
+    """The step's update metrics over all ranks: losses = the global loss averaged over the optimizer steps;
+    grad_norm / critic_grad_norm = the mean over the step's optimizer steps (this rank's, equal on all ranks
+    under FSDP); every other metric = token-weighted mean over the global batch."""
+    world, tokens = dist.get_world_size(), all_reduce(sums.pop("_tokens"))
+    out = {}
+    for k, v in sums.items():
+        if k in GRAD_NORMS:
+            out[k] = v / n_updates
+        elif k in SUMMED:
+            out[k] = all_reduce(v) / (world * n_updates)
+        else:
+            out[k] = all_reduce(v) / max(tokens, 1)
     return out
 
 
-def train_step(run, args, profiles, backend, tokenizer, eos_ids, step):
-    """One RLVER step: rollout -> reward -> score -> advantages -> update. Returns metrics and dialogues."""
-    rank, world, device = dist.get_rank(), dist.get_world_size(), run["device"]
-    # 1. this step's profiles (an epoch-wise shuffle of the training set), this rank's contiguous share, each
-    #    repeated group_size times so a whole group lives on one rank.
-    P = args.profiles_per_step
-    chosen = [(step * P + i) % len(profiles) for i in range(P)]
-    epoch = step * P // len(profiles)
-    perm = torch.randperm(len(profiles), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
-    share = P // world
-    mine = chosen[rank * share:(rank + 1) * share]
-    batch_profiles = [profiles[perm[i]] for i in mine for _ in range(args.group_size)]
-    seeds = [rollout_seed(args.seed, step, rank * share * args.group_size + j) for j in range(len(batch_profiles))]
-
-    timing, t0 = {}, time.time()
-    with generation_mode(run["policy"]):
-        dialogues = rollout(run["policy"], tokenizer, batch_profiles, backend, think=args.think,
-                            max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_p=args.top_p, mode=args.mode, seeds=seeds,
-                            max_context=args.max_context, eos_ids=eos_ids, timing=timing,
-                            log=(lambda line: print(line, flush=True)) if rank == 0 else None)
-    t_rollout = time.time() - t0
-
-    # 2. rewards: final emotion / 100 (the verifiable emotion reward)
-    t0 = time.time()
-    rewards = torch.tensor([sim.reward(d.episode) for d in dialogues], device=device)  # (B,)
-    ids, mask = collate(dialogues, tokenizer.pad_token_id, device)  # (B, T), (B, T-1)
-    lengths = [len(d.ids) for d in dialogues]
-    batch = {"ids": ids, "mask": mask, "lengths": lengths}
-
-    # 3. score the rollouts: old log-probs (pi_old), reference log-probs, values
-    batch["old_logprobs"] = score(run["policy"], ids, mask, lengths, args)
-    if run.get("reference") is not None:
-        batch["ref_logprobs"] = score(run["reference"], ids, mask, lengths, args)
-
-    # 4. advantages
-    if args.algo == "grpo":
-        advantages = grpo.group_advantages(rewards, args.group_size, scale_by_std=not args.no_std)  # (B,)
-        batch["advantages"] = advantages[:, None] * mask  # every token of a rollout shares its advantage
-    else:
-        batch["old_values"] = score(run["critic"], ids, mask, lengths, args, values=True)
-        token_rewards = ppo.token_rewards(rewards, mask, batch["old_logprobs"], batch.get("ref_logprobs"),
-                                          args.kl_coef if "ref_logprobs" in batch else 0.0)
-        advantages, batch["returns"] = ppo.compute_gae(token_rewards, batch["old_values"], mask, args.gamma, args.lam)
-        batch["advantages"] = global_whiten(advantages, mask)
-    kl_to_ref = None
-    if "ref_logprobs" in batch:  # k1 estimate of KL(pi_old || pi_ref) over the global batch's policy tokens
-        kl_to_ref = all_reduce(((batch["old_logprobs"] - batch["ref_logprobs"]) * mask).sum()) / max(
-            all_reduce(mask.sum()), 1)
-
-    # 5. update
-    metrics = update(run, batch, args)
-    t_update = time.time() - t0
-    if kl_to_ref is not None:
-        metrics["kl_ref"] = kl_to_ref
-
-    # metrics over the global batch
+def step_metrics(run, args, dialogues, rewards, batch, stats, timing):
+    """One metrics.jsonl row: the update's metrics plus means over the global batch of dialogues."""
     episodes = [d.episode for d in dialogues]
     n = all_reduce(len(dialogues))
-    mean = lambda xs: all_reduce(sum(xs)) / n
-    reward_mean = mean([float(r) for r in rewards])
+    mean = lambda xs: all_reduce(sum(xs)) / n  # noqa: E731
+    reward = mean(rewards.tolist())
+    slowest = lambda key: all_reduce(timing.get(key, 0.0), dist.ReduceOp.MAX)  # noqa: E731
+    metrics = dict(stats)
+    if "ref_logprobs" in batch:  # k1 estimate of KL(pi_old || pi_ref) over the global batch's policy tokens
+        metrics["kl_ref"] = ppo.masked_mean(batch["old_logprobs"] - batch["ref_logprobs"], batch["mask"],
+                                            reduce=sum_over_ranks).item()
     metrics.update(
-        step=step + 1, reward=reward_mean,
-        reward_std=math.sqrt(max(mean([float(r) ** 2 for r in rewards]) - reward_mean ** 2, 0.0)),
-        emotion=100 * reward_mean,
+        reward=reward, reward_std=math.sqrt(max(mean([r * r for r in rewards.tolist()]) - reward ** 2, 0.0)),
+        emotion=100 * reward,
         success=mean([e.end_reason == "success" for e in episodes]),
         failure=mean([e.end_reason == "failure" for e in episodes]),
         turns=mean([len(e.turns) for e in episodes]),
         truncated=mean([d.truncated for d in dialogues]),
         parse_failures=mean([e.parse_failures for e in episodes]),
         policy_tokens=mean([sum(d.policy_mask) for d in dialogues]),
-        seq_len=mean(lengths),
-        time_rollout=all_reduce(t_rollout, dist.ReduceOp.MAX),
-        time_generate=all_reduce(timing.get("generate", 0.0), dist.ReduceOp.MAX),
-        time_simulator=all_reduce(timing.get("simulator", 0.0), dist.ReduceOp.MAX),
-        time_update=all_reduce(t_update, dist.ReduceOp.MAX),
+        seq_len=mean(batch["lengths"]),
+        time_rollout=slowest("rollout"), time_generate=slowest("generate"), time_simulator=slowest("simulator"),
+        time_update=slowest("update"),
         gen_tokens_per_s=all_reduce(timing.get("tokens", 0) / max(timing.get("generate", 1e-9), 1e-9)),
-        lr=run["optimizer"].param_groups[0]["lr"],
+        lr=run.optimizer.param_groups[0]["lr"],
     )
-    return metrics, dialogues
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -583,19 +510,17 @@ def checkpoint_dirs(out):
     return [os.path.join(root, f"step_{s}") for s in sorted(steps)]
 
 
-def stateful(run):
-    """What --resume needs: model and optimizer state (sharded, via torch.distributed.checkpoint)."""
+def trainer_state(run):
+    """What --resume needs: model and optimizer state of the policy (and critic), sharded, for DCP."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     state = {}
-    for name, opt in (("policy", "optimizer"), ("critic", "critic_optimizer")):
-        if name in run:
-            model_sd, optim_sd = get_state_dict(run[name], run[opt])
-            state[name], state[opt] = model_sd, optim_sd
+    for name, model, optimizer, _ in run.trained():
+        state[name], state[f"{name}_optimizer"] = get_state_dict(model, optimizer)
     return state
 
 
-def save_checkpoint(run, args, tokenizer, step):
+def save_checkpoint(run, args, step):
     """Written to step_N.tmp and renamed when complete: a kill mid-save never leaves a broken checkpoint."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -607,14 +532,14 @@ def save_checkpoint(run, args, tokenizer, step):
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    full = get_model_state_dict(run["policy"], options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = get_model_state_dict(run.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        lm.save_model(full, run["policy"].config, os.path.join(tmp, "hf"), tokenizer)
+        lm.save_model(full, run.policy.config, os.path.join(tmp, "hf"), run.tokenizer)
     del full
-    dcp.save(stateful(run), checkpoint_id=os.path.join(tmp, "trainer"))
+    dcp.save(trainer_state(run), checkpoint_id=os.path.join(tmp, "trainer"))
     if rank == 0:
-        extra = {k: run[k].state_dict() for k in ("scheduler", "critic_scheduler") if k in run}
-        torch.save(extra, os.path.join(tmp, "schedulers.pt"))
+        torch.save({name: scheduler.state_dict() for name, _, _, scheduler in run.trained()},
+                   os.path.join(tmp, "schedulers.pt"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({"step": step, "algo": args.algo, "world_size": dist.get_world_size()}, f)
         open(os.path.join(tmp, "DONE"), "w").close()
@@ -627,17 +552,16 @@ def save_checkpoint(run, args, tokenizer, step):
 
 
 def load_checkpoint(run, path):
+    """Restore models, optimizers and schedulers in place; returns the checkpoint's step."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    state = stateful(run)
+    state = trainer_state(run)
     dcp.load(state, checkpoint_id=os.path.join(path, "trainer"))
-    for name, opt in (("policy", "optimizer"), ("critic", "critic_optimizer")):
-        if name in run:
-            set_state_dict(run[name], run[opt], model_state_dict=state[name], optim_state_dict=state[opt])
-    extra = torch.load(os.path.join(path, "schedulers.pt"), weights_only=False)
-    for k, v in extra.items():
-        run[k].load_state_dict(v)
+    schedulers = torch.load(os.path.join(path, "schedulers.pt"), weights_only=False)
+    for name, model, optimizer, scheduler in run.trained():
+        set_state_dict(model, optimizer, model_state_dict=state[name], optim_state_dict=state[f"{name}_optimizer"])
+        scheduler.load_state_dict(schedulers[name])
     with open(os.path.join(path, "state.json")) as f:
         return json.load(f)["step"]
 
@@ -653,13 +577,6 @@ def log_line(m, total_steps):
             f"ent {m.get('entropy', 0.0):.2f} | len {m['policy_tokens']:.0f} | "
             f"rollout {m['time_rollout']:.1f}s (sim {m['time_simulator']:.1f}s) update {m['time_update']:.1f}s | "
             f"{m['gen_tokens_per_s']:.0f} tok/s")
-
-
-def transcript(d, step=None):
-    e = d.episode
-    return {"step": step, "profile_id": e.profile.id, "reward": sim.reward(e), "end_reason": e.end_reason,
-            "initial_emotion": e.profile.initial_emotion, "opening": e.profile.opening,
-            "turns": e.turns, "policy_texts": d.policy_texts, "parse_failures": e.parse_failures}
 
 
 def append_jsonl(path, records):
@@ -681,16 +598,11 @@ def truncate_metrics(path, step):
 # Evaluation on the test profiles (greedy), each rank its share; benchmark.py writes the report.
 
 
-def evaluate_policy(run, args, backend, tokenizer, eos_ids, test_profiles, step):
-    import benchmark
-
+def evaluate_policy(run, args, step):
     rank, world = dist.get_rank(), dist.get_world_size()
-    profiles = test_profiles[:args.eval_profiles]
-    mine = profiles[rank * len(profiles) // world:(rank + 1) * len(profiles) // world]  # contiguous: keeps order
-    with generation_mode(run["policy"]):
-        dialogues = rollout(run["policy"], tokenizer, mine, backend, think=args.think, max_turns=args.max_turns,
-                            max_new_tokens=args.max_new_tokens, temperature=0.0, mode=args.mode,
-                            max_context=args.max_context, eos_ids=eos_ids)
+    profiles = run.test_profiles[:args.eval_profiles]
+    lo, hi = rank * len(profiles) // world, (rank + 1) * len(profiles) // world  # contiguous: keeps order
+    dialogues = play(run, args, profiles[lo:hi], seeds=list(range(lo, hi)), temperature=0.0)
     gathered = [None] * world
     dist.all_gather_object(gathered, [d.episode for d in dialogues])
     if rank != 0:
@@ -736,8 +648,6 @@ def setup(args, argv):
     tokenizer = lm.load_tokenizer(args.model)
     profiles = sim.load_profiles(args.train_profiles) if args.train_profiles else sim.builtin_profiles("train")
     test_profiles = sim.load_profiles(args.test_profiles) if args.test_profiles else sim.builtin_profiles("test")
-    if not profiles:
-        raise ConfigError("the training profile file is empty")
     try:
         backend = sim.make_backend(args.simulator, model_name=args.simulator_model,
                                    api_key_env=args.simulator_key_env, device=device)
@@ -752,57 +662,65 @@ def setup(args, argv):
             json.dump({**vars(args), "world_size": world, "device": str(device), "torch": torch.__version__}, f, indent=2)
 
     torch.manual_seed(args.seed)
-    run = {"device": device, "step": 0}
-    run["policy"] = build_model(args, cfg, device, trainable=True)
-    run["optimizer"] = torch.optim.AdamW(run["policy"].parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                         betas=(0.9, 0.999))
-    warmup = lambda s: min(1.0, (s + 1) / args.warmup_steps) if args.warmup_steps else 1.0
-    run["scheduler"] = torch.optim.lr_scheduler.LambdaLR(run["optimizer"], warmup)
-    run["reference"] = build_model(args, cfg, device, trainable=False) if args.kl_coef > 0 else None
+    warmup = lambda s: min(1.0, (s + 1) / args.warmup_steps) if args.warmup_steps else 1.0  # noqa: E731
+
+    def trainable(model, lr):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
+
+    policy, optimizer, scheduler = trainable(build_model(args, cfg, device, trainable=True), args.lr)
+    run = Run(device=device, tokenizer=tokenizer, eos_ids=lm.stop_token_ids(tokenizer, args.model), profiles=profiles,
+              test_profiles=test_profiles, backend=backend, policy=policy, optimizer=optimizer, scheduler=scheduler)
+    if args.kl_coef > 0:
+        run.reference = build_model(args, cfg, device, trainable=False)
     if args.algo == "ppo":
-        run["critic"] = build_model(args, cfg, device, trainable=True, critic=True)
-        run["critic_optimizer"] = torch.optim.AdamW(run["critic"].parameters(), lr=args.critic_lr,
-                                                    weight_decay=args.weight_decay)
-        run["critic_scheduler"] = torch.optim.lr_scheduler.LambdaLR(run["critic_optimizer"], warmup)
-    return run, tokenizer, profiles, test_profiles, backend
+        run.critic, run.critic_optimizer, run.critic_scheduler = trainable(
+            build_model(args, cfg, device, trainable=True, critic=True), args.critic_lr)
+    return run
 
 
-def train(args, argv=None):
-    run, tokenizer, profiles, test_profiles, backend = setup(args, argv)
-    rank = dist.get_rank()
-    eos_ids = lm.stop_token_ids(tokenizer, args.model)
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    start = 0
+def start_step(run, args, metrics_path):
+    """0 for a fresh run (an old run's metrics removed); with --resume the latest checkpoint's step."""
     if args.resume and checkpoint_dirs(args.out):
         path = checkpoint_dirs(args.out)[-1]
         start = load_checkpoint(run, path)
-        if rank == 0:
+        if dist.get_rank() == 0:
             truncate_metrics(metrics_path, start)
             print(f"rlver: resumed from {path} at step {start}", flush=True)
-    elif rank == 0 and os.path.exists(metrics_path):
+        return start
+    if dist.get_rank() == 0 and os.path.exists(metrics_path):
         os.remove(metrics_path)  # a fresh run: do not mix with an old one's metrics
+    return 0
+
+
+def train(args, argv=None):
+    run = setup(args, argv)
+    rank = dist.get_rank()
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    start = start_step(run, args, metrics_path)
     if rank == 0:
-        print(f"rlver: {args.algo} on {args.model} | {dist.get_world_size()} process(es) on {run['device']} | "
-              f"{len(profiles)} train profiles x {args.group_size} rollouts | simulator {args.simulator} "
+        print(f"rlver: {args.algo} on {args.model} | {dist.get_world_size()} process(es) on {run.device} | "
+              f"{len(run.profiles)} train profiles x {args.group_size} rollouts | simulator {args.simulator} "
               f"({args.mode}) | out {args.out}", flush=True)
     stop = StopFlag()
     step = start
     for step in range(start, args.steps):
-        run["step"] = step
-        metrics, dialogues = train_step(run, args, profiles, backend, tokenizer, eos_ids, step)
+        metrics, dialogues = train_step(run, args, step)
+        metrics["step"] = step + 1
         if rank == 0:
             append_jsonl(metrics_path, [metrics])
             append_jsonl(os.path.join(args.out, "samples.jsonl"),
-                         [transcript(d, step + 1) for d in dialogues[:args.log_samples]])
+                         [sim.transcript(d.episode, step=step + 1, policy_texts=d.policy_texts)
+                          for d in dialogues[:args.log_samples]])
             print(log_line(metrics, args.steps), flush=True)
         if args.eval_every and (step + 1) % args.eval_every == 0:
-            summary = evaluate_policy(run, args, backend, tokenizer, eos_ids, test_profiles, step + 1)
+            summary = evaluate_policy(run, args, step + 1)
             if rank == 0:
                 print(f"eval step {step + 1}: score {summary['score']:.1f} success {summary['success_rate']:.2f} "
                       f"failure {summary['failure_rate']:.2f}", flush=True)
         stop_now = all_reduce(float(stop.requested), dist.ReduceOp.MAX) > 0
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stop_now:
-            path = save_checkpoint(run, args, tokenizer, step + 1)
+            path = save_checkpoint(run, args, step + 1)
             if rank == 0:
                 print(f"rlver: saved {path}", flush=True)
         if stop_now:

@@ -20,7 +20,9 @@ max_turns turns (a turn = one agent reply + the user's answer). The reward is fi
 
 Reading order of this file:
   1. profiles        Profile, load_profiles (our JSONL and the public RLVER/SAGE layout), builtin_profiles
-  2. episodes        Episode, new_episode, reward
+  2. episodes        Episode, new_episode, reward; the rules this file alone owns: visible_reply (what the
+                     user sees of a policy message), dialogue_end (how a dialogue ends), transcript (the
+                     JSON record of a dialogue)
   3. prompts         build_request: one chat request per turn from the templates in prompts/
   4. output format   parse_simulator_output / format_simulator_output (the strict tagged format)
   5. the turn loop   simulate_turn: one batched backend call per turn, parse, retry, update emotion
@@ -156,7 +158,7 @@ class Episode:
     messages: list            # the dialogue from the AGENT's point of view (user/assistant roles, no system)
     turns: list               # per turn: {turn, agent, thought, change, emotion, user, parse_failed}
     done: bool = False
-    end_reason: str = None    # "success" (emotion 100), "failure" (emotion 0) or "max_turns"
+    end_reason: str = None    # dialogue_end's "success" / "failure" / "max_turns", or "max_context" (rollout.py)
     parse_failures: int = 0   # turns whose simulator output stayed unparseable after the retries
 
 
@@ -172,15 +174,38 @@ def reward(episode):
 
 
 def visible_reply(text):
-    """What the user gets to see of an agent message: in think-then-say mode the agent writes
-    <think>...</think> first, and only the text after </think> reaches the user. An unclosed <think>
-    means the agent never got to its reply, so the user sees nothing."""
-    text = text or ""
+    """What the user gets to see of a policy message (the one owner of this rule). A think-then-say policy
+    writes <think>...</think> first and only the text after </think> reaches the user; an unclosed <think>
+    means the policy never got to its reply, so the user sees nothing. (Applied in every template mode: a
+    thought never reaches the user.)"""
+    text = (text or "").strip()
     if "</think>" in text:
         return text.rsplit("</think>", 1)[1].strip()
     if "<think>" in text:
         return ""
-    return text.strip()
+    return text
+
+
+def dialogue_end(emotion, turns, max_turns):
+    """How a dialogue ends (the one owner of this rule): None while it goes on. At emotion 0 the user gives
+    up and leaves ("failure"), at 100 the user feels fully supported ("success"), else after max_turns."""
+    if emotion <= 0:
+        return "failure"
+    if emotion >= 100:
+        return "success"
+    if turns >= max_turns:
+        return "max_turns"
+    return None
+
+
+def transcript(episode, **extra):
+    """One JSON record per dialogue, everything needed to read it back and to re-score it (the trainer's
+    samples.jsonl and the evaluation's transcripts.jsonl). extra: e.g. step=, seed=, policy_texts=."""
+    return {**extra, "profile_id": episode.profile.id, "initial_emotion": episode.profile.initial_emotion,
+            "final_emotion": episode.emotion, "reward": reward(episode), "end_reason": episode.end_reason,
+            "opening": episode.profile.opening, "parse_failures": episode.parse_failures,
+            "turns": [{k: t[k] for k in ("turn", "agent", "emotion", "change", "thought", "user")}
+                      for t in episode.turns]}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -274,7 +299,8 @@ def format_simulator_output(thought, change, reply):
 def simulate_turn(episodes, agent_replies, backend, mode="vanilla", max_turns=8, retries=2):
     """Advance every unfinished episode by one turn: the agent's reply -> the simulated user's answer.
 
-    agent_replies[i] is the agent's message for episodes[i] (ignored if that episode is done). The backend
+    agent_replies[i] is the agent's whole message for episodes[i] (ignored if that episode is done); the
+    user sees only visible_reply(message), the agent's side of the dialogue keeps it all. The backend
     is queried ONCE for all active episodes; outputs that do not parse are re-queried (only those) up to
     `retries` times; a turn that still fails counts as change 0 with a fallback reply and is counted in
     episode.parse_failures, so a flaky simulator never crashes a training run.
@@ -317,17 +343,13 @@ def simulate_turn(episodes, agent_replies, backend, mode="vanilla", max_turns=8,
             thought, change, user_reply = f"(unparseable simulator output: {errors[k]})", 0, FALLBACK_REPLY
             ep.parse_failures += 1
         ep.emotion = max(0, min(100, ep.emotion + change))   # the code, not the LLM, applies the change
-        ep.messages.append({"role": "assistant", "content": agent_replies[i] or ""})
+        ep.messages.append({"role": "assistant", "content": (agent_replies[i] or "").strip()})
         ep.messages.append({"role": "user", "content": user_reply})
         ep.turns.append({"turn": len(ep.turns) + 1, "agent": shown[i], "thought": thought, "change": change,
                          "emotion": ep.emotion, "user": user_reply, "parse_failed": k not in parsed})
-        if ep.emotion <= 0:
-            ep.done, ep.end_reason = True, "failure"     # the user gives up and leaves
-        elif ep.emotion >= 100:
-            ep.done, ep.end_reason = True, "success"     # the user feels fully supported
-        elif len(ep.turns) >= max_turns:
-            ep.done, ep.end_reason = True, "max_turns"
-        else:
+        ep.end_reason = dialogue_end(ep.emotion, len(ep.turns), max_turns)
+        ep.done = ep.end_reason is not None
+        if not ep.done:
             new_user_messages[i] = user_reply
     return new_user_messages
 
@@ -570,12 +592,11 @@ def _first_model_id(listing):
 # own seeded torch.Generator, so a run is reproducible without touching global random state.
 
 class LocalModelBackend:
-    def __init__(self, model, tokenizer, max_new_tokens=512, temperature=0.7, top_p=1.0, seed=0,
-                 batch_size=16, chat_template_kwargs=None):
+    def __init__(self, model, tokenizer, max_new_tokens=512, temperature=0.7, top_p=1.0, seed=0, batch_size=16):
         import torch
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
-        self.batch_size, self.chat_template_kwargs = batch_size, dict(chat_template_kwargs or {})
+        self.batch_size = batch_size
         device = next(model.parameters()).device
         self.generator = torch.Generator(device=device).manual_seed(seed)
         from model import stop_token_ids
@@ -591,7 +612,7 @@ class LocalModelBackend:
         import torch
         from model import generate
         prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(
-                       messages, tokenize=False, add_generation_prompt=True, **self.chat_template_kwargs),
+                       messages, tokenize=False, add_generation_prompt=True),
                        add_special_tokens=False) for messages in requests]
         texts = []
         with torch.no_grad():

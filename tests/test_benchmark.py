@@ -3,7 +3,6 @@ the speed table, and one-line CLI errors."""
 import http.server
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -11,11 +10,11 @@ import threading
 import xml.etree.ElementTree as ET
 
 import pytest
+from conftest import ROOT, closed_port
 
 import benchmark
 import simulator as sim
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SVG = "{http://www.w3.org/2000/svg}"
 
 
@@ -25,7 +24,7 @@ def episode(final_emotion, emotions, pid="p", initial=50):
                           initial_emotion=initial)
     turns = [{"turn": i + 1, "agent": "a", "thought": "t", "change": 0, "emotion": e, "user": "u",
               "parse_failed": False} for i, e in enumerate(emotions)]
-    end = benchmark.outcome(final_emotion)
+    end = sim.dialogue_end(final_emotion, len(emotions), max_turns=len(emotions))
     return sim.Episode(profile=profile, emotion=final_emotion, messages=[], turns=turns, done=True, end_reason=end)
 
 
@@ -187,7 +186,7 @@ def test_eval_against_fake_endpoint(tmp_path, fake_endpoint, capsys, monkeypatch
 
 
 def test_eval_local_tiny_model_sees_what_training_sees(tmp_path, tiny_qwen2):
-    import rlver
+    import rollout
     from model import load_model, load_tokenizer
 
     out = tmp_path / "eval"
@@ -196,10 +195,10 @@ def test_eval_local_tiny_model_sees_what_training_sees(tmp_path, tiny_qwen2):
     transcripts, summary, svg = read_outputs(out)
     assert len(transcripts) == 3 and len(svg.findall(f"{SVG}polyline[@class='dialogue']")) == 3
     assert all(1 <= len(t["turns"]) <= 2 for t in transcripts)
-    # eval is rlver.rollout with greedy decoding: the same replies come out of the training loop
+    # eval is rollout.rollout with greedy decoding: the same replies come out of the training loop
     model, tokenizer = load_model(tiny_qwen2), load_tokenizer(tiny_qwen2)
-    dialogues = rlver.rollout(model, tokenizer, sim.builtin_profiles("test")[:3], sim.RulesBackend(), think=False,
-                              max_turns=2, max_new_tokens=12, temperature=0.0)
+    dialogues = rollout.rollout(model, tokenizer, sim.builtin_profiles("test")[:3], sim.RulesBackend(), think=False,
+                                max_turns=2, max_new_tokens=12, temperature=0.0, seeds=[0, 1, 2])
     assert [[t["agent"] for t in d.episode.turns] for d in dialogues] == [[t["agent"] for t in tr["turns"]]
                                                                           for tr in transcripts]
     assert summary["score"] == pytest.approx(statistics.mean(d.episode.emotion for d in dialogues))
@@ -251,11 +250,6 @@ def test_hbm_percent_counts_weights_once_and_the_kv_cache(tiny_checkpoints):
         # 10 steps in 1 s at a peak of exactly the bytes of one step per 0.1 s -> 100%
         assert benchmark.hbm_percent(model, 3, 10, 10, 1.0, (weight_bytes + kv_bytes) / 0.1) == pytest.approx(100.0)
 
-
-def closed_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # nothing listens here once the socket is closed
 
 
 @pytest.mark.parametrize("case", ["missing folder", "folder without config", "unreachable endpoint",

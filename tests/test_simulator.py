@@ -3,13 +3,13 @@ backend against a real local server, and the local-model backend on a tiny rando
 import http.server
 import json
 import random
-import socket
 import statistics
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from conftest import closed_port
 
 import simulator as S
 from simulator import (OpenAIBackend, ParseError, ProfileError, RulesBackend, SimulatorError, build_request,
@@ -535,9 +535,7 @@ def test_http_requests_run_concurrently(server):
 
 
 def test_http_check_unreachable_port_gives_one_clear_line():
-    with socket.socket() as s:   # a port that nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = closed_port()   # a port that nothing listens on
     backend = OpenAIBackend(f"http://127.0.0.1:{port}/v1", timeout=2)
     with pytest.raises(SimulatorError) as error:
         backend.check()
@@ -563,13 +561,8 @@ def test_http_key_never_appears_in_errors_or_repr(server, monkeypatch):
 # ----------------------------------------------------------------------------------------------------
 # LocalModelBackend on a tiny random checkpoint (model.py)
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    from model import make_tiny_checkpoint
-    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny") / "ckpt"))
-
-
-def test_local_model_backend(tiny_checkpoint):
+def test_local_model_backend(tiny_qwen2):
+    tiny_checkpoint = tiny_qwen2
     from model import load_model, load_tokenizer
     backend = make_backend(tiny_checkpoint, max_new_tokens=6, temperature=1.0, seed=0, batch_size=2)
     assert isinstance(backend, S.LocalModelBackend)

@@ -1,0 +1,146 @@
+"""rollout.py, the multi-turn engine, in-process on the tiny checkpoint against the rules simulator: the carried
+ids of a dialogue are exactly the chat template of its conversation with the policy turns as sampled, the loss
+mask covers exactly the sampled tokens, in both template modes and whichever stop token ended a turn."""
+import model as lm
+import rollout as ro
+import simulator as sim
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The multi-turn token carry
+
+
+def runs(mask):
+    """Maximal runs of equal mask values: [(value, start, end)]."""
+    out, start = [], 0
+    for i in range(1, len(mask) + 1):
+        if i == len(mask) or mask[i] != mask[start]:
+            out.append((mask[start], start, i))
+            start = i
+    return out
+
+
+def eos_bias_hook(model, eos_id, bias):
+    """Make the random tiny model end some (not all) turns with EOS: add `bias` to the EOS logit."""
+    def hook(module, inputs, logits):
+        logits = logits.clone()
+        logits[..., eos_id] += bias
+        return logits
+    return model.lm_head.register_forward_hook(hook)
+
+
+def dialogues_for_carry(tiny_qwen2, think, eos_ids=None, bias_id=None):
+    tok = lm.load_tokenizer(tiny_qwen2)
+    model = lm.load_model(tiny_qwen2)
+    # +5 on the EOS logit: about 60% of 24 turns end with EOS (some at once, an empty reply), the rest run
+    # to max_new_tokens; both branches of the carry get exercised
+    handle = eos_bias_hook(model, tok.eos_token_id if bias_id is None else bias_id, 5.0)
+    try:
+        dialogues = ro.rollout(model, tok, sim.builtin_profiles("train")[:8], sim.RulesBackend(), think=think,
+                               max_turns=3, max_new_tokens=12, seeds=list(range(8)), eos_ids=eos_ids)
+    finally:
+        handle.remove()
+    return tok, dialogues
+
+
+def decode(tok, ids, skip=False):
+    return tok.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+
+
+EOS = 2  # <|im_end|> in the tiny tokenizer (checked below)
+
+
+def check_carry(tok, d, think, stop_ids):
+    """The ids of one dialogue are the chat template of its conversation, with the policy turns exactly as
+    sampled; the mask is True on exactly those sampled tokens."""
+    eos = tok.eos_token
+    assert tok.eos_token_id == EOS and eos == "<|im_end|>"
+    rs = runs(d.policy_mask)
+    n = len(d.episode.turns)
+    policy_runs = [(s, e) for v, s, e in rs if v]
+    context_runs = [(s, e) for v, s, e in rs if not v]
+    # prompt, policy turn, user turn, policy turn, ..., policy turn (the simulator's last answer ended it)
+    assert [v for v, _, _ in rs] == [False, True] * n
+    assert len(policy_runs) == len(d.policy_texts) == n
+    sampled = [d.ids[s:e] for s, e in policy_runs]
+    # the masked ids are exactly the sampled replies: their decode is the recorded per-turn text
+    assert [decode(tok, x, skip=True) for x in sampled] == d.policy_texts
+    assert decode(tok, [i for i, m in zip(d.ids, d.policy_mask) if m], skip=True) == "".join(d.policy_texts)
+    # a reply only ends early with a stop token; otherwise it used its whole token budget
+    ended = [bool(x) and x[-1] in stop_ids for x in sampled]
+    assert all(e or len(x) == 12 for e, x in zip(ended, sampled))
+    assert all(i not in stop_ids for x in sampled for i in x[:-1])
+
+    # the conversation as the chat template renders it, the assistant turns being the raw sampled text
+    # (what the USER saw is its stripped / visible part: episode.messages)
+    raw = [decode(tok, x[:-1] if e and decode(tok, x[-1:]) == eos else x) for x, e in zip(sampled, ended)]
+    messages = [{"role": "system", "content": ro.system_prompt(think)}] + [dict(m) for m in d.episode.messages]
+    assistant = [m for m in messages if m["role"] == "assistant"]
+    assert len(assistant) == n and len(messages) == 2 + 2 * n  # system, opening, n x (reply, user answer)
+    for m, text in zip(assistant, d.policy_texts):
+        assert m["content"] == (sim.visible_reply(text) if think else text.strip())
+    marks = [f"\u2063SAMPLED{i}\u2063" for i in range(n)]
+    for m, mark in zip(assistant, marks):
+        m["content"] = mark
+    # the last user answer ended the dialogue: the policy never saw it
+    template = ro.render(tok, messages[:-2], add_generation_prompt=True) + marks[-1]
+    pieces = []
+    for mark in marks:
+        before, template = template.split(mark)
+        pieces.append(before)
+    assert template == ""
+    # piece i is the template text before sampled turn i; a turn that ended with the template's own EOS
+    # already holds the "<|im_end|>" that starts the next piece, so the carried ids skip it
+    for i, (s, e) in enumerate(context_runs):
+        want = pieces[i]
+        if i and ended[i - 1] and decode(tok, sampled[i - 1][-1:]) == eos:
+            assert want.startswith(eos)
+            want = want[len(eos):]
+        assert decode(tok, d.ids[s:e]) == want, f"context run {i}"
+    # and the whole sequence: the template of [system] + the dialogue, with the sampled text as the replies
+    rendered = [dict(m) for m in messages[:-2]]
+    for m, text in zip([m for m in rendered if m["role"] == "assistant"], raw):
+        m["content"] = text
+    last = decode(tok, sampled[-1])
+    assert decode(tok, d.ids) == ro.render(tok, rendered, add_generation_prompt=True) + last
+    return [x[-1] if e else None for x, e in zip(sampled[:-1], ended)]  # how each turn before a user turn ended
+
+
+def kinds(endings):
+    return {"eos" if e == EOS else "other stop" if e is not None else "budget" for e in endings}
+
+
+def test_rollout_carries_template_ids_and_masks_only_sampled_tokens(tiny_qwen2, one_thread):
+    tok, dialogues = dialogues_for_carry(tiny_qwen2, think=False)
+    endings = [e for d in dialogues for e in check_carry(tok, d, think=False, stop_ids={tok.eos_token_id})]
+    # both branches of the carry, each followed by a user turn: a reply that ended with EOS, one that ran out
+    assert kinds(endings) == {"eos", "budget"}
+    # collate aligns the loss mask with the targets ids[:, 1:]
+    ids, mask = ro.collate(dialogues, tok.pad_token_id, "cpu")
+    for i, d in enumerate(dialogues):
+        assert mask[i, :len(d.ids) - 1].tolist() == d.policy_mask[1:] and not mask[i, len(d.ids) - 1:].any()
+        assert ids[i, :len(d.ids)].tolist() == d.ids
+
+
+def test_rollout_carry_in_think_mode(tiny_qwen2, one_thread):
+    # think-then-say: the user sees only the text after </think>, the ids keep everything the policy sampled
+    tok, dialogues = dialogues_for_carry(tiny_qwen2, think=True)
+    for d in dialogues:
+        rs = runs(d.policy_mask)
+        assert [v for v, _, _ in rs] == [False, True] * len(d.episode.turns)
+        assert [decode(tok, d.ids[s:e], skip=True) for v, s, e in rs if v] == d.policy_texts
+        first = ro.render(tok, [{"role": "system", "content": ro.system_prompt(True)},
+                                   d.episode.messages[0]], add_generation_prompt=True)
+        assert decode(tok, d.ids[:rs[0][2]]) == first
+
+
+def test_rollout_carry_when_a_turn_stops_on_another_stop_id(tiny_qwen2, one_thread):
+    # Qwen2.5-Instruct stops on <|im_end|> (the tokenizer's EOS, the template's end of turn) and on
+    # <|endoftext|> (generation_config.json). A turn that ends with <|endoftext|> still needs the template's
+    # "<|im_end|>" after it; only a turn that ended with the template's own EOS may skip it.
+    tok = lm.load_tokenizer(tiny_qwen2)
+    stop = [tok.eos_token_id, tok.pad_token_id]  # pad = <|endoftext|> in the tiny tokenizer
+    assert tok.convert_ids_to_tokens(tok.pad_token_id) == "<|endoftext|>"
+    tok, dialogues = dialogues_for_carry(tiny_qwen2, think=False, eos_ids=stop, bias_id=tok.pad_token_id)
+    endings = [e for d in dialogues for e in check_carry(tok, d, think=False, stop_ids=set(stop))]
+    assert "other stop" in kinds(endings)
