@@ -23,12 +23,13 @@ spread is the std of the per-seed scores. The policy is a local HF folder, a mod
 `speed`: decode tokens/s of model.generate (static KV cache) against transformers' generate and against a
 no-cache loop, on the same weights and prompts, plus the time split of one training step.
 
-Read top to bottom: score arithmetic -> report files (transcripts, summary, SVG) ->
-evaluate() -> speed harness -> command line.
+Read top to bottom: score arithmetic -> report files (transcripts, summary, SVG) -> training curves
+(curves.svg from metrics.jsonl) -> evaluate() -> speed harness -> command line.
 """
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -108,32 +109,90 @@ def profile_table(episodes):
     return "\n".join(lines)
 
 
+# Hand-written SVG, no plotting library. Both pictures (trajectories.svg here, curves.svg for training) are
+# built from the same three pieces: _svg_start (canvas, title, subtitle), draw_axes (grid, ticks, frame and
+# labels of one plot area; it returns the data -> pixel maps) and _svg_end (close and write).
+
+
+def _num(value):
+    """A tick or value label: whole numbers in full (20, 12345), others to 4 significant digits (0.25, 1.5e-05)."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:.4g}"
+
+
+def _scale(lo, hi, a, b):
+    """The linear map sending data lo -> pixel a and hi -> pixel b; a zero-width range maps to the middle."""
+    if hi == lo:
+        return lambda v: (a + b) / 2
+    return lambda v: a + (v - lo) * (b - a) / (hi - lo)
+
+
+def nice_ticks(lo, hi, most=6, integer=False):
+    """Round tick values inside [lo, hi]: the finest step of 1, 2 or 5 x 10^k that gives at most `most`
+    ticks (integer=True: steps of at least 1, for training steps). A zero-width range gets the one tick lo."""
+    if hi <= lo:
+        return [lo]
+    magnitude = 10 ** math.floor(math.log10((hi - lo) / most))
+    for step in (m * magnitude for m in (1, 2, 5, 10, 20)):   # 20 x magnitude always fits
+        step = max(step, 1) if integer else step
+        first = math.ceil(lo / step - 1e-9) * step
+        count = int((hi - first) / step + 1e-9) + 1
+        if count <= most:
+            return [first + k * step for k in range(count)]
+
+
+def _svg_start(width, height, title, subtitle, x=64):
+    return [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" font-family="Helvetica, Arial, sans-serif" font-size="12">',
+            f'<rect width="{width}" height="{height}" fill="white"/>',
+            f'<text x="{x}" y="26" font-size="17" font-weight="bold">{escape(title)}</text>',
+            f'<text x="{x}" y="45" fill="#555">{escape(subtitle)}</text>']
+
+
+def _svg_end(out, path):
+    """Close the document, write it if path is set, return the text."""
+    svg = "\n".join(out + ["</svg>"]) + "\n"
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(svg)
+    return svg
+
+
+def draw_axes(out, box, xlim, ylim, xticks, yticks, xlabel, ylabel=None):
+    """
+    Append one plot area's axes to `out`: a light horizontal grid line and a label per y tick, a tick mark
+    and a label per x tick, the L-shaped frame, the x label under it and (optionally) a rotated y label.
+    box = (left, top, right, bottom) in pixels; xlim/ylim = the data (lo, hi) mapped onto it (y grows up).
+    Returns (x, y): the data -> pixel maps, for whatever is drawn inside.
+    """
+    left, top, right, bottom = box
+    x, y = _scale(*xlim, left, right), _scale(*ylim, bottom, top)
+    for v in yticks:
+        out.append(f'<line x1="{left}" y1="{y(v):.1f}" x2="{right}" y2="{y(v):.1f}" stroke="#e5e5e5"/>')
+        out.append(f'<text x="{left - 8}" y="{y(v) + 4:.1f}" text-anchor="end">{_num(v)}</text>')
+    for v in xticks:
+        out.append(f'<line x1="{x(v):.1f}" y1="{bottom}" x2="{x(v):.1f}" y2="{bottom + 5}" stroke="#333"/>')
+        out.append(f'<text x="{x(v):.1f}" y="{bottom + 19}" text-anchor="middle">{_num(v)}</text>')
+    out.append(f'<polyline points="{left},{top} {left},{bottom} {right},{bottom}" fill="none" stroke="#333"/>')
+    out.append(f'<text x="{(left + right) / 2}" y="{bottom + 36}" text-anchor="middle">{escape(xlabel)}</text>')
+    if ylabel:
+        middle = (top + bottom) / 2
+        out.append(f'<text x="{left - 46}" y="{middle}" text-anchor="middle" '
+                   f'transform="rotate(-90 {left - 46} {middle})">{escape(ylabel)}</text>')
+    return x, y
+
+
 def write_svg(path, trajectories, *, max_turns, title, subtitle="", labels=None):
     """
     Emotion (y, 0..100) against turn (x, 0..max_turns): one thin polyline per dialogue coloured by how it
     ended, and the mean trajectory in bold. In the mean, a dialogue that ended early keeps its final emotion
-    (it stays at 100 or 0), so the mean line ends exactly at the score. Hand-written SVG, no plotting library.
+    (it stays at 100 or 0), so the mean line ends exactly at the score.
     trajectories: list of [e_0, e_1, ...] emotion lists. Returns the SVG text (and writes it if path is set).
     """
     W, H = 900, 460
     left, right, top, bottom = 64, W - 270, 62, H - 56  # plot area; the legend lives right of it
-    x = lambda turn: left + turn * (right - left) / max_turns  # noqa: E731
-    y = lambda emotion: bottom - emotion * (bottom - top) / 100  # noqa: E731
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
-           f'font-family="Helvetica, Arial, sans-serif" font-size="12">',
-           f'<rect width="{W}" height="{H}" fill="white"/>',
-           f'<text x="{left}" y="26" font-size="17" font-weight="bold">{escape(title)}</text>',
-           f'<text x="{left}" y="45" fill="#555">{escape(subtitle)}</text>']
-    for e in range(0, 101, 20):  # horizontal grid + y ticks
-        out.append(f'<line x1="{left}" y1="{y(e)}" x2="{right}" y2="{y(e)}" stroke="#e5e5e5"/>')
-        out.append(f'<text x="{left - 8}" y="{y(e) + 4}" text-anchor="end">{e}</text>')
-    for t in range(max_turns + 1):  # x ticks
-        out.append(f'<line x1="{x(t)}" y1="{bottom}" x2="{x(t)}" y2="{bottom + 5}" stroke="#333"/>')
-        out.append(f'<text x="{x(t)}" y="{bottom + 19}" text-anchor="middle">{t}</text>')
-    out.append(f'<polyline points="{left},{top} {left},{bottom} {right},{bottom}" fill="none" stroke="#333"/>')
-    out.append(f'<text x="{(left + right) / 2}" y="{H - 14}" text-anchor="middle">turn</text>')
-    out.append(f'<text x="18" y="{(top + bottom) / 2}" text-anchor="middle" '
-               f'transform="rotate(-90 18 {(top + bottom) / 2})">emotion (0 = leaves, 100 = fully supported)</text>')
+    out = _svg_start(W, H, title, subtitle, x=left)
+    x, y = draw_axes(out, (left, top, right, bottom), (0, max_turns), (0, 100), range(max_turns + 1),
+                     range(0, 101, 20), "turn", "emotion (0 = leaves, 100 = fully supported)")
     for i, traj in enumerate(trajectories):
         jitter = (i % 5 - 2) * 0.8  # < 1 px apart so identical dialogues do not hide behind each other
         points = " ".join(f"{x(t):.1f},{y(e) + jitter:.1f}" for t, e in enumerate(traj))
@@ -155,12 +214,7 @@ def write_svg(path, trajectories, *, max_turns, title, subtitle="", labels=None)
         out.append(f'<line x1="{right + 56}" y1="{ly}" x2="{right + 80}" y2="{ly}" stroke="{color}" '
                    f'stroke-width="{width}"/>')
         out.append(f'<text x="{right + 86}" y="{ly + 4}">{escape(text)}</text>')
-    out.append("</svg>")
-    svg = "\n".join(out) + "\n"
-    if path:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(svg)
-    return svg
+    return _svg_end(out, path)
 
 
 def report(episodes, out_dir=None, *, seeds=None, title="", config=None, max_turns=None, log=print):
@@ -194,6 +248,78 @@ def report(episodes, out_dir=None, *, seeds=None, title="", config=None, max_tur
                   subtitle=headline, labels=[f"{ep.profile.id} (seed {s})" for ep, s in zip(episodes, seeds)])
         log(f"wrote {out_dir}/transcripts.jsonl, summary.json, trajectories.svg")
     return summary
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2b. Training curves: curves.svg from the rows of a run's metrics.jsonl, one small panel per series
+
+
+# (metrics key, panel title, the y range always shown or None for the data's own range, colour)
+CURVE_SERIES = [("reward", "mean reward", (0, 1), "#2166ac"),
+                ("success", "success rate (emotion 100)", (0, 1), "#1a9850"),
+                ("failure", "failure rate (emotion 0)", (0, 1), "#d73027"),
+                ("eval_score", "eval score (mean final emotion)", (0, 100), "#762a83"),
+                ("kl_ref", "KL to the reference policy", None, "#e08214"),
+                ("entropy", "policy entropy", None, "#35978f"),
+                ("policy_tokens", "policy tokens per step", None, "#7b8794")]
+# Layout: panels in CURVE_COLUMNS columns, each PANEL_W x PANEL_H pixels, the first at (CURVE_LEFT, CURVE_TOP);
+# inside a panel the plot area spans x + 60 .. x + 420 and y + 30 .. y + 190 (the title sits above it).
+CURVE_COLUMNS, PANEL_W, PANEL_H, CURVE_LEFT, CURVE_TOP = 2, 450, 240, 30, 70
+
+
+def _number(value):
+    """A metrics value worth plotting: a finite int/float (None, NaN, text and booleans are skipped)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def curve_points(rows, key):
+    """[(step, value)] of the rows that carry both a step and a plottable `key`, in step order."""
+    return sorted((row["step"], row[key]) for row in rows if _number(row.get("step")) and _number(row.get(key)))
+
+
+def _y_range(values, fixed):
+    """A panel's y range: the fixed range widened to hold every value; or the data's own range, padded
+    when all values are equal so the line sits mid-panel."""
+    lo, hi = min(values), max(values)
+    if fixed:
+        return min(fixed[0], lo), max(fixed[1], hi)
+    if lo == hi:
+        pad = abs(lo) * 0.1 or 1.0
+        return lo - pad, hi + pad
+    return lo, hi
+
+
+def write_curves(path, rows, title="training curves"):
+    """
+    Small multiples of a training run: one panel per series of CURVE_SERIES that appears in `rows` (the
+    dicts of metrics.jsonl: step, reward, success, failure, kl_ref, entropy, policy_tokens, and eval rows
+    carrying eval_score), each a polyline of the value against the step; absent series get no panel. All
+    panels share the x range (every row's step), so the panels line up; the last value is in the panel's
+    title and marked with a dot (so a single step still shows). Returns the SVG text (written if path is set).
+    """
+    series = [(key, name, fixed, color, curve_points(rows, key)) for key, name, fixed, color in CURVE_SERIES]
+    series = [s for s in series if s[-1]]
+    steps = [row["step"] for row in rows if _number(row.get("step"))]
+    n_rows = max(1, math.ceil(len(series) / CURVE_COLUMNS))
+    W, H = CURVE_LEFT * 2 + CURVE_COLUMNS * PANEL_W, CURVE_TOP + n_rows * PANEL_H
+    subtitle = (f"{len(steps)} metrics rows, steps {_num(min(steps))}..{_num(max(steps))}" if steps
+                else "no metrics rows with a step yet")
+    out = _svg_start(W, H, title, subtitle, x=CURVE_LEFT)
+    xlim = (min(steps), max(steps)) if steps else (0, 1)
+    for i, (key, name, fixed, color, points) in enumerate(series):
+        px = CURVE_LEFT + (i % CURVE_COLUMNS) * PANEL_W
+        py = CURVE_TOP + (i // CURVE_COLUMNS) * PANEL_H
+        box = (px + 60, py + 30, px + 420, py + 190)
+        ylim = _y_range([v for _, v in points], fixed)
+        out.append(f'<g class="panel" data-series="{key}">')
+        out.append(f'<text x="{box[0]}" y="{py + 18}" font-weight="bold">{escape(name)}: last '
+                   f'{_num(points[-1][1])} at step {_num(points[-1][0])}</text>')
+        x, y = draw_axes(out, box, xlim, ylim, nice_ticks(*xlim, integer=True), nice_ticks(*ylim), "step")
+        coords = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in points)
+        out.append(f'<polyline class="series" points="{coords}" fill="none" stroke="{color}" stroke-width="2"/>')
+        out.append(f'<circle cx="{x(points[-1][0]):.1f}" cy="{y(points[-1][1]):.1f}" r="3" fill="{color}"/>')
+        out.append("</g>")
+    return _svg_end(out, path)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -33,12 +33,16 @@ Every backend is a callable `backend(requests: list[list[dict]]) -> list[str]`: 
 lists in, one completion text per request out. All of them must answer in the same format, so a single
 parser serves LLM simulators and the rules backend alike.
 """
-import concurrent.futures
+import datetime
+import email.utils
 import hashlib
 import http.client
 import json
+import math
 import os
+import queue
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -473,19 +477,77 @@ class RulesBackend:
 
 # ----------------------------------------------------------------------------------------------------
 # 6b. OpenAIBackend: any OpenAI-compatible /chat/completions server (vLLM, SGLang, llama.cpp, OpenAI, ...),
-# stdlib only. Requests of a batch run concurrently on threads; each one is retried with exponential
-# backoff (backoff, 2*backoff, 4*backoff, ... seconds) on 5xx/408/429, timeouts and connection errors.
-# Other 4xx answers are the user's mistake (bad model name, bad key) and fail at once. The API key is read
-# from an environment variable, sent as "Authorization: Bearer ...", and redacted from every message.
+# stdlib only. Built to survive a real cluster: overloaded servers, rate limits, and servers that hang.
+#
+#   - The requests of a batch run concurrently on DAEMON threads (at most `concurrency` at once). Not a
+#     concurrent.futures.ThreadPoolExecutor: it joins its workers at interpreter exit (and on leaving its
+#     `with` block), so one request stuck on a silent server would hold up Ctrl-C and process exit for up
+#     to timeout x attempts. Daemon threads are simply dropped when the process ends.
+#   - The calling thread waits for the answers in short slices (POLL_S), so Ctrl-C reaches it promptly, the
+#     whole-batch deadline is checked, and a progress line is logged while a batch is slow.
+#   - Each request is retried on 408/429/5xx, timeouts, resets and unreadable 200 bodies: the wait before a
+#     retry is the server's Retry-After when it sends one (seconds or an HTTP date), else exponential
+#     backoff (backoff, 2*backoff, 4*backoff, ...); every wait is capped at max_wait. Other 4xx answers are
+#     the user's mistake (bad model name, bad key) and fail at once.
+#   - The API key is read from an environment variable, sent as "Authorization: Bearer ...", and redacted
+#     from every message.
+
+POLL_S = 0.25   # how often the waiting thread wakes up (Ctrl-C, deadline, progress)
+
+
+def _retryable(status):
+    """HTTP statuses worth another attempt: the server is busy or broken, not our request."""
+    return status >= 500 or status in (408, 429)
+
+
+def retry_after_seconds(value, now=None):
+    """A Retry-After header -> seconds to wait (>= 0), or None when absent or unreadable.
+    RFC 9110 allows delay-seconds ("120") or an HTTP date ("Wed, 21 Oct 2015 07:28:00 GMT")."""
+    value = (value or "").strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+        return max(0.0, seconds) if math.isfinite(seconds) else None
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:                 # an HTTP date is GMT by definition
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
 
 class OpenAIBackend:
+    """
+    backend(requests) -> texts for an OpenAI-compatible endpoint; check() fails fast if it is unreachable.
+
+    Knobs (the trainer and benchmark.py pass them through from their flags):
+      concurrency=16      requests of one batch in flight at once
+      timeout=120.0       seconds per HTTP request (socket connect / each wait for data); a timeout is retried
+      max_retries=4       further attempts per request after the first (on 408/429/5xx, timeouts, resets)
+      backoff=1.0         wait before the first retry, doubled each retry, unless the server sends Retry-After
+      max_wait=60.0       cap on any single wait between attempts, a server's Retry-After included
+      turn_deadline=600.0 seconds for a whole batch call; past it, SimulatorError (naming the endpoint, how
+                          many answered, and the flag --<role>-turn-deadline), even if a server never answers
+      progress_every=15.0 seconds between progress lines while a batch is slow, e.g.
+                          "simulator: 12/32 answered, 40 s" (0 turns them off)
+      log=print           where progress lines go
+      role, unreachable_hint  word the errors: benchmark.py uses this client for a policy endpoint too
+    """
+
     def __init__(self, url, model=None, api_key_env="OPENAI_API_KEY", concurrency=16, timeout=120.0,
-                 max_retries=4, backoff=1.0, temperature=0.7, max_tokens=1024, role="simulator",
+                 max_retries=4, backoff=1.0, max_wait=60.0, turn_deadline=600.0, progress_every=15.0, log=print,
+                 temperature=0.7, max_tokens=1024, role="simulator",
                  unreachable_hint="start the server or pass --simulator rules"):
-        # role / unreachable_hint word the errors: benchmark.py uses this same client for a policy endpoint
         self.role, self.unreachable_hint = role, unreachable_hint
         if not re.match(r"https?://[^/]", url or ""):
             raise ValueError(f"{role} URL must start with http:// or https://, got {url!r}")
+        if concurrency < 1 or max_retries < 0 or min(timeout, turn_deadline) <= 0 or min(backoff, max_wait) < 0:
+            raise ValueError(f"{role} client needs concurrency >= 1, max_retries >= 0, timeout and turn_deadline "
+                             f"> 0, backoff and max_wait >= 0")
         url = url.rstrip("/")
         if url.endswith("/chat/completions"):
             url = url[: -len("/chat/completions")]
@@ -493,7 +555,9 @@ class OpenAIBackend:
             url += "/v1"
         self.base, self.url = url, url + "/chat/completions"
         self.model, self.api_key_env = model, api_key_env
-        self.concurrency, self.timeout, self.max_retries, self.backoff = concurrency, timeout, max_retries, backoff
+        self.concurrency, self.timeout, self.max_retries = concurrency, timeout, max_retries
+        self.backoff, self.max_wait, self.turn_deadline = backoff, max_wait, turn_deadline
+        self.progress_every, self.log = progress_every, log
         self.temperature, self.max_tokens = temperature, max_tokens
         self._api_key = os.environ.get(api_key_env) or None   # no key is fine for local servers
 
@@ -532,14 +596,16 @@ class OpenAIBackend:
         if self.model is None:
             self.model = _first_model_id(listing)
 
-    def _complete(self, messages):
-        """One chat request -> completion text, with retries."""
+    def _complete(self, messages, abandoned):
+        """One chat request -> completion text, with retries (runs on a worker thread). Returns None early
+        once the `abandoned` event is set (the batch hit its deadline, failed, or was interrupted)."""
         payload = {"model": self.model, "messages": messages,
                    "temperature": self.temperature, "max_tokens": self.max_tokens}
-        last_error = None
+        last_error, wait = None, 0.0
         for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+            if attempt and abandoned.wait(wait):    # sleeps `wait` s, or wakes at once if abandoned
+                return None
+            retry_after = None
             try:
                 answer = self._http("POST", self.url, payload)
                 return answer["choices"][0]["message"]["content"] or ""
@@ -549,34 +615,73 @@ class OpenAIBackend:
                 except Exception:
                     body = ""
                 last_error = f"HTTP {e.code} {body}".strip()
-                if e.code < 500 and e.code not in (408, 429):      # our mistake: retrying will not help
+                if not _retryable(e.code):                            # our mistake: retrying will not help
                     hint = f"; check the API key in ${self.api_key_env}" if e.code in (401, 403) else ""
                     raise SimulatorError(f"{self.role} endpoint {self.url} refused the request "
                                          f"({self._redact(last_error)}){hint}") from None
+                retry_after = retry_after_seconds(e.headers.get("Retry-After") if e.headers else None)
             except (OSError, http.client.HTTPException) as e:       # timeout, refused, reset
                 last_error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
             except (ValueError, KeyError, IndexError, TypeError) as e:   # 200 with a body we cannot read
                 last_error = f"malformed response: {e!r}"
+            wait = min(self.max_wait, self.backoff * 2 ** attempt if retry_after is None else retry_after)
         raise SimulatorError(f"{self.role} endpoint {self.url} failed after {self.max_retries + 1} attempts: "
                              f"{self._redact(last_error)}")
 
     def __call__(self, requests):
         if not requests:
             return []
-        if self.model is None:              # ask the server which model it serves (vLLM needs the name)
-            try:
-                self.model = _first_model_id(self._http("GET", self.base + "/models", timeout=10))
-            except (OSError, http.client.HTTPException, ValueError):
-                self.model = "default"
-        workers = max(1, min(self.concurrency, len(requests)))
-        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(self._complete, messages) for messages in requests]
-            try:
-                return [f.result() for f in futures]
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
+        if self.model is None:   # check() asks the server which model it serves (vLLM needs the name)
+            self.check()
+            self.model = self.model or "default"
+        return self._run_batch(requests)
+
+    def _run_batch(self, requests):
+        """Run every request on daemon worker threads; wait for all answers in POLL_S slices, logging
+        progress and enforcing turn_deadline. Any error (or Ctrl-C) abandons the rest of the batch."""
+        todo, done, abandoned = queue.SimpleQueue(), queue.SimpleQueue(), threading.Event()
+        for i in range(len(requests)):
+            todo.put(i)
+
+        def worker():   # take the next request index until none are left or the batch is abandoned
+            while not abandoned.is_set():
+                try:
+                    i = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    done.put((i, self._complete(requests[i], abandoned), None))
+                except Exception as e:
+                    done.put((i, None, e))
+
+        for _ in range(min(self.concurrency, len(requests))):
+            threading.Thread(target=worker, name=f"{self.role}-http", daemon=True).start()
+        answers, answered = [None] * len(requests), 0
+        start = last_progress = time.monotonic()
+        try:
+            while answered < len(requests):
+                now = time.monotonic()
+                if now - start >= self.turn_deadline:
+                    raise SimulatorError(self._deadline_message(answered, len(requests)))
+                if self.progress_every and now - last_progress >= self.progress_every:
+                    self.log(f"{self.role}: {answered}/{len(requests)} answered, {now - start:.0f} s")
+                    last_progress = now
+                try:
+                    i, text, error = done.get(timeout=min(POLL_S, self.turn_deadline - (now - start)))
+                except queue.Empty:
+                    continue
+                if error is not None:
+                    raise error
+                answers[i], answered = text, answered + 1
+        finally:
+            abandoned.set()   # after success a no-op; otherwise workers stop before their next attempt
+        return answers
+
+    def _deadline_message(self, answered, total):
+        return (f"{self.role} endpoint {self.url}: only {answered}/{total} requests answered within the turn "
+                f"deadline of {self.turn_deadline:g} s (per-request timeout {self.timeout:g} s, "
+                f"{self.max_retries} retries); the server is overloaded or stuck, or raise "
+                f"--{self.role}-turn-deadline")
 
 
 def _first_model_id(listing):

@@ -83,6 +83,80 @@ def test_svg_has_one_line_per_dialogue_and_a_mean_ending_at_the_score(tmp_path):
     assert "score 54.0" in texts and "turn" in texts and any("success" in (t or "") for t in texts)
 
 
+CURVE_ROWS = [  # three metrics.jsonl rows; kl_ref is null, entropy absent: neither gets a panel
+    {"step": 0, "reward": 0.2, "success": 0.0, "failure": 0.5, "policy_tokens": 100, "kl_ref": None},
+    {"step": 5, "reward": 0.5, "success": 0.25, "failure": 0.25, "policy_tokens": 150, "eval_score": 40.0},
+    {"step": 10, "reward": 0.8, "success": 1.0, "failure": 0.0, "policy_tokens": 200, "kl_ref": float("nan")},
+]
+
+
+def panels(root):
+    return {g.get("data-series"): g for g in root.iter(f"{SVG}g") if g.get("class") == "panel"}
+
+
+def series_points(panel):
+    (line,) = [p for p in panel.iter(f"{SVG}polyline") if p.get("class") == "series"]
+    return [tuple(map(float, xy.split(","))) for xy in line.get("points").split()]
+
+
+def test_curves_panels_and_hand_worked_coordinates(tmp_path):
+    svg = benchmark.write_curves(str(tmp_path / "curves.svg"), CURVE_ROWS, "run 7")
+    root = ET.parse(tmp_path / "curves.svg").getroot()   # well-formed XML
+    assert svg.startswith("<svg") and root.tag == f"{SVG}svg" and "run 7" in [t.text for t in root.iter(f"{SVG}text")]
+    found = panels(root)
+    assert list(found) == ["reward", "success", "failure", "eval_score", "policy_tokens"]
+    # Layout (benchmark.py): 2 columns of 450 x 240 panels from (30, 70); plot area x+60..x+420, y+30..y+190.
+    # Steps 0..10 span 360 px: x = 90 + 36 * step (left column), 540 + 36 * step (right column).
+    # reward, success, failure: y range 0..1 over 160 px; eval score 0..100; policy tokens: its data, 100..200.
+    assert series_points(found["reward"]) == [(90, 260 - 32), (270, 260 - 80), (450, 260 - 128)]      # .2 .5 .8
+    assert series_points(found["success"]) == [(540, 260), (720, 260 - 40), (900, 100)]              # 0 .25 1
+    assert series_points(found["failure"]) == [(90, 500 - 80), (270, 500 - 40), (450, 500)]          # 2nd row
+    assert series_points(found["eval_score"]) == [(720, 500 - 64)]                                    # 40 of 100
+    assert series_points(found["policy_tokens"]) == [(90, 740), (270, 660), (450, 580)]              # 3rd row
+    titles = [t.text for g in found.values() for t in g.iter(f"{SVG}text") if t.get("font-weight") == "bold"]
+    assert titles[0] == "mean reward: last 0.8 at step 10" and "last 40 at step 5" in titles[3]
+
+
+def test_curves_points_read_back_through_the_axis_labels(tmp_path):
+    """Independent of the layout: invert each panel's own tick labels (pixel -> value) and recover the data."""
+    rows = [{"step": s, "reward": r, "entropy": e, "kl_ref": k}
+            for s, r, e, k in [(3, 0.41, 2.7, -0.002), (17, 0.48, 2.1, 0.013), (40, 0.66, 1.35, 0.031)]]
+    root = ET.fromstring(benchmark.write_curves(None, rows))
+    found = panels(root)
+    assert list(found) == ["reward", "kl_ref", "entropy"]
+    for key, panel in found.items():
+        ticks = [t for t in panel.iter(f"{SVG}text") if t.text and t.text != "step" and t.get("font-weight") is None]
+        xt = [(float(t.get("x")), float(t.text)) for t in ticks if t.get("text-anchor") == "middle"]
+        # a y label sits 4 px below its grid line
+        yt = [(float(t.get("y")) - 4, float(t.text)) for t in ticks if t.get("text-anchor") == "end"]
+        assert len(xt) >= 2 and len(yt) >= 2
+        to_value = lambda p, t: t[0][1] + (p - t[0][0]) * (t[-1][1] - t[0][1]) / (t[-1][0] - t[0][0])  # noqa: E731
+        read = [(to_value(x, xt), to_value(y, yt)) for x, y in series_points(panel)]
+        span = max(r[key] for r in rows) - min(r[key] for r in rows)
+        for (step, value), row in zip(read, rows):
+            assert step == pytest.approx(row["step"], abs=0.1) and value == pytest.approx(row[key], abs=span / 100)
+
+
+def test_curves_single_step_and_no_rows(tmp_path):
+    root = ET.fromstring(benchmark.write_curves(None, [{"step": 4, "reward": 0.5, "policy_tokens": 7}]))
+    found = panels(root)
+    assert list(found) == ["reward", "policy_tokens"]
+    (x, y), = series_points(found["reward"])
+    assert (x, y) == (270, 180)   # a lone step sits mid-panel; 0.5 of 0..1 is mid-height
+    assert len(list(found["reward"].iter(f"{SVG}circle"))) == 1   # and is drawn as a dot
+    assert series_points(found["policy_tokens"]) == [(720, 180)]   # a constant series sits mid-height too
+    empty = ET.fromstring(benchmark.write_curves(None, [], "nothing yet"))
+    assert panels(empty) == {} and "no metrics rows with a step yet" in [t.text for t in empty.iter(f"{SVG}text")]
+
+
+def test_nice_ticks():
+    assert benchmark.nice_ticks(0, 1) == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    assert benchmark.nice_ticks(0, 29, integer=True) == [0, 5, 10, 15, 20, 25]
+    assert benchmark.nice_ticks(0, 2, integer=True) == [0, 1, 2]     # never half steps
+    assert benchmark.nice_ticks(103, 187) == [120, 140, 160, 180]
+    assert benchmark.nice_ticks(4, 4) == [4]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # eval end to end against a fake OpenAI-compatible policy endpoint (a real HTTP server on 127.0.0.1)
 

@@ -1,10 +1,13 @@
 """Tests for simulator.py: profiles, the strict output format, the rules backend, whole episodes, the HTTP
 backend against a real local server, and the local-model backend on a tiny random checkpoint."""
-import http.server
 import json
+import email.utils
 import random
+import re
+import signal
 import statistics
-import threading
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +23,6 @@ WARM = ("I hear you. That sounds really hard, and I'm so sorry. It makes sense t
         "What has been the hardest part for you?")
 COLD = "Just calm down, whatever. At least it could be worse. You should move on, it's fine, stop the drama."
 NEUTRAL = "The weather report says rain tomorrow afternoon in the north."   # no cue words at all
-SECRET = "sk-test-DO-NOT-LEAK-1234567890"
 
 
 def run_episode(profile, replies, backend, mode="vanilla", max_turns=8):
@@ -389,78 +391,9 @@ def test_make_backend(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # OpenAIBackend against a real HTTP server on 127.0.0.1
 
-class SimulatorServer:
-    """A threaded OpenAI-compatible server whose good answers come from RulesBackend. `plan` scripts the
-    next POST answers ("ok", "500", "400", "slow", "garbage", "echo401"); when empty, `default` applies."""
-
-    def __init__(self):
-        self.plan, self.default, self.slow_s, self.sleep_s = [], "ok", 1.0, 0.0
-        self.posts, self.gets, self.inflight, self.max_inflight = [], [], 0, 0
-        self.lock, rules, server = threading.Lock(), RulesBackend(), self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def send(self, status, body):
-                data = json.dumps(body).encode() if not isinstance(body, bytes) else body
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                try:
-                    self.wfile.write(data)
-                except OSError:
-                    pass   # the client timed out and hung up
-
-            def do_GET(self):
-                server.gets.append(dict(self.headers))
-                if self.headers.get("Authorization") == "Bearer wrong-key":
-                    return self.send(401, {"error": f"bad key {self.headers['Authorization']}"})
-                self.send(200, {"object": "list", "data": [{"id": "sim-model", "object": "model"}]})
-
-            def do_POST(self):
-                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
-                    server.posts.append((dict(self.headers), payload))
-                    action = server.plan.pop(0) if server.plan else server.default
-                    server.inflight += 1
-                    server.max_inflight = max(server.max_inflight, server.inflight)
-                try:
-                    time.sleep(server.sleep_s)
-                    if action == "500":
-                        return self.send(500, {"error": "overloaded"})
-                    if action == "400":
-                        return self.send(400, {"error": "unknown model"})
-                    if action == "echo401":
-                        return self.send(401, {"error": f"invalid header {self.headers.get('Authorization')}"})
-                    if action == "slow":
-                        time.sleep(server.slow_s)
-                    content = "I refuse to use your format." if action == "garbage" else rules([payload["messages"]])[0]
-                    self.send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]})
-                finally:
-                    with server.lock:
-                        server.inflight -= 1
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
-def server(monkeypatch):
-    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("RLVER_TEST_KEY", SECRET)
-    s = SimulatorServer()
-    yield s
-    s.close()
+def server(simulator_server):   # tests/conftest.py: a real OpenAI-compatible server on 127.0.0.1
+    return simulator_server
 
 
 def http_backend(server, **kwargs):
@@ -479,9 +412,9 @@ def test_http_episodes_match_rules_and_send_bearer_key(server):
         simulate_turn(via_http, replies, backend)
         simulate_turn(direct, replies, RulesBackend())
     assert via_http == direct
-    assert all(h["Authorization"] == f"Bearer {SECRET}" and p["model"] == "sim-model" for h, p in server.posts)
+    assert all(h["Authorization"] == f"Bearer {server.key}" and p["model"] == "sim-model" for h, p in server.posts)
     assert build_request(new_episode(profiles[0]), WARM, "vanilla") in [p["messages"] for _, p in server.posts]
-    assert len(server.posts) == 9 and SECRET not in repr(backend)
+    assert len(server.posts) == 9 and server.key not in repr(backend)
 
 
 def test_http_retries_5xx_then_succeeds(server):
@@ -495,7 +428,7 @@ def test_http_gives_up_after_retries_without_leaking_the_key(server):
     backend = http_backend(server, max_retries=2)
     with pytest.raises(SimulatorError, match=r"failed after 3 attempts: HTTP 500") as error:
         backend([build_request(new_episode(profile()), WARM)])
-    assert len(server.posts) == 3 and SECRET not in str(error.value)
+    assert len(server.posts) == 3 and server.key not in str(error.value)
 
 
 def test_http_client_errors_are_not_retried(server):
@@ -549,13 +482,99 @@ def test_http_key_never_appears_in_errors_or_repr(server, monkeypatch):
     backend = http_backend(server, model="x")
     with pytest.raises(SimulatorError, match=r"HTTP 401.*check the API key in \$RLVER_TEST_KEY") as error:
         backend([build_request(new_episode(profile()), WARM)])
-    assert SECRET not in str(error.value) and "***" in str(error.value)
-    assert SECRET not in repr(backend) and "RLVER_TEST_KEY" in repr(backend)
+    assert server.key not in str(error.value) and "***" in str(error.value)
+    assert server.key not in repr(backend) and "RLVER_TEST_KEY" in repr(backend)
     monkeypatch.setenv("RLVER_TEST_KEY", "wrong-key")
     with pytest.raises(SimulatorError, match=r"rejected the request \(HTTP 401\); put a valid API key") as error:
         http_backend(server).check()
     assert "wrong-key" not in str(error.value)
     assert server.gets[-1]["Authorization"] == "Bearer wrong-key"
+
+
+def test_retry_after_header_seconds_and_http_dates():
+    now = 1445412470.0   # Wed, 21 Oct 2015 07:27:50 GMT
+    assert S.retry_after_seconds("3", now) == 3.0 and S.retry_after_seconds(" 1.5 ", now) == 1.5
+    assert S.retry_after_seconds("-2", now) == 0.0
+    assert S.retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", now) == 10.0
+    assert S.retry_after_seconds("Wed, 21 Oct 2015 07:00:00 GMT", now) == 0.0    # already past
+    for unreadable in (None, "", "soon", "nan", "Someday, 99 Foo 2015"):
+        assert S.retry_after_seconds(unreadable, now) is None
+
+
+@pytest.mark.parametrize("header", ["1", "http-date"])
+def test_http_429_waits_for_retry_after(server, header):
+    # an HTTP date has one-second resolution: "now + 2 s", truncated, is 1..2 s away
+    server.retry_after = email.utils.formatdate(time.time() + 2, usegmt=True) if header == "http-date" else header
+    server.plan = ["429", "ok"]
+    (answer,) = http_backend(server, model="x")([build_request(new_episode(profile()), WARM)])   # backoff 0.01
+    assert parse_simulator_output(answer)[1] > 0 and len(server.posts) == 2
+    assert 0.9 <= server.post_times[1] - server.post_times[0] < 3.0
+
+
+def test_http_retry_after_is_capped_by_max_wait(server):
+    server.plan, server.retry_after = ["429", "ok"], "3600"
+    http_backend(server, model="x", max_wait=0.3)([build_request(new_episode(profile()), WARM)])
+    assert len(server.posts) == 2 and 0.25 <= server.post_times[1] - server.post_times[0] < 2.0
+
+
+def test_http_turn_deadline_fires_on_a_server_that_never_answers(hanging_simulator_server):
+    server, lines = hanging_simulator_server, []
+    server.plan = ["ok"]   # one request is answered, the other two hang forever
+    backend = http_backend(server, model="x", timeout=30, turn_deadline=1.2, progress_every=0.5, log=lines.append)
+    requests = [build_request(new_episode(p), WARM) for p in builtin_profiles("test")[:3]]
+    start = time.monotonic()
+    with pytest.raises(SimulatorError, match=rf"^simulator endpoint {server.url}/chat/completions: only 1/3 "
+                                             rf"requests answered within the turn deadline of 1.2 s .*"
+                                             rf"raise --simulator-turn-deadline$"):
+        backend(requests)
+    assert 1.2 <= time.monotonic() - start < 3.0 and len(server.posts) == 3
+    assert 1 <= len(lines) <= 3 and all(re.fullmatch(r"simulator: 1/3 answered, \d+ s", l) for l in lines), lines
+
+
+def test_garbage_server_marks_every_turn_parse_failed(garbage_simulator_server):
+    episodes = [new_episode(p) for p in builtin_profiles("test")[:2]]
+    for _ in range(2):
+        simulate_turn(episodes, [WARM, COLD], http_backend(garbage_simulator_server, model="x"), retries=1)
+    assert all(t["parse_failed"] for e in episodes for t in e.turns) and [len(e.turns) for e in episodes] == [2, 2]
+    assert len(garbage_simulator_server.posts) == 2 * 2 * 2   # episodes x turns x (1 + 1 retry)
+
+
+# A separate Python process calls a server whose requests never come back. Neither the per-request timeout
+# nor the turn deadline (both 60 s) may keep it alive: pending requests must not be joined at exit.
+HANGING_CLIENT = """
+import sys, simulator
+backend = simulator.OpenAIBackend(sys.argv[1], model="x", timeout=60, turn_deadline=float(sys.argv[2]),
+                                  max_retries=0, progress_every=0)
+try:
+    backend([[{"role": "user", "content": "hi"}]] * 2)
+except simulator.SimulatorError as e:
+    print("deadline:", e)
+"""
+
+
+@pytest.mark.parametrize("ending", ["ctrl-c", "deadline"])
+def test_pending_requests_never_hold_up_exit(hanging_simulator_server, ending):
+    server = hanging_simulator_server
+    proc = subprocess.Popen([sys.executable, "-c", HANGING_CLIENT, server.url, "60" if ending == "ctrl-c" else "1"],
+                            cwd=S.PROMPTS_DIR.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        give_up = time.monotonic() + 20
+        while len(server.posts) < 2 and time.monotonic() < give_up:   # both requests are now pending
+            time.sleep(0.05)
+        assert len(server.posts) == 2
+        if ending == "ctrl-c":
+            proc.send_signal(signal.SIGINT)
+        stopped = time.monotonic()
+        out, err = proc.communicate(timeout=15)
+        took = time.monotonic() - stopped
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    if ending == "ctrl-c":   # an unhandled KeyboardInterrupt ends Python by SIGINT (or exit status 130)
+        assert proc.returncode in (-signal.SIGINT, 130) and "KeyboardInterrupt" in err and took < 5, (took, err)
+    else:
+        assert proc.returncode == 0 and "only 0/2 requests answered" in out and took < 5, (took, out, err)
 
 
 # ----------------------------------------------------------------------------------------------------
