@@ -3,10 +3,14 @@ benchmark.py: how good is a policy at empathetic dialogue, and how fast is our m
 
     python benchmark.py eval  --policy runs/rlver/checkpoint --simulator rules --seeds 0,1,2
     python benchmark.py eval  --policy http://localhost:8000/v1 --policy-model gpt-4o --simulator rules
+    python benchmark.py leaderboard runs/eval/transcripts.jsonl gpt-4.1_result.jsonl --versus gpt-4.1
     python benchmark.py speed --batch 8 --new-tokens 128 --device cuda --dtype bfloat16
 
 `eval`: a SAGE-style benchmark (Sentient Agent as a Judge, arXiv 2505.02847; RLVER reports its "Sentient
 benchmark" score). How the score is computed, in four steps:
+  (These are the classic protocol's rules; --protocol sage, the default, plays SAGE's loop: start 40, changes
+  clamped to +-10, a goodbye word ends it, success >= 100, failure < 10, 9 scored replies. See
+  simulator.PROTOCOLS. `leaderboard` compares systems, ours and SAGE's published result files.)
   1. Every test profile becomes a simulated user (simulator.py) with a persona, a scenario, a hidden intention,
      an opening message and an emotion on a 0..100 scale (its initial_emotion, 50 unless the profile says).
   2. The policy under test and that user talk for at most --max-turns (8) turns. After each policy reply the

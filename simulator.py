@@ -14,18 +14,23 @@ then writes an integer emotion change and its reply. The CODE, not the simulator
 
     emotion <- clamp(emotion + change, 0, 100)
 
-The dialogue ends when emotion hits 0 (the user leaves), 100 (the user feels fully supported) or after
-max_turns turns (a turn = one agent reply + the user's answer). The reward is final emotion / 100: it is
+How the change is clamped, where the dialogue starts and ends (emotion lines, goodbye words, max turns; a
+turn = one agent reply + the user's answer) and whether the simulator answers in one call or two (analysis ->
+change, then the reply from that analysis and a coarse band) is the PROTOCOL (section 2: classic = ours,
+rlver = RLVER's training simulator, sage = SAGE's evaluation loop). The reward is final emotion / 100: it is
 "verifiable" because it is plain arithmetic over the simulator's parsed output.
 
 Reading order of this file:
   1. profiles        Profile, load_profiles (our JSONL and the public RLVER/SAGE layout), builtin_profiles
-  2. episodes        Episode, new_episode, reward; the rules this file alone owns: visible_reply (what the
+  2. protocols       PROTOCOLS, prepare_profiles (start emotion, language, openings the simulator writes)
+     episodes        Episode, new_episode, reward; the rules this file alone owns: visible_reply (what the
                      user sees of a policy message), dialogue_end (how a dialogue ends), transcript (the
                      JSON record of a dialogue)
-  3. prompts         build_request: one chat request per turn from the templates in prompts/
+  3. prompts         build_request / build_reply_request / build_opening_request from the templates in
+                     prompts/ (English, and <name>_zh.txt in Chinese)
   4. output format   parse_simulator_output / format_simulator_output (the strict tagged format)
-  5. the turn loop   simulate_turn: one batched backend call per turn, parse, retry, update emotion
+  5. the turn loop   simulate_turn: one (or two, two-stage) batched backend calls per turn, parse, retry,
+                     apply_change
   6. backends        RulesBackend (deterministic cue counting), OpenAIBackend (HTTP), LocalModelBackend,
                      make_backend (from a CLI string)
 
