@@ -509,8 +509,8 @@ def step_metrics(run, args, dialogues, rewards, batch, stats, timing):
     metrics.update(
         reward=reward, reward_std=math.sqrt(max(mean([r * r for r in rewards.tolist()]) - reward ** 2, 0.0)),
         emotion=100 * reward,
-        success=mean([e.end_reason == "success" for e in episodes]),
-        failure=mean([e.end_reason == "failure" for e in episodes]),
+        success=mean([sim.final_outcome(e.emotion, e.profile.protocol) == "success" for e in episodes]),
+        failure=mean([sim.final_outcome(e.emotion, e.profile.protocol) == "failure" for e in episodes]),
         turns=mean([len(e.turns) for e in episodes]),
         truncated=mean([d.truncated for d in dialogues]),
         parse_failures=mean([e.parse_failures for e in episodes]),

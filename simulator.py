@@ -389,8 +389,9 @@ def build_request(episode, agent_reply, mode="vanilla", step="turn"):
     the user message holds the dialogue so far (from the user's side), the agent's latest reply (only its
     visible part) and the current emotion. step 'turn': the one-call protocol (thought, change and reply at
     once); 'analysis': the first of the two-stage calls (thought and change only)."""
-    lang = episode.profile.lang or detect_lang(episode.profile)
-    episode.profile.lang = lang
+    if episode.profile.lang is None:   # an Episode built by hand, not by new_episode
+        episode.profile = resolve_profile(episode.profile)
+    lang = episode.profile.lang
     template = {"turn": "simulator_turn.txt", "analysis": "simulator_analysis.txt"}[step]
     user = _fill(load_prompt(template, lang), dialogue=_dialogue(episode),
                  agent_reply=agent_reply or EMPTY_REPLY, emotion=episode.emotion)
