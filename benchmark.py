@@ -3,10 +3,14 @@ benchmark.py: how good is a policy at empathetic dialogue, and how fast is our m
 
     python benchmark.py eval  --policy runs/rlver/checkpoint --simulator rules --seeds 0,1,2
     python benchmark.py eval  --policy http://localhost:8000/v1 --policy-model gpt-4o --simulator rules
+    python benchmark.py leaderboard runs/eval/transcripts.jsonl gpt-4.1_result.jsonl --versus gpt-4.1
     python benchmark.py speed --batch 8 --new-tokens 128 --device cuda --dtype bfloat16
 
 `eval`: a SAGE-style benchmark (Sentient Agent as a Judge, arXiv 2505.02847; RLVER reports its "Sentient
 benchmark" score). How the score is computed, in four steps:
+  (These are the classic protocol's rules; --protocol sage, the default, plays SAGE's loop: start 40, changes
+  clamped to +-10, a goodbye word ends it, success >= 100, failure < 10, 9 scored replies. See
+  simulator.PROTOCOLS. `leaderboard` compares systems, ours and SAGE's published result files.)
   1. Every test profile becomes a simulated user (simulator.py) with a persona, a scenario, a hidden intention,
      an opening message and an emotion on a 0..100 scale (its initial_emotion, 50 unless the profile says).
   2. The policy under test and that user talk for at most --max-turns (8) turns. After each policy reply the
@@ -28,6 +32,7 @@ Read top to bottom: score arithmetic -> report files (transcripts, summary, SVG)
 """
 
 import argparse
+import decimal
 import json
 import math
 import os
@@ -54,9 +59,10 @@ class BenchmarkError(ValueError):
 # 1. Score arithmetic (pure functions of the episodes' emotions)
 
 
-def outcome(final_emotion):
-    """How a dialogue that has run its course ended, judged by its final emotion (simulator.dialogue_end)."""
-    return sim.dialogue_end(final_emotion, turns=1, max_turns=1)
+def outcome(final_emotion, protocol="classic"):
+    """How a finished dialogue counts: "success", "failure" or None, from its final emotion alone
+    (simulator.final_outcome; SAGE: Success = final >= 100, Failure = final < 10)."""
+    return sim.final_outcome(final_emotion, protocol)
 
 
 def trajectory(episode):
@@ -70,10 +76,13 @@ def summarize(episodes):
         raise ValueError("no dialogues to summarize")
     n = len(episodes)
     finals = [ep.emotion for ep in episodes]
+    outcomes = [outcome(ep.emotion, ep.profile.protocol) for ep in episodes]
     return {
         "score": sum(finals) / n,  # mean final emotion, 0..100: the headline number
-        "success_rate": sum(ep.end_reason == "success" for ep in episodes) / n,  # reached 100
-        "failure_rate": sum(ep.end_reason == "failure" for ep in episodes) / n,  # reached 0 (the user left)
+        "success": outcomes.count("success"),  # final emotion 100 (SAGE's Success count)
+        "failure": outcomes.count("failure"),  # below the protocol's failure line (SAGE: < 10)
+        "success_rate": outcomes.count("success") / n,
+        "failure_rate": outcomes.count("failure") / n,
         "mean_turns": sum(len(ep.turns) for ep in episodes) / n,
         "dialogues": n,
     }
@@ -181,7 +190,7 @@ def draw_axes(out, box, xlim, ylim, xticks, yticks, xlabel, ylabel=None):
     return x, y
 
 
-def write_svg(path, trajectories, *, max_turns, title, subtitle="", labels=None):
+def write_svg(path, trajectories, *, max_turns, title, subtitle="", labels=None, protocol="classic"):
     """
     Emotion (y, 0..100) against turn (x, 0..max_turns): one thin polyline per dialogue coloured by how it
     ended, and the mean trajectory in bold. In the mean, a dialogue that ended early keeps its final emotion
@@ -198,7 +207,7 @@ def write_svg(path, trajectories, *, max_turns, title, subtitle="", labels=None)
         points = " ".join(f"{x(t):.1f},{y(e) + jitter:.1f}" for t, e in enumerate(traj))
         label = labels[i] if labels else f"dialogue {i}"
         out.append(f'<polyline class="dialogue" points="{points}" fill="none" stroke-width="1.5" '
-                   f'stroke="{OUTCOME_COLORS[outcome(traj[-1])]}" stroke-opacity="0.55">'
+                   f'stroke="{OUTCOME_COLORS[outcome(traj[-1], protocol) or "max_turns"]}" stroke-opacity="0.55">'
                    f'<title>{escape(f"{label}: final emotion {traj[-1]}")}</title></polyline>')
     if trajectories:
         longest = max(len(traj) for traj in trajectories)
@@ -206,7 +215,7 @@ def write_svg(path, trajectories, *, max_turns, title, subtitle="", labels=None)
         points = " ".join(f"{x(t):.1f},{y(e):.1f}" for t, e in enumerate(mean))
         out.append(f'<polyline class="mean" points="{points}" fill="none" stroke="#111" stroke-width="3.5"/>')
         out.append(f'<text x="{x(longest - 1) + 6}" y="{y(mean[-1]) - 6}" font-weight="bold">{mean[-1]:.1f}</text>')
-    counts = {k: sum(outcome(traj[-1]) == k for traj in trajectories) for k in OUTCOME_COLORS}
+    counts = {k: sum((outcome(traj[-1], protocol) or "max_turns") == k for traj in trajectories) for k in OUTCOME_COLORS}
     legend = [(OUTCOME_COLORS[k], 1.5, f"{OUTCOME_LABELS[k]}: {counts[k]}") for k in OUTCOME_COLORS]
     legend.append(("#111", 3.5, "mean (ended = final value)"))
     for j, (color, width, text) in enumerate(legend):
@@ -232,7 +241,8 @@ def report(episodes, out_dir=None, *, seeds=None, title="", config=None, max_tur
     summary["config"] = config or {}
     log(profile_table(episodes))
     headline = (f"score {summary['score']:.1f} (seeds: {summary['seed_mean']:.1f} ± {summary['seed_std']:.1f}) | "
-                f"success {summary['success_rate']:.0%} | failure {summary['failure_rate']:.0%} | "
+                f"success {summary['success']} ({summary['success_rate']:.0%}) | "
+                f"failure {summary['failure']} ({summary['failure_rate']:.0%}) | "
                 f"mean turns {summary['mean_turns']:.2f} | {len(episodes)} dialogues")
     log(f"{title + ': ' if title else ''}{headline}")
     if out_dir:
@@ -245,7 +255,8 @@ def report(episodes, out_dir=None, *, seeds=None, title="", config=None, max_tur
         max_turns = max_turns or summary["config"].get("max_turns") or max(len(ep.turns) for ep in episodes) or 1
         write_svg(os.path.join(out_dir, "trajectories.svg"), [trajectory(ep) for ep in episodes], max_turns=max_turns,
                   title=f"{title + ' - ' if title else ''}Sentient-style score {summary['score']:.1f}",
-                  subtitle=headline, labels=[f"{ep.profile.id} (seed {s})" for ep, s in zip(episodes, seeds)])
+                  subtitle=headline, labels=[f"{ep.profile.id} (seed {s})" for ep, s in zip(episodes, seeds)],
+                  protocol=episodes[0].profile.protocol)
         log(f"wrote {out_dir}/transcripts.jsonl, summary.json, trajectories.svg")
     return summary
 
@@ -326,8 +337,9 @@ def write_curves(path, rows, title="training curves"):
 # 3. evaluate(): play every profile once per seed, then report
 
 
-def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=8, mode="vanilla", think=False,
-             max_new_tokens=256, temperature=0.0, out_dir=None, log=print, title="", config=None):
+def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=None, mode="vanilla", think=False,
+             max_new_tokens=256, temperature=0.0, out_dir=None, log=print, title="", config=None,
+             protocol="sage", lang=None, initial_emotion=None):
     """
     policy: a model.Transformer in memory (with its tokenizer), played by rollout.rollout, the very loop
     training uses; or a chat client `client(requests) -> texts` such as simulator.OpenAIBackend for an
@@ -335,7 +347,11 @@ def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=8, m
     Returns report()'s summary dict.
     """
     local = isinstance(policy, torch.nn.Module)
-    config = dict(config or {}, seeds=list(seeds), max_turns=max_turns, mode=mode, think=think,
+    max_turns = max_turns or sim.protocol_of(protocol).max_turns
+    # the protocol's start emotion and language; openings written once, shared by every seed (as SAGE's first_talk)
+    profiles = sim.prepare_profiles(profiles, backend, protocol=protocol, mode=mode, lang=lang,
+                                    initial_emotion=initial_emotion, log=log)
+    config = dict(config or {}, seeds=list(seeds), max_turns=max_turns, mode=mode, think=think, protocol=protocol,
                   max_new_tokens=max_new_tokens, temperature=temperature, n_profiles=len(profiles))
     episodes, episode_seeds = [], []
     for seed in seeds:
@@ -356,6 +372,144 @@ def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=8, m
         episodes += played
         episode_seeds += [seed] * len(played)
     return report(episodes, out_dir, seeds=episode_seeds, title=title, config=config, max_turns=max_turns, log=log)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3b. Leaderboard: systems side by side on the same scenarios, from our eval output and SAGE's result files
+#
+# A SAGE result file (SAGE/test_npc.py writes it) is JSONL, one record per scenario: "id", "emo_point" (the
+# final emotion) and "history", whose user turns carry "emotion-point". Ours is an eval's transcripts.jsonl
+# ("profile_id", "final_emotion", "initial_emotion", "turns"[i]["emotion"], "protocol"). SAGE's numbers:
+# Score = mean final emotion shown with round-half-up to 1 decimal, Success = finals >= 100, Failure =
+# finals < 10 (our records use their own protocol's failure line).
+COLORS = ["#2166ac", "#d73027", "#1a9850", "#762a83", "#e08214", "#35978f", "#7b8794", "#c51b7d"]
+
+
+def _system_name(path):
+    base = os.path.basename(path)
+    if base == "transcripts.jsonl":   # an eval output directory: name it after the directory
+        return os.path.basename(os.path.dirname(os.path.abspath(path)))
+    stem = base.rsplit(".", 1)[0] if base.endswith(".jsonl") else base
+    return stem[:-len("_result")] if stem.endswith("_result") else stem
+
+
+def read_system(path):
+    """One results file (or an eval output directory) -> {"name", "dialogues": [(id, final, trajectory,
+    protocol)]}. Raises BenchmarkError for a file in neither layout."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "transcripts.jsonl")
+    if not os.path.isfile(path):
+        raise BenchmarkError(f"leaderboard: no such results file {path}")
+    dialogues = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                if "emo_point" in r:   # SAGE layout
+                    traj = [t["emotion-point"] for t in r["history"] if t.get("role") == "user"]
+                    dialogues.append((str(r["id"]), r["emo_point"], traj or [r["emo_point"]], "sage"))
+                else:                  # our transcripts.jsonl
+                    traj = [r["initial_emotion"]] + [t["emotion"] for t in r["turns"]]
+                    dialogues.append((str(r["profile_id"]), r["final_emotion"], traj, r.get("protocol", "classic")))
+            except (ValueError, KeyError, TypeError) as e:
+                raise BenchmarkError(f"leaderboard: {path}:{lineno} is neither a SAGE result record (id, emo_point, "
+                                     f"history) nor one of our transcripts ({e!r})") from None
+    if not dialogues:
+        raise BenchmarkError(f"leaderboard: {path} has no records")
+    return {"name": _system_name(path), "dialogues": dialogues}
+
+
+def round_half_up(value, digits=1):
+    """SAGE's printed Score: 61.25 -> 61.3 (Python's round and %.1f give 61.2)."""
+    q = decimal.Decimal(1).scaleb(-digits)
+    return float(decimal.Decimal(repr(value)).quantize(q, rounding=decimal.ROUND_HALF_UP))
+
+
+def leaderboard_rows(systems):
+    """Score / Success / Failure / dialogues per system, best score first."""
+    rows = []
+    for system in systems:
+        finals = [(final, protocol) for _, final, _, protocol in system["dialogues"]]
+        rows.append({"name": system["name"], "score": round_half_up(sum(f for f, _ in finals) / len(finals)),
+                     "success": sum(outcome(f, p) == "success" for f, p in finals),
+                     "failure": sum(outcome(f, p) == "failure" for f, p in finals), "dialogues": len(finals)})
+    return sorted(rows, key=lambda r: -r["score"])
+
+
+def versus(systems, name):
+    """Per-scenario wins / ties / losses of every other system against `name`, on the scenarios both played
+    (a scenario played several times, e.g. several seeds, counts with its mean final emotion)."""
+    def per_id(system):
+        finals = {}
+        for pid, final, _, _ in system["dialogues"]:
+            finals.setdefault(pid, []).append(final)
+        return {pid: statistics.mean(v) for pid, v in finals.items()}
+    by_name = {s["name"]: per_id(s) for s in systems}
+    if name not in by_name:
+        raise BenchmarkError(f"leaderboard: --versus {name!r} is none of the systems {sorted(by_name)}")
+    base, rows = by_name[name], []
+    for other, finals in by_name.items():
+        if other == name:
+            continue
+        common = sorted(set(base) & set(finals))
+        rows.append({"name": other, "versus": name, "scenarios": len(common),
+                     "wins": sum(finals[i] > base[i] for i in common), "ties": sum(finals[i] == base[i] for i in common),
+                     "losses": sum(finals[i] < base[i] for i in common)})
+    return rows
+
+
+def mean_per_turn(system):
+    """Mean emotion per user turn over a system's dialogues; an ended dialogue keeps its final emotion."""
+    trajs = [traj for _, _, traj, _ in system["dialogues"]]
+    longest = max(len(t) for t in trajs)
+    return [statistics.mean(t[min(k, len(t) - 1)] for t in trajs) for k in range(longest)]
+
+
+def write_leaderboard_svg(path, systems):
+    """One line per system: its mean emotion per turn (x: user turn, 0 = the opening's emotion)."""
+    means = [mean_per_turn(s) for s in systems]
+    longest = max(len(m) for m in means)
+    W, H = 900, 460
+    left, right, top, bottom = 64, W - 270, 62, H - 56
+    out = _svg_start(W, H, "mean emotion per turn", f"{len(systems)} systems", x=left)
+    x, y = draw_axes(out, (left, top, right, bottom), (0, max(1, longest - 1)), (0, 100),
+                     range(max(2, longest)), range(0, 101, 20), "user turn", "mean emotion")
+    for j, (system, mean) in enumerate(zip(systems, means)):
+        color = COLORS[j % len(COLORS)]
+        points = " ".join(f"{x(t):.1f},{y(e):.1f}" for t, e in enumerate(mean))
+        out.append(f'<polyline class="system" points="{points}" fill="none" stroke="{color}" stroke-width="2.5">'
+                   f'<title>{escape(system["name"])}</title></polyline>')
+        ly = top + 14 + 22 * j
+        out.append(f'<line x1="{right + 56}" y1="{ly}" x2="{right + 80}" y2="{ly}" stroke="{color}" stroke-width="2.5"/>')
+        out.append(f'<text x="{right + 86}" y="{ly + 4}">{escape(system["name"])}</text>')
+    return _svg_end(out, path)
+
+
+def leaderboard_command(args):
+    systems = [read_system(path) for path in args.files]
+    names = [s["name"] for s in systems]
+    if len(set(names)) != len(names):
+        raise BenchmarkError(f"leaderboard: two files give the same system name ({names}); rename one")
+    ids = [{d[0] for d in s["dialogues"]} for s in systems]
+    if any(i != ids[0] for i in ids):
+        print("WARNING: the systems did not play the same scenarios; the scores are not comparable", file=sys.stderr)
+    rows = leaderboard_rows(systems)
+    vs = versus(systems, args.versus) if args.versus else []
+    if args.plot:
+        write_leaderboard_svg(args.plot, systems)
+    if args.json:
+        print(json.dumps(rows if not vs else {"leaderboard": rows, "versus": vs}, ensure_ascii=False))
+        return rows
+    width = max(6, *(len(n) for n in names))
+    print(f"{'system':<{width}}  {'Score':>6} {'Success':>8} {'Failure':>8} {'dialogues':>10}")
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['score']:>6.1f} {r['success']:>8d} {r['failure']:>8d} {r['dialogues']:>10d}")
+    for r in vs:
+        print(f"{r['name']} vs {r['versus']}: {r['wins']} wins, {r['ties']} ties, {r['losses']} losses "
+              f"on {r['scenarios']} scenarios")
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -542,8 +696,10 @@ def eval_command(args):
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else []
     if not seeds:
         raise BenchmarkError(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2")
-    if args.max_turns < 1:
+    if args.max_turns is not None and args.max_turns < 1:
         raise BenchmarkError("--max-turns must be at least 1")
+    if args.initial_emotion is not None and not 1 <= args.initial_emotion <= 99:
+        raise BenchmarkError("--initial-emotion must be in 1..99")
     profiles = sim.load_profiles(args.profiles) if args.profiles else sim.builtin_profiles("test")
     profiles = profiles[:args.limit] if args.limit else profiles
     policy, tokenizer = check_policy(args), None
@@ -559,7 +715,8 @@ def eval_command(args):
     config = {k: v for k, v in vars(args).items() if k != "func"}
     return evaluate(policy, tokenizer, profiles, backend, seeds=seeds, max_turns=args.max_turns, mode=args.mode,
                     think=args.think, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                    out_dir=args.out, config=config,
+                    out_dir=args.out, config=config, protocol=args.protocol, lang=args.lang,
+                    initial_emotion=args.initial_emotion,
                     title=args.policy_model if args.policy_model else os.path.basename(args.policy.rstrip("/")))
 
 
@@ -577,7 +734,14 @@ def get_args(argv=None):
     e.add_argument("--mode", choices=sim.MODES, default="vanilla")
     e.add_argument("--profiles", default=None, help="profile JSONL (ours or public RLVER); default: built-in test set")
     e.add_argument("--limit", type=int, default=0, help="use only the first N profiles (0: all)")
-    e.add_argument("--max-turns", type=int, default=8)
+    e.add_argument("--protocol", choices=list(sim.PROTOCOLS), default="sage",
+                   help="dialogue rules (simulator.PROTOCOLS): sage = SAGE's test loop (start 40, +-10, success 100, "
+                        "failure < 10, goodbye, 9 scored replies, two-stage simulator); rlver = RLVER's training "
+                        "simulator; classic = ours (start 50, +-30, one call)")
+    e.add_argument("--max-turns", type=int, default=None, help="scored policy replies (default: the protocol's)")
+    e.add_argument("--lang", choices=sim.LANGS, default=None, help="force the template language (default: per profile)")
+    e.add_argument("--initial-emotion", type=int, default=None,
+                   help="start emotion for profiles without one (default: the protocol's: sage 40, rlver 30)")
     e.add_argument("--seeds", default="0", help="comma-separated: each profile is played once per seed")
     e.add_argument("--think", action=argparse.BooleanOptionalAction, default=False,
                    help="think-then-say system prompt (use it for policies trained with --think)")
@@ -589,6 +753,14 @@ def get_args(argv=None):
     e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     e.add_argument("--out", default="runs/eval", help="directory for transcripts.jsonl, summary.json, trajectories.svg")
     e.set_defaults(func=eval_command)
+
+    lb = commands.add_parser("leaderboard", help="side-by-side Score / Success / Failure of several systems",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    lb.add_argument("files", nargs="+", help="SAGE result JSONL files and/or our eval outputs (transcripts.jsonl or its dir)")
+    lb.add_argument("--json", action="store_true", help="print a JSON list of {name, score, success, failure, dialogues}")
+    lb.add_argument("--plot", default=None, help="write an SVG of each system's mean emotion per turn")
+    lb.add_argument("--versus", default=None, help="per-scenario wins / ties / losses against this system")
+    lb.set_defaults(func=leaderboard_command)
 
     s = commands.add_parser("speed", help="generation tokens/s and training step time",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -63,8 +63,15 @@ def get_args(argv=None):
     a("--mode", choices=sim.MODES, default="vanilla", help="simulated-user environment: vanilla or challenging")
     a("--train-profiles", default=None, help="profile JSONL (ours or the public RLVER layout); default: built-in")
     a("--test-profiles", default=None, help="profile JSONL for periodic evaluation; default: built-in test set")
-    a("--think", action=argparse.BooleanOptionalAction, default=True, help="think-then-say policy template")
-    a("--max-turns", type=int, default=8)
+    a("--think", action=argparse.BooleanOptionalAction, default=False, help="think-then-say policy template "
+      "(official: off)")
+    a("--protocol", choices=list(sim.PROTOCOLS), default="rlver", help="dialogue rules (simulator.PROTOCOLS): rlver = "
+      "RLVER's training simulator (start 30, two-stage, goodbye ends); sage = SAGE's test loop; classic = ours")
+    a("--lang", choices=sim.LANGS, default=None, help="force the template language (default: detected per profile)")
+    a("--initial-emotion", type=int, default=None, help="start emotion for profiles without one (default: the "
+      "protocol's, rlver 30)")
+    a("--max-turns", type=int, default=None, help="scored policy replies per dialogue (default: the protocol's; "
+      "rlver 9 = official max_turns 8)")
     a("--max-new-tokens", type=int, default=256, help="per policy turn")
     a("--max-context", type=int, default=4096, help="a dialogue that would outgrow this many tokens ends early")
     a("--temperature", type=float, default=1.0)
@@ -78,15 +85,19 @@ def get_args(argv=None):
     a("--epochs", type=int, default=1, help="passes over each step's rollouts")
     # optimisation
     a("--lr", type=float, default=1e-6)
-    a("--critic-lr", type=float, default=1e-5)
-    a("--warmup-steps", type=int, default=0)
-    a("--weight-decay", type=float, default=0.0)
+    a("--critic-lr", type=float, default=5e-6)
+    a("--warmup-ratio", type=float, default=0.02, help="actor LR warmup as a fraction of --steps (official 0.02)")
+    a("--critic-warmup-ratio", type=float, default=0.05, help="critic LR warmup fraction of --steps (official 0.05)")
+    a("--warmup-steps", type=int, default=0, help="> 0: warmup steps for both, instead of the ratios")
+    a("--weight-decay", type=float, default=0.01)
     a("--grad-clip", type=float, default=1.0)
     a("--clip-low", type=float, default=0.2)
     a("--clip-high", type=float, default=0.2, help="> clip-low gives DAPO's clip-higher")
     a("--dual-clip", type=float, default=None, help="dual-clip constant c > 1 (e.g. 3); off by default")
-    a("--value-clip", type=float, default=0.2)
-    a("--kl-coef", type=float, default=1e-3, help="GRPO: k3 KL in the loss; PPO: k1 KL in the reward")
+    a("--value-clip", type=float, default=0.5)
+    a("--kl-coef", type=float, default=0.0, help="GRPO: k3 KL in the loss; PPO: k1 KL in the reward; 0 (official): "
+      "no reference model is built")
+    a("--entropy-coef", type=float, default=0.001, help="entropy bonus: loss -= coef x mean policy entropy")
     a("--gamma", type=float, default=1.0)
     a("--lam", type=float, default=1.0)
     a("--no-std", action="store_true", help="GRPO without dividing by the group std (Dr.GRPO)")
@@ -105,12 +116,15 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.group_size is None:
         args.group_size = 4 if args.algo == "grpo" else 1
+    if args.max_turns is None:
+        args.max_turns = sim.PROTOCOLS[args.protocol].max_turns
     return args
 
 
 DEMO = dict(  # `python rlver.py` with no --model: everything small enough for a laptop CPU
     steps=30, profiles_per_step=8, max_turns=3, max_new_tokens=24, micro_batch=16, lr=1e-2, critic_lr=1e-2, warmup_steps=0,
-    out="runs/demo", save_every=10, think=False, eval_every=15, eval_profiles=8)
+    out="runs/demo", save_every=10, think=False, eval_every=15, eval_profiles=8,
+    protocol="classic", entropy_coef=0.0, weight_decay=0.0)  # our English rules users, no extra terms
 
 
 class ConfigError(ValueError):
@@ -144,6 +158,10 @@ def validate(args, world):
         raise ConfigError("--temperature must be > 0 for training (log-probs divide by it)")
     if args.max_context <= args.max_new_tokens:
         raise ConfigError("--max-context must exceed --max-new-tokens")
+    if args.initial_emotion is not None and not 1 <= args.initial_emotion <= 99:
+        raise ConfigError("--initial-emotion must be in 1..99")
+    if not (0 <= args.warmup_ratio < 1 and 0 <= args.critic_warmup_ratio < 1) or args.entropy_coef < 0:
+        raise ConfigError("--warmup-ratio / --critic-warmup-ratio must be in [0, 1) and --entropy-coef >= 0")
     cfg = lm.read_config(args.model)  # raises CheckpointError with the fix
     if args.no_fsdp and world > 1:
         raise ConfigError("--no-fsdp is for a single process; drop it under torchrun")
@@ -316,7 +334,8 @@ def train_step(run, args, step):
     rank, world = dist.get_rank(), dist.get_world_size()
     share = args.profiles_per_step // world
     mine = step_profiles(len(run.profiles), args.profiles_per_step, step, args.seed)[rank * share:(rank + 1) * share]
-    profiles = [run.profiles[i] for i in mine for _ in range(args.group_size)]
+    chosen = played_profiles(run, args, [run.profiles[i] for i in mine])  # openings shared by a group
+    profiles = [p for p in chosen for _ in range(args.group_size)]
     first = rank * share * args.group_size  # global index of this rank's first dialogue
     seeds = [ro.rollout_seed(args.seed, step, first + j) for j in range(len(profiles))]
 
@@ -331,6 +350,12 @@ def train_step(run, args, step):
     stats = update(run, batch, args, step)
     timing["update"] = time.time() - t0
     return step_metrics(run, args, dialogues, rewards, batch, stats, timing), dialogues
+
+
+def played_profiles(run, args, profiles):
+    """The profiles under --protocol / --lang / --initial-emotion, the simulator writing missing openings."""
+    return sim.prepare_profiles(profiles, run.backend, protocol=args.protocol, mode=args.mode, lang=args.lang,
+                                initial_emotion=args.initial_emotion)
 
 
 def play(run, args, profiles, seeds, temperature, timing=None):
@@ -430,6 +455,8 @@ def update(run, batch, args, step):
                                                      args.value_clip, **scale)
                     metrics.update(vmetrics, loss=loss.detach())
                     loss = loss + vloss
+                if args.entropy_coef:  # entropy bonus (official 0.001), aggregated like the policy loss
+                    loss = loss - args.entropy_coef * ppo.aggregate(entropy, mb["mask"], **scale)
                 loss.backward()
                 metrics["entropy"] = ppo.masked_mean(entropy.detach(), mb["mask"])
                 accumulate(sums, metrics, mb["mask"].sum().item())
@@ -482,8 +509,8 @@ def step_metrics(run, args, dialogues, rewards, batch, stats, timing):
     metrics.update(
         reward=reward, reward_std=math.sqrt(max(mean([r * r for r in rewards.tolist()]) - reward ** 2, 0.0)),
         emotion=100 * reward,
-        success=mean([e.end_reason == "success" for e in episodes]),
-        failure=mean([e.end_reason == "failure" for e in episodes]),
+        success=mean([sim.final_outcome(e.emotion, e.profile.protocol) == "success" for e in episodes]),
+        failure=mean([sim.final_outcome(e.emotion, e.profile.protocol) == "failure" for e in episodes]),
         turns=mean([len(e.turns) for e in episodes]),
         truncated=mean([d.truncated for d in dialogues]),
         parse_failures=mean([e.parse_failures for e in episodes]),
@@ -602,7 +629,7 @@ def evaluate_policy(run, args, step):
     rank, world = dist.get_rank(), dist.get_world_size()
     profiles = run.test_profiles[:args.eval_profiles]
     lo, hi = rank * len(profiles) // world, (rank + 1) * len(profiles) // world  # contiguous: keeps order
-    dialogues = play(run, args, profiles[lo:hi], seeds=list(range(lo, hi)), temperature=0.0)
+    dialogues = play(run, args, played_profiles(run, args, profiles[lo:hi]), seeds=list(range(lo, hi)), temperature=0.0)
     gathered = [None] * world
     dist.all_gather_object(gathered, [d.episode for d in dialogues])
     if rank != 0:
@@ -662,20 +689,20 @@ def setup(args, argv):
             json.dump({**vars(args), "world_size": world, "device": str(device), "torch": torch.__version__}, f, indent=2)
 
     torch.manual_seed(args.seed)
-    warmup = lambda s: min(1.0, (s + 1) / args.warmup_steps) if args.warmup_steps else 1.0  # noqa: E731
-
-    def trainable(model, lr):
+    def trainable(model, lr, ratio):   # linear warmup over ratio x --steps (or --warmup-steps), then constant
+        n = args.warmup_steps or int(ratio * args.steps)
+        warmup = lambda s: min(1.0, (s + 1) / n) if n else 1.0  # noqa: E731
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
         return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
 
-    policy, optimizer, scheduler = trainable(build_model(args, cfg, device, trainable=True), args.lr)
+    policy, optimizer, scheduler = trainable(build_model(args, cfg, device, trainable=True), args.lr, args.warmup_ratio)
     run = Run(device=device, tokenizer=tokenizer, eos_ids=lm.stop_token_ids(tokenizer, args.model), profiles=profiles,
               test_profiles=test_profiles, backend=backend, policy=policy, optimizer=optimizer, scheduler=scheduler)
     if args.kl_coef > 0:
         run.reference = build_model(args, cfg, device, trainable=False)
     if args.algo == "ppo":
         run.critic, run.critic_optimizer, run.critic_scheduler = trainable(
-            build_model(args, cfg, device, trainable=True, critic=True), args.critic_lr)
+            build_model(args, cfg, device, trainable=True, critic=True), args.critic_lr, args.critic_warmup_ratio)
     return run
 
 

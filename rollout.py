@@ -31,14 +31,15 @@ import simulator as sim
 # The policy's prompt
 
 
-def system_prompt(think):
-    """The policy's system prompt: plain, or think-then-say (<think>...</think> first, then the reply)."""
-    return sim.load_prompt("policy_system_think.txt" if think else "policy_system.txt").strip()
+def system_prompt(think, lang="en"):
+    """The policy's system prompt: plain, or think-then-say (<think>...</think> first, then the reply), in the
+    dialogue's language."""
+    return sim.load_prompt("policy_system_think.txt" if think else "policy_system.txt", lang).strip()
 
 
 def policy_messages(episode, think):
     """The chat the policy answers: its system prompt, then the dialogue from the agent's side."""
-    return [{"role": "system", "content": system_prompt(think)}] + episode.messages
+    return [{"role": "system", "content": system_prompt(think, episode.profile.lang)}] + episode.messages
 
 
 def render(tokenizer, messages, add_generation_prompt):

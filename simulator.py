@@ -14,18 +14,23 @@ then writes an integer emotion change and its reply. The CODE, not the simulator
 
     emotion <- clamp(emotion + change, 0, 100)
 
-The dialogue ends when emotion hits 0 (the user leaves), 100 (the user feels fully supported) or after
-max_turns turns (a turn = one agent reply + the user's answer). The reward is final emotion / 100: it is
+How the change is clamped, where the dialogue starts and ends (emotion lines, goodbye words, max turns; a
+turn = one agent reply + the user's answer) and whether the simulator answers in one call or two (analysis ->
+change, then the reply from that analysis and a coarse band) is the PROTOCOL (section 2: classic = ours,
+rlver = RLVER's training simulator, sage = SAGE's evaluation loop). The reward is final emotion / 100: it is
 "verifiable" because it is plain arithmetic over the simulator's parsed output.
 
 Reading order of this file:
   1. profiles        Profile, load_profiles (our JSONL and the public RLVER/SAGE layout), builtin_profiles
-  2. episodes        Episode, new_episode, reward; the rules this file alone owns: visible_reply (what the
+  2. protocols       PROTOCOLS, prepare_profiles (start emotion, language, openings the simulator writes)
+     episodes        Episode, new_episode, reward; the rules this file alone owns: visible_reply (what the
                      user sees of a policy message), dialogue_end (how a dialogue ends), transcript (the
                      JSON record of a dialogue)
-  3. prompts         build_request: one chat request per turn from the templates in prompts/
+  3. prompts         build_request / build_reply_request / build_opening_request from the templates in
+                     prompts/ (English, and <name>_zh.txt in Chinese)
   4. output format   parse_simulator_output / format_simulator_output (the strict tagged format)
-  5. the turn loop   simulate_turn: one batched backend call per turn, parse, retry, update emotion
+  5. the turn loop   simulate_turn: one (or two, two-stage) batched backend calls per turn, parse, retry,
+                     apply_change
   6. backends        RulesBackend (deterministic cue counting), OpenAIBackend (HTTP), LocalModelBackend,
                      make_backend (from a CLI string)
 
@@ -46,7 +51,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
@@ -54,7 +59,14 @@ MODES = ("vanilla", "challenging")   # the forgiving and the demanding environme
 MAX_ABS_CHANGE = 30                  # a parsed change is clamped to [-30, 30]: no single reply moves the user
                                      # by more than ~a third of the scale (the templates say so too)
 FALLBACK_REPLY = "Sorry, I lost my train of thought. What were you saying?"  # when the simulator fails
+FALLBACK_REPLY_ZH = "抱歉，我刚才走神了。你刚才说什么？"
+FALLBACK_OPENING = {"en": "I've had a rough few weeks and I need to talk to someone.",
+                    "zh": "最近心里有点堵，想找个人说说。"}
 EMPTY_REPLY = "(the supporter sent an empty message)"  # shown to the simulator for an empty agent reply
+LANGS = ("en", "zh")
+# What the simulator's user-side prompt calls the two speakers, per language
+SPEAKERS = {"en": ("You", "Supporter"), "zh": ("你", "倾诉对象")}
+FORMAT_HEADERS = ("## Output format", "## 输出格式")   # where a mode template's one-call format section starts
 
 
 class ProfileError(ValueError):
@@ -78,9 +90,12 @@ class Profile:
     persona: str            # who the user is: name, age, job, temperament, speaking style
     scenario: str           # the background story that brought them here
     hidden_intention: str   # what they truly need; the agent never sees it, the simulator never says it
-    opening: str            # the user's first message
-    initial_emotion: int = 50
+    opening: str            # the user's first message; "" = the simulator writes one (open_episodes)
+    initial_emotion: int = None   # None = the protocol's default (PROTOCOLS[...].initial_emotion)
     traits: list = field(default_factory=list)   # personality words, e.g. ["avoidant", "guarded"]
+    lang: str = None        # "en" / "zh": which templates the simulator and the policy get (None: detect_lang)
+    protocol: str = "classic"   # the dialogue rules this user plays by (PROTOCOLS; set by prepare_profiles)
+    opening_written: bool = False   # True: the simulator wrote the opening (the profile had none)
 
 
 # Our layout, and aliases: (our field, accepted keys in order of preference).
@@ -90,6 +105,7 @@ OUR_KEYS = [("persona", ("persona",)), ("scenario", ("scenario", "background")),
 # first_talk->opening, main_cha + cha_group -> traits.
 PUBLIC_KEYS = [("persona", ("player",)), ("scenario", ("scene",)), ("hidden_intention", ("task",)),
                ("opening", ("first_talk",))]
+OPTIONAL = {"opening"}   # RLVER's train_profile.jsonl has no first_talk: the simulator writes the opening
 
 
 def _profile_from_record(record, where, default_id):
@@ -98,21 +114,25 @@ def _profile_from_record(record, where, default_id):
         raise ProfileError(f"{where}: expected a JSON object per line, got {type(record).__name__}")
     public = "player" in record or "first_talk" in record   # the public layout is recognised by its keys
     table = PUBLIC_KEYS if public else OUR_KEYS
-    missing = [" or ".join(keys) for _, keys in table if not any(k in record for k in keys)]
+    missing = [" or ".join(keys) for name, keys in table
+               if not any(k in record for k in keys) and not (public and name in OPTIONAL)]
     if missing:
         layout = "public RLVER" if public else "rlver"
         raise ProfileError(f"{where}: profile is missing key(s) {', '.join(missing)} ({layout} layout; "
                            f"expected {[k[0] for _, k in table]})")
     fields = {}
     for name, keys in table:
+        if public and name in OPTIONAL and not any(k in record for k in keys):
+            fields[name] = ""                                   # written later by the simulator
+            continue
         value = next(record[k] for k in keys if k in record)
         if not isinstance(value, str) or not value.strip():
             raise ProfileError(f"{where}: '{keys[0]}' must be a non-empty string")
         fields[name] = value.strip()
-    emotion = record.get("initial_emotion", 50)   # SAGE starts every user at 50 unless told otherwise
+    emotion = record.get("initial_emotion")   # absent: the protocol's start (RLVER training 30, SAGE 40)
     if isinstance(emotion, float) and emotion.is_integer():
         emotion = int(emotion)
-    if isinstance(emotion, bool) or not isinstance(emotion, int) or not 1 <= emotion <= 99:
+    if emotion is not None and (isinstance(emotion, bool) or not isinstance(emotion, int) or not 1 <= emotion <= 99):
         raise ProfileError(f"{where}: initial_emotion must be an integer in 1..99, got {emotion!r}")
     if public:
         group = record.get("cha_group") or []
@@ -153,7 +173,60 @@ def builtin_profiles(split="train"):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Episodes: one dialogue between the agent and one simulated user
+# 2. Protocols and episodes. A protocol is the whole rule set of one dialogue game; this table is its only
+# definition (rollout.py, benchmark.py and rlver.py just name one).
+#
+#   classic  ours: start 50, change clamped to +-30, ends at 0 / 100 / max turns, one call per user turn
+#   rlver    RLVER's training simulator (hard_player_simulator_dsv3.py): start 30, no clamp on the change,
+#            ends on a goodbye word or emotion <= 0 (no stop at 100), up to 9 scored policy replies
+#            (official max_turns=8 counts rounds after the first), two calls per user turn
+#   sage     SAGE's test_npc.py loop: start 40, change clamped to +-10, ends on a goodbye word (checked
+#            first), emotion >= 100 (success) or < 10 (failure); the user opens with first_talk, the agent
+#            replies at most 10 times of which at most 9 are scored: the 10th reply is never shown to the
+#            simulator and cannot change any number, so we stop after the 9th scored reply. Two calls.
+# In every protocol the code caps emotion at 100 and floors it at 0. RLVER lets it go negative but floors the
+# reward at 0 and stops at <= 0, and SAGE stops below 10 with changes of at most 10, so the floor changes no
+# reward, score or ending.
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    initial_emotion: int   # start for a profile without its own initial_emotion
+    max_change: int        # a change is clamped to [-max_change, max_change]; None: no clamp
+    success_at: int        # emotion >= success_at ends the dialogue as "success"; None: never stops there
+    failure_below: int     # emotion < failure_below ends it as "failure"
+    goodbye: tuple         # substrings of the user's reply that end it ("goodbye"), checked first
+    max_turns: int         # scored policy replies by default (a turn = one policy reply + its evaluation)
+    stages: int            # 1: one call writes thought + change + reply; 2: analysis -> change, then reply
+
+
+GOODBYE_ZH = ("再见", "拜拜")   # SAGE / RLVER end a dialogue when the user's reply contains one of these
+PROTOCOLS = {
+    "classic": Protocol("classic", 50, 30, 100, 1, (), 8, 1),
+    "rlver": Protocol("rlver", 30, None, None, 1, GOODBYE_ZH, 9, 2),
+    "sage": Protocol("sage", 40, 10, 100, 10, GOODBYE_ZH, 9, 2),
+}
+
+
+def protocol_of(name):
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {name!r}: use one of {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[name]
+
+
+def detect_lang(profile):
+    """'zh' when the profile text is mostly Chinese (the public RLVER/SAGE data), else 'en'."""
+    text = profile.persona + profile.scenario + profile.hidden_intention + profile.opening
+    cjk = sum("\u3400" <= ch <= "\u9fff" for ch in text)
+    letters = sum(ch.isascii() and ch.isalpha() for ch in text)
+    return "zh" if cjk > letters / 4 else "en"
+
+
+def band(emotion):
+    """SAGE's coarse emotion band the reply stage sees instead of the number: S >= 100, A >= 70, B >= 40,
+    C >= 10, else F."""
+    return next(b for b, low in (("S", 100), ("A", 70), ("B", 40), ("C", 10), ("F", -10**9)) if emotion >= low)
+
 
 @dataclass
 class Episode:
@@ -162,14 +235,61 @@ class Episode:
     messages: list            # the dialogue from the AGENT's point of view (user/assistant roles, no system)
     turns: list               # per turn: {turn, agent, thought, change, emotion, user, parse_failed}
     done: bool = False
-    end_reason: str = None    # dialogue_end's "success" / "failure" / "max_turns", or "max_context" (rollout.py)
+    end_reason: str = None    # dialogue_end's "success" / "failure" / "goodbye" / "max_turns", or "max_context"
     parse_failures: int = 0   # turns whose simulator output stayed unparseable after the retries
 
 
+def resolve_profile(profile, protocol=None, lang=None, initial_emotion=None):
+    """The profile as played: its protocol, its language (forced, else detected), and its start emotion
+    (the profile's own value, else initial_emotion, else the protocol's default)."""
+    protocol = protocol or profile.protocol
+    start = next(e for e in (profile.initial_emotion, initial_emotion, protocol_of(protocol).initial_emotion)
+                 if e is not None)
+    return replace(profile, protocol=protocol, lang=lang or profile.lang or detect_lang(profile),
+                   initial_emotion=start)
+
+
 def new_episode(profile):
-    """The user speaks first: the dialogue starts with the profile's opening message."""
+    """The user speaks first: the dialogue starts with the profile's opening message (prepare_profiles
+    writes one for a profile that has none)."""
+    if not profile.opening:
+        raise ValueError(f"profile {profile.id} has no opening line: run simulator.prepare_profiles first")
+    profile = resolve_profile(profile)
     return Episode(profile=profile, emotion=profile.initial_emotion,
                    messages=[{"role": "user", "content": profile.opening}], turns=[])
+
+
+def prepare_profiles(profiles, backend=None, *, protocol="classic", mode="vanilla", lang=None,
+                     initial_emotion=None, retries=2, log=print):
+    """The profiles as played under a protocol (resolve_profile), with an opening line written by the
+    simulator for every profile without one: one batched request (build_opening_request), strict parse,
+    retries; a canned line (with a warning) if it still fails. RLVER's trainer does the same: its
+    training profiles have no first_talk and the simulator opens at the protocol's start emotion."""
+    played = [resolve_profile(p, protocol, lang, initial_emotion) for p in profiles]
+    todo = [i for i, p in enumerate(played) if not p.opening]
+    if todo:
+        if backend is None:
+            raise ValueError("profiles without an opening line need a simulator backend to write one")
+        requests = [build_opening_request(played[i], mode) for i in todo]
+        parsed, errors = _query(backend, requests, parse_reply_output, retries)
+        for k, i in enumerate(todo):
+            if k not in parsed:
+                log(f"WARNING: the simulator could not write an opening for profile {played[i].id} "
+                    f"({errors[k]}); using a fallback line")
+            opening = parsed.get(k) or FALLBACK_OPENING[played[i].lang]
+            played[i] = replace(played[i], opening=opening, opening_written=True)
+    return played
+
+
+def final_outcome(emotion, protocol="classic"):
+    """How a finished dialogue counts in the scores, from its final emotion alone (SAGE's Success = final
+    emotion >= 100, Failure = final emotion below the failure line, whatever ended the dialogue)."""
+    P = protocol_of(protocol)
+    if emotion < P.failure_below:
+        return "failure"
+    if emotion >= 100:
+        return "success"
+    return None
 
 
 def reward(episode):
@@ -190,12 +310,17 @@ def visible_reply(text):
     return text
 
 
-def dialogue_end(emotion, turns, max_turns):
-    """How a dialogue ends (the one owner of this rule): None while it goes on. At emotion 0 the user gives
-    up and leaves ("failure"), at 100 the user feels fully supported ("success"), else after max_turns."""
-    if emotion <= 0:
+def dialogue_end(emotion, turns, max_turns, user_text="", protocol="classic"):
+    """How a dialogue ends (the one owner of this rule): None while it goes on. In the protocol's order
+    (SAGE test_npc.py): a goodbye word in the user's reply ("goodbye"); emotion below the failure line, the
+    user gives up and leaves ("failure"); emotion at the success line, the user feels fully supported
+    ("success"); else after max_turns scored replies."""
+    P = protocol_of(protocol)
+    if any(word in (user_text or "") for word in P.goodbye):
+        return "goodbye"
+    if emotion < P.failure_below:
         return "failure"
-    if emotion >= 100:
+    if P.success_at is not None and emotion >= P.success_at:
         return "success"
     if turns >= max_turns:
         return "max_turns"
@@ -207,7 +332,9 @@ def transcript(episode, **extra):
     samples.jsonl and the evaluation's transcripts.jsonl). extra: e.g. step=, seed=, policy_texts=."""
     return {**extra, "profile_id": episode.profile.id, "initial_emotion": episode.profile.initial_emotion,
             "final_emotion": episode.emotion, "reward": reward(episode), "end_reason": episode.end_reason,
-            "opening": episode.profile.opening, "parse_failures": episode.parse_failures,
+            "protocol": episode.profile.protocol, "lang": episode.profile.lang,
+            "opening": episode.profile.opening, "opening_written": episode.profile.opening_written,
+            "parse_failures": episode.parse_failures,
             "turns": [{k: t[k] for k in ("turn", "agent", "emotion", "change", "thought", "user")}
                       for t in episode.turns]}
 
@@ -218,8 +345,10 @@ def transcript(episode, **extra):
 _PROMPT_CACHE = {}
 
 
-def load_prompt(name):
-    """Text of prompts/<name> (cached)."""
+def load_prompt(name, lang="en"):
+    """Text of prompts/<name>, or of its Chinese version <stem>_zh.txt for lang 'zh' (cached)."""
+    if lang == "zh":
+        name = name[:-len(".txt")] + "_zh.txt"
     if name not in _PROMPT_CACHE:
         _PROMPT_CACHE[name] = (PROMPTS_DIR / name).read_text(encoding="utf-8")
     return _PROMPT_CACHE[name]
@@ -232,19 +361,58 @@ def _fill(template, **values):
     return template
 
 
-def build_request(episode, agent_reply, mode="vanilla"):
+def _system(profile, mode, one_call):
+    """The mode template filled with the profile. The two-stage steps bring their own output format, so
+    for them the template's one-call format section is cut off."""
+    if mode not in MODES:
+        raise ValueError(f"unknown simulator mode {mode!r}: use one of {', '.join(MODES)}")
+    text = _fill(load_prompt(f"simulator_{mode}.txt", profile.lang), persona=profile.persona,
+                 scenario=profile.scenario, traits=", ".join(profile.traits) or "(not specified)",
+                 hidden_intention=profile.hidden_intention)
+    if not one_call:
+        for header in FORMAT_HEADERS:
+            text = text.split(header)[0].rstrip() + "\n"
+    return text
+
+
+def _dialogue(episode):
+    """The dialogue so far from the user's side, one "Speaker: text" line per message."""
+    me, other = SPEAKERS[episode.profile.lang]
+    lines = [f"{me}: {episode.profile.opening}"]
+    for t in episode.turns:
+        lines += [f"{other}: {t['agent'] or EMPTY_REPLY}", f"{me}: {t['user']}"]
+    return "\n".join(lines)
+
+
+def build_request(episode, agent_reply, mode="vanilla", step="turn"):
     """The chat request for one turn. The system message is the mode's template filled with the profile;
     the user message holds the dialogue so far (from the user's side), the agent's latest reply (only its
-    visible part) and the current emotion."""
-    p = episode.profile
-    system = _fill(load_prompt(f"simulator_{mode}.txt"), persona=p.persona, scenario=p.scenario,
-                   traits=", ".join(p.traits) or "(not specified)", hidden_intention=p.hidden_intention)
-    lines = [f"You: {p.opening}"]
-    for t in episode.turns:
-        lines += [f"Supporter: {t['agent'] or EMPTY_REPLY}", f"You: {t['user']}"]
-    user = _fill(load_prompt("simulator_turn.txt"), dialogue="\n".join(lines),
+    visible part) and the current emotion. step 'turn': the one-call protocol (thought, change and reply at
+    once); 'analysis': the first of the two-stage calls (thought and change only)."""
+    if episode.profile.lang is None:   # an Episode built by hand, not by new_episode
+        episode.profile = resolve_profile(episode.profile)
+    lang = episode.profile.lang
+    template = {"turn": "simulator_turn.txt", "analysis": "simulator_analysis.txt"}[step]
+    user = _fill(load_prompt(template, lang), dialogue=_dialogue(episode),
                  agent_reply=agent_reply or EMPTY_REPLY, emotion=episode.emotion)
-    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    return [{"role": "system", "content": _system(episode.profile, mode, step == "turn")},
+            {"role": "user", "content": user}]
+
+
+def build_reply_request(episode, agent_reply, mode, analysis, emotion):
+    """The second two-stage call (SAGE / RLVER): the user's reply, written from the first call's analysis
+    and the coarse band of the emotion AFTER the code applied the change (never the number)."""
+    user = _fill(load_prompt("simulator_reply.txt", episode.profile.lang), dialogue=_dialogue(episode),
+                 agent_reply=agent_reply or EMPTY_REPLY, analysis=analysis, band=band(emotion))
+    return [{"role": "system", "content": _system(episode.profile, mode, False)},
+            {"role": "user", "content": user}]
+
+
+def build_opening_request(profile, mode="vanilla"):
+    """The simulator's own request for the user's first line (a profile without first_talk), written at the
+    start emotion's band, as RLVER's trainer does."""
+    user = _fill(load_prompt("simulator_opening.txt", profile.lang), band=band(profile.initial_emotion))
+    return [{"role": "system", "content": _system(profile, mode, False)}, {"role": "user", "content": user}]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -292,6 +460,43 @@ def parse_simulator_output(text):
     return thought, max(-MAX_ABS_CHANGE, min(MAX_ABS_CHANGE, change)), reply
 
 
+def _clean(text):
+    text = re.sub(r"\A\s*<think>.*?</think>", "", text, flags=re.IGNORECASE | re.DOTALL)
+    return re.sub(r"^\s*```[\w-]*\s*$", "", text, flags=re.MULTILINE)
+
+
+def parse_analysis_output(text):
+    """Two-stage call 1 -> (thought, change); the change is NOT clamped here (the protocol clamps it).
+    Same tolerances and rejections as parse_simulator_output; a <reply> is not needed."""
+    if not isinstance(text, str):
+        raise ParseError(f"expected text, got {type(text).__name__}")
+    text = _clean(text)
+    found = {tag: _SECTION[tag].search(text) for tag in ("thought", "change")}
+    missing = [f"<{tag}>" for tag, m in found.items() if m is None]
+    if missing:
+        raise ParseError(f"missing section(s) {', '.join(missing)}")
+    thought, change = (found[tag].group(1).strip() for tag in ("thought", "change"))
+    change = change.replace("\u2212", "-")
+    if not _INTEGER.fullmatch(change):
+        raise ParseError(f"<change> must be an integer, got {change[:40]!r}")
+    return thought, int(change.replace(" ", ""))
+
+
+def parse_reply_output(text):
+    """Two-stage call 2 (and the opening request) -> the user's reply text: the <reply> section (a missing
+    </reply> at the very end is tolerated); anything else in the output (a <thought> plan) is ignored."""
+    if not isinstance(text, str):
+        raise ParseError(f"expected text, got {type(text).__name__}")
+    text = _clean(text)
+    found = _SECTION["reply"].search(text) or _OPEN_REPLY.search(text)
+    if found is None:
+        raise ParseError("missing section(s) <reply>")
+    reply = found.group(1).strip()
+    if not reply:
+        raise ParseError("empty <reply>")
+    return reply
+
+
 def format_simulator_output(thought, change, reply):
     """The canonical form of the format above (what RulesBackend writes and an LLM is asked to write)."""
     return f"<thought>\n{thought}\n</thought>\n<change>{change:+d}</change>\n<reply>\n{reply}\n</reply>"
@@ -300,14 +505,49 @@ def format_simulator_output(thought, change, reply):
 # ----------------------------------------------------------------------------------------------------
 # 5. The turn loop
 
+def _query(backend, requests, parse, retries):
+    """Query the whole batch once, then re-query just the outputs that failed to parse, up to `retries`
+    times. Returns ({index: parsed}, {index: last parse error}) over the indices of `requests`."""
+    parsed, errors, pending = {}, {}, list(range(len(requests)))
+    for _ in range(retries + 1):
+        if not pending:
+            break
+        outputs = backend([requests[k] for k in pending])
+        if len(outputs) != len(pending):
+            raise SimulatorError(f"simulator backend returned {len(outputs)} answers for {len(pending)} requests")
+        failed = []
+        for k, output in zip(pending, outputs):
+            try:
+                parsed[k] = parse(output)
+            except ParseError as e:
+                errors[k] = str(e)
+                failed.append(k)
+        pending = failed
+    return parsed, errors
+
+
+def apply_change(emotion, change, protocol):
+    """The CODE applies the simulator's change (the verifiable part): clamp the change as the protocol says
+    (SAGE: [-10, 10]), add it, cap at 100, floor at 0 (see the protocol notes)."""
+    limit = protocol_of(protocol).max_change
+    if limit is not None:
+        change = max(-limit, min(limit, change))
+    return change, max(0, min(100, emotion + change))
+
+
 def simulate_turn(episodes, agent_replies, backend, mode="vanilla", max_turns=8, retries=2):
     """Advance every unfinished episode by one turn: the agent's reply -> the simulated user's answer.
 
     agent_replies[i] is the agent's whole message for episodes[i] (ignored if that episode is done); the
-    user sees only visible_reply(message), the agent's side of the dialogue keeps it all. The backend
-    is queried ONCE for all active episodes; outputs that do not parse are re-queried (only those) up to
-    `retries` times; a turn that still fails counts as change 0 with a fallback reply and is counted in
-    episode.parse_failures, so a flaky simulator never crashes a training run.
+    user sees only visible_reply(message), the agent's side of the dialogue keeps it all. Each episode's
+    profile names its protocol (PROTOCOLS), which says how the turn is simulated:
+      one call   one batched request writes thought, change and reply (parse_simulator_output)
+      two stage  call 1 (batched) writes the analysis and the change (parse_analysis_output); the code
+                 applies the change; call 2 (batched) writes the reply from that analysis and the new band
+                 (parse_reply_output)
+    Outputs that do not parse are re-queried (only those) up to `retries` times; a step that still fails
+    counts as change 0 and/or a fallback reply and is counted in episode.parse_failures, so a flaky
+    simulator never crashes a training run.
     Returns the user's new message per episode, or None where the episode is done (or now finished)."""
     if mode not in MODES:
         raise ValueError(f"unknown simulator mode {mode!r}: use one of {', '.join(MODES)}")
@@ -318,40 +558,43 @@ def simulate_turn(episodes, agent_replies, backend, mode="vanilla", max_turns=8,
     active = [i for i, ep in enumerate(episodes) if not ep.done]
     if not active:
         return [None] * len(episodes)
+    protocols = {episodes[i].profile.protocol for i in active}
+    if len(protocols) != 1:
+        raise ValueError(f"one batch, one protocol: got {sorted(protocols)}")
+    protocol = protocols.pop()
     shown = {i: visible_reply(agent_replies[i]) for i in active}   # the user never sees <think>
-    requests = [build_request(episodes[i], shown[i], mode) for i in active]
 
-    # query the whole batch once, then re-query just the outputs that failed to parse
-    parsed, errors, pending = {}, {}, list(range(len(active)))
-    for _ in range(retries + 1):
-        outputs = backend([requests[k] for k in pending])
-        if len(outputs) != len(pending):
-            raise SimulatorError(f"simulator backend returned {len(outputs)} answers for {len(pending)} requests")
-        failed = []
-        for k, output in zip(pending, outputs):
-            try:
-                parsed[k] = parse_simulator_output(output)
-            except ParseError as e:
-                errors[k] = str(e)
-                failed.append(k)
-        pending = failed
-        if not pending:
-            break
+    if protocol_of(protocol).stages == 1:
+        requests = [build_request(episodes[i], shown[i], mode) for i in active]
+        parsed, errors = _query(backend, requests, parse_simulator_output, retries)
+        analyses = {k: v[:2] for k, v in parsed.items()}
+        replies = {k: v[2] for k, v in parsed.items()}
+        reply_errors = errors
+    else:
+        requests = [build_request(episodes[i], shown[i], mode, step="analysis") for i in active]
+        analyses, errors = _query(backend, requests, parse_analysis_output, retries)
+        requests = []
+        for k, i in enumerate(active):   # the reply stage sees the analysis and the band after the change
+            thought, change = analyses.get(k, ("", 0))
+            requests.append(build_reply_request(episodes[i], shown[i], mode, thought,
+                                                apply_change(episodes[i].emotion, change, protocol)[1]))
+        replies, reply_errors = _query(backend, requests, parse_reply_output, retries)
 
     new_user_messages = [None] * len(episodes)
     for k, i in enumerate(active):
         ep = episodes[i]
-        if k in parsed:
-            thought, change, user_reply = parsed[k]
-        else:   # give up on this turn: no emotion change, a neutral user line, and count the failure
-            thought, change, user_reply = f"(unparseable simulator output: {errors[k]})", 0, FALLBACK_REPLY
-            ep.parse_failures += 1
-        ep.emotion = max(0, min(100, ep.emotion + change))   # the code, not the LLM, applies the change
+        failed = k not in analyses or k not in replies
+        thought, change = analyses.get(k) or (f"(unparseable simulator output: {errors[k]})", 0)
+        user_reply = replies.get(k) or (FALLBACK_REPLY_ZH if ep.profile.lang == "zh" else FALLBACK_REPLY)
+        if k not in replies and k in analyses:
+            thought += f" (reply unparseable: {reply_errors[k]})"
+        ep.parse_failures += failed
+        change, ep.emotion = apply_change(ep.emotion, change, protocol)   # the code, not the LLM
         ep.messages.append({"role": "assistant", "content": (agent_replies[i] or "").strip()})
         ep.messages.append({"role": "user", "content": user_reply})
         ep.turns.append({"turn": len(ep.turns) + 1, "agent": shown[i], "thought": thought, "change": change,
-                         "emotion": ep.emotion, "user": user_reply, "parse_failed": k not in parsed})
-        ep.end_reason = dialogue_end(ep.emotion, len(ep.turns), max_turns)
+                         "emotion": ep.emotion, "user": user_reply, "parse_failed": failed})
+        ep.end_reason = dialogue_end(ep.emotion, len(ep.turns), max_turns, user_reply, protocol)
         ep.done = ep.end_reason is not None
         if not ep.done:
             new_user_messages[i] = user_reply
@@ -379,10 +622,19 @@ def simulate_turn(episodes, agent_replies, backend, mode="vanilla", max_turns=8,
 # questions above lecturing and dismissal. The user's answer is picked from short canned lines by the
 # size of the change, with a hash of the request choosing among variants (deterministic, no RNG).
 
-REPLY_HEADER = "## The supporter's latest reply\n"
-EMOTION_HEADER = "\n## Your current emotion\n"
-HIDDEN_HEADER = re.compile(r"^## What you truly need[^\n]*\n(.*?)(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-MODE_LINE = re.compile(r"^Environment: (\w+)\s*$", re.MULTILINE)
+REPLY_HEADERS = ("## The supporter's latest reply\n", "## 倾诉对象最新的回复\n")
+EMOTION_HEADERS = ("\n## Your current emotion\n", "\n## 你当前的情绪\n")
+ANALYSIS_HEADERS = ("\n## Your analysis of the reply\n", "\n## 你对这条回复的分析\n")
+HIDDEN_HEADER = re.compile(r"^## (?:What you truly need|你真正的需求)[^\n]*\n(.*?)(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+MODE_LINE = re.compile(r"^(?:Environment|环境): (\w+)\s*$", re.MULTILINE)
+STEP_LINE = re.compile(r"^(?:Step|步骤): (\w+)\s*$", re.MULTILINE)   # two-stage and opening requests
+RULES_MARK = re.compile(r"\[change ([+-]\d+), emotion (\d+)\]")     # in the rules' own analysis text
+
+
+def _find_last(text, headers, end=None):
+    """(position, header) of the last occurrence of any of the headers in text[:end], or (-1, None)."""
+    end = len(text) if end is None else end
+    return max(((text.rfind(h, 0, end), h) for h in headers), key=lambda x: x[0])
 
 
 def _cue_pattern(cue):
@@ -392,6 +644,12 @@ def _cue_pattern(cue):
         return re.compile(re.escape(cue))
     words = r"\s+".join(re.escape(w) for w in cue.rstrip("*").split())
     return re.compile(r"(?<!\w)" + words + ("" if cue.endswith("*") else r"(?!\w)"))
+
+
+def _bucket(change, emotion):
+    """Which kind of canned answer the rules user gives."""
+    return ("leave" if emotion <= 0 else "helped" if emotion >= 100 else "much_worse" if change <= -5
+            else "worse" if change < 0 else "flat" if change == 0 else "better" if change < 5 else "much_better")
 
 
 class RulesBackend:
@@ -432,7 +690,8 @@ class RulesBackend:
         if hits["need"]:
             need = rules["need"]
             points += min(need["first"] + need["each"] * (hits["need"] - 1), need["cap"])
-        n_words = len(re.findall(r"\w+", text))
+        # words: runs of non-CJK word characters, plus one per two Chinese characters
+        n_words = len(re.findall(r"[^\W\u3400-\u9fff]+", text)) + len(re.findall(r"[\u3400-\u9fff]", text)) // 2
         if n_words < self.table["short_words"]:
             points += rules["short"]     # a brush-off (or nothing at all)
         elif n_words > self.table["long_words"]:
@@ -442,14 +701,30 @@ class RulesBackend:
 
     def _respond(self, messages):
         system, turn = messages[0]["content"], messages[-1]["content"]
-        end = turn.rfind(EMOTION_HEADER)
-        start = turn.rfind(REPLY_HEADER, 0, end)
         mode, need = MODE_LINE.search(system), HIDDEN_HEADER.search(system)
-        emotion = re.match(r"\s*(\d+)", turn[end + len(EMOTION_HEADER):]) if end >= 0 else None
-        if start < 0 or mode is None or need is None or emotion is None or mode.group(1) not in MODES:
+        step = STEP_LINE.search(turn)
+        step = step.group(1) if step else "turn"
+        if mode is None or need is None or mode.group(1) not in MODES:
             raise SimulatorError("RulesBackend only understands requests made by simulator.build_request "
                                  "from the templates in prompts/")
-        reply = turn[start + len(REPLY_HEADER):end].strip()
+        lang = "zh" if "环境:" in system else "en"
+        digest = hashlib.sha256((system + "\0" + turn).encode("utf-8")).digest()
+        if step == "opening":   # a canned first line, picked by a hash of the request
+            lines = self.table["openings"][lang]
+            return f"<reply>\n{lines[digest[0] % len(lines)]}\n</reply>"
+        if step == "reply":     # the reply stage reads the change and emotion back from its own analysis
+            mark = RULES_MARK.search(turn)
+            if mark is None:
+                raise SimulatorError("RulesBackend: a reply request without the rules' own analysis")
+            change, emotion = int(mark.group(1)), int(mark.group(2))
+            return f"<reply>\n{self._canned(change, emotion, lang, digest)}\n</reply>"
+        end, _ = _find_last(turn, EMOTION_HEADERS)
+        start, header = _find_last(turn, REPLY_HEADERS, end)
+        emotion = re.match(r"\s*(\d+)", turn[end:].split("\n", 2)[2]) if end >= 0 else None
+        if start < 0 or emotion is None:
+            raise SimulatorError("RulesBackend only understands requests made by simulator.build_request "
+                                 "from the templates in prompts/")
+        reply = turn[start + len(header):end].strip()
         reply = "" if reply == EMPTY_REPLY else reply
         change, hits = self.score(reply, need.group(1), mode.group(1))
         emotion = max(0, min(100, int(emotion.group(1)) + change))
@@ -459,17 +734,19 @@ class RulesBackend:
                f"{hits['lecturing']} lecturing and {hits['dismissive']} dismissive cues, and {touched}; "
                f"my emotion changes by {change:+d}.")
         feeling = next(text for bound, text in self.table["feelings"] if emotion <= bound)
-        bucket = ("leave" if emotion <= 0 else "helped" if emotion >= 100 else "much_worse" if change <= -5
-                  else "worse" if change < 0 else "flat" if change == 0 else "better" if change < 5
-                  else "much_better")
         plan = {"leave": "I will end the conversation.", "helped": "I will thank them.",
                 "much_worse": "I will pull back and say less.", "worse": "I will hold back a little.",
                 "flat": "I will keep it short and see if they get it.",
-                "better": "I will open up a little more.", "much_better": "I will tell them more."}[bucket]
+                "better": "I will open up a little more.", "much_better": "I will tell them more."}[_bucket(change, emotion)]
         thought = f"{why} (ii) I feel {feeling} ({emotion}/100). (iii) {plan}"
-        variants = self.table["replies"][bucket]
-        digest = hashlib.sha256((system + "\0" + turn).encode("utf-8")).digest()
-        return format_simulator_output(thought, change, variants[digest[0] % len(variants)])
+        if step == "analysis":
+            return f"<thought>\n{thought} [change {change:+d}, emotion {emotion}]\n</thought>\n<change>{change:+d}</change>"
+        return format_simulator_output(thought, change, self._canned(change, emotion, lang, digest))
+
+    def _canned(self, change, emotion, lang, digest):
+        """The user's answer: a short canned line for the size of the change, in the dialogue's language."""
+        variants = self.table["replies" if lang == "en" else "replies_zh"][_bucket(change, emotion)]
+        return variants[digest[0] % len(variants)]
 
     def __call__(self, requests):
         return [self._respond(messages) for messages in requests]

@@ -225,6 +225,7 @@ def test_eval_against_fake_endpoint(tmp_path, fake_endpoint, capsys, monkeypatch
     out = tmp_path / "eval"
     monkeypatch.setenv("FAKE_POLICY_KEY", "sk-do-not-log-4242")
     benchmark.main(["eval", "--policy", fake_endpoint, "--policy-model", "fake-empath", "--seeds", "0,1",
+                    "--protocol", "classic",  # ours: success at 100, failure at 0, 8 turns
                     "--policy-key-env", "FAKE_POLICY_KEY", "--profiles", write_profiles(tmp_path / "p.jsonl"),
                     "--out", str(out)])
     transcripts, summary, svg = read_outputs(out)

@@ -35,15 +35,19 @@ TIMEOUT = 300  # seconds per subprocess: generous for a loaded CI box; a hang fa
 # simulator: 3 turns of up to 24 tokens, 8 profiles x 4 rollouts per step, a toy-sized learning rate.
 # Every profile starts at emotion 50 (the flat_profiles fixture): the built-in profiles start at 20..60, and
 # which of them a step draws would move the step's mean reward by more than the first steps of learning do.
+# These tests were tuned on our classic rules and optimiser settings (which differ from the official defaults,
+# see README): CLASSIC pins them.
+CLASSIC = ["--protocol", "classic", "--kl-coef", "1e-3", "--entropy-coef", "0", "--weight-decay", "0",
+           "--value-clip", "0.2", "--warmup-ratio", "0", "--critic-warmup-ratio", "0"]
 LEARN = ["--profiles-per-step", "8", "--group-size", "4", "--max-turns", "3", "--max-new-tokens", "24",
-         "--micro-batch", "16", "--no-think", "--save-every", "100"]
+         "--micro-batch", "16", "--no-think", "--save-every", "100", *CLASSIC]
 GRPO_LEARN = ["--algo", "grpo", "--lr", "5e-2", "--steps", "10", "--eval-every", "5", "--eval-profiles", "5"]
 # PPO learns more slowly: its critic starts random, so early advantages are mostly noise. Four optimizer
 # steps per rollout batch (--mini-batches 4, same compute as one) and a critic as fast as the policy help.
 PPO_LEARN = ["--algo", "ppo", "--lr", "2e-2", "--critic-lr", "2e-2", "--mini-batches", "4", "--steps", "16"]
 
 # Small and fast: the resume runs and the PPO FSDP comparison.
-SMALL = ["--profiles-per-step", "4", "--max-turns", "2", "--max-new-tokens", "16", "--no-think"]
+SMALL = ["--profiles-per-step", "4", "--max-turns", "2", "--max-new-tokens", "16", "--no-think", *CLASSIC]
 
 # Metrics that depend on wall-clock time, not on the computation.
 TIMING = {"time_rollout", "time_generate", "time_simulator", "time_update", "gen_tokens_per_s"}

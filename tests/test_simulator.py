@@ -81,7 +81,9 @@ def test_load_our_layout_defaults_and_aliases(tmp_path):
     a, b = load_profiles(path)
     assert (a.id, a.persona, a.scenario, a.hidden_intention, a.opening, a.initial_emotion, a.traits) == \
            ("a", "P", "S", "H", "Hi", 30, ["blunt"])
-    assert (b.id, b.scenario, b.opening, b.initial_emotion, b.traits) == ("profiles-3", "S2", "Money", 50, [])
+    # no initial_emotion: the protocol's start decides (classic 50, see test_protocol_start_emotions)
+    assert (b.id, b.scenario, b.opening, b.initial_emotion, b.traits) == ("profiles-3", "S2", "Money", None, [])
+    assert new_episode(b).emotion == 50
 
 
 def test_load_public_rlver_layout_with_chinese_text(tmp_path):
@@ -91,7 +93,7 @@ def test_load_public_rlver_layout_with_chinese_text(tmp_path):
     (p,) = load_profiles(write_lines(tmp_path, [record]))
     assert (p.id, p.persona, p.scenario, p.hidden_intention, p.opening) == \
            ("3f2b9c1e-uuid", record["player"], record["scene"], record["task"], record["first_talk"])
-    assert p.traits == ["消极", "回避", "敏感"] and p.initial_emotion == 50
+    assert p.traits == ["消极", "回避", "敏感"] and p.initial_emotion is None and new_episode(p).emotion == 50
     assert RulesBackend().needs_of(p.hidden_intention) == ["listen"]
     request = build_request(new_episode(p), "我理解你。", "vanilla")   # Chinese text survives into the prompt
     assert record["scene"] in request[0]["content"] and record["first_talk"] in request[1]["content"]
