@@ -331,15 +331,65 @@ def test_single_process_checkpoint_loads_in_transformers(uninterrupted, tiny_qwe
 
 
 
+def truncated_copy(tiny, d):
+    """A copy of the tiny checkpoint whose model.safetensors lost its second half (an interrupted download)."""
+    import shutil
+
+    if not (d / "truncated").exists():
+        shutil.copytree(tiny, d / "truncated")
+        weights = d / "truncated" / "model.safetensors"
+        data = weights.read_bytes()
+        weights.write_bytes(data[:len(data) // 2])
+    return str(d / "truncated")
+
+
+def earlier_run(out):
+    """--out holding an earlier (GRPO) run: a checkpoint, its config, metrics and samples."""
+    (out / "checkpoints" / "step_2").mkdir(parents=True)
+    (out / "checkpoints" / "step_2" / "DONE").write_text("")
+    (out / "checkpoints" / "step_2" / "state.json").write_text(json.dumps({"step": 2, "algo": "grpo"}))
+    (out / "config.json").write_text(json.dumps({"algo": "grpo", "profiles_per_step": 32, "group_size": 4}))
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward": 0.5}) + "\n")
+    (out / "samples.jsonl").write_text(json.dumps({"step": 1}) + "\n")
+
+
+# name: (arguments, words the error line must contain, prepare(out) or None)
 ERRORS = {
-    "bad model path": (lambda d, tiny: ["--model", str(d / "no-such-model")], "not a directory"),
-    "unsupported model_type": (lambda d, tiny: ["--model", str(d / "mistral")], "unsupported model_type"),
+    "bad model path": (lambda d, tiny: ["--model", str(d / "no-such-model")], "not a directory", None),
+    "unsupported model_type": (lambda d, tiny: ["--model", str(d / "mistral")], "unsupported model_type", None),
     "malformed profiles": (lambda d, tiny: ["--model", tiny, "--train-profiles", str(d / "bad.jsonl")],
-                           "bad.jsonl:2"),
+                           "bad.jsonl:2", None),
     "unreachable simulator": (lambda d, tiny: ["--model", tiny, "--simulator",
-                                               f"http://127.0.0.1:{closed_port()}/v1"], "cannot reach"),
-    "grpo group of 1": (lambda d, tiny: ["--model", tiny, "--algo", "grpo", "--group-size", "1"], "--group-size"),
+                                               f"http://127.0.0.1:{closed_port()}/v1"], "cannot reach", None),
+    "grpo group of 1": (lambda d, tiny: ["--model", tiny, "--algo", "grpo", "--group-size", "1"], "--group-size",
+                        None),
+    "truncated safetensors": (lambda d, tiny: ["--model", truncated_copy(tiny, d)], "truncated", None),
+    "ppo group of 0": (lambda d, tiny: ["--model", tiny, "--algo", "ppo", "--group-size", "0"],
+                       "--group-size 0: must be >= 1", None),
+    "no profiles per step": (lambda d, tiny: ["--model", tiny, "--profiles-per-step", "0"],
+                             "--profiles-per-step 0: must be >= 1", None),
+    "negative lr": (lambda d, tiny: ["--model", tiny, "--lr", "-1"], "--lr -1.0: must be > 0", None),
+    "nan lr": (lambda d, tiny: ["--model", tiny, "--lr", "nan"], "--lr nan: give a finite number", None),
+    "out is a file": (lambda d, tiny: ["--model", tiny], "is a file, not a folder",
+                      lambda out: out.write_text("my notes\n")),
+    "non-utf8 profiles": (lambda d, tiny: ["--model", tiny, "--train-profiles", str(d / "latin1.jsonl")],
+                          "not UTF-8", None),
+    "context too small": (lambda d, tiny: ["--model", tiny, "--max-context", "16", "--max-new-tokens", "8"],
+                          "--max-context 16 leaves no room", None),
+    "negative eval-every": (lambda d, tiny: ["--model", tiny, "--eval-every", "-1"], "--eval-every -1: must be >= 0",
+                            None),
+    "fresh run into an old out": (lambda d, tiny: ["--model", tiny], "holds an earlier run", earlier_run),
+    "resume with another algo": (lambda d, tiny: ["--model", tiny, "--resume", "--algo", "ppo", "--group-size", "1",
+                                                  "--profiles-per-step", "32"],
+                                 "--algo ppo (the run used grpo)", earlier_run),
 }
+
+
+def snapshot(out):
+    """Every file under out with its bytes (or out's own bytes when it is a file)."""
+    if out.is_file():
+        return {".": out.read_bytes()}
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
 def test_user_errors_are_one_line_with_exit_code_2(tiny_qwen2, tmp_path):
@@ -351,22 +401,31 @@ def test_user_errors_are_one_line_with_exit_code_2(tiny_qwen2, tmp_path):
     good = (tmp_path / "good.jsonl")
     good.write_text(json.dumps({"persona": "p", "scenario": "s", "hidden_intention": "h", "opening": "o"}) + "\n")
     (tmp_path / "bad.jsonl").write_text(good.read_text() + '{"persona": "p", "scenario": \n')
-    # all five at once (each is a few seconds of imports), then check each
+    (tmp_path / "latin1.jsonl").write_bytes(json.dumps({"persona": "caf\u00e9", "scenario": "s", "hidden_intention": "h",
+                                                        "opening": "o"}, ensure_ascii=False).encode("latin-1"))
+    # all at once (each is a few seconds of imports), then check each
     procs = {}
-    for name, (make_args, _) in ERRORS.items():
+    for name, (make_args, _, prepare) in ERRORS.items():
         out = tmp_path / name.replace(" ", "_")
+        if prepare:
+            prepare(out)
+        before = snapshot(out) if out.exists() else None
         procs[name] = (subprocess.Popen(command([*make_args(tmp_path, tiny_qwen2), "--out", str(out), "--steps", "1"]),
                                         cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True), out, time.time())
-    for name, (proc, out, t0) in procs.items():
+                                        text=True), out, before, time.time())
+    for name, (proc, out, before, t0) in procs.items():
         stdout, stderr = proc.communicate(timeout=TIMEOUT)
         seconds = time.time() - t0
         lines = stderr.strip().splitlines()
         assert proc.returncode == 2, f"{name}: exit {proc.returncode}\n{stderr[-3000:]}"
         assert len(lines) == 1 and lines[0].startswith("rlver: error: "), f"{name}: stderr {stderr!r}"
         assert ERRORS[name][1] in lines[0], f"{name}: {lines[0]}"
-        # before the heavy part: no model was built, nothing was written, no training banner
-        assert not os.path.exists(out / "config.json") and "rlver: grpo on" not in stdout, name
+        # before the heavy part: no model was built, nothing was written or lost, no training banner
+        assert "rlver: grpo on" not in stdout and "rlver: ppo on" not in stdout, name
+        if before is None:
+            assert not os.path.exists(out / "config.json"), name
+        else:
+            assert snapshot(out) == before, f"{name}: the files in --out changed"
         assert seconds < 60, f"{name}: took {seconds:.0f}s to fail"
 
 
