@@ -945,7 +945,7 @@ def main(argv=None):
     try:
         train(args, argv)
     except (ConfigError, lm.CheckpointError, sim.ProfileError, sim.SimulatorError) as e:
-        if not dist.is_initialized() or dist.get_rank() == 0:  # under torchrun: one line, not one per rank
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: one line, not one per rank
             print(f"rlver: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:  # StopFlag's second signal: stop now, even with HTTP requests in flight

@@ -430,6 +430,99 @@ def test_user_errors_are_one_line_with_exit_code_2(tiny_qwen2, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# 6b. Simulators that misbehave (real HTTP servers on 127.0.0.1, tests/conftest.py), and a torn checkpoint
+
+FAST = [*SMALL, "--group-size", "2", "--micro-batch", "8", "--save-every", "100"]  # 8 dialogues x 2 turns
+
+
+def endpoint(server):
+    return ["--simulator", server.url, "--simulator-model", "sim-model", "--simulator-key-env", "RLVER_TEST_KEY"]
+
+
+def test_unparseable_simulator_stops_the_run_with_the_last_step_saved(simulator_server, tiny_qwen2, tmp_path):
+    out = str(tmp_path / "garbage")
+    args = ["--model", tiny_qwen2, "--out", out, *FAST, "--steps", "3", *endpoint(simulator_server)]
+    simulator_server.plan = ["ok"] * 16  # step 1: 8 dialogues x 2 turns answered well; then only garbage
+    simulator_server.default = "garbage"
+    p = run_cli(args, check=False)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "step 2: " in lines[0] and "unparseable" in lines[0] and "--max-parse-failure-rate" in lines[0]
+    assert "--resume" in lines[0]
+    # the warning shows one offending answer, never the key; step 1's line counts 0 failures
+    assert "warning: step 2" in p.stdout and "I refuse to use your format" in p.stdout, p.stdout[-3000:]
+    assert "parse fail 0/16" in p.stdout
+    assert simulator_server.key not in p.stdout + p.stderr
+    # step 1 is kept and checkpointed; the garbage step 2 trained nothing and wrote nothing
+    assert checkpoints(out) == [1] and [m["step"] for m in metrics(out)] == [1]
+    simulator_server.default = "ok"  # the simulator is fixed: the resume hint works
+    p = run_cli([*args, "--resume"])
+    assert "at step 1" in p.stdout and [m["step"] for m in metrics(out)] == [1, 2, 3]
+
+
+def test_hanging_simulator_hits_the_turn_deadline(hanging_simulator_server, tiny_qwen2, tmp_path):
+    out = tmp_path / "hang"
+    t0 = time.time()
+    p = run_cli(["--model", tiny_qwen2, "--out", str(out), *FAST, "--steps", "2", "--simulator-turn-deadline", "3",
+                 *endpoint(hanging_simulator_server)], check=False)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "--simulator-turn-deadline" in lines[0] and "0/8" in lines[0], lines[0]
+    assert time.time() - t0 < 60
+    assert checkpoints(out) == [] and not (out / "metrics.jsonl").exists()  # nothing was completed
+
+
+def test_second_ctrl_c_exits_130_at_once_while_requests_hang(hanging_simulator_server, tiny_qwen2, tmp_path):
+    out = str(tmp_path / "ctrlc")
+    proc = start(["--model", tiny_qwen2, "--out", out, *FAST, "--steps", "2", *endpoint(hanging_simulator_server)])
+    wait_for(lambda: len(hanging_simulator_server.posts) >= 8, proc)  # every request of turn 1 hangs
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1.0)
+    assert proc.poll() is None  # the first Ctrl-C waits for the step
+    proc.send_signal(signal.SIGINT)
+    t0 = time.time()
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and time.time() - t0 < 10, (proc.returncode, stderr[-3000:])
+    assert "finishing this step" in stdout and "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rlver: interrupted"), stderr[-3000:]
+
+
+def test_rate_limited_simulator_is_retried_after_retry_after(simulator_server, tiny_qwen2, tmp_path):
+    simulator_server.plan, simulator_server.retry_after = ["429"], "2"
+    run_cli(["--model", tiny_qwen2, "--out", str(tmp_path / "429"), *FAST, "--steps", "1",
+             *endpoint(simulator_server)])
+    posts, times = simulator_server.posts, simulator_server.post_times
+    assert len(posts) == 17  # 16 answered turns + the refused first attempt
+    retry = next(i for i in range(1, 17) if posts[i][1] == posts[0][1])  # the same request, sent again
+    assert times[retry] - times[0] >= 2.0  # it waited the server's Retry-After (2 s), not the 1 s backoff
+
+
+def test_resume_survives_a_kill_between_done_and_rename(uninterrupted, tiny_qwen2, tmp_path):
+    import shutil
+
+    out = tmp_path / "torn"
+    shutil.copytree(uninterrupted[0], out)
+    # killed after DONE was written into step_6.tmp, before the rename to step_6: step_4 is the last complete one
+    os.rename(out / "checkpoints" / "step_6", out / "checkpoints" / "step_6.tmp")
+    assert (out / "checkpoints" / "step_6.tmp" / "DONE").exists() and checkpoints(out) == [4]
+    p = run_cli(["--model", tiny_qwen2, "--out", str(out), *RESUME, "--save-every", "2", "--resume"])
+    assert "at step 4" in p.stdout, p.stdout
+    assert_same_metrics(metrics(str(out)), uninterrupted[1], rel=1e-6, abs_=1e-9, what="torn checkpoint + --resume")
+    # samples.jsonl is trimmed like metrics.jsonl: every step's transcripts once (--log-samples 2)
+    steps = [json.loads(line)["step"] for line in open(out / "samples.jsonl")]
+    assert sorted(steps) == [s for s in range(1, 7) for _ in range(2)], steps
+    assert checkpoints(out) == [4, 6]
+
+
+def test_help_shows_every_default():
+    p = run_cli(["--help"])
+    text = " ".join(p.stdout.split())
+    assert "4 for grpo, 1 for ppo" in text and "(default: None)" not in text
+    assert "Demo mode" in text and "--lr 0.01" in text and "--steps 30" in text and "--threads" in text
+
+
+# ---------------------------------------------------------------------------------------------------------
 # 7. Demo mode
 
 
@@ -437,6 +530,15 @@ def test_demo_mode_makes_a_tiny_model_and_trains(tmp_path):
     out = tmp_path / "demo"
     p = run_cli(["--steps", "2", "--out", str(out)])
     assert "demo mode" in p.stdout and "rlver: done." in p.stdout
+    # curves.svg is written with the checkpoint, is well-formed SVG, and the final line names it
+    import xml.etree.ElementTree as ET
+
+    curves = out / "curves.svg"
+    assert f"curves: {curves}" in p.stdout
+    root = ET.parse(curves).getroot()
+    assert root.tag.endswith("svg") and "reward" in curves.read_text()
+    series = root.findall(".//{http://www.w3.org/2000/svg}polyline[@class='series']")
+    assert len(series) >= 5 and all(len(line.get("points").split()) == 2 for line in series)  # 2 steps each
     tiny = out / "tiny-qwen2"
     assert (tiny / "config.json").is_file() and lm.read_config(str(tiny)).model_type == "qwen2"
     assert [m["step"] for m in metrics(out)] == [1, 2]
