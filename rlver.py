@@ -19,7 +19,9 @@ One training step, read top to bottom in train_step():
                  normalised by the global token count, grad clipping, AdamW.
   7. metrics     step_metrics: means over the global batch.
 Around it: torchrun + FSDP2 setup, checkpoints in the HF layout with trainer state (--resume), metrics.jsonl,
-sample transcripts, periodic evaluation on the test profiles (benchmark.py).
+sample transcripts, curves.svg, periodic evaluation on the test profiles (benchmark.py), and the guards of a
+long run: flags checked before anything is written, a fresh run never mixing with an earlier one, a
+simulator that fails or ignores its format stopping the run with the last step saved.
 """
 
 import argparse
@@ -153,7 +155,7 @@ def apply_demo_defaults(args, argv):
     args.model = os.path.join(args.out, "tiny-qwen2")
 
 
-# (flag, lowest allowed value, is the lowest value itself allowed): every number a user can get wrong
+# Every numeric flag by its allowed range (checked before anything is written)
 AT_LEAST_1 = ("steps", "profiles_per_step", "group_size", "max_turns", "max_new_tokens", "micro_batch",
               "mini_batches", "epochs", "save_every", "keep_checkpoints", "eval_profiles", "threads")
 AT_LEAST_0 = ("warmup_steps", "eval_every", "log_samples", "simulator_retries", "weight_decay", "clip_low",
@@ -215,7 +217,9 @@ def check_resume(args):
     except (OSError, ValueError) as e:
         raise ConfigError(f"--resume: cannot read the run's config in {args.out} ({e}): resume needs the "
                           f"config.json and the checkpoint's state.json; start afresh with --overwrite") from None
-    same = lambda k, a, b: os.path.abspath(a) == os.path.abspath(b) if k == "model" and a and b else a == b  # noqa
+    def same(key, new, was):  # a model path may be given relative or absolute
+        return os.path.abspath(new) == os.path.abspath(was) if key == "model" and new and was else new == was
+
     diff = [f"{flag(k)} {getattr(args, k)} (the run used {old[k]})"
             for k in RESUME_KEYS if k in old and not same(k, getattr(args, k), old[k])]
     if diff:
@@ -768,6 +772,9 @@ def evaluate_policy(run, args, step):
     dist.all_gather_object(gathered, [d.episode for d in dialogues])  # every rank gets every episode
     episodes = [e for part in gathered for e in part]
     failed, total, _ = sim.parse_failure_stats(episodes)
+    if failed and rank == 0:
+        print(f"rlver: warning: evaluation at step {step}: {failed}/{total} simulator turns were unparseable "
+              f"(scored change 0)", flush=True)
     if failed > args.max_parse_failure_rate * total:  # all ranks decide alike: no rank is left waiting
         raise SimulatorFailure(f"evaluation at step {step}: {failed}/{total} simulator turns were unparseable "
                                f"(more than --max-parse-failure-rate {args.max_parse_failure_rate:g}): the "
@@ -876,8 +883,13 @@ def start_step(run, args, metrics_path):
     return start
 
 
-def resume_hint(args, argv):
-    return "python rlver.py " + " ".join([*(argv if argv is not None else sys.argv[1:]), "--resume"])
+def resume_hint(argv):
+    """The command that continues this run."""
+    argv = list(argv if argv is not None else sys.argv[1:])
+    argv += [] if "--resume" in argv else ["--resume"]
+    if dist.get_world_size() > 1:
+        return f"the same torchrun command with {' '.join(argv)}"
+    return "python rlver.py " + " ".join(argv)
 
 
 def save(run, args, step):
@@ -922,8 +934,9 @@ def train(args, argv=None):
             # The step in progress is discarded: resume replays it exactly (seeds are per (seed, step, dialogue)).
             if done > saved:
                 save(run, args, done)
-            raise ConfigError(f"{e}. Stopped with step {done} saved; after fixing the simulator, continue with: "
-                              f"{resume_hint(args, argv)}") from None
+            kept = f"step {done} is saved" if done else "no step was completed"
+            raise ConfigError(f"{e}. Stopped: {kept}; after fixing the simulator, continue with: "
+                              f"{resume_hint(argv)}") from None
         stop_now = all_reduce(float(stop.requested), dist.ReduceOp.MAX) > 0
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stop_now:
             save(run, args, step + 1)

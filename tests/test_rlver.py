@@ -4,7 +4,11 @@
   resume       SIGKILL after a checkpoint, or SIGTERM mid-run, then --resume: the same metrics as an unbroken run
   FSDP == 1    `torchrun --nproc_per_node 2` and `python rlver.py --no-fsdp` agree on the first step's metrics
   checkpoint   <ckpt>/hf loads in transformers with the same logits as model.load_model, and training moved it
-  errors       bad flags and paths: exit code 2 and one "rlver: error:" line, before any model is loaded
+  errors       bad flags, numbers, paths, checkpoints, an old --out, an incompatible --resume: exit code 2 and
+               one "rlver: error:" line, before any model is loaded, the files in --out untouched
+  simulators   real HTTP servers: unparseable answers stop the run (last step saved, resumable), a hanging one
+               hits the turn deadline, a second Ctrl-C exits 130 at once, 429 waits Retry-After; a torn
+               checkpoint (step_N.tmp with DONE) is skipped by --resume
   token carry  rollout.rollout (in-process): the carried ids are the chat template of the dialogue, and the
                policy mask selects exactly the sampled tokens
   demo         `python rlver.py` with no --model makes a tiny model and trains
