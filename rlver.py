@@ -71,7 +71,8 @@ def get_args(argv=None):
     a("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     # environment
     a("--simulator", default="rules", help="'rules', an OpenAI-compatible URL, or a local model folder")
-    a("--simulator-model", default=None, help="model name sent to an OpenAI-compatible simulator endpoint")
+    a("--simulator-model", default=None, help="model name sent to an OpenAI-compatible simulator endpoint "
+                                               "(default: the first model the endpoint lists)")
     a("--simulator-key-env", default="OPENAI_API_KEY", help="env var holding the simulator endpoint's API key")
     a("--mode", choices=sim.MODES, default="vanilla", help="simulated-user environment: vanilla or challenging")
     a("--train-profiles", default=None, help="profile JSONL (ours or the public RLVER layout); default: built-in")
