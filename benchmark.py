@@ -46,7 +46,7 @@ import torch
 
 import rollout as ro
 import simulator as sim
-from model import CheckpointError, generate, load_model, load_tokenizer, make_tiny_checkpoint, read_config, token_logprobs
+from model import CheckpointError, check_weights, generate, load_model, load_tokenizer, make_tiny_checkpoint, read_config, token_logprobs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # --dtype choices of both commands
 
@@ -339,12 +339,13 @@ def write_curves(path, rows, title="training curves"):
 
 def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=None, mode="vanilla", think=False,
              max_new_tokens=256, temperature=0.0, out_dir=None, log=print, title="", config=None,
-             protocol="sage", lang=None, initial_emotion=None):
+             protocol="sage", lang=None, initial_emotion=None, max_parse_failure_rate=0.5):
     """
     policy: a model.Transformer in memory (with its tokenizer), played by rollout.rollout, the very loop
     training uses; or a chat client `client(requests) -> texts` such as simulator.OpenAIBackend for an
     endpoint, played by rollout.endpoint_rollout. backend: the simulated user (simulator.make_backend).
-    Returns report()'s summary dict.
+    Returns report()'s summary dict. Refuses (BenchmarkError, nothing written) when more than
+    max_parse_failure_rate of the simulator's turns were unparseable: such a score measures nothing.
     """
     local = isinstance(policy, torch.nn.Module)
     max_turns = max_turns or sim.protocol_of(protocol).max_turns
@@ -371,6 +372,13 @@ def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=None
         log(f"seed {seed}: score {summarize(played)['score']:.1f} in {time.time() - start:.1f}s")
         episodes += played
         episode_seeds += [seed] * len(played)
+    failed, total, example = sim.parse_failure_stats(episodes)
+    if failed:
+        log(f"warning: {failed}/{total} simulator turns were unparseable (scored change 0); e.g. {example[:300]}")
+    if failed > max_parse_failure_rate * total:
+        raise BenchmarkError(f"{failed}/{total} simulator turns were unparseable (more than --max-parse-failure-rate "
+                             f"{max_parse_failure_rate:g}): the simulator does not follow the "
+                             f"output format of its protocol (see prompts/), so no score is reported; fix its model or prompt")
     return report(episodes, out_dir, seeds=episode_seeds, title=title, config=config, max_turns=max_turns, log=log)
 
 
@@ -680,6 +688,7 @@ def check_policy(args):
         client = sim.OpenAIBackend(args.policy, model=args.policy_model, api_key_env=args.policy_key_env,
                                    concurrency=args.concurrency, temperature=args.temperature,
                                    max_tokens=args.max_new_tokens, max_retries=args.retries, role="policy",
+                                   timeout=args.policy_timeout, turn_deadline=args.policy_turn_deadline,
                                    unreachable_hint=f"check that the server at {args.policy} is up and --policy is right")
         try:
             client.check()
@@ -689,23 +698,46 @@ def check_policy(args):
     if not os.path.isdir(args.policy):
         raise BenchmarkError(f"--policy {args.policy!r} is neither a local model folder nor an http(s):// URL")
     read_config(args.policy)  # config.json present, parseable and a supported architecture
+    check_weights(args.policy)  # *.safetensors complete (headers only)
     return args.policy
 
 
+def check_out_dir(out):
+    """--out must be (or become) a folder: checked before the evaluation, so no result is lost at the end."""
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise BenchmarkError(f"--out {out}: {parent} is a file, not a folder: choose another --out")
+
+
 def eval_command(args):
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else []
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else []
+    except ValueError:
+        seeds = []
     if not seeds:
         raise BenchmarkError(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2")
     if args.max_turns is not None and args.max_turns < 1:
         raise BenchmarkError("--max-turns must be at least 1")
     if args.initial_emotion is not None and not 1 <= args.initial_emotion <= 99:
         raise BenchmarkError("--initial-emotion must be in 1..99")
+    if not 0 <= args.max_parse_failure_rate <= 1:  # (NaN fails too)
+        raise BenchmarkError(f"--max-parse-failure-rate {args.max_parse_failure_rate}: must be in [0, 1]")
+    if not min(args.policy_timeout, args.policy_turn_deadline, args.simulator_timeout,
+               args.simulator_turn_deadline) > 0:
+        raise BenchmarkError("--policy-timeout, --policy-turn-deadline, --simulator-timeout and "
+                             "--simulator-turn-deadline must be > 0 seconds")
+    check_out_dir(args.out)
     profiles = sim.load_profiles(args.profiles) if args.profiles else sim.builtin_profiles("test")
     profiles = profiles[:args.limit] if args.limit else profiles
     policy, tokenizer = check_policy(args), None
     try:  # (a local simulator model is loaded here: the policy was checked first, cheaply)
+        client = {}  # the HTTP client's knobs, for an endpoint simulator
+        if args.simulator.startswith(("http://", "https://")):
+            client = dict(timeout=args.simulator_timeout, turn_deadline=args.simulator_turn_deadline)
         backend = sim.make_backend(args.simulator, model_name=args.simulator_model,
-                                   api_key_env=args.simulator_key_env, device=args.device)
+                                   api_key_env=args.simulator_key_env, device=args.device, **client)
     except ValueError as e:  # unknown spec or malformed URL
         raise BenchmarkError(str(e)) from None
     backend.check()
@@ -716,7 +748,7 @@ def eval_command(args):
     return evaluate(policy, tokenizer, profiles, backend, seeds=seeds, max_turns=args.max_turns, mode=args.mode,
                     think=args.think, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     out_dir=args.out, config=config, protocol=args.protocol, lang=args.lang,
-                    initial_emotion=args.initial_emotion,
+                    initial_emotion=args.initial_emotion, max_parse_failure_rate=args.max_parse_failure_rate,
                     title=args.policy_model if args.policy_model else os.path.basename(args.policy.rstrip("/")))
 
 
@@ -752,6 +784,14 @@ def get_args(argv=None):
     e.add_argument("--device", default="cpu")
     e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     e.add_argument("--out", default="runs/eval", help="directory for transcripts.jsonl, summary.json, trajectories.svg")
+    e.add_argument("--max-parse-failure-rate", type=float, default=0.5,
+                   help="refuse to score when more than this share of simulator turns is unparseable")
+    e.add_argument("--policy-timeout", type=float, default=120.0, help="seconds per HTTP request to a policy endpoint")
+    e.add_argument("--policy-turn-deadline", type=float, default=600.0,
+                   help="seconds for all policy endpoint answers of one turn")
+    e.add_argument("--simulator-timeout", type=float, default=120.0, help="seconds per HTTP request to a simulator endpoint")
+    e.add_argument("--simulator-turn-deadline", type=float, default=600.0,
+                   help="seconds for all simulator answers of one turn")
     e.set_defaults(func=eval_command)
 
     lb = commands.add_parser("leaderboard", help="side-by-side Score / Success / Failure of several systems",

@@ -473,12 +473,43 @@ def weight_files(path) -> list:
     return files
 
 
+def check_weights(path) -> list:
+    """
+    Read only the headers of a checkpoint's *.safetensors files (seconds, no tensor is loaded) and raise
+    CheckpointError on a truncated or corrupt file. A safetensors file is: 8 bytes little-endian header
+    length N, N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}}, then the tensor bytes; the
+    file must hold exactly the bytes the header promises. Returns the weight files.
+    """
+    files = weight_files(path)
+    for f in files:
+        size = os.path.getsize(f)
+        fix = f"re-download or re-save the checkpoint ({f} is {size} bytes)"
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or 8 + n > size:
+                raise CheckpointError(f"{f} is truncated or not a safetensors file: {fix}")
+            try:
+                header = json.loads(fh.read(n).decode("utf-8"))
+                end = max([0] + [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"])
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+                raise CheckpointError(f"{f} has a corrupt safetensors header: {fix}") from None
+        if 8 + n + end != size:
+            raise CheckpointError(f"{f} is truncated or corrupt: its header promises {8 + n + end} bytes; {fix}")
+    return files
+
+
 def load_state_dict(path, dtype=None, device="cpu") -> dict:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     state = {}
-    for f in weight_files(path):
-        for name, tensor in load_file(f, device=str(device)).items():
+    for f in check_weights(path):
+        try:
+            tensors = load_file(f, device=str(device))
+        except SafetensorError as e:
+            raise CheckpointError(f"{f} cannot be read ({e}): re-download or re-save the checkpoint") from None
+        for name, tensor in tensors.items():
             state[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
     return state
 

@@ -19,7 +19,9 @@ One training step, read top to bottom in train_step():
                  normalised by the global token count, grad clipping, AdamW.
   7. metrics     step_metrics: means over the global batch.
 Around it: torchrun + FSDP2 setup, checkpoints in the HF layout with trainer state (--resume), metrics.jsonl,
-sample transcripts, periodic evaluation on the test profiles (benchmark.py).
+sample transcripts, curves.svg, periodic evaluation on the test profiles (benchmark.py), and the guards of a
+long run: flags checked before anything is written, a fresh run never mixing with an earlier one, a
+simulator that fails or ignores its format stopping the run with the last step saved.
 """
 
 import argparse
@@ -27,6 +29,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -48,9 +51,19 @@ import simulator as sim
 # Config: every knob is a flag; the resolved config is written to <out>/config.json.
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every default; a None default is described in the flag's own help text instead."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def get_args(argv=None):
+    demo = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO.items() if k != "think")
     p = argparse.ArgumentParser(description="RLVER: RL with verifiable emotion rewards (PPO / GRPO).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter,
+                                epilog=f"Demo mode (no --model): a tiny random model on CPU, and these defaults "
+                                       f"instead of the ones above (a flag you give wins): {demo}, --no-think.")
     a = p.add_argument
     a("--algo", choices=["grpo", "ppo"], default="grpo")
     a("--model", default=None, help="local HF checkpoint folder (qwen2/llama/qwen3); default: a tiny CPU demo model")
@@ -58,7 +71,8 @@ def get_args(argv=None):
     a("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     # environment
     a("--simulator", default="rules", help="'rules', an OpenAI-compatible URL, or a local model folder")
-    a("--simulator-model", default=None, help="model name sent to an OpenAI-compatible simulator endpoint")
+    a("--simulator-model", default=None, help="model name sent to an OpenAI-compatible simulator endpoint "
+                                               "(default: the first model the endpoint lists)")
     a("--simulator-key-env", default="OPENAI_API_KEY", help="env var holding the simulator endpoint's API key")
     a("--mode", choices=sim.MODES, default="vanilla", help="simulated-user environment: vanilla or challenging")
     a("--train-profiles", default=None, help="profile JSONL (ours or the public RLVER layout); default: built-in")
@@ -113,6 +127,17 @@ def get_args(argv=None):
     a("--eval-every", type=int, default=0, help="evaluate on the test profiles every N steps (0: never)")
     a("--eval-profiles", type=int, default=32, help="test profiles per evaluation")
     a("--log-samples", type=int, default=2, help="transcripts written to samples.jsonl per step")
+    # safety: runs never mix, a bad simulator stops the run, CPU threads
+    a("--overwrite", action="store_true",
+      help="start afresh in an --out that holds an earlier run (its checkpoints, metrics, samples, eval, curves "
+           "are deleted); without it such an --out is refused unless --resume")
+    a("--max-parse-failure-rate", type=float, default=0.5,
+      help="stop (last step checkpointed) when more than this share of a step's simulator turns is unparseable")
+    a("--simulator-timeout", type=float, default=120.0, help="seconds per HTTP request to a simulator endpoint")
+    a("--simulator-retries", type=int, default=4, help="retries per simulator endpoint request (429/5xx/timeouts)")
+    a("--simulator-turn-deadline", type=float, default=600.0,
+      help="seconds for all simulator answers of one turn; past it the run stops (last step checkpointed)")
+    a("--threads", type=int, default=CPU_THREADS, help="CPU runs: torch threads per process (see README: speed)")
     args = p.parse_args(argv)
     if args.group_size is None:
         args.group_size = 4 if args.algo == "grpo" else 1
@@ -120,6 +145,11 @@ def get_args(argv=None):
         args.max_turns = sim.PROTOCOLS[args.protocol].max_turns
     return args
 
+
+# torch threads per process on CPU. Measured with the demo (README, "CPU threads"): 1 thread is a little
+# slower than 2 on a quiet 2-core box but several times faster when anything else wants the CPU (OpenMP
+# workers then wait for a descheduled sibling at every op).
+CPU_THREADS = 1
 
 DEMO = dict(  # `python rlver.py` with no --model: everything small enough for a laptop CPU
     steps=30, profiles_per_step=8, max_turns=3, max_new_tokens=24, micro_batch=16, lr=1e-2, critic_lr=1e-2, warmup_steps=0,
@@ -140,32 +170,119 @@ def apply_demo_defaults(args, argv):
     args.model = os.path.join(args.out, "tiny-qwen2")
 
 
-def validate(args, world):
-    """Everything a user can get wrong, checked in seconds before models are loaded."""
+# Every numeric flag by its allowed range (checked before anything is written)
+AT_LEAST_1 = ("steps", "profiles_per_step", "group_size", "max_turns", "max_new_tokens", "micro_batch",
+              "mini_batches", "epochs", "save_every", "keep_checkpoints", "eval_profiles", "threads")
+AT_LEAST_0 = ("warmup_steps", "eval_every", "log_samples", "simulator_retries", "weight_decay", "clip_low",
+              "clip_high", "value_clip", "kl_coef", "gamma", "lam", "max_parse_failure_rate")
+ABOVE_0 = ("lr", "critic_lr", "grad_clip", "temperature", "top_p", "simulator_timeout", "simulator_turn_deadline")
+AT_MOST_1 = ("top_p", "gamma", "lam", "max_parse_failure_rate")
+RUN_FILES = ("checkpoints", "metrics.jsonl", "samples.jsonl", "eval", "curves.svg")  # what a run writes in --out
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def check_numbers(args):
+    """Every numeric flag in its range (a NaN fails every comparison, so it is caught too)."""
+    for name in AT_LEAST_1 + AT_LEAST_0 + ABOVE_0:
+        value = getattr(args, name)
+        if not math.isfinite(value):
+            raise ConfigError(f"{flag(name)} {value}: give a finite number")
+    for names, ok, rule in ((AT_LEAST_1, lambda v: v >= 1, ">= 1"), (AT_LEAST_0, lambda v: v >= 0, ">= 0"),
+                            (ABOVE_0, lambda v: v > 0, "> 0"), (AT_MOST_1, lambda v: v <= 1, "<= 1")):
+        for name in names:
+            if not ok(getattr(args, name)):
+                raise ConfigError(f"{flag(name)} {getattr(args, name)}: must be {rule}")
+    if args.dual_clip is not None and not args.dual_clip > 1:
+        raise ConfigError(f"--dual-clip {args.dual_clip}: must be > 1 (e.g. 3), or leave it out")
+
+
+def check_out(args):
+    """--out is a folder we may write, and a fresh run never mixes with (or silently deletes) an earlier one."""
+    parent = os.path.abspath(args.out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--out {args.out}: {parent} is a file, not a folder: choose another --out")
+    old = [n for n in RUN_FILES if os.path.exists(os.path.join(args.out, n))]
+    if old and not args.resume and not args.overwrite:
+        raise ConfigError(f"--out {args.out} holds an earlier run ({', '.join(old)}): continue it with --resume, "
+                          f"replace it with --overwrite, or choose another --out")
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: give one")
+
+
+# Settings a resumed run must share with the run it continues (independent of the number of processes).
+RESUME_KEYS = ("algo", "model", "train_profiles", "profiles_per_step", "group_size", "mini_batches", "epochs",
+               "seed", "think", "mode")
+
+
+def check_resume(args):
+    """--resume continues the run in --out: refuse flags that would change what is being trained."""
+    dirs = checkpoint_dirs(args.out)
+    if not args.resume or not dirs:
+        return
+    try:
+        with open(os.path.join(dirs[-1], "state.json")) as f:
+            old = json.load(f)
+        with open(os.path.join(args.out, "config.json")) as f:
+            old = {**json.load(f), **old}
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--resume: cannot read the run's config in {args.out} ({e}): resume needs the "
+                          f"config.json and the checkpoint's state.json; start afresh with --overwrite") from None
+    def same(key, new, was):  # a model path may be given relative or absolute
+        return os.path.abspath(new) == os.path.abspath(was) if key == "model" and new and was else new == was
+
+    diff = [f"{flag(k)} {getattr(args, k)} (the run used {old[k]})"
+            for k in RESUME_KEYS if k in old and not same(k, getattr(args, k), old[k])]
+    if diff:
+        raise ConfigError(f"--resume: flags differ from the run in {args.out}: {'; '.join(diff)}. Give the run's "
+                          f"flags, or start a new run in another --out")
+
+
+def validate_args(args, world):
+    """Everything a user can get wrong on the command line, checked before anything is written."""
+    check_numbers(args)
+    check_out(args)
     if args.algo == "grpo" and args.group_size < 2:
         raise ConfigError("--group-size must be >= 2 for grpo (the baseline is the group's mean reward)")
     if args.profiles_per_step % world:
         raise ConfigError(f"--profiles-per-step {args.profiles_per_step} must be divisible by the number of "
                           f"processes ({world})")
-    for flag in ("steps", "max_turns", "max_new_tokens", "micro_batch", "mini_batches", "epochs", "save_every"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1")
     per_rank = args.profiles_per_step // world * args.group_size
     if per_rank % args.mini_batches:
         raise ConfigError(f"{per_rank} dialogues per process cannot be split into --mini-batches "
                           f"{args.mini_batches}")
-    if args.temperature <= 0:
-        raise ConfigError("--temperature must be > 0 for training (log-probs divide by it)")
     if args.max_context <= args.max_new_tokens:
         raise ConfigError("--max-context must exceed --max-new-tokens")
     if args.initial_emotion is not None and not 1 <= args.initial_emotion <= 99:
         raise ConfigError("--initial-emotion must be in 1..99")
     if not (0 <= args.warmup_ratio < 1 and 0 <= args.critic_warmup_ratio < 1) or args.entropy_coef < 0:
         raise ConfigError("--warmup-ratio / --critic-warmup-ratio must be in [0, 1) and --entropy-coef >= 0")
-    cfg = lm.read_config(args.model)  # raises CheckpointError with the fix
     if args.no_fsdp and world > 1:
         raise ConfigError("--no-fsdp is for a single process; drop it under torchrun")
-    return cfg
+    check_resume(args)
+
+
+def validate_model(args, profiles):
+    """The checkpoint (config and safetensors headers, no tensors read) and whether its prompts fit --max-context.
+    Returns (config, tokenizer)."""
+    cfg = lm.read_config(args.model)  # raises CheckpointError with the fix
+    lm.check_weights(args.model)  # a truncated or corrupt *.safetensors, found in milliseconds
+    tokenizer = lm.load_tokenizer(args.model)
+    # the first prompt of each dialogue: a profile without an opening line gets one from the simulator later,
+    # so only its system prompt is measured here
+    profiles = [sim.resolve_profile(p, args.protocol, args.lang, args.initial_emotion) for p in profiles]
+    longest = max(len(tokenizer.encode(ro.render(tokenizer, [{"role": "system", "content": ro.system_prompt(
+        args.think, p.lang)}, {"role": "user", "content": p.opening or ""}], True), add_special_tokens=False))
+        for p in profiles)
+    if longest + args.max_new_tokens > args.max_context:
+        raise ConfigError(f"--max-context {args.max_context} leaves no room for a turn: the longest opening prompt "
+                          f"is {longest} tokens plus --max-new-tokens {args.max_new_tokens}; give --max-context "
+                          f">= {longest + args.max_new_tokens}")
+    return cfg, tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -342,6 +459,7 @@ def train_step(run, args, step):
     timing, t0 = {}, time.time()
     dialogues = play(run, args, profiles, seeds, args.temperature, timing)
     timing["rollout"] = time.time() - t0
+    check_parse_failures(run, args, [d.episode for d in dialogues], f"step {step + 1}")  # before any update
 
     t0 = time.time()
     rewards = torch.tensor([sim.reward(d.episode) for d in dialogues], device=run.device)  # (B,)
@@ -532,8 +650,9 @@ def checkpoint_dirs(out):
     root = os.path.join(out, "checkpoints")
     if not os.path.isdir(root):
         return []
-    steps = [int(n.split("_")[1]) for n in os.listdir(root)
-             if n.startswith("step_") and os.path.isfile(os.path.join(root, n, "DONE"))]
+    # only complete checkpoints: step_N with DONE; a step_N.tmp (killed mid-save, even after DONE) is ignored
+    steps = [int(n[5:]) for n in os.listdir(root)
+             if re.fullmatch(r"step_\d+", n) and os.path.isfile(os.path.join(root, n, "DONE"))]
     return [os.path.join(root, f"step_{s}") for s in sorted(steps)]
 
 
@@ -594,6 +713,58 @@ def load_checkpoint(run, path):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Simulator health: unparseable simulator answers are scored change 0 with a fallback user line
+# (simulator.simulate_turn). A few are noise; many mean the simulator ignores the format and training would
+# learn from nothing, so they are counted on every step's line, shown once, and stop the run past a share.
+
+
+class SimulatorFailure(RuntimeError):
+    """The simulator failed mid-run (retries spent, deadline, or too many unparseable answers)."""
+
+
+def parse_failure_counts(episodes):
+    """(unparseable simulator turns, simulator turns) summed over every rank's episodes."""
+    failed, total, _ = sim.parse_failure_stats(episodes)
+    return int(all_reduce(failed)), int(all_reduce(total))
+
+
+WARNED = []  # the first unparseable answer is shown once per run
+
+
+def check_parse_failures(run, args, episodes, where):
+    """Warn (once, with one offending answer, the key redacted) and raise SimulatorFailure past the share."""
+    failed, total = parse_failure_counts(episodes)
+    if not failed:
+        return
+    _, _, example = sim.parse_failure_stats(episodes)
+    if dist.get_rank() == 0 and example and not WARNED:
+        WARNED.append(True)
+        key = os.environ.get(args.simulator_key_env)
+        example = example.replace(key, "***") if key else example
+        print(f"rlver: warning: {where}: {failed}/{total} simulator turns were unparseable (scored change 0, the "
+              f"policy saw a fallback user line); e.g. {example[:300]}", flush=True)
+    if failed > args.max_parse_failure_rate * total:
+        raise SimulatorFailure(f"{where}: {failed}/{total} simulator turns were unparseable (more than "
+                               f"--max-parse-failure-rate {args.max_parse_failure_rate:g}): the simulator "
+                               f"{args.simulator} does not follow the output format of its protocol (see "
+                               f"prompts/); fix its model or prompt")
+
+
+def curve_rows(out):
+    """metrics.jsonl rows, each with its evaluation's score (eval/step_N/summary.json) where there is one."""
+    rows = []
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            summary = os.path.join(out, "eval", f"step_{row['step']}", "summary.json")
+            if os.path.isfile(summary):
+                with open(summary) as g:
+                    row["eval_score"] = json.load(g)["score"]
+            rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Logging
 
 
@@ -603,7 +774,7 @@ def log_line(m, total_steps):
             f"kl {m.get('kl_ref', 0.0):.4f} clip {m.get('clip_frac', 0.0):.3f} "
             f"ent {m.get('entropy', 0.0):.2f} | len {m['policy_tokens']:.0f} | "
             f"rollout {m['time_rollout']:.1f}s (sim {m['time_simulator']:.1f}s) update {m['time_update']:.1f}s | "
-            f"{m['gen_tokens_per_s']:.0f} tok/s")
+            f"{m['gen_tokens_per_s']:.0f} tok/s | parse fail {m['parse_failed_turns']}/{m['simulator_turns']}")
 
 
 def append_jsonl(path, records):
@@ -612,8 +783,8 @@ def append_jsonl(path, records):
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def truncate_metrics(path, step):
-    """On resume, drop metrics of steps after the checkpoint (they will be recomputed)."""
+def truncate_jsonl(path, step):
+    """On resume, drop rows (metrics, sample transcripts) of steps after the checkpoint: they are redone."""
     if os.path.isfile(path):
         with open(path) as f:
             keep = [line for line in f if json.loads(line).get("step", 0) <= step]
@@ -631,10 +802,19 @@ def evaluate_policy(run, args, step):
     lo, hi = rank * len(profiles) // world, (rank + 1) * len(profiles) // world  # contiguous: keeps order
     dialogues = play(run, args, played_profiles(run, args, profiles[lo:hi]), seeds=list(range(lo, hi)), temperature=0.0)
     gathered = [None] * world
-    dist.all_gather_object(gathered, [d.episode for d in dialogues])
+    dist.all_gather_object(gathered, [d.episode for d in dialogues])  # every rank gets every episode
+    episodes = [e for part in gathered for e in part]
+    failed, total, _ = sim.parse_failure_stats(episodes)
+    if failed and rank == 0:
+        print(f"rlver: warning: evaluation at step {step}: {failed}/{total} simulator turns were unparseable "
+              f"(scored change 0)", flush=True)
+    if failed > args.max_parse_failure_rate * total:  # all ranks decide alike: no rank is left waiting
+        raise SimulatorFailure(f"evaluation at step {step}: {failed}/{total} simulator turns were unparseable "
+                               f"(more than --max-parse-failure-rate {args.max_parse_failure_rate:g}): the "
+                               f"simulator {args.simulator} does not follow the output format of its protocol "
+                               f"(see prompts/)")
     if rank != 0:
         return None
-    episodes = [e for part in gathered for e in part]
     return benchmark.report(episodes, os.path.join(args.out, "eval", f"step_{step}"), title=f"step {step}")
 
 
@@ -654,14 +834,18 @@ class StopFlag:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"rlver: signal {signum}: finishing this step, then saving a checkpoint", flush=True)
+        print(f"rlver: signal {signum}: finishing this step, then saving a checkpoint (a second Ctrl-C stops at "
+              f"once, without saving)", flush=True)
 
 
 def setup(args, argv):
     """Checks (cheap, one-line errors) and then the heavy part: models, optimizers."""
     if args.model is None:
         apply_demo_defaults(args, argv)
+    validate_args(args, int(os.environ.get("WORLD_SIZE", "1")))  # before anything is written
     rank, world, device = setup_distributed()
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     from torch.distributed.fsdp import FSDPModule
     if not args.no_fsdp and not hasattr(FSDPModule, "set_reshard_after_forward"):
         raise ConfigError(f"torch {torch.__version__} lacks FSDPModule.set_reshard_after_forward, which the "
@@ -671,18 +855,30 @@ def setup(args, argv):
             print(f"rlver: demo mode: making a tiny random model in {args.model}", flush=True)
             lm.make_tiny_checkpoint(args.model, "qwen2", seed=args.seed, hidden_size=64, num_layers=2)
         dist.barrier()
-    cfg = validate(args, world)
-    tokenizer = lm.load_tokenizer(args.model)
     profiles = sim.load_profiles(args.train_profiles) if args.train_profiles else sim.builtin_profiles("train")
     test_profiles = sim.load_profiles(args.test_profiles) if args.test_profiles else sim.builtin_profiles("test")
+    cfg, tokenizer = validate_model(args, profiles)
+    client = {}  # the HTTP client's knobs, for an endpoint simulator
+    if args.simulator.startswith(("http://", "https://")):
+        client = dict(timeout=args.simulator_timeout, turn_deadline=args.simulator_turn_deadline,
+                      max_retries=args.simulator_retries,
+                      log=(lambda line: print(line, flush=True)) if rank == 0 else (lambda line: None))
     try:
         backend = sim.make_backend(args.simulator, model_name=args.simulator_model,
-                                   api_key_env=args.simulator_key_env, device=device)
+                                   api_key_env=args.simulator_key_env, device=device, **client)
     except (ValueError, lm.CheckpointError) as e:
         raise ConfigError(f"--simulator: {e}") from None
     backend.check()
     if args.resume and not checkpoint_dirs(args.out) and rank == 0:
         print(f"rlver: --resume: no checkpoint in {args.out}/checkpoints yet, starting at step 0", flush=True)
+    if args.overwrite and rank == 0:  # asked for explicitly: the earlier run's files go
+        for name in RUN_FILES:
+            path = os.path.join(args.out, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    dist.barrier()
     os.makedirs(args.out, exist_ok=True)
     if rank == 0:
         with open(os.path.join(args.out, "config.json"), "w") as f:
@@ -707,17 +903,36 @@ def setup(args, argv):
 
 
 def start_step(run, args, metrics_path):
-    """0 for a fresh run (an old run's metrics removed); with --resume the latest checkpoint's step."""
+    """0 for a fresh run (check_out made sure --out holds no earlier run); with --resume the latest
+    checkpoint's step, and the metrics and samples of later steps dropped (they are redone)."""
+    start, path = 0, None
     if args.resume and checkpoint_dirs(args.out):
         path = checkpoint_dirs(args.out)[-1]
         start = load_checkpoint(run, path)
-        if dist.get_rank() == 0:
-            truncate_metrics(metrics_path, start)
+    if args.resume and dist.get_rank() == 0:
+        truncate_jsonl(metrics_path, start)
+        truncate_jsonl(os.path.join(args.out, "samples.jsonl"), start)
+        if path:
             print(f"rlver: resumed from {path} at step {start}", flush=True)
-        return start
-    if dist.get_rank() == 0 and os.path.exists(metrics_path):
-        os.remove(metrics_path)  # a fresh run: do not mix with an old one's metrics
-    return 0
+    return start
+
+
+def resume_hint(argv):
+    """The command that continues this run."""
+    argv = list(argv if argv is not None else sys.argv[1:])
+    argv += [] if "--resume" in argv else ["--resume"]
+    if dist.get_world_size() > 1:
+        return f"the same torchrun command with {' '.join(argv)}"
+    return "python rlver.py " + " ".join(argv)
+
+
+def save(run, args, step):
+    """A checkpoint of `step`, and curves.svg of the metrics so far."""
+    path = save_checkpoint(run, args, step)
+    if dist.get_rank() == 0:
+        benchmark.write_curves(os.path.join(args.out, "curves.svg"), curve_rows(args.out), title=f"rlver {args.algo}")
+        print(f"rlver: saved {path}", flush=True)
+    return path
 
 
 def train(args, argv=None):
@@ -730,36 +945,46 @@ def train(args, argv=None):
               f"{len(run.profiles)} train profiles x {args.group_size} rollouts | simulator {args.simulator} "
               f"({args.mode}) | out {args.out}", flush=True)
     stop = StopFlag()
-    step = start
+    done = saved = start  # the last step whose update and metrics are complete; the last checkpointed step
     for step in range(start, args.steps):
-        metrics, dialogues = train_step(run, args, step)
-        metrics["step"] = step + 1
-        if rank == 0:
-            append_jsonl(metrics_path, [metrics])
-            append_jsonl(os.path.join(args.out, "samples.jsonl"),
-                         [sim.transcript(d.episode, step=step + 1, policy_texts=d.policy_texts)
-                          for d in dialogues[:args.log_samples]])
-            print(log_line(metrics, args.steps), flush=True)
-        if args.eval_every and (step + 1) % args.eval_every == 0:
-            summary = evaluate_policy(run, args, step + 1)
+        try:
+            metrics, dialogues = train_step(run, args, step)
+            metrics["step"] = step + 1
+            metrics["parse_failed_turns"], metrics["simulator_turns"] = parse_failure_counts(
+                [d.episode for d in dialogues])
             if rank == 0:
-                print(f"eval step {step + 1}: score {summary['score']:.1f} success {summary['success_rate']:.2f} "
-                      f"failure {summary['failure_rate']:.2f}", flush=True)
+                append_jsonl(metrics_path, [metrics])
+                append_jsonl(os.path.join(args.out, "samples.jsonl"),
+                             [sim.transcript(d.episode, step=step + 1, policy_texts=d.policy_texts)
+                              for d in dialogues[:args.log_samples]])
+                print(log_line(metrics, args.steps), flush=True)
+            done = step + 1
+            if args.eval_every and (step + 1) % args.eval_every == 0:
+                summary = evaluate_policy(run, args, step + 1)
+                if rank == 0:
+                    print(f"eval step {step + 1}: score {summary['score']:.1f} success {summary['success_rate']:.2f} "
+                          f"failure {summary['failure_rate']:.2f}", flush=True)
+        except (sim.SimulatorError, SimulatorFailure) as e:
+            # The step in progress is discarded: resume replays it exactly (seeds are per (seed, step, dialogue)).
+            if done > saved:
+                save(run, args, done)
+            kept = f"step {done} is saved" if done else "no step was completed"
+            raise ConfigError(f"{e}. Stopped: {kept}; after fixing the simulator, continue with: "
+                              f"{resume_hint(argv)}") from None
         stop_now = all_reduce(float(stop.requested), dist.ReduceOp.MAX) > 0
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stop_now:
-            path = save_checkpoint(run, args, step + 1)
-            if rank == 0:
-                print(f"rlver: saved {path}", flush=True)
+            save(run, args, step + 1)
+            saved = step + 1
         if stop_now:
             break
     if rank == 0:
         rewards = [json.loads(line)["reward"] for line in open(metrics_path)]
         k = max(1, min(5, len(rewards) // 2))
         print(f"rlver: done. mean reward over the first {k} steps {sum(rewards[:k]) / k:.3f}, over the last {k} "
-              f"{sum(rewards[-k:]) / k:.3f}. Metrics: {metrics_path}; transcripts: "
-              f"{os.path.join(args.out, 'samples.jsonl')}; model (HF layout): {checkpoint_dirs(args.out)[-1]}/hf",
-              flush=True)
-    return step + 1
+              f"{sum(rewards[-k:]) / k:.3f}. Metrics: {metrics_path}; curves: {os.path.join(args.out, 'curves.svg')}; "
+              f"transcripts: {os.path.join(args.out, 'samples.jsonl')}; model (HF layout): "
+              f"{checkpoint_dirs(args.out)[-1]}/hf", flush=True)
+    return done
 
 
 def main(argv=None):
@@ -767,9 +992,13 @@ def main(argv=None):
     try:
         train(args, argv)
     except (ConfigError, lm.CheckpointError, sim.ProfileError, sim.SimulatorError) as e:
-        if not dist.is_initialized() or dist.get_rank() == 0:  # under torchrun: one line, not one per rank
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: one line, not one per rank
             print(f"rlver: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:  # StopFlag's second signal: stop now, even with HTTP requests in flight
+        print("rlver: interrupted: stopped at once without saving; --resume continues from the last checkpoint",
+              file=sys.stderr, flush=True)
+        os._exit(130)  # not sys.exit: no waiting on daemon HTTP threads or a process group's teardown
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -78,7 +78,7 @@ class SimulatorError(RuntimeError):
 
 
 class ParseError(ValueError):
-    """A simulator output does not follow the strict <thought>/<change>/<reply> format."""
+    """A simulator output does not follow the strict format its request asked for (see the parsers below)."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -150,16 +150,19 @@ def load_profiles(path):
     if not path.is_file():
         raise ProfileError(f"profile file not found: {path}")
     profiles = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ProfileError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            profiles.append(_profile_from_record(record, where, default_id=f"{path.stem}-{lineno}"))
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise ProfileError(f"{path}: not UTF-8 text (byte {e.start}): re-save the file as UTF-8") from None
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ProfileError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        profiles.append(_profile_from_record(record, where, default_id=f"{path.stem}-{lineno}"))
     if not profiles:
         raise ProfileError(f"{path}: no profiles in file")
     return profiles
@@ -325,6 +328,13 @@ def dialogue_end(emotion, turns, max_turns, user_text="", protocol="classic"):
     if turns >= max_turns:
         return "max_turns"
     return None
+
+
+def parse_failure_stats(episodes):
+    """(turns whose simulator answer stayed unparseable, all simulator turns, the first such turn's note or
+    None). Trainer and benchmark stop on a high share: such turns are scored change 0, not judged."""
+    failed = [t for ep in episodes for t in ep.turns if t.get("parse_failed")]
+    return len(failed), sum(len(ep.turns) for ep in episodes), (failed[0]["thought"] if failed else None)
 
 
 def transcript(episode, **extra):
@@ -519,8 +529,8 @@ def _query(backend, requests, parse, retries):
         for k, output in zip(pending, outputs):
             try:
                 parsed[k] = parse(output)
-            except ParseError as e:
-                errors[k] = str(e)
+            except ParseError as e:   # the offending output rides along (truncated) for the trainer's warning
+                errors[k] = f"{e}; output: {str(output)[:160]!r}"
                 failed.append(k)
         pending = failed
     return parsed, errors

@@ -328,19 +328,47 @@ def test_hbm_percent_counts_weights_once_and_the_kv_cache(tiny_checkpoints):
 
 
 @pytest.mark.parametrize("case", ["missing folder", "folder without config", "unreachable endpoint",
-                                  "malformed profiles"])
-def test_user_errors_are_one_line_with_exit_code_2(tmp_path, case):
+                                  "malformed profiles", "seeds not integers", "out is a file",
+                                  "truncated safetensors"])
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path, case, tiny_qwen2):
+    import shutil
+
     bad_profiles = tmp_path / "bad.jsonl"
     bad_profiles.write_text('{"id": "x", "persona": "no scenario"}\n')
+    out = tmp_path / "out"
+    if case == "out is a file":
+        out.write_text("earlier notes\n")
+    if case == "truncated safetensors":
+        shutil.copytree(tiny_qwen2, tmp_path / "truncated")
+        weights = tmp_path / "truncated" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
     args, expected = {
         "missing folder": (["--policy", str(tmp_path / "nope")], "neither a local model folder"),
         "folder without config": (["--policy", str(tmp_path)], "config.json not found"),
         "unreachable endpoint": (["--policy", f"http://127.0.0.1:{closed_port()}/v1", "--policy-model", "m"],
                                  "cannot reach policy endpoint"),
         "malformed profiles": (["--policy", str(tmp_path), "--profiles", str(bad_profiles)], "missing key"),
+        "seeds not integers": (["--policy", tiny_qwen2, "--seeds", "a,b"], "--seeds 'a,b'"),
+        "out is a file": (["--policy", tiny_qwen2], "is a file, not a folder"),
+        "truncated safetensors": (["--policy", str(tmp_path / "truncated")], "truncated"),
     }[case]
-    r = run_cli("eval", *args, "--out", str(tmp_path / "out"))
+    r = run_cli("eval", *args, "--out", str(out))
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert expected in r.stderr
-    assert not (tmp_path / "out").exists()  # failed before any work
+    if case == "out is a file":
+        assert out.read_text() == "earlier notes\n"  # untouched
+    else:
+        assert not out.exists()  # failed before any work
+
+
+def test_eval_refuses_to_score_a_simulator_that_ignores_the_format(tmp_path, tiny_qwen2, garbage_simulator_server):
+    out = tmp_path / "eval"
+    r = run_cli("eval", "--policy", tiny_qwen2, "--limit", "2", "--max-turns", "2", "--max-new-tokens", "8",
+                "--simulator", garbage_simulator_server.url, "--simulator-model", "sim-model",
+                "--simulator-key-env", "RLVER_TEST_KEY", "--out", str(out))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "4/4 simulator turns were unparseable" in r.stderr and "no score" in r.stderr
+    assert "I refuse to use your format" in r.stdout  # one offending answer shown
+    assert garbage_simulator_server.key not in r.stdout + r.stderr
+    assert not (out / "summary.json").exists()

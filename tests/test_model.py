@@ -157,6 +157,30 @@ def test_clear_errors_for_bad_checkpoints(tmp_path, tiny_qwen2):
         load_model(str(empty))
 
 
+def test_truncated_or_corrupt_safetensors_are_caught_from_the_header(tmp_path, tiny_qwen2):
+    import shutil
+
+    from model import check_weights
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_qwen2, folder)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    assert check_weights(str(folder)) == [str(weights)]  # the intact file passes
+    header_len = int.from_bytes(data[:8], "little")
+    cases = {"one byte short": (data[:-1], "truncated or corrupt"),  # the header promises one more byte
+             "one byte extra": (data + b"\0", "truncated or corrupt"),
+             "cut in the header": (data[:8 + header_len // 2], "truncated or not a safetensors"),
+             "4 bytes": (data[:4], "truncated or not a safetensors"),
+             "header not JSON": (data[:8] + b"{" * header_len + data[8 + header_len:], "corrupt safetensors header")}
+    for name, (broken, message) in cases.items():
+        weights.write_bytes(broken)
+        with pytest.raises(CheckpointError, match=message):
+            check_weights(str(folder))
+        with pytest.raises(CheckpointError, match=message):  # load_model goes through the same check
+            load_model(str(folder))
+
+
 def test_per_row_generators_make_a_row_independent_of_its_batch(tiny_qwen2):
     """With one generator per row, a dialogue samples the same tokens alone or inside a bigger batch."""
     model, tokenizer = load_model(tiny_qwen2), load_tokenizer(tiny_qwen2)

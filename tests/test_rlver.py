@@ -4,7 +4,11 @@
   resume       SIGKILL after a checkpoint, or SIGTERM mid-run, then --resume: the same metrics as an unbroken run
   FSDP == 1    `torchrun --nproc_per_node 2` and `python rlver.py --no-fsdp` agree on the first step's metrics
   checkpoint   <ckpt>/hf loads in transformers with the same logits as model.load_model, and training moved it
-  errors       bad flags and paths: exit code 2 and one "rlver: error:" line, before any model is loaded
+  errors       bad flags, numbers, paths, checkpoints, an old --out, an incompatible --resume: exit code 2 and
+               one "rlver: error:" line, before any model is loaded, the files in --out untouched
+  simulators   real HTTP servers: unparseable answers stop the run (last step saved, resumable), a hanging one
+               hits the turn deadline, a second Ctrl-C exits 130 at once, 429 waits Retry-After; a torn
+               checkpoint (step_N.tmp with DONE) is skipped by --resume
   token carry  rollout.rollout (in-process): the carried ids are the chat template of the dialogue, and the
                policy mask selects exactly the sampled tokens
   demo         `python rlver.py` with no --model makes a tiny model and trains
@@ -335,15 +339,65 @@ def test_single_process_checkpoint_loads_in_transformers(uninterrupted, tiny_qwe
 
 
 
+def truncated_copy(tiny, d):
+    """A copy of the tiny checkpoint whose model.safetensors lost its second half (an interrupted download)."""
+    import shutil
+
+    if not (d / "truncated").exists():
+        shutil.copytree(tiny, d / "truncated")
+        weights = d / "truncated" / "model.safetensors"
+        data = weights.read_bytes()
+        weights.write_bytes(data[:len(data) // 2])
+    return str(d / "truncated")
+
+
+def earlier_run(out):
+    """--out holding an earlier (GRPO) run: a checkpoint, its config, metrics and samples."""
+    (out / "checkpoints" / "step_2").mkdir(parents=True)
+    (out / "checkpoints" / "step_2" / "DONE").write_text("")
+    (out / "checkpoints" / "step_2" / "state.json").write_text(json.dumps({"step": 2, "algo": "grpo"}))
+    (out / "config.json").write_text(json.dumps({"algo": "grpo", "profiles_per_step": 32, "group_size": 4}))
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward": 0.5}) + "\n")
+    (out / "samples.jsonl").write_text(json.dumps({"step": 1}) + "\n")
+
+
+# name: (arguments, words the error line must contain, prepare(out) or None)
 ERRORS = {
-    "bad model path": (lambda d, tiny: ["--model", str(d / "no-such-model")], "not a directory"),
-    "unsupported model_type": (lambda d, tiny: ["--model", str(d / "mistral")], "unsupported model_type"),
+    "bad model path": (lambda d, tiny: ["--model", str(d / "no-such-model")], "not a directory", None),
+    "unsupported model_type": (lambda d, tiny: ["--model", str(d / "mistral")], "unsupported model_type", None),
     "malformed profiles": (lambda d, tiny: ["--model", tiny, "--train-profiles", str(d / "bad.jsonl")],
-                           "bad.jsonl:2"),
+                           "bad.jsonl:2", None),
     "unreachable simulator": (lambda d, tiny: ["--model", tiny, "--simulator",
-                                               f"http://127.0.0.1:{closed_port()}/v1"], "cannot reach"),
-    "grpo group of 1": (lambda d, tiny: ["--model", tiny, "--algo", "grpo", "--group-size", "1"], "--group-size"),
+                                               f"http://127.0.0.1:{closed_port()}/v1"], "cannot reach", None),
+    "grpo group of 1": (lambda d, tiny: ["--model", tiny, "--algo", "grpo", "--group-size", "1"], "--group-size",
+                        None),
+    "truncated safetensors": (lambda d, tiny: ["--model", truncated_copy(tiny, d)], "truncated", None),
+    "ppo group of 0": (lambda d, tiny: ["--model", tiny, "--algo", "ppo", "--group-size", "0"],
+                       "--group-size 0: must be >= 1", None),
+    "no profiles per step": (lambda d, tiny: ["--model", tiny, "--profiles-per-step", "0"],
+                             "--profiles-per-step 0: must be >= 1", None),
+    "negative lr": (lambda d, tiny: ["--model", tiny, "--lr", "-1"], "--lr -1.0: must be > 0", None),
+    "nan lr": (lambda d, tiny: ["--model", tiny, "--lr", "nan"], "--lr nan: give a finite number", None),
+    "out is a file": (lambda d, tiny: ["--model", tiny], "is a file, not a folder",
+                      lambda out: out.write_text("my notes\n")),
+    "non-utf8 profiles": (lambda d, tiny: ["--model", tiny, "--train-profiles", str(d / "latin1.jsonl")],
+                          "not UTF-8", None),
+    "context too small": (lambda d, tiny: ["--model", tiny, "--max-context", "16", "--max-new-tokens", "8"],
+                          "--max-context 16 leaves no room", None),
+    "negative eval-every": (lambda d, tiny: ["--model", tiny, "--eval-every", "-1"], "--eval-every -1: must be >= 0",
+                            None),
+    "fresh run into an old out": (lambda d, tiny: ["--model", tiny], "holds an earlier run", earlier_run),
+    "resume with another algo": (lambda d, tiny: ["--model", tiny, "--resume", "--algo", "ppo", "--group-size", "1",
+                                                  "--profiles-per-step", "32"],
+                                 "--algo ppo (the run used grpo)", earlier_run),
 }
+
+
+def snapshot(out):
+    """Every file under out with its bytes (or out's own bytes when it is a file)."""
+    if out.is_file():
+        return {".": out.read_bytes()}
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
 def test_user_errors_are_one_line_with_exit_code_2(tiny_qwen2, tmp_path):
@@ -355,23 +409,135 @@ def test_user_errors_are_one_line_with_exit_code_2(tiny_qwen2, tmp_path):
     good = (tmp_path / "good.jsonl")
     good.write_text(json.dumps({"persona": "p", "scenario": "s", "hidden_intention": "h", "opening": "o"}) + "\n")
     (tmp_path / "bad.jsonl").write_text(good.read_text() + '{"persona": "p", "scenario": \n')
-    # all five at once (each is a few seconds of imports), then check each
+    (tmp_path / "latin1.jsonl").write_bytes(json.dumps({"persona": "caf\u00e9", "scenario": "s", "hidden_intention": "h",
+                                                        "opening": "o"}, ensure_ascii=False).encode("latin-1"))
+    # all at once (each is a few seconds of imports), then check each
     procs = {}
-    for name, (make_args, _) in ERRORS.items():
+    for name, (make_args, _, prepare) in ERRORS.items():
         out = tmp_path / name.replace(" ", "_")
+        if prepare:
+            prepare(out)
+        before = snapshot(out) if out.exists() else None
         procs[name] = (subprocess.Popen(command([*make_args(tmp_path, tiny_qwen2), "--out", str(out), "--steps", "1"]),
                                         cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True), out, time.time())
-    for name, (proc, out, t0) in procs.items():
+                                        text=True), out, before, time.time())
+    for name, (proc, out, before, t0) in procs.items():
         stdout, stderr = proc.communicate(timeout=TIMEOUT)
         seconds = time.time() - t0
         lines = stderr.strip().splitlines()
         assert proc.returncode == 2, f"{name}: exit {proc.returncode}\n{stderr[-3000:]}"
         assert len(lines) == 1 and lines[0].startswith("rlver: error: "), f"{name}: stderr {stderr!r}"
         assert ERRORS[name][1] in lines[0], f"{name}: {lines[0]}"
-        # before the heavy part: no model was built, nothing was written, no training banner
-        assert not os.path.exists(out / "config.json") and "rlver: grpo on" not in stdout, name
+        # before the heavy part: no model was built, nothing was written or lost, no training banner
+        assert "rlver: grpo on" not in stdout and "rlver: ppo on" not in stdout, name
+        if before is None:
+            assert not os.path.exists(out / "config.json"), name
+        else:
+            assert snapshot(out) == before, f"{name}: the files in --out changed"
         assert seconds < 60, f"{name}: took {seconds:.0f}s to fail"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6b. Simulators that misbehave (real HTTP servers on 127.0.0.1, tests/conftest.py), and a torn checkpoint
+
+FAST = [*SMALL, "--group-size", "2", "--micro-batch", "8", "--save-every", "100"]  # 8 dialogues x 2 turns
+
+
+def endpoint(server):
+    return ["--simulator", server.url, "--simulator-model", "sim-model", "--simulator-key-env", "RLVER_TEST_KEY"]
+
+
+def test_unparseable_simulator_stops_the_run_with_the_last_step_saved(simulator_server, tiny_qwen2, tmp_path):
+    out = str(tmp_path / "garbage")
+    args = ["--model", tiny_qwen2, "--out", out, *FAST, "--steps", "3", *endpoint(simulator_server)]
+    simulator_server.plan = ["ok"] * 16  # step 1: 8 dialogues x 2 turns answered well; then only garbage
+    simulator_server.default = "garbage"
+    p = run_cli(args, check=False)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "step 2: " in lines[0] and "unparseable" in lines[0] and "--max-parse-failure-rate" in lines[0]
+    assert "--resume" in lines[0]
+    # the warning shows one offending answer, never the key; step 1's line counts 0 failures
+    assert "warning: step 2" in p.stdout and "I refuse to use your format" in p.stdout, p.stdout[-3000:]
+    assert "parse fail 0/16" in p.stdout
+    assert simulator_server.key not in p.stdout + p.stderr
+    # step 1 is kept and checkpointed; the garbage step 2 trained nothing and wrote nothing
+    assert checkpoints(out) == [1] and [m["step"] for m in metrics(out)] == [1]
+    simulator_server.default = "ok"  # the simulator is fixed: the resume hint works
+    p = run_cli([*args, "--resume"])
+    assert "at step 1" in p.stdout and [m["step"] for m in metrics(out)] == [1, 2, 3]
+
+
+def test_hanging_simulator_hits_the_turn_deadline(hanging_simulator_server, tiny_qwen2, tmp_path):
+    out = tmp_path / "hang"
+    t0 = time.time()
+    p = run_cli(["--model", tiny_qwen2, "--out", str(out), *FAST, "--steps", "2", "--simulator-turn-deadline", "3",
+                 *endpoint(hanging_simulator_server)], check=False)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "--simulator-turn-deadline" in lines[0] and "0/8" in lines[0], lines[0]
+    assert time.time() - t0 < 60
+    assert checkpoints(out) == [] and not (out / "metrics.jsonl").exists()  # nothing was completed
+
+
+def test_second_ctrl_c_exits_130_at_once_while_requests_hang(hanging_simulator_server, tiny_qwen2, tmp_path):
+    out = str(tmp_path / "ctrlc")
+    proc = start(["--model", tiny_qwen2, "--out", out, *FAST, "--steps", "2", *endpoint(hanging_simulator_server)])
+    wait_for(lambda: len(hanging_simulator_server.posts) >= 8, proc)  # every request of turn 1 hangs
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1.0)
+    assert proc.poll() is None  # the first Ctrl-C waits for the step
+    proc.send_signal(signal.SIGINT)
+    t0 = time.time()
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and time.time() - t0 < 10, (proc.returncode, stderr[-3000:])
+    assert "finishing this step" in stdout and "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rlver: interrupted"), stderr[-3000:]
+
+
+def test_rate_limited_simulator_is_retried_after_retry_after(simulator_server, tiny_qwen2, tmp_path):
+    simulator_server.plan, simulator_server.retry_after = ["429"], "2"
+    run_cli(["--model", tiny_qwen2, "--out", str(tmp_path / "429"), *FAST, "--steps", "1",
+             *endpoint(simulator_server)])
+    posts, times = simulator_server.posts, simulator_server.post_times
+    assert len(posts) == 17  # 16 answered turns + the refused first attempt
+    retry = next(i for i in range(1, 17) if posts[i][1] == posts[0][1])  # the same request, sent again
+    assert times[retry] - times[0] >= 2.0  # it waited the server's Retry-After (2 s), not the 1 s backoff
+
+
+def test_resume_survives_a_kill_between_done_and_rename(uninterrupted, tiny_qwen2, tmp_path):
+    import shutil
+
+    out = tmp_path / "torn"
+    shutil.copytree(uninterrupted[0], out)
+    # killed after DONE was written into step_6.tmp, before the rename to step_6: step_4 is the last complete one
+    os.rename(out / "checkpoints" / "step_6", out / "checkpoints" / "step_6.tmp")
+    assert (out / "checkpoints" / "step_6.tmp" / "DONE").exists() and checkpoints(out) == [4]
+    p = run_cli(["--model", tiny_qwen2, "--out", str(out), *RESUME, "--save-every", "2", "--resume"])
+    assert "at step 4" in p.stdout, p.stdout
+    assert_same_metrics(metrics(str(out)), uninterrupted[1], rel=1e-6, abs_=1e-9, what="torn checkpoint + --resume")
+    # samples.jsonl is trimmed like metrics.jsonl: every step's transcripts once (--log-samples 2)
+    steps = [json.loads(line)["step"] for line in open(out / "samples.jsonl")]
+    assert sorted(steps) == [s for s in range(1, 7) for _ in range(2)], steps
+    assert checkpoints(out) == [4, 6]
+
+
+def test_overwrite_replaces_an_earlier_run(tiny_qwen2, tmp_path):
+    out = tmp_path / "old"
+    earlier_run(out)
+    run_cli(["--model", tiny_qwen2, "--out", str(out), *FAST, "--steps", "1", "--overwrite"])
+    assert checkpoints(out) == [1]  # the old step_2 is gone, not kept as "the latest" model
+    assert [m["step"] for m in metrics(str(out))] == [1] and "reward_std" in metrics(str(out))[0]
+    assert {json.loads(line)["step"] for line in open(out / "samples.jsonl")} == {1}
+    assert json.loads((out / "config.json").read_text())["micro_batch"] == 8
+
+
+def test_help_shows_every_default():
+    p = run_cli(["--help"])
+    text = " ".join(p.stdout.split())
+    assert "4 for grpo, 1 for ppo" in text and "(default: None)" not in text
+    assert "Demo mode" in text and "--lr 0.01" in text and "--steps 30" in text and "--threads" in text
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -382,6 +548,15 @@ def test_demo_mode_makes_a_tiny_model_and_trains(tmp_path):
     out = tmp_path / "demo"
     p = run_cli(["--steps", "2", "--out", str(out)])
     assert "demo mode" in p.stdout and "rlver: done." in p.stdout
+    # curves.svg is written with the checkpoint, is well-formed SVG, and the final line names it
+    import xml.etree.ElementTree as ET
+
+    curves = out / "curves.svg"
+    assert f"curves: {curves}" in p.stdout
+    root = ET.parse(curves).getroot()
+    assert root.tag.endswith("svg") and "reward" in curves.read_text()
+    series = root.findall(".//{http://www.w3.org/2000/svg}polyline[@class='series']")
+    assert len(series) >= 5 and all(len(line.get("points").split()) == 2 for line in series)  # 2 steps each
     tiny = out / "tiny-qwen2"
     assert (tiny / "config.json").is_file() and lm.read_config(str(tiny)).model_type == "qwen2"
     assert [m["step"] for m in metrics(out)] == [1, 2]
