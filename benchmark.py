@@ -372,13 +372,7 @@ def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=None
         log(f"seed {seed}: score {summarize(played)['score']:.1f} in {time.time() - start:.1f}s")
         episodes += played
         episode_seeds += [seed] * len(played)
-    failed, total, example = sim.parse_failure_stats(episodes)
-    if failed:
-        log(f"warning: {failed}/{total} simulator turns were unparseable (scored change 0); e.g. {example[:300]}")
-    if failed > max_parse_failure_rate * total:
-        raise BenchmarkError(f"{failed}/{total} simulator turns were unparseable (more than --max-parse-failure-rate "
-                             f"{max_parse_failure_rate:g}): the simulator does not follow the "
-                             f"output format of its protocol (see prompts/), so no score is reported; fix its model or prompt")
+    sim.check_parse_failures(*sim.parse_failure_stats(episodes), max_parse_failure_rate, "evaluation", warn=log)
     return report(episodes, out_dir, seeds=episode_seeds, title=title, config=config, max_turns=max_turns, log=log)
 
 

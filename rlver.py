@@ -459,7 +459,7 @@ def train_step(run, args, step):
     timing, t0 = {}, time.time()
     dialogues = play(run, args, profiles, seeds, args.temperature, timing)
     timing["rollout"] = time.time() - t0
-    check_parse_failures(run, args, [d.episode for d in dialogues], f"step {step + 1}")  # before any update
+    check_parse_failures(args, [d.episode for d in dialogues], f"step {step + 1}")  # before any update
 
     t0 = time.time()
     rewards = torch.tensor([sim.reward(d.episode) for d in dialogues], device=run.device)  # (B,)
@@ -713,41 +713,29 @@ def load_checkpoint(run, path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Simulator health: unparseable simulator answers are scored change 0 with a fallback user line
-# (simulator.simulate_turn). A few are noise; many mean the simulator ignores the format and training would
-# learn from nothing, so they are counted on every step's line, shown once, and stop the run past a share.
-
-
-class SimulatorFailure(RuntimeError):
-    """The simulator failed mid-run (retries spent, deadline, or too many unparseable answers)."""
+# Simulator health: unparseable simulator answers (simulator.check_parse_failures) are counted on every
+# step's line, shown once, and stop the run past --max-parse-failure-rate.
 
 
 def parse_failure_counts(episodes):
-    """(unparseable simulator turns, simulator turns) summed over every rank's episodes."""
-    failed, total, _ = sim.parse_failure_stats(episodes)
-    return int(all_reduce(failed)), int(all_reduce(total))
+    """(unparseable simulator turns, simulator turns, one offending answer or None) over every rank's episodes."""
+    failed, total, example = sim.parse_failure_stats(episodes)
+    return int(all_reduce(failed)), int(all_reduce(total)), example
+
+
+def check_parse_failures(args, episodes, where):
+    """simulator.check_parse_failures over the global batch: every rank decides alike (no rank is left
+    waiting); rank 0 shows one offending answer, once per run, with the simulator's key redacted."""
+    def warn_once(line):
+        key = os.environ.get(args.simulator_key_env)
+        if dist.get_rank() == 0 and not WARNED:
+            WARNED.append(line)
+            print(f"rlver: {line.replace(key, '***') if key else line}", flush=True)
+
+    sim.check_parse_failures(*parse_failure_counts(episodes), args.max_parse_failure_rate, where, warn_once)
 
 
 WARNED = []  # the first unparseable answer is shown once per run
-
-
-def check_parse_failures(run, args, episodes, where):
-    """Warn (once, with one offending answer, the key redacted) and raise SimulatorFailure past the share."""
-    failed, total = parse_failure_counts(episodes)
-    if not failed:
-        return
-    _, _, example = sim.parse_failure_stats(episodes)
-    if dist.get_rank() == 0 and example and not WARNED:
-        WARNED.append(True)
-        key = os.environ.get(args.simulator_key_env)
-        example = example.replace(key, "***") if key else example
-        print(f"rlver: warning: {where}: {failed}/{total} simulator turns were unparseable (scored change 0, the "
-              f"policy saw a fallback user line); e.g. {example[:300]}", flush=True)
-    if failed > args.max_parse_failure_rate * total:
-        raise SimulatorFailure(f"{where}: {failed}/{total} simulator turns were unparseable (more than "
-                               f"--max-parse-failure-rate {args.max_parse_failure_rate:g}): the simulator "
-                               f"{args.simulator} does not follow the output format of its protocol (see "
-                               f"prompts/); fix its model or prompt")
 
 
 def curve_rows(out):
@@ -804,15 +792,9 @@ def evaluate_policy(run, args, step):
     gathered = [None] * world
     dist.all_gather_object(gathered, [d.episode for d in dialogues])  # every rank gets every episode
     episodes = [e for part in gathered for e in part]
-    failed, total, _ = sim.parse_failure_stats(episodes)
-    if failed and rank == 0:
-        print(f"rlver: warning: evaluation at step {step}: {failed}/{total} simulator turns were unparseable "
-              f"(scored change 0)", flush=True)
-    if failed > args.max_parse_failure_rate * total:  # all ranks decide alike: no rank is left waiting
-        raise SimulatorFailure(f"evaluation at step {step}: {failed}/{total} simulator turns were unparseable "
-                               f"(more than --max-parse-failure-rate {args.max_parse_failure_rate:g}): the "
-                               f"simulator {args.simulator} does not follow the output format of its protocol "
-                               f"(see prompts/)")
+    failed, total, example = sim.parse_failure_stats(episodes)  # the gathered episodes: alike on every rank
+    sim.check_parse_failures(failed, total, example, args.max_parse_failure_rate, f"evaluation at step {step}",
+                             warn=(lambda line: print(f"rlver: {line}", flush=True)) if rank == 0 else None)
     if rank != 0:
         return None
     return benchmark.report(episodes, os.path.join(args.out, "eval", f"step_{step}"), title=f"step {step}")
@@ -950,7 +932,7 @@ def train(args, argv=None):
         try:
             metrics, dialogues = train_step(run, args, step)
             metrics["step"] = step + 1
-            metrics["parse_failed_turns"], metrics["simulator_turns"] = parse_failure_counts(
+            metrics["parse_failed_turns"], metrics["simulator_turns"], _ = parse_failure_counts(
                 [d.episode for d in dialogues])
             if rank == 0:
                 append_jsonl(metrics_path, [metrics])
@@ -964,7 +946,7 @@ def train(args, argv=None):
                 if rank == 0:
                     print(f"eval step {step + 1}: score {summary['score']:.1f} success {summary['success_rate']:.2f} "
                           f"failure {summary['failure_rate']:.2f}", flush=True)
-        except (sim.SimulatorError, SimulatorFailure) as e:
+        except sim.SimulatorError as e:
             # The step in progress is discarded: resume replays it exactly (seeds are per (seed, step, dialogue)).
             if done > saved:
                 save(run, args, done)

@@ -337,6 +337,21 @@ def parse_failure_stats(episodes):
     return len(failed), sum(len(ep.turns) for ep in episodes), (failed[0]["thought"] if failed else None)
 
 
+def check_parse_failures(failed, total, example, max_rate, where, warn=None):
+    """The one rule for unparseable simulator answers (scored change 0: judged by nobody). A few are noise;
+    past `max_rate` of the turns the simulator plainly ignores its format and a score or a gradient would
+    measure nothing, so this raises SimulatorError naming the share and the fix. warn(line), if given, gets
+    one offending answer (the trainer shows it once per run)."""
+    if failed and warn and example:
+        warn(f"warning: {where}: {failed}/{total} simulator turns were unparseable (scored change 0, the policy "
+             f"saw a fallback user line); e.g. {example[:300]}")
+    if failed > max_rate * total:
+        raise SimulatorError(f"{where}: {failed}/{total} simulator turns were unparseable (more than "
+                             f"--max-parse-failure-rate {max_rate:g}): the simulator does not follow the output "
+                             f"format of its protocol (see prompts/), so no score or update can rest on it; fix "
+                             f"its model or prompt")
+
+
 def transcript(episode, **extra):
     """One JSON record per dialogue, everything needed to read it back and to re-score it (the trainer's
     samples.jsonl and the evaluation's transcripts.jsonl). extra: e.g. step=, seed=, policy_texts=."""
