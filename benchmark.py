@@ -300,6 +300,21 @@ def _y_range(values, fixed):
     return lo, hi
 
 
+def run_rows(out):
+    """A training run's metrics.jsonl rows (rlver.py --out), each with its evaluation's score
+    (eval/step_N/summary.json) where there is one: the input of write_curves."""
+    rows = []
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            summary = os.path.join(out, "eval", f"step_{row['step']}", "summary.json")
+            if os.path.isfile(summary):
+                with open(summary) as g:
+                    row["eval_score"] = json.load(g)["score"]
+            rows.append(row)
+    return rows
+
+
 def write_curves(path, rows, title="training curves"):
     """
     Small multiples of a training run: one panel per series of CURVE_SERIES that appears in `rows` (the

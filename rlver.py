@@ -738,20 +738,6 @@ def check_parse_failures(args, episodes, where):
 WARNED = []  # the first unparseable answer is shown once per run
 
 
-def curve_rows(out):
-    """metrics.jsonl rows, each with its evaluation's score (eval/step_N/summary.json) where there is one."""
-    rows = []
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            summary = os.path.join(out, "eval", f"step_{row['step']}", "summary.json")
-            if os.path.isfile(summary):
-                with open(summary) as g:
-                    row["eval_score"] = json.load(g)["score"]
-            rows.append(row)
-    return rows
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Logging
 
@@ -912,7 +898,8 @@ def save(run, args, step):
     """A checkpoint of `step`, and curves.svg of the metrics so far."""
     path = save_checkpoint(run, args, step)
     if dist.get_rank() == 0:
-        benchmark.write_curves(os.path.join(args.out, "curves.svg"), curve_rows(args.out), title=f"rlver {args.algo}")
+        benchmark.write_curves(os.path.join(args.out, "curves.svg"), benchmark.run_rows(args.out),
+                               title=f"rlver {args.algo}")
         print(f"rlver: saved {path}", flush=True)
     return path
 
