@@ -10,7 +10,8 @@ One file, one idea: a decoder-only transformer of the Llama family (Llama 3, Qwe
 Read top to bottom:
   config           -> ModelConfig.from_hf reads config.json (old and new rope layouts)
   building blocks  -> RMSNorm, RoPE (incl. Llama-3 scaling), Attention (GQA, optional qkv bias / q-k norm), MLP
-  Transformer      -> forward() returns logits, hidden states, or per-token log-probs
+  Transformer      -> forward() returns logits, hidden states, or per-token log-probs (optionally under
+                      torch.autocast: fp32 parameters, bf16 compute)
   KV cache         -> KVCache: (B, H_kv, S, D) tensors written in place at the current positions
   generate()       -> left-pad prompts, one prefill, then one-token decode steps
   checkpoints      -> load_model / save_model / load_tokenizer
@@ -117,7 +118,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op (fp32 math inside)
+        # one fused op (fp32 math inside); under autocast x may be bf16 while the weight is fp32: cast the
+        # weight so the op stays fused and returns x's dtype (a no-op when the dtypes already agree)
+        return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -239,6 +242,11 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.gradient_checkpointing = False
+        # Mixed precision for a plain (un-sharded) module: with autocast_dtype = torch.bfloat16 the parameters
+        # stay as they are (fp32 master weights, so AdamW's small updates are not rounded away) and forward()
+        # runs under torch.autocast, which feeds the matmuls bf16 copies. (Under FSDP2, the MixedPrecisionPolicy
+        # does the casting instead and this stays None.) None: compute in the parameters' dtype.
+        self.autocast_dtype = None
 
     def reset_rope(self, device):
         """Recompute the (non-checkpoint) RoPE buffer, e.g. after the model was built on the meta device."""
@@ -254,7 +262,16 @@ class Transformer(nn.Module):
           otherwise           -> logits (B, T, V)
         positions (B, T): RoPE positions (default 0..T-1). mask (B, 1, T, S) bool: True = may attend;
         None = causal over a right-padded batch.
+        With autocast_dtype set, everything below runs under torch.autocast: linear layers and attention compute
+        in bf16 (logits come out bf16), the embedding and the residual stream stay fp32 (the sum of an fp32
+        and a bf16 tensor is fp32), log-probs are fp32 as always.
         """
+        if self.autocast_dtype is not None:
+            with torch.autocast(ids.device.type, dtype=self.autocast_dtype):
+                return self._forward(ids, targets, temperature, positions, mask, cache, cache_index, return_hidden)
+        return self._forward(ids, targets, temperature, positions, mask, cache, cache_index, return_hidden)
+
+    def _forward(self, ids, targets, temperature, positions, mask, cache, cache_index, return_hidden):
         B, T = ids.shape
         if positions is None:
             positions = torch.arange(T, device=ids.device).expand(B, T)
@@ -318,16 +335,25 @@ def token_logprobs(model, ids, temperature=1.0, return_entropy=False):
 
 
 class KVCache:
-    """Preallocated keys/values, one (B, H_kv, S_max, D) pair per layer, written in place (as in gpt-fast)."""
+    """
+    Preallocated keys/values, one (B, H_kv, S_max, D) pair per layer, written in place (as in gpt-fast).
+    A layer's pair is allocated at its first write (the prefill) in the dtype of the values written, i.e. the
+    compute dtype, whatever sets it: bf16 parameters, FSDP2's mixed precision, or autocast over fp32 parameters
+    (bf16 values; keys, rotated in fp32 there, are rounded to bf16 on the way in).
+    """
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
-        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device):
+        self.shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.device = device
+        self.k = [None] * cfg.num_hidden_layers
+        self.v = [None] * cfg.num_hidden_layers
 
     def update(self, layer, index, k, v, used):
         """Write k, v (B, H_kv, T, D) at slots `index` (T,) and return the first `used` slots."""
-        self.k[layer].index_copy_(2, index, k)
+        if self.k[layer] is None:
+            self.k[layer] = torch.zeros(self.shape, device=self.device, dtype=v.dtype)
+            self.v[layer] = torch.zeros(self.shape, device=self.device, dtype=v.dtype)
+        self.k[layer].index_copy_(2, index, k.to(v.dtype))
         self.v[layer].index_copy_(2, index, v)
         return self.k[layer][:, :, :used], self.v[layer][:, :, :used]
 
@@ -384,8 +410,17 @@ def generate(model, prompts, max_new_tokens, eos_ids, temperature=1.0, top_p=1.0
     Layout: prompts are left-padded to length P so every row's next token lands in the same cache slot
     P + t; RoPE positions count only real tokens, and the mask hides the padding slots.
     """
+    # With autocast_dtype set (fp32 master weights, bf16 compute), one autocast region spans the whole call:
+    # autocast keeps the bf16 copy it makes of each trainable fp32 weight until its outermost region ends, so
+    # the weights are cast once per call instead of at every decode step (forward()'s own region nests inside).
+    dtype = getattr(model, "autocast_dtype", None)
+    with torch.autocast(model.inv_freq.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        return _generate(model, prompts, max_new_tokens, eos_ids, temperature, top_p, generator, pad_id,
+                         sync_every, compile)
+
+
+def _generate(model, prompts, max_new_tokens, eos_ids, temperature, top_p, generator, pad_id, sync_every, compile):
     device = model.inv_freq.device
-    dtype = model.model.embed_tokens.weight.dtype
     B, P = len(prompts), max(len(p) for p in prompts)
     S = P + max_new_tokens
     ids = torch.full((B, P), pad_id, dtype=torch.long)
@@ -400,7 +435,7 @@ def generate(model, prompts, max_new_tokens, eos_ids, temperature=1.0, top_p=1.0
     # never softmax over an empty set (that would make NaNs that leak through the cache).
     causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
     mask = (causal & real[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)
-    cache = KVCache(model.config, B, S, device, dtype)
+    cache = KVCache(model.config, B, S, device)
     logits = model(ids, positions=positions, mask=mask[:, None], cache=cache, cache_index=slots[:P])  # (B, V)
 
     decode = compiled(model) if compile else model

@@ -88,7 +88,7 @@ def get_args(argv=None):
     a("--loss-agg", choices=["token-mean", "seq-mean-token-mean"], default="token-mean")
     # system
     a("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-      help="compute dtype; auto = bf16 on GPU (fp32 master weights under FSDP), fp32 on CPU")
+      help="compute dtype; auto = bf16 on GPU, fp32 on CPU. Parameters and AdamW state are fp32 either way")
     a("--no-fsdp", action="store_true", help="single process without FSDP (plain module)")
     a("--activation-checkpointing", action="store_true")
     a("--seed", type=int, default=0)
@@ -180,13 +180,20 @@ def all_reduce(x, op=dist.ReduceOp.SUM):
     return t.item() if t.dim() == 0 else t
 
 
+def compute_dtype(args, device):
+    """--dtype bfloat16, or auto on a GPU: bf16 compute. Only the compute: parameters are fp32 master weights."""
+    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
+    return torch.bfloat16 if bf16 else torch.float32
+
+
 def shard(module, blocks, device, args):
     """FSDP2: fully_shard each decoder block, then the root (embedding, final norm, head; a tied embedding
-    and head stay in the root's unit together). On GPU: bf16 compute, fp32 master weights and reductions."""
+    and head stay in the root's unit together). bf16 compute: bf16 copies of the fp32 master weights are
+    all-gathered for each forward/backward, gradients are reduced in fp32 into the fp32 shards."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy()
-    if device.type == "cuda" and args.dtype != "float32":
+    if compute_dtype(args, device) == torch.bfloat16:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in blocks:
         fully_shard(block, mp_policy=mp)
@@ -199,15 +206,20 @@ def build_model(args, cfg, device, trainable, critic=False):
     The policy, the frozen reference, or the PPO critic. Under FSDP it is built on the meta device (no
     memory), sharded, materialised on the device, then filled with the checkpoint: rank 0 reads the
     safetensors and set_model_state_dict broadcasts each rank its shard, so no rank holds a second full copy.
+    Master weights: the parameters, and so AdamW's state, are fp32 on every path, whatever the checkpoint's
+    dtype; with bf16 an update of lr 1e-6 would round away for most weights. bf16 compute comes from FSDP2's
+    MixedPrecisionPolicy (shard()) or, for the plain module, torch.autocast inside its forward
+    (model.Transformer.autocast_dtype), which covers generation, scoring and the update alike.
     """
-    dtype = torch.float32 if device.type == "cpu" or args.dtype == "float32" or not args.no_fsdp else torch.bfloat16
     if args.no_fsdp:  # a plain module: load it directly (keeps a tied embedding/head tied)
-        module = lm.load_model(args.model, device, dtype)
+        module = lm.load_model(args.model, device, torch.float32)
+        if compute_dtype(args, device) != torch.float32:
+            module.autocast_dtype = compute_dtype(args, device)
         if critic:
             torch.manual_seed(args.seed)
             module = ppo.Critic(module)
     else:
-        module = build_sharded(args, cfg, device, dtype, critic)
+        module = build_sharded(args, cfg, device, torch.float32, critic)
     policy = module.backbone if critic else module
     policy.gradient_checkpointing = args.activation_checkpointing and trainable
     module.requires_grad_(trainable)

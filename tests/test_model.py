@@ -200,3 +200,27 @@ def test_stop_token_ids_read_the_checkpoint_configs(tiny_qwen2, tmp_path):
     folder = shutil.copytree(tiny_qwen2, tmp_path / "ckpt")
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [im_end, endoftext]}))
     assert stop_token_ids(load_tokenizer(str(folder))) == sorted([im_end, endoftext])  # as Qwen2.5-Instruct ships
+
+
+def test_autocast_keeps_fp32_weights_computes_bf16_and_cached_decode_matches_recompute(tiny_qwen2):
+    """Plain-module mixed precision (what rlver --no-fsdp uses for bf16): fp32 parameters, bf16 logits; the KV
+    cache holds bf16 keys and values, and the sampled tokens' log-probs match a teacher-forced recompute."""
+    model, tokenizer = load_model(tiny_qwen2), load_tokenizer(tiny_qwen2)
+    model.autocast_dtype = torch.bfloat16
+    _, prompts = prompts_for(tokenizer)
+    kv_dtypes = []
+    hook = model.model.layers[0].self_attn.v_proj.register_forward_hook(lambda m, i, out: kv_dtypes.append(out.dtype))
+    new_ids, new_logprobs = generate(model, prompts, 20, [tokenizer.eos_token_id], temperature=0.7,
+                                     generator=torch.Generator().manual_seed(3))
+    hook.remove()
+    assert set(kv_dtypes) == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    ids = torch.tensor([prompts[0] + new_ids[0]])
+    with torch.no_grad():
+        assert model(ids).dtype == torch.bfloat16
+        recomputed = token_logprobs(model, ids, temperature=0.7)[0, len(prompts[0]) - 1:]
+        model.autocast_dtype = None
+        fp32 = token_logprobs(model, ids, temperature=0.7)[0, len(prompts[0]) - 1:]
+    assert recomputed.dtype == torch.float32
+    torch.testing.assert_close(torch.tensor(new_logprobs[0]), recomputed, atol=0.02, rtol=0.01)  # observed 0.006
+    assert 0 < (recomputed - fp32).abs().max() < 0.05  # bf16 rounding shows, but small (observed 0.005)
