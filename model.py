@@ -8,14 +8,16 @@ One file, one idea: a decoder-only transformer of the Llama family (Llama 3, Qwe
   4. saves itself back in the same HF layout, so transformers and vLLM can load what RLVER trained.
 
 Read top to bottom:
-  config           -> ModelConfig.from_hf reads config.json (old and new rope layouts)
+  config           -> ModelConfig.from_hf reads config.json (old and new rope layouts); SHAPES: the published
+                      configs of the models RLVER trains (Qwen2.5 0.5B/1.5B/7B, Llama-3.1-8B, Qwen3-8B)
   building blocks  -> RMSNorm, RoPE (incl. Llama-3 scaling), Attention (GQA, optional qkv bias / q-k norm), MLP
   Transformer      -> forward() returns logits, hidden states, or per-token log-probs (optionally under
                       torch.autocast: fp32 parameters, bf16 compute)
   KV cache         -> KVCache: (B, H_kv, S, D) tensors written in place at the current positions
   generate()       -> left-pad prompts, one prefill, then one-token decode steps
   checkpoints      -> load_model / save_model / load_tokenizer
-  make_tiny_checkpoint -> a real (random-weight) checkpoint + trained tokenizer for tests and the CPU demo
+  random weights   -> random_model (any config, straight onto a device: real sizes without a download),
+                      make_tiny_checkpoint / make_random_checkpoint (the HF layout + a tokenizer trained on the spot)
 
 Every module and parameter is named exactly as in the HF checkpoint (model.layers.0.self_attn.q_proj.weight,
 ...), so loading and saving are a plain state_dict with no key renaming.
@@ -103,6 +105,47 @@ class ModelConfig:
             qk_norm=model_type == "qwen3",
             hf=hf,
         )
+
+
+# The published configs of the models RLVER trains or compares, so real sizes can be built with random weights
+# (benchmark.py speed --shape NAME, rlver.py --model NAME) without downloading anything. Architecture keys as
+# in each model's config.json on the Hugging Face hub: the Instruct releases for Qwen2.5 (the 7B base differs
+# only in max_position_embeddings, 131072), Llama-3.1-8B-Instruct (Llama 3.1, i.e. with the llama3 RoPE
+# scaling), Qwen3-8B. Left out: keys our model ignores (sliding_window and max_window_layers, unused while
+# use_sliding_window is false; initializer_range; use_cache). Published sizes, which tests/test_model.py
+# checks our parameter counts against: 494M, 1.54B, 7.62B, 8.03B, 8.19B.
+# Note the vocabularies: Qwen2.5-7B pads its embedding to 152064 rows, the small Qwen2.5 and Qwen3 to 151936.
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+SHAPES = {
+    "qwen2.5-0.5b": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=151936,
+                         hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+                         max_position_embeddings=32768, tie_word_embeddings=True, use_sliding_window=False,
+                         bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16"),
+    "qwen2.5-1.5b": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=151936,
+                         hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+                         max_position_embeddings=32768, tie_word_embeddings=True, use_sliding_window=False,
+                         bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16"),
+    "qwen2.5-7b": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=152064,
+                       hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+                       max_position_embeddings=32768, tie_word_embeddings=False, use_sliding_window=False,
+                       bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16"),
+    "llama3-8b": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256,
+                      hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, hidden_act="silu", rms_norm_eps=1e-5, rope_theta=500_000.0,
+                      rope_scaling=LLAMA31_ROPE, max_position_embeddings=131072, tie_word_embeddings=False,
+                      attention_bias=False, mlp_bias=False, bos_token_id=128000,
+                      eos_token_id=[128001, 128008, 128009], torch_dtype="bfloat16"),
+    "qwen3-8b": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936,
+                     hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, hidden_act="silu", rms_norm_eps=1e-6,
+                     rope_theta=1_000_000.0, rope_scaling=None, max_position_embeddings=40960,
+                     tie_word_embeddings=False, attention_bias=False, use_sliding_window=False,
+                     bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16"),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -666,19 +709,54 @@ def tiny_hf_config(model_type, vocab_size, hidden_size=64, num_layers=2, num_hea
     return hf
 
 
-def random_state_dict(cfg: ModelConfig, seed=0) -> dict:
-    """Random weights; norms and biases are randomised too so tests notice if one is ignored."""
-    torch.manual_seed(seed)
-    model = Transformer(cfg)
-    state = {}
-    for name, p in model.state_dict().items():
+# ----------------------------------------------------------------------------------------------------------
+# Random weights: the tiny checkpoints above (tests, the CPU demo) and real architectures (SHAPES) for speed and
+# memory measurements and smoke runs at real sizes. Norms and biases are randomised too, so tests notice if one
+# is ignored.
+
+
+@torch.no_grad()
+def randomize_(model: Transformer) -> Transformer:
+    """
+    Fill every parameter in place from the default random stream (seed it first): weights ~ N(0, 0.05^2) (a std
+    large enough that a tiny model's next-token distribution is not uniform), norm weights ~ 1 + N(0, 0.1^2),
+    biases ~ N(0, 0.1^2). named_parameters() lists a tied embedding/head once, so it is filled once.
+    """
+    for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
-            state[name] = 1.0 + 0.1 * torch.randn_like(p)
+            p.normal_().mul_(0.1).add_(1.0)
         elif name.endswith("bias"):
-            state[name] = 0.1 * torch.randn_like(p)
+            p.normal_().mul_(0.1)
         else:
-            state[name] = 0.05 * torch.randn_like(p)  # std large enough that a tiny model is not uniform
-    return state
+            p.normal_().mul_(0.05)
+    return model
+
+
+def random_model(hf: dict, device="cpu", dtype=torch.float32, seed=0) -> Transformer:
+    """
+    A model of any HF config (e.g. SHAPES[name]) with random weights, made directly on `device` in `dtype`:
+    built on the meta device (no memory), given uninitialised storage there, then filled by randomize_. Only one
+    copy of the weights ever exists: Llama-3.1-8B in bf16 takes 16 GB, with no fp32 or CPU detour.
+    """
+    cfg = ModelConfig.from_hf(hf)
+    with torch.device("meta"):
+        model = Transformer(cfg).to(dtype)
+    model.to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty gives each module a new tensor of its own: tie them again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.reset_rope(device)
+    torch.manual_seed(seed)
+    return randomize_(model)
+
+
+def random_state_dict(cfg: ModelConfig, seed=0) -> dict:
+    """
+    The tiny checkpoints' weights: the module is built on the CPU with its default init, which consumes the
+    seeded stream before randomize_ draws (unlike random_model). These are the weights the tests' and the
+    demo's learning settings were tuned on, so the order of draws is kept as it is.
+    """
+    torch.manual_seed(seed)
+    return randomize_(Transformer(cfg)).state_dict()
 
 
 def make_tiny_checkpoint(path, model_type="qwen2", seed=0, vocab_size=1024, **config_kwargs):
@@ -687,4 +765,21 @@ def make_tiny_checkpoint(path, model_type="qwen2", seed=0, vocab_size=1024, **co
     hf = tiny_hf_config(model_type, len(tokenizer), eos_token_id=tokenizer.eos_token_id, **config_kwargs)
     cfg = ModelConfig.from_hf(hf)
     save_model(random_state_dict(cfg, seed), cfg, path, tokenizer)
+    return path
+
+
+def make_random_checkpoint(path, hf: dict, seed=0, dtype=torch.bfloat16):
+    """
+    A random-weight checkpoint of a real architecture (hf: a config such as SHAPES[name]), written by the same
+    save_model as the tiny one (bf16 on disk by default: 1 GB for qwen2.5-0.5b, 16 GB for the 8B models), with
+    the tiny trained tokenizer, so `rlver.py --model qwen2.5-0.5b` runs the whole pipeline at a real size
+    without a download. config.json is `hf` except for the special-token ids, which are the tokenizer's. The
+    tokenizer knows ~1k ids; the model still scores and samples over its full vocabulary, and sampled ids the
+    tokenizer does not know decode to nothing.
+    """
+    tokenizer = train_tokenizer()
+    hf = dict(hf, eos_token_id=tokenizer.eos_token_id, bos_token_id=None, pad_token_id=None,
+              torch_dtype=str(dtype).removeprefix("torch."))
+    model = random_model(hf, "cpu", dtype, seed)
+    save_model(model.state_dict(), model.config, path, tokenizer)
     return path

@@ -48,7 +48,8 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--algo", choices=["grpo", "ppo"], default="grpo")
-    a("--model", default=None, help="local HF checkpoint folder (qwen2/llama/qwen3); default: a tiny CPU demo model")
+    a("--model", default=None, help="local HF checkpoint folder (qwen2/llama/qwen3), or a random-weight smoke run at a "
+      f"real size: one of {', '.join(lm.SHAPES)} (made once in <out>/random-NAME); default: a tiny CPU demo model")
     a("--out", default="runs/rlver", help="output dir: config, metrics.jsonl, samples, checkpoints")
     a("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     # environment
@@ -744,6 +745,14 @@ def setup(args, argv):
             print(f"rlver: demo mode: making a tiny random model in {args.model}", flush=True)
             lm.make_tiny_checkpoint(args.model, "qwen2", seed=args.seed, hidden_size=64, num_layers=2)
         dist.barrier()
+    if args.model in lm.SHAPES:  # a real architecture with random weights (a smoke run at a real size)
+        shape, args.model = args.model, os.path.join(args.out, f"random-{args.model}")
+        if not os.path.isdir(args.model):
+            if rank == 0:  # written next to it and renamed when complete: an interrupted write is never used
+                print(f"rlver: making a random-weight {shape} checkpoint in {args.model} (once)", flush=True)
+                shutil.rmtree(args.model + ".tmp", ignore_errors=True)
+                os.replace(lm.make_random_checkpoint(args.model + ".tmp", lm.SHAPES[shape], seed=args.seed), args.model)
+            dist.barrier()
     cfg = validate(args, world)
     tokenizer = lm.load_tokenizer(args.model)
     profiles = sim.load_profiles(args.train_profiles) if args.train_profiles else sim.builtin_profiles("train")
