@@ -5,6 +5,7 @@ benchmark.py: how good is a policy at empathetic dialogue, and how fast is our m
     python benchmark.py eval  --policy http://localhost:8000/v1 --policy-model gpt-4o --simulator rules
     python benchmark.py leaderboard runs/eval/transcripts.jsonl gpt-4.1_result.jsonl --versus gpt-4.1
     python benchmark.py speed --batch 8 --new-tokens 128 --device cuda --dtype bfloat16
+    python benchmark.py speed --shape qwen2.5-7b --device cuda --dtype bfloat16   # real size, random weights
 
 `eval`: a SAGE-style benchmark (Sentient Agent as a Judge, arXiv 2505.02847; RLVER reports its "Sentient
 benchmark" score). How the score is computed, in four steps:
@@ -25,7 +26,9 @@ spread is the std of the per-seed scores. The policy is a local HF folder, a mod
 (rlver.py's periodic evaluation) or any OpenAI-compatible endpoint, so GPT-4o-class models are scored the same.
 
 `speed`: decode tokens/s of model.generate (static KV cache) against transformers' generate and against a
-no-cache loop, on the same weights and prompts, plus the time split of one training step.
+no-cache loop, on the same weights and prompts, plus the time split of one training step, each next to its
+roofline (the least time the device's memory bandwidth and matmul peak allow: measured on a CPU, datasheet on a
+GPU). --shape NAME measures a real architecture (model.SHAPES) with random weights, without any download.
 
 Read top to bottom: score arithmetic -> report files (transcripts, summary, SVG) -> training curves
 (curves.svg from metrics.jsonl) -> evaluate() -> speed harness -> command line.
@@ -46,7 +49,8 @@ import torch
 
 import rollout as ro
 import simulator as sim
-from model import CheckpointError, check_weights, generate, load_model, load_tokenizer, make_tiny_checkpoint, read_config, token_logprobs
+from model import (SHAPES, CheckpointError, check_weights, generate, load_model, load_tokenizer, make_tiny_checkpoint,
+                   random_model, read_config, token_logprobs)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # --dtype choices of both commands
 
@@ -530,7 +534,10 @@ def leaderboard_command(args):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. Speed: the same greedy decode three ways, then one training step split into its phases
+# 4. Speed: the same greedy decode three ways, then one training step split into its phases; every time next to
+#    its roofline, the least time the device's memory bandwidth and matmul throughput allow for that work.
+#    The model is a checkpoint folder, a fresh tiny one, or (--shape) a real architecture with random weights
+#    made in memory on the device, so real sizes are measured without downloading anything.
 
 
 def sync(device):
@@ -538,8 +545,8 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def median_time(fn, device, warmup, repeats):
-    """Median wall time of fn() over `repeats` runs after `warmup` untimed runs. Returns (seconds, last output)."""
+def run_times(fn, device, warmup, repeats):
+    """Wall times of fn() over `repeats` runs after `warmup` untimed runs. Returns (times, last output)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -549,7 +556,7 @@ def median_time(fn, device, warmup, repeats):
         result = fn()
         sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+    return times, result
 
 
 @torch.no_grad()
@@ -562,28 +569,122 @@ def no_cache_generate(model, prompt_ids, new_tokens):
     return ids[:, prompt_ids.shape[1]:].tolist()
 
 
-def hbm_percent(model, batch, prompt_len, new_tokens, seconds, peak_bytes_per_s):
+# Datasheet peaks (dense, no sparsity) of the GPUs we expect: memory bytes/s, and matmul FLOP/s per compute
+# dtype (float32 = plain fp32, which is how PyTorch runs fp32 matmuls by default, without TF32). Matched in
+# order against torch.cuda.get_device_name(), so the more specific names come first. Others: --peak-* flags.
+GPU_PEAKS = [
+    ("H200", 4.8e12, {"bfloat16": 989e12, "float32": 67e12}),
+    ("H100 PCIe", 2.0e12, {"bfloat16": 756e12, "float32": 51e12}),
+    ("H100", 3.35e12, {"bfloat16": 989e12, "float32": 67e12}),  # SXM, "NVIDIA H100 80GB HBM3"
+    ("A100 80GB PCIe", 1.935e12, {"bfloat16": 312e12, "float32": 19.5e12}),
+    ("A100-SXM4-80GB", 2.039e12, {"bfloat16": 312e12, "float32": 19.5e12}),
+    ("A100", 1.555e12, {"bfloat16": 312e12, "float32": 19.5e12}),  # the 40 GB models
+]
+
+
+def gpu_peaks(device_name):
+    """The GPU_PEAKS row (name, bytes/s, {dtype: FLOP/s}) for a torch.cuda.get_device_name(), or None."""
+    return next((row for row in GPU_PEAKS if row[0] in device_name), None)
+
+
+def measure_cpu_peaks(dtype, repeats=5):
     """
-    Achieved memory bandwidth of a decode as a % of peak. Each decode step must read every weight once
-    (the input embedding only for B rows, so it is left out unless tied to the head) plus the KV cache written
-    so far: 2 (k, v) * layers * B * kv_heads * slots * head_dim * bytes, on average P + (N-1)/2 slots.
-    The step time includes the prefill, so this is a slight underestimate.
+    This CPU's memory bandwidth and matmul throughput, measured now with the run's thread count: the best of
+    `repeats` sums over a 256 MiB tensor (a read-only stream, as a decode step reads the weights) and of
+    2048 x 2048 matmuls in the compute dtype. Returns (bytes/s, FLOP/s).
     """
-    cfg = model.config
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    if not cfg.tie_word_embeddings:
-        weights -= model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()
-    element = model.model.embed_tokens.weight.element_size()
-    kv = 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * cfg.head_dim * element
-    bytes_per_step = weights + kv * (prompt_len + (new_tokens - 1) / 2)
-    return 100 * bytes_per_step / (seconds / new_tokens) / peak_bytes_per_s
+    x = torch.ones(64 * 2**20)  # 256 MiB of fp32, far larger than any cache
+    a, b = torch.randn(2048, 2048).to(dtype), torch.randn(2048, 2048).to(dtype)
+    read = matmul = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        read = min(read, time.perf_counter() - start)
+        start = time.perf_counter()
+        a @ b
+        matmul = min(matmul, time.perf_counter() - start)
+    return x.numel() * x.element_size() / read, 2 * 2048**3 / matmul
+
+
+def device_peaks(device, dtype, bandwidth=None, flops=None):
+    """(bytes/s, FLOP/s, where they come from): the --peak-* flags win; else CUDA: the datasheet table by device
+    name (None for a GPU it lacks); CPU: measured now. dtype: the compute dtype, for the matmul peak."""
+    if bandwidth and flops:
+        return bandwidth, flops, "from --peak-bandwidth/--peak-flops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        row = gpu_peaks(name)
+        if row is None:
+            return bandwidth, flops, f"{name} is not in benchmark.GPU_PEAKS: pass --peak-bandwidth and --peak-flops"
+        return bandwidth or row[1], flops or row[2][str(dtype).removeprefix("torch.")], f"{name} datasheet"
+    measured_bandwidth, measured_flops = measure_cpu_peaks(dtype)
+    return bandwidth or measured_bandwidth, flops or measured_flops, "measured on this CPU just now, best of 5"
+
+
+def weights_read(model):
+    """(elements, bytes) of the weights one forward reads in full: every parameter (a tied head counted once)
+    except an untied input embedding, of which a forward reads only the looked-up rows."""
+    params = list(model.parameters())
+    n, nbytes = sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+    if not model.config.tie_word_embeddings:
+        embedding = model.model.embed_tokens.weight
+        n, nbytes = n - embedding.numel(), nbytes - embedding.numel() * embedding.element_size()
+    return n, nbytes
+
+
+def generation_roofline(model, batch, prompt_len, new_tokens, bandwidth, flops):
+    """
+    The least time generate() can take for B prompts of P tokens and N new tokens each, and what bounds it.
+    generate() runs one prefill forward over B x P tokens, then N - 1 decode forwards of B x 1 tokens (the first
+    new token comes from the prefill's logits). Each forward takes at least max(bytes / bandwidth, FLOPs / flops):
+      bytes  every weight once (weights_read) and, in a decode step, the KV cache written so far:
+             2 (k and v) x layers x kv_heads x head_dim x element size per row and cached position
+             (decode step t attends to P + t + 1 positions);
+      FLOPs  2 per weight per token (a multiply and an add), plus attention: 4 x layers x heads x head_dim per
+             (query, key) pair (q.k, then the weighted sum of v); P(P+1)/2 causal pairs per row in the prefill,
+             P + t + 1 per row in decode step t.
+    Returns (seconds, "bandwidth" or "compute": the one that dominates summed over the forwards).
+    """
+    c, (B, P, N) = model.config, (batch, prompt_len, new_tokens)
+    n_weights, weight_bytes = weights_read(model)
+    element = model.model.embed_tokens.weight.element_size()  # the KV cache is in the compute dtype
+    kv_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * element  # per row and position
+    pair_flops = 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim  # per (query, key) pair
+    forwards = [(weight_bytes, 2 * n_weights * B * P + pair_flops * B * P * (P + 1) / 2)]  # prefill
+    for t in range(N - 1):  # decode steps
+        forwards.append((weight_bytes + kv_bytes * B * (P + t + 1), 2 * n_weights * B + pair_flops * B * (P + t + 1)))
+    seconds = sum(max(nbytes / bandwidth, n_flops / flops) for nbytes, n_flops in forwards)
+    memory_time = sum(nbytes for nbytes, _ in forwards) / bandwidth
+    compute_time = sum(n_flops for _, n_flops in forwards) / flops
+    return seconds, "bandwidth" if memory_time >= compute_time else "compute"
+
+
+def training_roofline(model, batch, seq_len, bandwidth, flops):
+    """
+    The least time of each phase of training_step_times() below, for B rows of T tokens (T - 1 scored each):
+      forward log-probs  2 FLOPs per weight per token + attention (as in generation_roofline, causal), or
+                         reading the weights once;
+      backward           twice the forward's FLOPs (gradients for the activations and for the weights), or
+                         reading the weights and writing an fp32 gradient for each;
+      optimizer step     AdamW on fp32 master weights: read weight, gradient and two moments, write weight and
+                         moments, 28 bytes per parameter (every parameter, the input embedding included).
+    Returns {phase: seconds}.
+    """
+    c, tokens = model.config, batch * (seq_len - 1)
+    n_weights, weight_bytes = weights_read(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    pair_flops = 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim
+    forward_flops = 2 * n_weights * tokens + pair_flops * batch * (seq_len - 1) * seq_len / 2
+    return {"forward log-probs": max(weight_bytes / bandwidth, forward_flops / flops),
+            "backward": max((weight_bytes + 4 * n_params) / bandwidth, 2 * forward_flops / flops),
+            "optimizer step": 28 * n_params / bandwidth}
 
 
 def training_step_times(model, batch, seq_len, prompt_len, device, warmup, repeats):
     """
     One policy-gradient step on random tokens, timed by phase: forward log-probs (model.token_logprobs),
     backward, AdamW step. loss = -mean over "sampled" tokens of advantage * log p(token): the REINFORCE core of
-    PPO/GRPO without the clipping arithmetic, which costs nothing next to the model.
+    PPO/GRPO without the clipping arithmetic, which costs nothing next to the model. Returns {phase: times}.
     """
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=g).to(device)  # (B, T)
@@ -609,37 +710,101 @@ def training_step_times(model, batch, seq_len, prompt_len, device, warmup, repea
         if i >= warmup:
             for name, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
                 phases[name].append(seconds)
-    return {name: statistics.median(times) for name, times in phases.items()}
+    return phases
+
+
+def free_bytes(device):
+    """Memory free for us now: CUDA's own count, or the kernel's MemAvailable on a Linux CPU (else None)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def transformers_twin(model, log):
+    """
+    transformers' model of the same config computing with the very same weight tensors: built by from_config on
+    the device (its own initialisation: for a moment a second copy of the weights), then our tensors are
+    swapped in by load_state_dict(assign=True). Returns None, saying why, when that moment would not fit.
+    """
+    import transformers
+
+    device, dtype = model.inv_freq.device, model.model.embed_tokens.weight.dtype
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    free = free_bytes(device)
+    if free is not None and 1.1 * weight_bytes > free:
+        log(f"  transformers skipped: building it needs {weight_bytes / 1e9:.1f} GB for a moment, "
+            f"{free / 1e9:.1f} GB free")
+        return None
+    with torch.device(device):
+        hf_model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**model.config.hf),
+                                                                 dtype=dtype)
+    hf_model.load_state_dict(model.state_dict(), assign=True)
+    return hf_model.eval()
+
+
+def speed_models(args, device, dtype, tmp, log):
+    """model.py's model and transformers' on the same weights (None with --no-transformers or if it won't fit)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    if args.shape:  # a real architecture, random weights made on the device: nothing read from disk
+        model = random_model(SHAPES[args.shape], device, dtype)
+        return model, transformers_twin(model, log) if args.transformers else None
+    path = args.model
+    if path is None:  # a fresh random checkpoint of the requested size, in the real HF layout
+        path = make_tiny_checkpoint(os.path.join(tmp, "model"), args.model_type, vocab_size=args.vocab,
+                                    hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+                                    num_kv_heads=args.kv_heads, intermediate_size=args.intermediate)
+    read_config(path)  # one-line error for a bad --model before anything heavy
+    model = load_model(path, device=device, dtype=dtype)
+    if not args.transformers:
+        return model, None
+    return model, transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+
+
+def percent(value):
+    """A % column: one decimal, two significant digits below 1% (a tiny model is far from its roofline)."""
+    return "-" if value is None else f"{value:.1f}%" if value >= 1 else f"{value:.2g}%"
 
 
 def speed(args, log=print):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchmarkError("--device cuda but torch sees no CUDA device: use --device cpu")
+    if args.shape and args.model:
+        raise BenchmarkError("--shape builds a random model of a known architecture; --model loads a folder: give one")
     dtype = DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.model
-        if path is None:  # a fresh random checkpoint of the requested size, in the real HF layout
-            path = make_tiny_checkpoint(os.path.join(tmp, "model"), args.model_type, vocab_size=args.vocab,
-                                        hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
-                                        num_kv_heads=args.kv_heads, intermediate_size=args.intermediate)
-        read_config(path)  # one-line error for a bad --model before anything heavy
-        model = load_model(path, device=device, dtype=dtype)
-        import transformers
-        transformers.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-        hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        model, hf_model = speed_models(args, device, dtype, tmp, log)
+    if hf_model is not None:
         hf_model.generation_config.eos_token_id = None  # never stop early: every row makes exactly N tokens
     B, P, N = args.batch, args.prompt_len, args.new_tokens
+    cfg = model.config
     params = sum(p.numel() for p in model.parameters())
-    prompt_ids = torch.randint(0, model.config.vocab_size, (B, P), generator=torch.Generator().manual_seed(0))
+    weight_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    prompt_ids = torch.randint(0, cfg.vocab_size, (B, P), generator=torch.Generator().manual_seed(0))
     prompts = prompt_ids.tolist()
     prompt_ids = prompt_ids.to(device)
-    log(f"speed: {model.config.model_type} {params / 1e6:.2f}M params (hidden {model.config.hidden_size}, "
-        f"{model.config.num_hidden_layers} layers), batch {B}, prompt {P} + {N} new tokens, greedy, {device.type} "
-        f"{args.dtype}, {torch.get_num_threads()} threads, median of {args.repeats} after {args.warmup} warm-up")
+    log(f"speed: {args.shape or cfg.model_type} {params / 1e6:.2f}M params ({weight_gb:.2f} GB; hidden "
+        f"{cfg.hidden_size}, {cfg.num_hidden_layers} layers), batch {B}, prompt {P} + {N} new tokens, greedy, "
+        f"{device.type} {args.dtype}, {torch.get_num_threads()} threads, median of {args.repeats} after "
+        f"{args.warmup} warm-up")
+    bandwidth, flops, source = device_peaks(device, dtype, args.peak_bandwidth, args.peak_flops)
+    roofline = None
+    if bandwidth and flops:
+        roofline, bound = generation_roofline(model, B, P, N, bandwidth, flops)
+        log(f"roofline: {bandwidth / 1e9:.1f} GB/s, {flops / 1e12:.3f} TFLOP/s {args.dtype} matmul ({source}); "
+            f"generating these tokens takes at least {roofline * 1e3:.3f} ms = {B * N / roofline:.1f} tokens/s "
+            f"({bound}-bound)")
+    else:
+        log(f"roofline: unknown ({source})")
 
     runs = {  # name -> a function returning the new token ids per row (all equal-length prompts: no padding)
         "model.py generate": lambda: generate(model, prompts, N, eos_ids=[-1], temperature=0)[0],  # -1: no EOS
@@ -651,38 +816,92 @@ def speed(args, log=print):
     }
     if not args.compile:
         del runs["model.py + compile"]
-    results = {}
+    if hf_model is None:
+        del runs["transformers generate"]
+        log("  transformers generate: not run (--no-transformers or it did not fit); 'vs transformers' shows -")
+    results, peak_gb = {}, {}
     for name, fn in runs.items():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         with torch.no_grad():
-            results[name] = median_time(fn, device, args.warmup, args.repeats)
-        log(f"  {name}: {results[name][0]:.3f}s")
+            results[name] = run_times(fn, device, args.warmup, args.repeats)
+        if device.type == "cuda":
+            peak_gb[name] = torch.cuda.max_memory_allocated(device) / 1e9
+        log(f"  {name}: {statistics.median(results[name][0]):.3f}s")
     base_ids = results["model.py generate"][1]
-    hf_seconds = results["transformers generate"][0]
-    header = f"{'generation':<22} {'seconds':>8} {'tokens/s':>10} {'vs transformers':>16} {'same tokens':>12}"
+    hf_seconds = statistics.median(results["transformers generate"][0]) if hf_model is not None else None
+    header = (f"{'generation':<22} {'seconds':>8} {'min-max':>13} {'tokens/s':>10} {'% roofline':>10} "
+              f"{'vs transformers':>16} {'same tokens':>12}")
     if device.type == "cuda":
-        header += f" {'HBM % of peak':>14}"
-    lines = [header]
-    for name, (seconds, ids) in results.items():
+        header += f" {'peak GB':>8}"
+    lines, summary = [header], {}
+    for name, (times, ids) in results.items():
+        seconds = statistics.median(times)
         same = sum(a == b for row, base in zip(ids, base_ids) for a, b in zip(row, base)) / (B * N)
-        line = f"{name:<22} {seconds:>8.3f} {B * N / seconds:>10.1f} {hf_seconds / seconds:>15.2f}x {same:>12.1%}"
-        if device.type == "cuda" and name != "no-cache loop":
-            line += f" {hbm_percent(model, B, P, N, seconds, args.peak_bandwidth):>13.1f}%"
+        of_roofline = 100 * roofline / seconds if roofline else None
+        ratio = f"{hf_seconds / seconds:.2f}x" if hf_seconds else "-"
+        line = (f"{name:<22} {seconds:>8.3f} {f'{min(times):.3f}-{max(times):.3f}':>13} {B * N / seconds:>10.1f} "
+                f"{percent(of_roofline):>10} {ratio:>16} {same:>12.1%}")
+        if device.type == "cuda":
+            line += f" {peak_gb[name]:>8.2f}"
         lines.append(line)
+        summary[name] = {"seconds": seconds, "min": min(times), "max": max(times), "tokens_per_s": B * N / seconds,
+                         "roofline_percent": of_roofline}
     log("\n".join(lines))
-    log("(vs transformers = tokens/s / transformers' tokens/s, measured in this run; same tokens = share of "
-        "greedy tokens equal to model.py's; compile: the first, untimed warm-up call compiles)")
+    log("(% roofline = the least possible time above / the measured time; vs transformers = tokens/s / "
+        "transformers' tokens/s in this run; same tokens = share of greedy tokens equal to model.py's; compile: "
+        "the first, untimed warm-up call compiles" + ("; peak GB = torch.cuda.max_memory_allocated" if
+                                                        device.type == "cuda" else "") + ")")
+    if args.shape and dtype != torch.float32 and hf_model is not None:
+        log("(random weights in bf16: the two implementations' rounding differs and their greedy tokens part at the "
+            "first near-tie, so few tokens agree; with --dtype float32 they agree exactly)")
 
-    del hf_model  # free its memory before the training step's gradients and AdamW state
+    del hf_model, runs  # free transformers' memory (its KV cache) before the gradients and AdamW state
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    phases = training_step_times(model, B, P + N, P, device, args.warmup, args.repeats)
-    total = sum(phases.values())
-    lines = [f"training step (token_logprobs + policy-gradient loss + AdamW), batch {B} x {P + N} tokens",
-             f"{'phase':<22} {'seconds':>8} {'share':>7}"]
-    lines += [f"{name:<22} {seconds:>8.3f} {seconds / total:>7.0%}" for name, seconds in phases.items()]
-    lines.append(f"{'total':<22} {total:>8.3f} {1:>7.0%}")
+    summary["train"] = train_speed(args, model, device, dtype, bandwidth, flops, log)
+    if device.type == "cpu":
+        import resource
+        log(f"process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
+    return summary
+
+
+def train_speed(args, model, device, dtype, bandwidth, flops, log):
+    """The training step's phases as rlver trains: fp32 master weights and AdamW state, bf16 compute by autocast
+    for --dtype bfloat16. Skipped, saying why, with --no-train or when that state would not fit."""
+    B, T, P = args.batch, args.prompt_len + args.new_tokens, args.prompt_len
+    params = sum(p.numel() for p in model.parameters())
+    current = sum(p.numel() * p.element_size() for p in model.parameters())
+    need, free = 16 * params - current, free_bytes(device)  # fp32 weights, gradients, 2 AdamW moments
+    if not args.train:
+        log("training step: skipped (--no-train)")
+        return None
+    if free is not None and need > 0.9 * free:
+        log(f"training step: skipped, it needs ~{need / 1e9:.1f} GB more (fp32 weights, gradients and AdamW "
+            f"moments: 16 bytes per parameter, activations aside) and {free / 1e9:.1f} GB are free")
+        return None
+    if dtype != torch.float32:  # master weights in fp32, bf16 compute (model.Transformer.autocast_dtype)
+        model.float()
+        model.autocast_dtype = dtype
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    phases = training_step_times(model, B, T, P, device, args.warmup, args.repeats)
+    least = training_roofline(model, B, T, bandwidth, flops) if bandwidth and flops else {}
+    medians = {name: statistics.median(times) for name, times in phases.items()}
+    total = sum(medians.values())
+    lines = [f"training step (token_logprobs + policy-gradient loss + AdamW; fp32 master weights, {args.dtype} "
+             f"compute), batch {B} x {T} tokens",
+             f"{'phase':<22} {'seconds':>8} {'min-max':>13} {'share':>7} {'% roofline':>10}"]
+    for name, times in phases.items():
+        of_roofline = 100 * least[name] / medians[name] if least else None
+        lines.append(f"{name:<22} {medians[name]:>8.3f} {f'{min(times):.3f}-{max(times):.3f}':>13} "
+                     f"{medians[name] / total:>7.0%} {percent(of_roofline):>10}")
+    of_roofline = 100 * sum(least.values()) / total if least else None
+    lines.append(f"{'total':<22} {total:>8.3f} {'':>13} {1:>7.0%} {percent(of_roofline):>10}")
+    if device.type == "cuda":
+        lines.append(f"peak GB: {torch.cuda.max_memory_allocated(device) / 1e9:.2f}")
     log("\n".join(lines))
-    return {name: {"seconds": s, "tokens_per_s": B * N / s} for name, (s, _) in results.items()} | {"train": phases}
+    return medians
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -814,6 +1033,8 @@ def get_args(argv=None):
     s = commands.add_parser("speed", help="generation tokens/s and training step time",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("--model", default=None, help="local HF model folder; default: a fresh random checkpoint")
+    s.add_argument("--shape", choices=list(SHAPES), default=None,
+                   help="a real architecture (the published config) with random weights made in memory on the device")
     s.add_argument("--model-type", choices=["qwen2", "llama", "qwen3"], default="qwen2")
     s.add_argument("--hidden", type=int, default=256)
     s.add_argument("--layers", type=int, default=4)
@@ -821,6 +1042,10 @@ def get_args(argv=None):
     s.add_argument("--kv-heads", type=int, default=2)
     s.add_argument("--intermediate", type=int, default=768)
     s.add_argument("--vocab", type=int, default=1024, help="tokenizer vocabulary of the fresh checkpoint")
+    s.add_argument("--transformers", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time transformers' generate on the same weights (skipped anyway if it would not fit)")
+    s.add_argument("--train", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time a training step (skipped anyway if fp32 weights + AdamW state would not fit)")
     s.add_argument("--batch", type=int, default=8)
     s.add_argument("--prompt-len", type=int, default=32)
     s.add_argument("--new-tokens", type=int, default=128)
@@ -831,7 +1056,10 @@ def get_args(argv=None):
     s.add_argument("--warmup", type=int, default=1)
     s.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported")
     s.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default; on a busy CPU, 1 avoids OpenMP stalls)")
-    s.add_argument("--peak-bandwidth", type=float, default=3.35e12, help="peak HBM bytes/s (H100 SXM: 3.35e12)")
+    s.add_argument("--peak-bandwidth", type=float, default=None,
+                   help="peak memory bytes/s for the roofline (default: CPU measured, GPU from benchmark.GPU_PEAKS)")
+    s.add_argument("--peak-flops", type=float, default=None,
+                   help="peak matmul FLOP/s in --dtype for the roofline (default: as --peak-bandwidth)")
     s.set_defaults(func=speed)
     return p.parse_args(argv)
 

@@ -8,13 +8,16 @@ One file, one idea: a decoder-only transformer of the Llama family (Llama 3, Qwe
   4. saves itself back in the same HF layout, so transformers and vLLM can load what RLVER trained.
 
 Read top to bottom:
-  config           -> ModelConfig.from_hf reads config.json (old and new rope layouts)
+  config           -> ModelConfig.from_hf reads config.json (old and new rope layouts); SHAPES: the published
+                      configs of the models RLVER trains (Qwen2.5 0.5B/1.5B/7B, Llama-3.1-8B, Qwen3-8B)
   building blocks  -> RMSNorm, RoPE (incl. Llama-3 scaling), Attention (GQA, optional qkv bias / q-k norm), MLP
-  Transformer      -> forward() returns logits, hidden states, or per-token log-probs
+  Transformer      -> forward() returns logits, hidden states, or per-token log-probs (optionally under
+                      torch.autocast: fp32 parameters, bf16 compute)
   KV cache         -> KVCache: (B, H_kv, S, D) tensors written in place at the current positions
   generate()       -> left-pad prompts, one prefill, then one-token decode steps
   checkpoints      -> load_model / save_model / load_tokenizer
-  make_tiny_checkpoint -> a real (random-weight) checkpoint + trained tokenizer for tests and the CPU demo
+  random weights   -> random_model (any config, straight onto a device: real sizes without a download),
+                      make_tiny_checkpoint / make_random_checkpoint (the HF layout + a tokenizer trained on the spot)
 
 Every module and parameter is named exactly as in the HF checkpoint (model.layers.0.self_attn.q_proj.weight,
 ...), so loading and saving are a plain state_dict with no key renaming.
@@ -104,6 +107,47 @@ class ModelConfig:
         )
 
 
+# The published configs of the models RLVER trains or compares, so real sizes can be built with random weights
+# (benchmark.py speed --shape NAME, rlver.py --model NAME) without downloading anything. Architecture keys as
+# in each model's config.json on the Hugging Face hub: the Instruct releases for Qwen2.5 (the 7B base differs
+# only in max_position_embeddings, 131072), Llama-3.1-8B-Instruct (Llama 3.1, i.e. with the llama3 RoPE
+# scaling), Qwen3-8B. Left out: keys our model ignores (sliding_window and max_window_layers, unused while
+# use_sliding_window is false; initializer_range; use_cache). Published sizes, which tests/test_model.py
+# checks our parameter counts against: 494M, 1.54B, 7.62B, 8.03B, 8.19B.
+# Note the vocabularies: Qwen2.5-7B pads its embedding to 152064 rows, the small Qwen2.5 and Qwen3 to 151936.
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+SHAPES = {
+    "qwen2.5-0.5b": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=151936,
+                         hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+                         max_position_embeddings=32768, tie_word_embeddings=True, use_sliding_window=False,
+                         bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16"),
+    "qwen2.5-1.5b": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=151936,
+                         hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+                         max_position_embeddings=32768, tie_word_embeddings=True, use_sliding_window=False,
+                         bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16"),
+    "qwen2.5-7b": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=152064,
+                       hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+                       max_position_embeddings=32768, tie_word_embeddings=False, use_sliding_window=False,
+                       bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16"),
+    "llama3-8b": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256,
+                      hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, hidden_act="silu", rms_norm_eps=1e-5, rope_theta=500_000.0,
+                      rope_scaling=LLAMA31_ROPE, max_position_embeddings=131072, tie_word_embeddings=False,
+                      attention_bias=False, mlp_bias=False, bos_token_id=128000,
+                      eos_token_id=[128001, 128008, 128009], torch_dtype="bfloat16"),
+    "qwen3-8b": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936,
+                     hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, hidden_act="silu", rms_norm_eps=1e-6,
+                     rope_theta=1_000_000.0, rope_scaling=None, max_position_embeddings=40960,
+                     tie_word_embeddings=False, attention_bias=False, use_sliding_window=False,
+                     bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16"),
+}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Building blocks
 
@@ -117,7 +161,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op (fp32 math inside)
+        # one fused op (fp32 math inside); under autocast x may be bf16 while the weight is fp32: cast the
+        # weight so the op stays fused and returns x's dtype (a no-op when the dtypes already agree)
+        return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -239,6 +285,11 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.gradient_checkpointing = False
+        # Mixed precision for a plain (un-sharded) module: with autocast_dtype = torch.bfloat16 the parameters
+        # stay as they are (fp32 master weights, so AdamW's small updates are not rounded away) and forward()
+        # runs under torch.autocast, which feeds the matmuls bf16 copies. (Under FSDP2, the MixedPrecisionPolicy
+        # does the casting instead and this stays None.) None: compute in the parameters' dtype.
+        self.autocast_dtype = None
 
     def reset_rope(self, device):
         """Recompute the (non-checkpoint) RoPE buffer, e.g. after the model was built on the meta device."""
@@ -254,7 +305,16 @@ class Transformer(nn.Module):
           otherwise           -> logits (B, T, V)
         positions (B, T): RoPE positions (default 0..T-1). mask (B, 1, T, S) bool: True = may attend;
         None = causal over a right-padded batch.
+        With autocast_dtype set, everything below runs under torch.autocast: linear layers and attention compute
+        in bf16 (logits come out bf16), the embedding and the residual stream stay fp32 (the sum of an fp32
+        and a bf16 tensor is fp32), log-probs are fp32 as always.
         """
+        if self.autocast_dtype is not None:
+            with torch.autocast(ids.device.type, dtype=self.autocast_dtype):
+                return self._forward(ids, targets, temperature, positions, mask, cache, cache_index, return_hidden)
+        return self._forward(ids, targets, temperature, positions, mask, cache, cache_index, return_hidden)
+
+    def _forward(self, ids, targets, temperature, positions, mask, cache, cache_index, return_hidden):
         B, T = ids.shape
         if positions is None:
             positions = torch.arange(T, device=ids.device).expand(B, T)
@@ -318,16 +378,25 @@ def token_logprobs(model, ids, temperature=1.0, return_entropy=False):
 
 
 class KVCache:
-    """Preallocated keys/values, one (B, H_kv, S_max, D) pair per layer, written in place (as in gpt-fast)."""
+    """
+    Preallocated keys/values, one (B, H_kv, S_max, D) pair per layer, written in place (as in gpt-fast).
+    A layer's pair is allocated at its first write (the prefill) in the dtype of the values written, i.e. the
+    compute dtype, whatever sets it: bf16 parameters, FSDP2's mixed precision, or autocast over fp32 parameters
+    (bf16 values; keys, rotated in fp32 there, are rounded to bf16 on the way in).
+    """
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
-        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device):
+        self.shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.device = device
+        self.k = [None] * cfg.num_hidden_layers
+        self.v = [None] * cfg.num_hidden_layers
 
     def update(self, layer, index, k, v, used):
         """Write k, v (B, H_kv, T, D) at slots `index` (T,) and return the first `used` slots."""
-        self.k[layer].index_copy_(2, index, k)
+        if self.k[layer] is None:
+            self.k[layer] = torch.zeros(self.shape, device=self.device, dtype=v.dtype)
+            self.v[layer] = torch.zeros(self.shape, device=self.device, dtype=v.dtype)
+        self.k[layer].index_copy_(2, index, k.to(v.dtype))
         self.v[layer].index_copy_(2, index, v)
         return self.k[layer][:, :, :used], self.v[layer][:, :, :used]
 
@@ -384,8 +453,17 @@ def generate(model, prompts, max_new_tokens, eos_ids, temperature=1.0, top_p=1.0
     Layout: prompts are left-padded to length P so every row's next token lands in the same cache slot
     P + t; RoPE positions count only real tokens, and the mask hides the padding slots.
     """
+    # With autocast_dtype set (fp32 master weights, bf16 compute), one autocast region spans the whole call:
+    # autocast keeps the bf16 copy it makes of each trainable fp32 weight until its outermost region ends, so
+    # the weights are cast once per call instead of at every decode step (forward()'s own region nests inside).
+    dtype = getattr(model, "autocast_dtype", None)
+    with torch.autocast(model.inv_freq.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        return _generate(model, prompts, max_new_tokens, eos_ids, temperature, top_p, generator, pad_id,
+                         sync_every, compile)
+
+
+def _generate(model, prompts, max_new_tokens, eos_ids, temperature, top_p, generator, pad_id, sync_every, compile):
     device = model.inv_freq.device
-    dtype = model.model.embed_tokens.weight.dtype
     B, P = len(prompts), max(len(p) for p in prompts)
     S = P + max_new_tokens
     ids = torch.full((B, P), pad_id, dtype=torch.long)
@@ -400,7 +478,7 @@ def generate(model, prompts, max_new_tokens, eos_ids, temperature=1.0, top_p=1.0
     # never softmax over an empty set (that would make NaNs that leak through the cache).
     causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
     mask = (causal & real[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)
-    cache = KVCache(model.config, B, S, device, dtype)
+    cache = KVCache(model.config, B, S, device)
     logits = model(ids, positions=positions, mask=mask[:, None], cache=cache, cache_index=slots[:P])  # (B, V)
 
     decode = compiled(model) if compile else model
@@ -662,19 +740,54 @@ def tiny_hf_config(model_type, vocab_size, hidden_size=64, num_layers=2, num_hea
     return hf
 
 
-def random_state_dict(cfg: ModelConfig, seed=0) -> dict:
-    """Random weights; norms and biases are randomised too so tests notice if one is ignored."""
-    torch.manual_seed(seed)
-    model = Transformer(cfg)
-    state = {}
-    for name, p in model.state_dict().items():
+# ----------------------------------------------------------------------------------------------------------
+# Random weights: the tiny checkpoints above (tests, the CPU demo) and real architectures (SHAPES) for speed and
+# memory measurements and smoke runs at real sizes. Norms and biases are randomised too, so tests notice if one
+# is ignored.
+
+
+@torch.no_grad()
+def randomize_(model: Transformer) -> Transformer:
+    """
+    Fill every parameter in place from the default random stream (seed it first): weights ~ N(0, 0.05^2) (a std
+    large enough that a tiny model's next-token distribution is not uniform), norm weights ~ 1 + N(0, 0.1^2),
+    biases ~ N(0, 0.1^2). named_parameters() lists a tied embedding/head once, so it is filled once.
+    """
+    for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
-            state[name] = 1.0 + 0.1 * torch.randn_like(p)
+            p.normal_().mul_(0.1).add_(1.0)
         elif name.endswith("bias"):
-            state[name] = 0.1 * torch.randn_like(p)
+            p.normal_().mul_(0.1)
         else:
-            state[name] = 0.05 * torch.randn_like(p)  # std large enough that a tiny model is not uniform
-    return state
+            p.normal_().mul_(0.05)
+    return model
+
+
+def random_model(hf: dict, device="cpu", dtype=torch.float32, seed=0) -> Transformer:
+    """
+    A model of any HF config (e.g. SHAPES[name]) with random weights, made directly on `device` in `dtype`:
+    built on the meta device (no memory), given uninitialised storage there, then filled by randomize_. Only one
+    copy of the weights ever exists: Llama-3.1-8B in bf16 takes 16 GB, with no fp32 or CPU detour.
+    """
+    cfg = ModelConfig.from_hf(hf)
+    with torch.device("meta"):
+        model = Transformer(cfg).to(dtype)
+    model.to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty gives each module a new tensor of its own: tie them again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.reset_rope(device)
+    torch.manual_seed(seed)
+    return randomize_(model)
+
+
+def random_state_dict(cfg: ModelConfig, seed=0) -> dict:
+    """
+    The tiny checkpoints' weights: the module is built on the CPU with its default init, which consumes the
+    seeded stream before randomize_ draws (unlike random_model). These are the weights the tests' and the
+    demo's learning settings were tuned on, so the order of draws is kept as it is.
+    """
+    torch.manual_seed(seed)
+    return randomize_(Transformer(cfg)).state_dict()
 
 
 def make_tiny_checkpoint(path, model_type="qwen2", seed=0, vocab_size=1024, **config_kwargs):
@@ -683,4 +796,21 @@ def make_tiny_checkpoint(path, model_type="qwen2", seed=0, vocab_size=1024, **co
     hf = tiny_hf_config(model_type, len(tokenizer), eos_token_id=tokenizer.eos_token_id, **config_kwargs)
     cfg = ModelConfig.from_hf(hf)
     save_model(random_state_dict(cfg, seed), cfg, path, tokenizer)
+    return path
+
+
+def make_random_checkpoint(path, hf: dict, seed=0, dtype=torch.bfloat16):
+    """
+    A random-weight checkpoint of a real architecture (hf: a config such as SHAPES[name]), written by the same
+    save_model as the tiny one (bf16 on disk by default: 1 GB for qwen2.5-0.5b, 16 GB for the 8B models), with
+    the tiny trained tokenizer, so `rlver.py --model qwen2.5-0.5b` runs the whole pipeline at a real size
+    without a download. config.json is `hf` except for the special-token ids, which are the tokenizer's. The
+    tokenizer knows ~1k ids; the model still scores and samples over its full vocabulary, and sampled ids the
+    tokenizer does not know decode to nothing.
+    """
+    tokenizer = train_tokenizer()
+    hf = dict(hf, eos_token_id=tokenizer.eos_token_id, bos_token_id=None, pad_token_id=None,
+              torch_dtype=str(dtype).removeprefix("torch."))
+    model = random_model(hf, "cpu", dtype, seed)
+    save_model(model.state_dict(), model.config, path, tokenizer)
     return path

@@ -66,7 +66,8 @@ def get_args(argv=None):
                                        f"instead of the ones above (a flag you give wins): {demo}, --no-think.")
     a = p.add_argument
     a("--algo", choices=["grpo", "ppo"], default="grpo")
-    a("--model", default=None, help="local HF checkpoint folder (qwen2/llama/qwen3); default: a tiny CPU demo model")
+    a("--model", default=None, help="local HF checkpoint folder (qwen2/llama/qwen3), or a random-weight smoke run at a "
+      f"real size: one of {', '.join(lm.SHAPES)} (made once in <out>/random-NAME); default: a tiny CPU demo model")
     a("--out", default="runs/rlver", help="output dir: config, metrics.jsonl, samples, checkpoints")
     a("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     # environment
@@ -118,7 +119,7 @@ def get_args(argv=None):
     a("--loss-agg", choices=["token-mean", "seq-mean-token-mean"], default="token-mean")
     # system
     a("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-      help="compute dtype; auto = bf16 on GPU (fp32 master weights under FSDP), fp32 on CPU")
+      help="compute dtype; auto = bf16 on GPU, fp32 on CPU. Parameters and AdamW state are fp32 either way")
     a("--no-fsdp", action="store_true", help="single process without FSDP (plain module)")
     a("--activation-checkpointing", action="store_true")
     a("--seed", type=int, default=0)
@@ -314,13 +315,20 @@ def all_reduce(x, op=dist.ReduceOp.SUM):
     return t.item() if t.dim() == 0 else t
 
 
+def compute_dtype(args, device):
+    """--dtype bfloat16, or auto on a GPU: bf16 compute. Only the compute: parameters are fp32 master weights."""
+    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
+    return torch.bfloat16 if bf16 else torch.float32
+
+
 def shard(module, blocks, device, args):
     """FSDP2: fully_shard each decoder block, then the root (embedding, final norm, head; a tied embedding
-    and head stay in the root's unit together). On GPU: bf16 compute, fp32 master weights and reductions."""
+    and head stay in the root's unit together). bf16 compute: bf16 copies of the fp32 master weights are
+    all-gathered for each forward/backward, gradients are reduced in fp32 into the fp32 shards."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy()
-    if device.type == "cuda" and args.dtype != "float32":
+    if compute_dtype(args, device) == torch.bfloat16:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in blocks:
         fully_shard(block, mp_policy=mp)
@@ -333,15 +341,20 @@ def build_model(args, cfg, device, trainable, critic=False):
     The policy, the frozen reference, or the PPO critic. Under FSDP it is built on the meta device (no
     memory), sharded, materialised on the device, then filled with the checkpoint: rank 0 reads the
     safetensors and set_model_state_dict broadcasts each rank its shard, so no rank holds a second full copy.
+    Master weights: the parameters, and so AdamW's state, are fp32 on every path, whatever the checkpoint's
+    dtype; with bf16 an update of lr 1e-6 would round away for most weights. bf16 compute comes from FSDP2's
+    MixedPrecisionPolicy (shard()) or, for the plain module, torch.autocast inside its forward
+    (model.Transformer.autocast_dtype), which covers generation, scoring and the update alike.
     """
-    dtype = torch.float32 if device.type == "cpu" or args.dtype == "float32" or not args.no_fsdp else torch.bfloat16
     if args.no_fsdp:  # a plain module: load it directly (keeps a tied embedding/head tied)
-        module = lm.load_model(args.model, device, dtype)
+        module = lm.load_model(args.model, device, torch.float32)
+        if compute_dtype(args, device) != torch.float32:
+            module.autocast_dtype = compute_dtype(args, device)
         if critic:
             torch.manual_seed(args.seed)
             module = ppo.Critic(module)
     else:
-        module = build_sharded(args, cfg, device, dtype, critic)
+        module = build_sharded(args, cfg, device, torch.float32, critic)
     policy = module.backbone if critic else module
     policy.gradient_checkpointing = args.activation_checkpointing and trainable
     module.requires_grad_(trainable)
@@ -810,6 +823,9 @@ def setup(args, argv):
     """Checks (cheap, one-line errors) and then the heavy part: models, optimizers."""
     if args.model is None:
         apply_demo_defaults(args, argv)
+    shape = None
+    if args.model in lm.SHAPES:  # a real architecture with random weights (a smoke run at a real size)
+        shape, args.model = args.model, os.path.join(args.out, f"random-{args.model}")
     validate_args(args, int(os.environ.get("WORLD_SIZE", "1")))  # before anything is written
     rank, world, device = setup_distributed()
     if device.type == "cpu":
@@ -822,6 +838,12 @@ def setup(args, argv):
         if rank == 0:
             print(f"rlver: demo mode: making a tiny random model in {args.model}", flush=True)
             lm.make_tiny_checkpoint(args.model, "qwen2", seed=args.seed, hidden_size=64, num_layers=2)
+        dist.barrier()
+    if shape and not os.path.isdir(args.model):
+        if rank == 0:  # written next to it and renamed when complete: an interrupted write is never used
+            print(f"rlver: making a random-weight {shape} checkpoint in {args.model} (once)", flush=True)
+            shutil.rmtree(args.model + ".tmp", ignore_errors=True)
+            os.replace(lm.make_random_checkpoint(args.model + ".tmp", lm.SHAPES[shape], seed=args.seed), args.model)
         dist.barrier()
     profiles = sim.load_profiles(args.train_profiles) if args.train_profiles else sim.builtin_profiles("train")
     test_profiles = sim.load_profiles(args.test_profiles) if args.test_profiles else sim.builtin_profiles("test")

@@ -10,10 +10,12 @@ import threading
 import xml.etree.ElementTree as ET
 
 import pytest
+import torch
 from conftest import ROOT, closed_port
 
 import benchmark
 import simulator as sim
+from model import SHAPES, random_model
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -290,40 +292,106 @@ def run_cli(*args):
 
 def test_speed_prints_a_table_with_ratios():
     r = run_cli("speed", "--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--intermediate",
-                "64", "--batch", "2", "--prompt-len", "8", "--new-tokens", "6", "--warmup", "0", "--repeats", "1",
+                "64", "--batch", "2", "--prompt-len", "8", "--new-tokens", "6", "--warmup", "0", "--repeats", "2",
                 "--no-compile")  # (the compiled path is checked in test_model.py)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     header = next(line for line in lines if line.startswith("generation"))
-    assert "tokens/s" in header and "vs transformers" in header
+    assert "tokens/s" in header and "vs transformers" in header and "% roofline" in header
+    roofline = next(line for line in lines if line.startswith("roofline:"))
+    assert "GB/s" in roofline and "measured on this CPU" in roofline and "tokens/s" in roofline
     rows = {name: next(line for line in lines if line.startswith(name)) for name in
             ("model.py generate", "transformers generate", "no-cache loop")}
     assert rows["transformers generate"].split()[-2:] == ["1.00x", "100.0%"]
     assert not any(line.startswith("model.py + compile") for line in lines)
     for row in rows.values():  # the same greedy tokens three ways (fp32, identical weights)
         assert row.split()[-1] == "100.0%" and row.split()[-2].endswith("x") and float(row.split()[-2][:-1]) > 0
+        seconds, (low, high) = float(row.split()[-6]), map(float, row.split()[-5].split("-"))
+        assert low <= seconds <= high  # the median of 2 repeats lies within their min-max
+        assert float(row.split()[-3].rstrip("%")) > 0  # % of roofline
     for phase in ("forward log-probs", "backward", "optimizer step", "total"):
-        assert any(line.startswith(phase) for line in lines)
+        row = next(line for line in lines if line.startswith(phase))
+        assert float(row.split()[-1].rstrip("%")) > 0
 
 
-def test_hbm_percent_counts_weights_once_and_the_kv_cache(tiny_checkpoints):
+def test_shape_and_model_together_is_a_one_line_error(tmp_path):
+    r = run_cli("speed", "--shape", "qwen2.5-0.5b", "--model", str(tmp_path))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--shape" in r.stderr
+
+
+def shrunk(name):
+    """A real shape (model.SHAPES) with its architecture switches kept, at toy sizes."""
+    return dict(SHAPES[name], num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, vocab_size=512)
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-0.5b", "llama3-8b", "qwen3-8b"])
+def test_transformers_twin_computes_with_the_same_weight_tensors(name):
+    """speed --shape compares against transformers on the very same weights, without a second copy."""
+    model = random_model(shrunk(name), "cpu", torch.float32, seed=2)
+    twin = benchmark.transformers_twin(model, log=print)
+    assert twin.model.embed_tokens.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert twin.model.layers[1].mlp.down_proj.weight.data_ptr() == model.model.layers[1].mlp.down_proj.weight.data_ptr()
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(twin(ids).logits, model(ids), atol=1e-4, rtol=1e-4)
+
+
+def weight_elements(model, model_type):
+    """Every weight a forward reads in full, counted from the config by hand (not from the module)."""
+    c = model.config
+    matrices = c.num_hidden_layers * (c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads)
+                                      * c.head_dim + c.num_attention_heads * c.head_dim * c.hidden_size
+                                      + 3 * c.hidden_size * c.intermediate_size)
+    norms = c.hidden_size * (2 * c.num_hidden_layers + 1)
+    qkv_bias = c.num_hidden_layers * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+    head = c.vocab_size * c.hidden_size  # read by the lm_head each step; the input embedding is not (B rows)
+    return matrices + norms + (qkv_bias if model_type == "qwen2" else 0) + head
+
+
+def test_generation_roofline_counts_weights_once_the_kv_cache_and_the_flops(tiny_checkpoints):
     from model import load_model
 
+    B, P, N = 3, 10, 5
     for model_type, tied in (("qwen2", True), ("llama", False)):
         model = load_model(tiny_checkpoints[model_type])
         c = model.config
         assert c.tie_word_embeddings == tied
-        matrices = c.num_hidden_layers * (c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads)
-                                          * c.head_dim + c.num_attention_heads * c.head_dim * c.hidden_size
-                                          + 3 * c.hidden_size * c.intermediate_size)
-        norms = c.hidden_size * (2 * c.num_hidden_layers + 1)
-        qkv_bias = c.num_hidden_layers * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
-        extra = qkv_bias if model_type == "qwen2" else 0
-        head = c.vocab_size * c.hidden_size  # read by the lm_head each step; the input embedding is not (B rows)
-        weight_bytes = 4 * (matrices + norms + extra + head)
-        kv_bytes = 2 * c.num_hidden_layers * 3 * c.num_key_value_heads * c.head_dim * 4 * (10 + 4.5)  # B 3, P 10, N 10
-        # 10 steps in 1 s at a peak of exactly the bytes of one step per 0.1 s -> 100%
-        assert benchmark.hbm_percent(model, 3, 10, 10, 1.0, (weight_bytes + kv_bytes) / 0.1) == pytest.approx(100.0)
+        W = weight_elements(model, model_type)
+        # N forwards (a prefill, N - 1 decode steps) each read the fp32 weights; decode step t also reads
+        # P + t + 1 cached positions of k and v per row: sum over t < N - 1 = (N-1) P + (N-1) N / 2
+        cached = (N - 1) * P + (N - 1) * N / 2
+        kv_per_position = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4
+        total_bytes = N * 4 * W + B * cached * kv_per_position
+        seconds, bound = benchmark.generation_roofline(model, B, P, N, bandwidth=1e9, flops=float("inf"))
+        assert bound == "bandwidth" and seconds == pytest.approx(total_bytes / 1e9)
+        # 2 FLOPs per weight per token, B (P + N - 1) tokens; attention 4 L H D per (query, key) pair
+        pairs = B * (P * (P + 1) / 2 + cached)
+        total_flops = 2 * W * B * (P + N - 1) + 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * pairs
+        seconds, bound = benchmark.generation_roofline(model, B, P, N, bandwidth=float("inf"), flops=1e9)
+        assert bound == "compute" and seconds == pytest.approx(total_flops / 1e9)
+        # both finite: each forward is bound by the slower of the two, so the sum lies between max and sum
+        seconds, _ = benchmark.generation_roofline(model, B, P, N, bandwidth=1e9, flops=1e9)
+        assert max(total_bytes, total_flops) / 1e9 <= seconds * (1 + 1e-9) <= (total_bytes + total_flops) / 1e9
+        # training: AdamW moves 28 bytes per parameter (fp32 weight, gradient, 2 moments read; 3 written)
+        n_params = W + (0 if tied else c.vocab_size * c.hidden_size)
+        train = benchmark.training_roofline(model, B, P + N, bandwidth=1e9, flops=float("inf"))
+        assert train["optimizer step"] == pytest.approx(28 * n_params / 1e9)
+        train = benchmark.training_roofline(model, B, P + N, bandwidth=float("inf"), flops=1e9)
+        T = P + N - 1  # positions scored
+        forward = 2 * W * B * T + 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * B * T * (T + 1) / 2
+        assert train["forward log-probs"] == pytest.approx(forward / 1e9)
+        assert train["backward"] == pytest.approx(2 * forward / 1e9)
+
+
+def test_gpu_peaks_match_the_device_name_most_specific_first():
+    assert benchmark.gpu_peaks("NVIDIA H100 80GB HBM3")[1] == 3.35e12  # SXM
+    assert benchmark.gpu_peaks("NVIDIA H100 80GB HBM3")[2]["bfloat16"] == 989e12
+    assert benchmark.gpu_peaks("NVIDIA H100 PCIe")[1] == 2.0e12
+    assert benchmark.gpu_peaks("NVIDIA H200")[1] == 4.8e12
+    assert benchmark.gpu_peaks("NVIDIA A100-SXM4-80GB")[1] == 2.039e12
+    assert benchmark.gpu_peaks("NVIDIA A100-SXM4-40GB")[1] == 1.555e12
+    assert benchmark.gpu_peaks("NVIDIA GeForce RTX 4090") is None  # then --peak-bandwidth / --peak-flops
 
 
 

@@ -4,10 +4,11 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from model import (CheckpointError, generate, load_model, load_tokenizer, make_tiny_checkpoint, save_model,
-                   token_logprobs, chunked_logprobs)
+from model import (SHAPES, CheckpointError, ModelConfig, Transformer, generate, load_model, load_tokenizer,
+                   make_random_checkpoint, make_tiny_checkpoint, random_model, save_model, token_logprobs,
+                   chunked_logprobs)
 
 MODEL_TYPES = ["qwen2", "llama", "qwen3"]
 
@@ -216,3 +217,92 @@ def test_stop_token_ids_read_the_checkpoint_configs(tiny_qwen2, tmp_path):
     folder = shutil.copytree(tiny_qwen2, tmp_path / "ckpt")
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [im_end, endoftext]}))
     assert stop_token_ids(load_tokenizer(str(folder))) == sorted([im_end, endoftext])  # as Qwen2.5-Instruct ships
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Real architectures (model.SHAPES) and mixed precision
+
+
+# Parameter counts as the model cards and the hub publish them (billions, 2 decimals): our independent reference.
+PUBLISHED_BILLIONS = {"qwen2.5-0.5b": 0.49, "qwen2.5-1.5b": 1.54, "qwen2.5-7b": 7.62, "llama3-8b": 8.03,
+                      "qwen3-8b": 8.19}
+
+
+def meta_pair(hf):
+    """Ours and transformers' model of one config, both on the meta device (no memory, no init work)."""
+    with torch.device("meta"):
+        return Transformer(ModelConfig.from_hf(hf)), AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf))
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_shapes_have_the_published_size_and_transformers_layout(name):
+    ours, ref = meta_pair(SHAPES[name])
+    n = sum(p.numel() for p in ours.parameters())  # a tied embedding/head counted once, as published
+    assert round(n / 1e9, 2) == PUBLISHED_BILLIONS[name]
+    if name == "qwen2.5-0.5b":
+        assert round(n / 1e6) == 494  # "0.49B", the model card's 494M
+    # transformers builds the very same parameter names and shapes from the same config.json
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert n == sum(p.numel() for p in ref.parameters())
+
+
+def small(name, **changes):
+    """A real shape's config with its architecture switches (bias, tying, rope scaling, q/k norm) at toy sizes."""
+    return dict(SHAPES[name], num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, vocab_size=2048, **changes)
+
+
+def test_random_model_is_seeded_tied_and_made_on_the_device_in_its_dtype():
+    a = random_model(small("qwen2.5-0.5b"), "cpu", torch.bfloat16, seed=3)
+    b = random_model(small("qwen2.5-0.5b"), "cpu", torch.bfloat16, seed=3)
+    c = random_model(small("qwen2.5-0.5b"), "cpu", torch.bfloat16, seed=4)
+    assert a.lm_head.weight is a.model.embed_tokens.weight  # tied, as Qwen2.5-0.5B
+    assert {p.dtype for p in a.parameters()} == {torch.bfloat16} and a.inv_freq.dtype == torch.float32
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa) and not torch.equal(sa["model.norm.weight"], sc["model.norm.weight"])
+    q = a.model.layers[0].self_attn.q_proj
+    assert 0.04 < q.weight.float().std() < 0.06 and q.bias.abs().max() > 0  # weights N(0, 0.05^2), biases random
+    assert 0.9 < a.model.norm.weight.float().mean() < 1.1
+    assert random_model(small("llama3-8b"), "cpu").lm_head.weight is not None
+    assert random_model(small("llama3-8b"), "cpu").config.rope_scaling["rope_type"] == "llama3"
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-7b", "llama3-8b", "qwen3-8b"])
+def test_random_checkpoint_of_a_real_architecture_loads_in_transformers(tmp_path, name):
+    """What rlver.py --model NAME makes (at toy sizes here): the HF layout, our tokenizer's special ids, and
+    transformers computes the same logits from it as we do."""
+    path = make_random_checkpoint(str(tmp_path / name), small(name), seed=1, dtype=torch.float32)
+    config = json.load(open(os.path.join(path, "config.json")))
+    tokenizer = load_tokenizer(path)
+    assert config["eos_token_id"] == tokenizer.eos_token_id and config["vocab_size"] == 2048 > len(tokenizer)
+    assert {k: config[k] for k in ("model_type", "rope_theta", "tie_word_embeddings", "rms_norm_eps")} == \
+        {k: SHAPES[name].get(k) for k in ("model_type", "rope_theta", "tie_word_embeddings", "rms_norm_eps")}
+    ours = load_model(path)
+    ids = torch.randint(0, 2048, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf_model(path)(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_autocast_keeps_fp32_weights_computes_bf16_and_cached_decode_matches_recompute(tiny_qwen2):
+    """Plain-module mixed precision (what rlver --no-fsdp uses for bf16): fp32 parameters, bf16 logits; the KV
+    cache holds bf16 keys and values, and the sampled tokens' log-probs match a teacher-forced recompute."""
+    model, tokenizer = load_model(tiny_qwen2), load_tokenizer(tiny_qwen2)
+    model.autocast_dtype = torch.bfloat16
+    _, prompts = prompts_for(tokenizer)
+    kv_dtypes = []
+    hook = model.model.layers[0].self_attn.v_proj.register_forward_hook(lambda m, i, out: kv_dtypes.append(out.dtype))
+    new_ids, new_logprobs = generate(model, prompts, 20, [tokenizer.eos_token_id], temperature=0.7,
+                                     generator=torch.Generator().manual_seed(3))
+    hook.remove()
+    assert set(kv_dtypes) == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    ids = torch.tensor([prompts[0] + new_ids[0]])
+    with torch.no_grad():
+        assert model(ids).dtype == torch.bfloat16
+        recomputed = token_logprobs(model, ids, temperature=0.7)[0, len(prompts[0]) - 1:]
+        model.autocast_dtype = None
+        fp32 = token_logprobs(model, ids, temperature=0.7)[0, len(prompts[0]) - 1:]
+    assert recomputed.dtype == torch.float32
+    torch.testing.assert_close(torch.tensor(new_logprobs[0]), recomputed, atol=0.02, rtol=0.01)  # observed 0.006
+    assert 0 < (recomputed - fp32).abs().max() < 0.05  # bf16 rounding shows, but small (observed 0.005)

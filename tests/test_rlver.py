@@ -16,6 +16,7 @@
 Expensive runs are module-scoped fixtures shared by the assertions that read them. Budget: ~2 minutes on a
 2-core CPU box (every subprocess runs with OMP_NUM_THREADS=1 so two torchrun ranks do not oversubscribe).
 """
+import dataclasses
 import json
 import os
 import signal
@@ -583,3 +584,70 @@ def test_step_profiles_visit_every_profile_once_per_epoch(n_profiles, per_step):
     # the schedule is a pure function of (step, seed): a resumed run draws the same profiles
     assert rlver.step_profiles(n_profiles, per_step, 4, seed=3) == stream[4 * per_step:5 * per_step]
     assert rlver.step_profiles(n_profiles, per_step, 4, seed=4) != stream[4 * per_step:5 * per_step]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 9. Master weights: bf16 compute keeps fp32 parameters and AdamW state (the plain --no-fsdp path, in-process)
+
+
+def changed_share(before, model):
+    """Share of all parameter entries that differ from `before` (name -> tensor)."""
+    changed = sum((p.detach().float() != before[n].float()).sum().item() for n, p in model.named_parameters())
+    return changed / sum(p.numel() for p in before.values())
+
+
+def test_no_fsdp_bf16_keeps_fp32_master_weights_so_small_updates_survive(tiny_qwen2, tmp_path, monkeypatch,
+                                                                          one_thread):
+    """
+    With bf16 parameters, AdamW's lr 1e-6 update (~1e-6 per weight) is far below half a bf16 step (~1e-4 for a
+    weight of 0.05) and rounds away: a few % of the weights move in 10 steps. rlver builds what it trains in
+    fp32 and gets bf16 compute from torch.autocast: nearly every weight moves, while the logits of generation,
+    scoring and the update are bf16. Everything below is rlver's own code: setup (the model and optimizer it
+    builds for `--no-fsdp --dtype bfloat16`), rollout, score, update.
+    """
+    import torch.distributed as dist
+
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(closed_port())).items():
+        monkeypatch.setenv(key, value)  # setup() joins a process group of one; restored after the test
+    argv = ["--model", tiny_qwen2, "--out", str(tmp_path), "--no-fsdp", "--dtype", "bfloat16", "--lr", "1e-6",
+            "--kl-coef", "0", "--micro-batch", "4", *SMALL]
+    args = rlver.get_args(argv)
+    run = rlver.setup(args, argv)
+    try:
+        policy, optimizer = run.policy, run.optimizer
+        assert {p.dtype for p in policy.parameters()} == {torch.float32}
+        logit_dtypes = {}
+        phase = ["rollout"]
+        handle = policy.lm_head.register_forward_hook(
+            lambda module, inputs, out: logit_dtypes.setdefault(phase[0], set()).add(out.dtype))
+        profiles = rlver.played_profiles(run, args, run.profiles[:4])
+        dialogues = ro.rollout(policy, run.tokenizer, profiles, run.backend, think=False, max_turns=2,
+                               max_new_tokens=8, seeds=[0, 1, 2, 3])
+        phase[0] = "score"
+        batch = rlver.score_rollouts(run, args, dialogues)
+        old_logprobs, mask = batch["old_logprobs"], batch["mask"]
+        batch["advantages"] = torch.tensor([1.0, -1.0, 0.5, -0.5])[:, None] * mask  # (B, T-1): every row a gradient
+        before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+        phase[0] = "update"
+        for step in range(10):
+            rlver.update(run, batch, args, step)
+        handle.remove()
+        assert logit_dtypes == {"rollout": {torch.bfloat16}, "score": {torch.bfloat16}, "update": {torch.bfloat16}}
+        assert old_logprobs.dtype == torch.float32  # log-softmax in fp32 over the bf16 logits
+        assert {p.dtype for p in policy.parameters()} == {torch.float32}
+        assert {s[k].dtype for s in optimizer.state.values() for k in ("exp_avg", "exp_avg_sq")} == {torch.float32}
+        fp32_share = changed_share(before, policy)
+        assert fp32_share > 0.99, fp32_share  # observed ~0.9999
+
+        # The control: the same 10 updates on bf16 parameters (what --no-fsdp built on a GPU before) move few
+        # weights, so the threshold above does separate the two.
+        buggy = lm.load_model(tiny_qwen2, dtype=torch.bfloat16)
+        bf16_run = dataclasses.replace(run, policy=buggy, optimizer=torch.optim.AdamW(buggy.parameters(), lr=1e-6))
+        before = {n: p.detach().clone() for n, p in buggy.named_parameters()}
+        for step in range(10):
+            rlver.update(bf16_run, batch, args, step)
+        bf16_share = changed_share(before, buggy)
+        assert bf16_share < 0.2, bf16_share
+    finally:
+        dist.destroy_process_group()
