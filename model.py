@@ -360,6 +360,7 @@ def sample(logits, temperature, top_p, generator):
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
+SYNC_EVERY = 8  # generate() checks whether every row is done (a host sync) once per this many tokens
 _COMPILED = weakref.WeakKeyDictionary()  # model -> its torch.compile'd forward, for the decode step
 
 
@@ -374,7 +375,7 @@ def compiled(model):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, eos_ids, temperature=1.0, top_p=1.0, generator=None, pad_id=0,
-             sync_every=8, compile=False):
+             compile=False):
     """
     Batched sampling for prompts of different lengths.
       prompts: list of B token-id lists. Returns (new_ids, logprobs): per row the sampled ids up to and
@@ -414,8 +415,8 @@ def generate(model, prompts, max_new_tokens, eos_ids, temperature=1.0, top_p=1.0
         tokens = tokens.masked_fill(done, pad_id)  # finished rows keep emitting padding
         out_ids[:, t], out_logprobs[:, t] = tokens, logprobs
         done = done | torch.isin(tokens, eos)
-        if t == max_new_tokens - 1 or (t % sync_every == sync_every - 1 and bool(done.all())):
-            break  # (checking `done` costs a host sync, so only every `sync_every` tokens)
+        if t == max_new_tokens - 1 or (t % SYNC_EVERY == SYNC_EVERY - 1 and bool(done.all())):
+            break  # (checking `done` costs a host sync, so only every SYNC_EVERY tokens)
         slot = P + t  # decode: one token per row, written at cache slot P + t; attend to slots [0, P + t]
         if compile:  # static shapes: attend over all S slots, the ones not written yet masked out
             step_mask = (real & (slots <= slot))[:, None, None, :]  # (B, 1, 1, S)
