@@ -245,11 +245,12 @@ class Transformer(nn.Module):
         self.inv_freq = rope_inv_freq(self.config).to(device)
 
     def forward(self, ids, targets=None, temperature=1.0, positions=None, mask=None, cache=None, cache_index=None,
-                return_hidden=False):
+                return_hidden=False, with_entropy=True):
         """
         ids (B, T) long. Everything goes through forward() so FSDP2's hooks gather the sharded weights.
           return_hidden       -> final-norm hidden states (B, T, C)              (the critic's value head reads these)
-          targets (B, T)      -> (log p(targets | prefix), entropy), each (B, T) (teacher forcing, chunked)
+          targets (B, T)      -> (log p(targets | prefix), entropy), each (B, T) (teacher forcing, chunked;
+                                 entropy None unless with_entropy)
           cache (KVCache)     -> next-token logits of the last position (B, V)   (generation)
           otherwise           -> logits (B, T, V)
         positions (B, T): RoPE positions (default 0..T-1). mask (B, 1, T, S) bool: True = may attend;
@@ -269,38 +270,40 @@ class Transformer(nn.Module):
         if return_hidden:
             return x
         if targets is not None:
-            return chunked_logprobs(self.lm_head, x, targets, temperature)
+            return chunked_logprobs(self.lm_head, x, targets, temperature, with_entropy=with_entropy)
         if cache is not None:
             return self.lm_head(x[:, -1])  # (B, V)
         return self.lm_head(x)  # (B, T, V)
 
 
-def _chunk_logprobs(lm_head, hidden, targets, temperature):
+def _chunk_logprobs(lm_head, hidden, targets, temperature, with_entropy=True):
     logits = lm_head(hidden).float() / temperature  # (B, t, V) fp32, one chunk only
     logz = torch.logsumexp(logits, dim=-1)  # (B, t)
     logprobs = logits.gather(-1, targets[..., None]).squeeze(-1) - logz
+    if not with_entropy:  # (a scoring pass: the entropy is only logged from the update's own forward)
+        return logprobs, torch.zeros(0, device=logits.device)
     entropy = logz - (logits.softmax(-1) * logits).sum(-1)  # H = log Z - E_p[logit]
     return logprobs, entropy
 
 
-def chunked_logprobs(lm_head, hidden, targets, temperature=1.0, chunk_size=512):
+def chunked_logprobs(lm_head, hidden, targets, temperature=1.0, chunk_size=512, with_entropy=True):
     """
     log p(target_t) under softmax(logits_t / temperature), and the entropy of that distribution, without
     holding full fp32 (B, T, V) logits: T is cut into chunks, and under autograd each chunk is checkpointed
     so backward recomputes its logits instead of keeping them (V is 152k for Qwen2.5).
-    hidden (B, T, C), targets (B, T) -> logprobs (B, T), entropy (B, T), fp32.
+    hidden (B, T, C), targets (B, T) -> logprobs (B, T), entropy (B, T) (None unless with_entropy), fp32.
     """
     out_logprobs, out_entropy = [], []
     for s in range(0, hidden.shape[1], chunk_size):
         h, t = hidden[:, s:s + chunk_size], targets[:, s:s + chunk_size]
         if torch.is_grad_enabled():
-            lp, ent = torch.utils.checkpoint.checkpoint(_chunk_logprobs, lm_head, h, t, temperature,
+            lp, ent = torch.utils.checkpoint.checkpoint(_chunk_logprobs, lm_head, h, t, temperature, with_entropy,
                                                         use_reentrant=False)
         else:
-            lp, ent = _chunk_logprobs(lm_head, h, t, temperature)
+            lp, ent = _chunk_logprobs(lm_head, h, t, temperature, with_entropy)
         out_logprobs.append(lp)
         out_entropy.append(ent)
-    return torch.cat(out_logprobs, 1), torch.cat(out_entropy, 1)
+    return torch.cat(out_logprobs, 1), torch.cat(out_entropy, 1) if with_entropy else None
 
 
 def token_logprobs(model, ids, temperature=1.0, return_entropy=False):
@@ -309,7 +312,7 @@ def token_logprobs(model, ids, temperature=1.0, return_entropy=False):
     (B, T-1): entry t is log p(ids[:, t+1] | ids[:, :t+1]) at the sampling temperature (PPO's ratio must
     compare the same distribution the tokens were sampled from). ids must be right-padded.
     """
-    logprobs, entropy = model(ids[:, :-1], targets=ids[:, 1:], temperature=temperature)
+    logprobs, entropy = model(ids[:, :-1], targets=ids[:, 1:], temperature=temperature, with_entropy=return_entropy)
     return (logprobs, entropy) if return_entropy else logprobs
 
 

@@ -41,11 +41,16 @@ def policy_messages(episode, think):
     return [{"role": "system", "content": system_prompt(think)}] + episode.messages
 
 
-def render(tokenizer, messages, add_generation_prompt):
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def render(tokenizer, messages, add_generation_prompt, think=None):
+    """The chat template's text. think (True/False) is passed as `enable_thinking`, which hybrid templates
+    (Qwen3) read: without it a Qwen3 model thinks even in --no-think runs. Templates that do not use the
+    variable ignore it (Jinja)."""
+    kwargs = {} if think is None else {"enable_thinking": think}
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         **kwargs)
 
 
-def user_turn_ids(tokenizer, user_text, stop_text=None):
+def user_turn_ids(tokenizer, user_text, stop_text=None, think=None):
     """
     The template tokens that close the policy's turn and add the user's next message, ready for the
     policy's next reply: for ChatML "<|im_end|>\\n<|im_start|>user\\n{text}<|im_end|>\\n<|im_start|>assistant\\n".
@@ -57,7 +62,7 @@ def user_turn_ids(tokenizer, user_text, stop_text=None):
     marker = "\u2063RLVER\u2063"
     messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
                 {"role": "assistant", "content": marker}, {"role": "user", "content": user_text}]
-    text = render(tokenizer, messages, add_generation_prompt=True)
+    text = render(tokenizer, messages, add_generation_prompt=True, think=think)
     delta = text[text.rindex(marker) + len(marker):]
     if stop_text and delta.startswith(stop_text):
         delta = delta[len(stop_text):]
@@ -112,7 +117,7 @@ def rollout_seed(seed, step, index):
 
 def start_dialogue(profile, tokenizer, think, seed, device):
     episode = sim.new_episode(profile)
-    ids = tokenizer.encode(render(tokenizer, policy_messages(episode, think), add_generation_prompt=True),
+    ids = tokenizer.encode(render(tokenizer, policy_messages(episode, think), add_generation_prompt=True, think=think),
                            add_special_tokens=False)
     return Dialogue(episode=episode, ids=ids, policy_mask=[False] * len(ids), context=ids,
                     generator=torch.Generator(device).manual_seed(seed))
@@ -295,7 +300,7 @@ def rollout(model, tokenizer, profiles, backend, *, seeds, think=True, think_his
             return finish(i)
         reply = d.reply
         stop_text = tokenizer.convert_ids_to_tokens(reply[-1]) if reply and reply[-1] in eos else None
-        turn = user_turn_ids(tokenizer, user_text, stop_text)
+        turn = user_turn_ids(tokenizer, user_text, stop_text, think)
         d.ids += turn
         d.policy_mask += [False] * len(turn)
         if think_history == "strip":  # roll the slot back to the turn's start; keep only the visible part

@@ -238,3 +238,18 @@ def test_compiled_decode_gives_the_same_tokens(tiny_qwen2, one_thread):
     _, eager, _ = play(tiny_qwen2, profiles, seeds, sim.RulesBackend())
     _, compiled, _ = play(tiny_qwen2, profiles, seeds, sim.RulesBackend(), compile=True)
     assert [record(d) for d in compiled] == [record(d) for d in eager]
+
+
+def test_enable_thinking_follows_think(tiny_qwen2):
+    # a hybrid template (Qwen3 style) opens an empty thought when enable_thinking is False; --no-think must
+    # reach it, in the prompt and in every later turn's generation prompt
+    tok = lm.load_tokenizer(tiny_qwen2)
+    tok.chat_template = lm.CHATML_TEMPLATE.replace(
+        "'<|im_start|>assistant\n' }}", "'<|im_start|>assistant\n' }}{% if enable_thinking is defined and "
+        "enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}{% endif %}")
+    profile = sim.builtin_profiles("train")[0]
+    empty_thought = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    for think in (True, False):
+        d = ro.start_dialogue(profile, tok, think, 0, "cpu")
+        assert decode(tok, d.ids).endswith(empty_thought) == (not think)
+        assert decode(tok, ro.user_turn_ids(tok, "hi", think=think)).endswith(empty_thought) == (not think)
