@@ -137,9 +137,10 @@ def visible_ids(reply, think_end):
 class SlotCache:
     """
     The rollout's KV cache: one (N, H_kv, S + 1, D) pair per layer, a row per dialogue. Before each forward
-    the engine sets `rows` (b,) (the slots in this forward; None = all N, in order) and `positions` (b, T)
-    (where each new token is written). Same update() contract as model.KVCache, so model.Attention uses it
-    unchanged (cache_index is unused: each row writes at its own positions).
+    the engine sets `rows`, the slots in this forward (a slice lo:hi: a view of the cache, no copy; or a
+    (b,) tensor: those rows gathered), and `positions` (b, T), where each new token is written. Same
+    update() contract as model.KVCache, so model.Attention uses it unchanged (cache_index is unused: each
+    row writes at its own positions).
     """
 
     def __init__(self, cfg, n_slots, max_len, device, dtype):
@@ -151,20 +152,23 @@ class SlotCache:
 
     def update(self, layer, index, k, v, used):
         """Write k, v (b, H_kv, T, D) at (rows, positions); return the rows' first `used` slots (b, H_kv, used, D)."""
-        kc, vc = self.k[layer], self.v[layer]
-        rows = torch.arange(kc.shape[0], device=kc.device) if self.rows is None else self.rows
-        kc[rows[:, None], :, self.positions] = k.transpose(1, 2)  # advanced indices first: (b, T, H_kv, D)
-        vc[rows[:, None], :, self.positions] = v.transpose(1, 2)
-        if self.rows is None:
+        if isinstance(self.rows, slice):  # a view of the span's rows
+            kc, vc = self.k[layer][self.rows], self.v[layer][self.rows]
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (b, 1)
+        else:
+            kc, vc, rows = self.k[layer], self.v[layer], self.rows[:, None]
+        kc[rows, :, self.positions] = k.transpose(1, 2)  # advanced indices first: (b, T, H_kv, D)
+        vc[rows, :, self.positions] = v.transpose(1, 2)
+        if isinstance(self.rows, slice):
             return kc[:, :, :used], vc[:, :, :used]
-        return kc[self.rows, :, :used], vc[self.rows, :, :used]  # (gathers the rows of this forward)
+        return kc[self.rows, :, :used], vc[self.rows, :, :used]  # (gathers the used columns of those rows)
 
 
 def forward_slots(model, cache, rows, tokens, positions, used):
     """
-    One forward of some slots. tokens, positions (b, T); rows (b,) or None (all slots); used: cache columns
-    attended. A query at position p sees the keys at positions <= p of its own row: exactly its history.
-    Returns the next-token logits of each row's last column (b, V).
+    One forward of some slots. tokens, positions (b, T); rows: a slice or (b,) tensor of slots; used: cache
+    columns attended. A query at position p sees the keys at positions <= p of its own row: exactly its
+    history. Returns the next-token logits of each row's last column (b, V).
     """
     columns = torch.arange(used, device=tokens.device)
     mask = (columns <= positions[:, :, None])[:, None]  # (b, 1, T, used)
@@ -192,22 +196,21 @@ def prefill(model, cache, slots, new_ids, starts, pad_id):
 
 def decode_one_token(model, cache, slots, tokens, lengths, pad_id, compiled=None):
     """
-    One token for each generating slot: tokens (b,) are written at the slots' current lengths. Eager: just
-    those rows, attending to the columns used so far. compiled (torch.compile'd model): a fixed shape for the
-    whole rollout, every slot a row (the idle ones write to the trash column), all S + 1 columns attended.
-    Returns the next-token logits (b, V).
+    One token for each generating slot: tokens (b,) are written at the slots' current lengths. The step runs
+    over the span of slots lo:hi that holds them all (a view of the cache: no copy); idle slots inside the
+    span ride along with a pad token written to the trash column. Eager: attend to the columns used so far.
+    compiled (torch.compile'd model): one fixed shape for the whole rollout, the span is every slot and all
+    S + 1 columns are attended. Returns the next-token logits of the generating slots (b, V).
     """
     device = tokens.device
-    if compiled is None:
-        rows = torch.tensor(slots, device=device)
-        positions = torch.tensor([lengths[i] for i in slots], device=device)[:, None]  # (b, 1)
-        return forward_slots(model, cache, rows, tokens[:, None], positions, int(positions.max()) + 1)
-    n = cache.k[0].shape[0]
-    index = torch.tensor(slots, device=device)
-    all_tokens = torch.full((n, 1), pad_id, dtype=torch.long, device=device).index_copy_(0, index, tokens[:, None])
-    all_positions = torch.full((n, 1), cache.trash, dtype=torch.long, device=device)
-    all_positions.index_copy_(0, index, torch.tensor([lengths[i] for i in slots], device=device)[:, None])
-    return forward_slots(compiled, cache, None, all_tokens, all_positions, cache.trash + 1)[index]
+    lo, hi = (0, cache.k[0].shape[0]) if compiled is not None else (min(slots), max(slots) + 1)
+    index = torch.tensor([i - lo for i in slots], device=device)  # (b,) rows of the span
+    span_tokens = torch.full((hi - lo, 1), pad_id, dtype=torch.long, device=device).index_copy_(0, index, tokens[:, None])
+    positions = torch.tensor([lengths[i] for i in slots], device=device)[:, None]  # (b, 1)
+    span_positions = torch.full((hi - lo, 1), cache.trash, dtype=torch.long, device=device).index_copy_(0, index,
+                                                                                                         positions)
+    used = cache.trash + 1 if compiled is not None else max(lengths[i] for i in slots) + 1
+    return forward_slots(compiled or model, cache, slice(lo, hi), span_tokens, span_positions, used)[index]
 
 
 def simulator_worker(jobs, answers, backend, mode, max_turns):
