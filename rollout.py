@@ -210,7 +210,8 @@ def decode_one_token(model, cache, slots, tokens, lengths, pad_id, compiled=None
     span_positions = torch.full((hi - lo, 1), cache.trash, dtype=torch.long, device=device).index_copy_(0, index,
                                                                                                          positions)
     used = cache.trash + 1 if compiled is not None else max(lengths[i] for i in slots) + 1
-    return forward_slots(compiled or model, cache, slice(lo, hi), span_tokens, span_positions, used)[index]
+    step = model if compiled is None else compiled
+    return forward_slots(step, cache, slice(lo, hi), span_tokens, span_positions, used)[index]
 
 
 def simulator_worker(jobs, answers, backend, mode, max_turns):
