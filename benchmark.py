@@ -523,11 +523,12 @@ def speed(args, log=print):
 # 4b. Rollout engine: rollout.rollout against its own ablations, with a simulated user behind HTTP
 
 
-def serve_simulator(latency_s):
+def serve_simulator(latency_s, port_queue):
     """A stdlib OpenAI-compatible chat endpoint on 127.0.0.1 that answers as simulator.RulesBackend after
-    sleeping latency_s (a stand-in for a real LLM simulator's seconds per answer). Returns (url, server)."""
+    sleeping latency_s (a stand-in for a real LLM simulator's seconds per answer). Runs in its own process
+    (as a real simulator server would), so it does not compete with the rollout for the GIL; puts its port
+    on port_queue, then serves until terminated."""
     import http.server
-    import threading
 
     rules = sim.RulesBackend()
 
@@ -557,8 +558,19 @@ def serve_simulator(latency_s):
         request_queue_size = 128  # (the default backlog of 5 drops simultaneous connects: 1 s SYN retries)
 
     server = Server(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    return f"http://127.0.0.1:{server.server_address[1]}/v1", server
+    port_queue.put(server.server_address[1])
+    server.serve_forever(poll_interval=0.05)
+
+
+def start_simulator_server(latency_s):
+    """serve_simulator in a child process. Returns (url, process)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    port_queue = ctx.Queue()
+    process = ctx.Process(target=serve_simulator, args=(latency_s, port_queue), daemon=True)
+    process.start()
+    return f"http://127.0.0.1:{port_queue.get(timeout=60)}/v1", process
 
 
 ENGINE_VARIANTS = {  # name -> rollout.rollout switches
@@ -590,7 +602,7 @@ def rollout_bench(args, log=print):
         f"{model.config.num_hidden_layers} layers, {torch.get_num_threads()} threads, {args.repeats} repeats")
     rows = []
     for latency in latencies:
-        url, server = serve_simulator(latency / 1000)
+        url, server = start_simulator_server(latency / 1000)
         backend = sim.OpenAIBackend(url, model="rules", concurrency=len(profiles))
         try:
             base = None
@@ -612,8 +624,8 @@ def rollout_bench(args, log=print):
             for r in rows[-len(ENGINE_VARIANTS):]:
                 r["speedup"] = lockstep / statistics.median(r["seconds"])
         finally:
-            server.shutdown()
-            server.server_close()
+            server.terminate()
+            server.join()
     lines = [f"{'sim latency':>11} {'variant':<20} {'wall s (min/med/max)':>22} {'prefill/conv':>12} "
              f"{'decode steps':>12} {'rows/step':>9} {'sim wait s':>10} {'vs lockstep':>11} {'same ids':>8}"]
     for r in rows:

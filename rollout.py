@@ -8,7 +8,9 @@ and so on for up to max_turns turns. Two loops play it:
   rollout           token level, for a model in this process (training and local evaluation). The ids of
                     every turn are carried exactly as sampled: the policy's reply ids (policy_mask True),
                     then the chat template's ids that close the turn and add the user's answer (False).
-                    Nothing is re-tokenised, so training scores the very tokens that were sampled.
+                    Nothing is re-tokenised, so training scores the very tokens that were sampled. An
+                    engine: each dialogue keeps its KV cache across turns (prefill only what is new) and
+                    decodes in a continuous batch while other dialogues wait on the simulator.
   endpoint_rollout  text level, for a policy behind an OpenAI-compatible endpoint (benchmark.py eval).
 
 Both start from the same policy prompt (system_prompt + the user's opening line) and leave what the user
