@@ -21,6 +21,8 @@ dialogue index), so its tokens and reward never depend on the batch it shares, o
 on a resume.
 """
 
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -246,9 +248,6 @@ def rollout(model, tokenizer, profiles, backend, *, seeds, think=True, think_his
     (sampled), prefill_tokens, decode_steps, active_rows (summed over decode steps), conversation_tokens.
     log: called with a progress line every slow_turn_s seconds of a slow rollout. Returns the Dialogues.
     """
-    import queue
-    import threading
-
     timing = timing if timing is not None else {}
     for key in ("generate", "simulator", "tokens", "prefill_tokens", "decode_steps", "active_rows",
                 "conversation_tokens"):
