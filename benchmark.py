@@ -6,6 +6,7 @@ benchmark.py: how good is a policy at empathetic dialogue, and how fast is our m
     python benchmark.py leaderboard runs/eval/transcripts.jsonl gpt-4.1_result.jsonl --versus gpt-4.1
     python benchmark.py speed --batch 8 --new-tokens 128 --device cuda --dtype bfloat16
     python benchmark.py speed --shape qwen2.5-7b --device cuda --dtype bfloat16   # real size, random weights
+    python benchmark.py rollout --latencies-ms 0,50,200
 
 `eval`: a SAGE-style benchmark (Sentient Agent as a Judge, arXiv 2505.02847; RLVER reports its "Sentient
 benchmark" score). How the score is computed, in four steps:
@@ -29,6 +30,10 @@ spread is the std of the per-seed scores. The policy is a local HF folder, a mod
 no-cache loop, on the same weights and prompts, plus the time split of one training step, each next to its
 roofline (the least time the device's memory bandwidth and matmul peak allow: measured on a CPU, datasheet on a
 GPU). --shape NAME measures a real architecture (model.SHAPES) with random weights, without any download.
+
+`rollout`: rollout.rollout (one KV-cache slot per dialogue, continuous batching, the simulator overlapped)
+against its ablations (--no-kv-reuse, --no-overlap, both = the old lockstep re-prefill loop), on the same model
+and profiles, with a simulated user on 127.0.0.1 that answers after a set latency.
 
 Read top to bottom: score arithmetic -> report files (transcripts, summary, SVG) -> training curves
 (curves.svg from metrics.jsonl) -> evaluate() -> speed harness -> command line.
@@ -905,6 +910,128 @@ def train_speed(args, model, device, dtype, bandwidth, flops, log):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# 4b. Rollout engine: rollout.rollout against its own ablations, with a simulated user behind HTTP
+
+
+def serve_simulator(latency_s, port_queue):
+    """A stdlib OpenAI-compatible chat endpoint on 127.0.0.1 that answers as simulator.RulesBackend after
+    sleeping latency_s (a stand-in for a real LLM simulator's seconds per answer). Runs in its own process
+    (as a real simulator server would), so it does not compete with the rollout for the GIL; puts its port
+    on port_queue, then serves until terminated."""
+    import http.server
+
+    rules = sim.RulesBackend()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def send(self, body):
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):  # GET /v1/models (OpenAIBackend.check)
+            self.send({"object": "list", "data": [{"id": "rules", "object": "model"}]})
+
+        def do_POST(self):  # POST /v1/chat/completions
+            payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            time.sleep(latency_s)
+            content = rules([payload["messages"]])[0]
+            self.send({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]})
+
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 128  # (the default backlog of 5 drops simultaneous connects: 1 s SYN retries)
+
+    server = Server(("127.0.0.1", 0), Handler)
+    port_queue.put(server.server_address[1])
+    server.serve_forever(poll_interval=0.05)
+
+
+def start_simulator_server(latency_s):
+    """serve_simulator in a child process. Returns (url, process)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    port_queue = ctx.Queue()
+    process = ctx.Process(target=serve_simulator, args=(latency_s, port_queue), daemon=True)
+    process.start()
+    return f"http://127.0.0.1:{port_queue.get(timeout=60)}/v1", process
+
+
+ENGINE_VARIANTS = {  # name -> rollout.rollout switches
+    "engine": dict(kv_reuse=True, overlap=True),
+    "no-overlap": dict(kv_reuse=True, overlap=False),
+    "no-kv-reuse": dict(kv_reuse=False, overlap=True),
+    "lockstep re-prefill": dict(kv_reuse=False, overlap=False),  # the loop before the engine
+}
+
+
+def rollout_bench(args, log=print):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    latencies = [float(x) for x in args.latencies_ms.split(",") if x.strip()]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.model or make_tiny_checkpoint(os.path.join(tmp, "model"), "qwen2", hidden_size=args.hidden,
+                                                  num_layers=args.layers)
+        read_config(path)
+        model, tokenizer = load_model(path), load_tokenizer(path)
+    # A random model almost never samples EOS (1 / vocab per token): every reply would run to max_new_tokens.
+    # +eos_bias on the EOS logit gives replies of varied length, as a chat model's are (geometric, mean ~1/p).
+    eos = tokenizer.eos_token_id
+    model.lm_head.register_forward_hook(lambda m, i, logits: logits.index_add(
+        -1, torch.tensor([eos]), torch.full((*logits.shape[:-1], 1), args.eos_bias)))
+    profiles = [p for p in sim.builtin_profiles("train")[:args.profiles] for _ in range(args.group_size)]
+    seeds = [ro.rollout_seed(0, 0, j) for j in range(len(profiles))]
+    log(f"rollout: {len(profiles)} dialogues ({args.profiles} profiles x group {args.group_size}), "
+        f"{args.max_turns} turns x <= {args.max_new_tokens} tokens, hidden {model.config.hidden_size} x "
+        f"{model.config.num_hidden_layers} layers, {torch.get_num_threads()} threads, {args.repeats} repeats")
+    rows = []
+    for latency in latencies:
+        url, server = start_simulator_server(latency / 1000)
+        backend = sim.OpenAIBackend(url, model="rules", concurrency=len(profiles))
+        try:
+            base = None
+            for name, switches in ENGINE_VARIANTS.items():
+                times, timing = [], {}
+                for _ in range(args.repeats):
+                    timing = {}
+                    t0 = time.time()
+                    with torch.no_grad():
+                        dialogues = ro.rollout(model, tokenizer, profiles, backend, seeds=seeds, think=False,
+                                               max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
+                                               timing=timing, **switches)
+                    times.append(time.time() - t0)
+                ids = [d.ids for d in dialogues]
+                base = base or (ids, statistics.median(times))
+                rows.append(dict(latency_ms=latency, variant=name, seconds=sorted(times), timing=timing,
+                                 same=ids == base[0], speedup=None))
+            lockstep = statistics.median(rows[-1]["seconds"])
+            for r in rows[-len(ENGINE_VARIANTS):]:
+                r["speedup"] = lockstep / statistics.median(r["seconds"])
+        finally:
+            server.terminate()
+            server.join()
+    lines = [f"{'sim latency':>11} {'variant':<20} {'wall s (min/med/max)':>22} {'prefill/conv':>12} "
+             f"{'decode steps':>12} {'rows/step':>9} {'sim wait s':>10} {'vs lockstep':>11} {'same ids':>8}"]
+    for r in rows:
+        t, s = r["timing"], r["seconds"]
+        lines.append(f"{r['latency_ms']:>9.0f}ms {r['variant']:<20} {s[0]:>6.2f}/{statistics.median(s):>6.2f}/"
+                     f"{s[-1]:>6.2f}  {t['prefill_tokens'] / t['conversation_tokens']:>12.2f} "
+                     f"{t['decode_steps']:>12} {t['active_rows'] / max(t['decode_steps'], 1):>9.1f} "
+                     f"{t['simulator']:>10.2f} {r['speedup']:>10.2f}x {'yes' if r['same'] else 'NO':>8}")
+    log("\n".join(lines))
+    log("(prefill/conv = tokens fed by prefill / tokens in the finished conversations; vs lockstep = median wall "
+        "time of 'lockstep re-prefill' / this variant's, same latency; same ids = every dialogue's tokens equal "
+        "the engine's; the last run's counters)")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
 # 5. Command line
 
 
@@ -1061,6 +1188,21 @@ def get_args(argv=None):
     s.add_argument("--peak-flops", type=float, default=None,
                    help="peak matmul FLOP/s in --dtype for the roofline (default: as --peak-bandwidth)")
     s.set_defaults(func=speed)
+
+    r = commands.add_parser("rollout", help="the rollout engine against its ablations, HTTP simulator latencies",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("--model", default=None, help="local HF model folder; default: a fresh random checkpoint")
+    r.add_argument("--hidden", type=int, default=256)
+    r.add_argument("--layers", type=int, default=4)
+    r.add_argument("--profiles", type=int, default=4)
+    r.add_argument("--group-size", type=int, default=4)
+    r.add_argument("--max-turns", type=int, default=8)
+    r.add_argument("--max-new-tokens", type=int, default=64)
+    r.add_argument("--eos-bias", type=float, default=3.5, help="added to the EOS logit: replies of varied length")
+    r.add_argument("--latencies-ms", default="0,50,200", help="simulator answer delays to measure")
+    r.add_argument("--repeats", type=int, default=3, help="runs per variant and latency (min/median/max)")
+    r.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    r.set_defaults(func=rollout_bench)
     return p.parse_args(argv)
 
 

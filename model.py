@@ -296,11 +296,12 @@ class Transformer(nn.Module):
         self.inv_freq = rope_inv_freq(self.config).to(device)
 
     def forward(self, ids, targets=None, temperature=1.0, positions=None, mask=None, cache=None, cache_index=None,
-                return_hidden=False):
+                return_hidden=False, with_entropy=True):
         """
         ids (B, T) long. Everything goes through forward() so FSDP2's hooks gather the sharded weights.
           return_hidden       -> final-norm hidden states (B, T, C)              (the critic's value head reads these)
-          targets (B, T)      -> (log p(targets | prefix), entropy), each (B, T) (teacher forcing, chunked)
+          targets (B, T)      -> (log p(targets | prefix), entropy), each (B, T) (teacher forcing, chunked;
+                                 entropy None unless with_entropy)
           cache (KVCache)     -> next-token logits of the last position (B, V)   (generation)
           otherwise           -> logits (B, T, V)
         positions (B, T): RoPE positions (default 0..T-1). mask (B, 1, T, S) bool: True = may attend;
@@ -311,10 +312,12 @@ class Transformer(nn.Module):
         """
         if self.autocast_dtype is not None:
             with torch.autocast(ids.device.type, dtype=self.autocast_dtype):
-                return self._forward(ids, targets, temperature, positions, mask, cache, cache_index, return_hidden)
-        return self._forward(ids, targets, temperature, positions, mask, cache, cache_index, return_hidden)
+                return self._forward(ids, targets, temperature, positions, mask, cache, cache_index, return_hidden,
+                                     with_entropy)
+        return self._forward(ids, targets, temperature, positions, mask, cache, cache_index, return_hidden,
+                             with_entropy)
 
-    def _forward(self, ids, targets, temperature, positions, mask, cache, cache_index, return_hidden):
+    def _forward(self, ids, targets, temperature, positions, mask, cache, cache_index, return_hidden, with_entropy):
         B, T = ids.shape
         if positions is None:
             positions = torch.arange(T, device=ids.device).expand(B, T)
@@ -329,38 +332,40 @@ class Transformer(nn.Module):
         if return_hidden:
             return x
         if targets is not None:
-            return chunked_logprobs(self.lm_head, x, targets, temperature)
+            return chunked_logprobs(self.lm_head, x, targets, temperature, with_entropy=with_entropy)
         if cache is not None:
             return self.lm_head(x[:, -1])  # (B, V)
         return self.lm_head(x)  # (B, T, V)
 
 
-def _chunk_logprobs(lm_head, hidden, targets, temperature):
+def _chunk_logprobs(lm_head, hidden, targets, temperature, with_entropy=True):
     logits = lm_head(hidden).float() / temperature  # (B, t, V) fp32, one chunk only
     logz = torch.logsumexp(logits, dim=-1)  # (B, t)
     logprobs = logits.gather(-1, targets[..., None]).squeeze(-1) - logz
+    if not with_entropy:  # (a scoring pass: the entropy is only logged from the update's own forward)
+        return logprobs, torch.zeros(0, device=logits.device)
     entropy = logz - (logits.softmax(-1) * logits).sum(-1)  # H = log Z - E_p[logit]
     return logprobs, entropy
 
 
-def chunked_logprobs(lm_head, hidden, targets, temperature=1.0, chunk_size=512):
+def chunked_logprobs(lm_head, hidden, targets, temperature=1.0, chunk_size=512, with_entropy=True):
     """
     log p(target_t) under softmax(logits_t / temperature), and the entropy of that distribution, without
     holding full fp32 (B, T, V) logits: T is cut into chunks, and under autograd each chunk is checkpointed
     so backward recomputes its logits instead of keeping them (V is 152k for Qwen2.5).
-    hidden (B, T, C), targets (B, T) -> logprobs (B, T), entropy (B, T), fp32.
+    hidden (B, T, C), targets (B, T) -> logprobs (B, T), entropy (B, T) (None unless with_entropy), fp32.
     """
     out_logprobs, out_entropy = [], []
     for s in range(0, hidden.shape[1], chunk_size):
         h, t = hidden[:, s:s + chunk_size], targets[:, s:s + chunk_size]
         if torch.is_grad_enabled():
-            lp, ent = torch.utils.checkpoint.checkpoint(_chunk_logprobs, lm_head, h, t, temperature,
+            lp, ent = torch.utils.checkpoint.checkpoint(_chunk_logprobs, lm_head, h, t, temperature, with_entropy,
                                                         use_reentrant=False)
         else:
-            lp, ent = _chunk_logprobs(lm_head, h, t, temperature)
+            lp, ent = _chunk_logprobs(lm_head, h, t, temperature, with_entropy)
         out_logprobs.append(lp)
         out_entropy.append(ent)
-    return torch.cat(out_logprobs, 1), torch.cat(out_entropy, 1)
+    return torch.cat(out_logprobs, 1), torch.cat(out_entropy, 1) if with_entropy else None
 
 
 def token_logprobs(model, ids, temperature=1.0, return_entropy=False):
@@ -369,7 +374,7 @@ def token_logprobs(model, ids, temperature=1.0, return_entropy=False):
     (B, T-1): entry t is log p(ids[:, t+1] | ids[:, :t+1]) at the sampling temperature (PPO's ratio must
     compare the same distribution the tokens were sampled from). ids must be right-padded.
     """
-    logprobs, entropy = model(ids[:, :-1], targets=ids[:, 1:], temperature=temperature)
+    logprobs, entropy = model(ids[:, :-1], targets=ids[:, 1:], temperature=temperature, with_entropy=return_entropy)
     return (logprobs, entropy) if return_entropy else logprobs
 
 
@@ -429,6 +434,7 @@ def sample(logits, temperature, top_p, generator):
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
+SYNC_EVERY = 8  # generate() checks whether every row is done (a host sync) once per this many tokens
 _COMPILED = weakref.WeakKeyDictionary()  # model -> its torch.compile'd forward, for the decode step
 
 
@@ -441,9 +447,18 @@ def compiled(model):
     return _COMPILED[model]
 
 
+def compute_region(model):
+    """The mixed-precision region for a whole generation (model.generate, rollout.rollout). With autocast_dtype
+    set (fp32 master weights, bf16 compute), one autocast region spans all the decode steps: autocast keeps the
+    bf16 copy it makes of each trainable fp32 weight until its outermost region ends, so the weights are cast
+    once per generation instead of at every step (forward()'s own region nests inside). Else a no-op."""
+    dtype = getattr(model, "autocast_dtype", None)
+    return torch.autocast(model.inv_freq.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, eos_ids, temperature=1.0, top_p=1.0, generator=None, pad_id=0,
-             sync_every=8, compile=False):
+             compile=False):
     """
     Batched sampling for prompts of different lengths.
       prompts: list of B token-id lists. Returns (new_ids, logprobs): per row the sampled ids up to and
@@ -453,16 +468,11 @@ def generate(model, prompts, max_new_tokens, eos_ids, temperature=1.0, top_p=1.0
     Layout: prompts are left-padded to length P so every row's next token lands in the same cache slot
     P + t; RoPE positions count only real tokens, and the mask hides the padding slots.
     """
-    # With autocast_dtype set (fp32 master weights, bf16 compute), one autocast region spans the whole call:
-    # autocast keeps the bf16 copy it makes of each trainable fp32 weight until its outermost region ends, so
-    # the weights are cast once per call instead of at every decode step (forward()'s own region nests inside).
-    dtype = getattr(model, "autocast_dtype", None)
-    with torch.autocast(model.inv_freq.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        return _generate(model, prompts, max_new_tokens, eos_ids, temperature, top_p, generator, pad_id,
-                         sync_every, compile)
+    with compute_region(model):
+        return _generate(model, prompts, max_new_tokens, eos_ids, temperature, top_p, generator, pad_id, compile)
 
 
-def _generate(model, prompts, max_new_tokens, eos_ids, temperature, top_p, generator, pad_id, sync_every, compile):
+def _generate(model, prompts, max_new_tokens, eos_ids, temperature, top_p, generator, pad_id, compile):
     device = model.inv_freq.device
     B, P = len(prompts), max(len(p) for p in prompts)
     S = P + max_new_tokens
@@ -492,8 +502,8 @@ def _generate(model, prompts, max_new_tokens, eos_ids, temperature, top_p, gener
         tokens = tokens.masked_fill(done, pad_id)  # finished rows keep emitting padding
         out_ids[:, t], out_logprobs[:, t] = tokens, logprobs
         done = done | torch.isin(tokens, eos)
-        if t == max_new_tokens - 1 or (t % sync_every == sync_every - 1 and bool(done.all())):
-            break  # (checking `done` costs a host sync, so only every `sync_every` tokens)
+        if t == max_new_tokens - 1 or (t % SYNC_EVERY == SYNC_EVERY - 1 and bool(done.all())):
+            break  # (checking `done` costs a host sync, so only every SYNC_EVERY tokens)
         slot = P + t  # decode: one token per row, written at cache slot P + t; attend to slots [0, P + t]
         if compile:  # static shapes: attend over all S slots, the ones not written yet masked out
             step_mask = (real & (slots <= slot))[:, None, None, :]  # (B, 1, 1, S)

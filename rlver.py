@@ -91,6 +91,14 @@ def get_args(argv=None):
     a("--max-context", type=int, default=4096, help="a dialogue that would outgrow this many tokens ends early")
     a("--temperature", type=float, default=1.0)
     a("--top-p", type=float, default=1.0)
+    # rollout engine (rollout.rollout)
+    a("--think-history", choices=["keep", "strip"], default="keep",
+      help="keep: every thought stays in the context, one training sample per dialogue; strip: earlier "
+           "<think> blocks leave the context and each policy turn is its own sample (official think rollout)")
+    a("--compile", action="store_true", help="torch.compile the rollout's decode step (CUDA graphs on GPU)")
+    a("--no-kv-reuse", action="store_true", help="ablation: re-prefill the whole conversation every turn")
+    a("--no-overlap", action="store_true",
+      help="ablation: lockstep turns (all dialogues decode, then the simulator answers all of them)")
     # batch
     a("--steps", type=int, default=200)
     a("--profiles-per-step", type=int, default=32, help="global number of profiles per step")
@@ -476,7 +484,7 @@ def train_step(run, args, step):
 
     t0 = time.time()
     rewards = torch.tensor([sim.reward(d.episode) for d in dialogues], device=run.device)  # (B,)
-    batch = score_rollouts(run, args, dialogues)
+    batch = score_rollouts(run, args, ro.training_samples(dialogues))
     batch["advantages"] = advantages(run, args, batch, rewards)
     stats = update(run, batch, args, step)
     timing["update"] = time.time() - t0
@@ -494,9 +502,10 @@ def play(run, args, profiles, seeds, temperature, timing=None):
     log = (lambda line: print(line, flush=True)) if dist.get_rank() == 0 else None
     with generation_mode(run.policy):
         return ro.rollout(run.policy, run.tokenizer, profiles, run.backend, seeds=seeds, think=args.think,
-                          max_turns=args.max_turns, max_new_tokens=args.max_new_tokens, temperature=temperature,
-                          top_p=args.top_p, mode=args.mode, max_context=args.max_context, eos_ids=run.eos_ids,
-                          timing=timing, log=log)
+                          think_history=args.think_history, max_turns=args.max_turns,
+                          max_new_tokens=args.max_new_tokens, temperature=temperature, top_p=args.top_p,
+                          mode=args.mode, max_context=args.max_context, eos_ids=run.eos_ids, timing=timing, log=log,
+                          kv_reuse=not args.no_kv_reuse, overlap=not args.no_overlap, compile=args.compile)
 
 
 def micro_batches(rows, size, ids, lengths):
@@ -506,16 +515,34 @@ def micro_batches(rows, size, ids, lengths):
         yield part, ids[part, :max(lengths[r] for r in part)]
 
 
+def pad_samples(samples, pad_id):
+    """Under --think-history strip ranks hold different numbers of turn samples; FSDP needs every rank to run
+    the same micro-batches, so the short ranks get empty samples (no policy token: no loss, no count)."""
+    most = int(all_reduce(len(samples), dist.ReduceOp.MAX))
+    return samples + [ro.Sample([pad_id, pad_id], [False, False], 0)] * (most - len(samples))
+
+
+def reuses_update_forward(run, args):
+    """One epoch of one mini-batch: pi_old is the policy of the update's own (first and only) forward, so
+    the scoring pass is skipped and the update uses its detached log-probs (ratio 1). Not for PPO with a
+    KL reward: the advantages need pi_old before the update."""
+    return args.epochs == 1 and args.mini_batches == 1 and (args.algo == "grpo" or run.reference is None)
+
+
 @torch.no_grad()
-def score_rollouts(run, args, dialogues):
-    """The batch of one step: ids (B, T), mask (B, T-1), and per token the log-probs under pi_old and pi_ref
-    and (PPO) the critic's values, all (B, T-1) and aligned with the targets ids[:, 1:]. Teacher-forced,
-    micro-batched, each micro-batch cut to its longest row."""
-    ids, mask = ro.collate(dialogues, run.tokenizer.pad_token_id, run.device)
-    lengths = [len(d.ids) for d in dialogues]
-    batch = {"ids": ids, "mask": mask, "lengths": lengths}
+def score_rollouts(run, args, samples):
+    """The batch of one step from its training samples (rollout.Sample: one per dialogue, or one per turn
+    under --think-history strip): ids (B, T), mask (B, T-1), dialogue (B,) (whose reward each row carries),
+    and per token the log-probs under pi_old (unless reuses_update_forward) and pi_ref and (PPO) the
+    critic's values, all (B, T-1) and aligned with the targets ids[:, 1:]. Teacher-forced, micro-batched,
+    each micro-batch cut to its longest row."""
+    samples = pad_samples(samples, run.tokenizer.pad_token_id)
+    ids, mask = ro.collate(samples, run.tokenizer.pad_token_id, run.device)
+    lengths = [len(s.ids) for s in samples]
+    batch = {"ids": ids, "mask": mask, "lengths": lengths,
+             "dialogue": torch.tensor([s.dialogue for s in samples], device=run.device)}
     for key, model in (("old_logprobs", run.policy), ("ref_logprobs", run.reference), ("old_values", run.critic)):
-        if model is None:
+        if model is None or (key == "old_logprobs" and reuses_update_forward(run, args)):
             continue
         batch[key] = torch.zeros(mask.shape, device=mask.device)  # (B, T-1)
         for rows, x in micro_batches(list(range(len(ids))), args.micro_batch, ids, lengths):
@@ -532,14 +559,17 @@ def sum_over_ranks(t):
 
 
 def advantages(run, args, batch, rewards):
-    """(B, T-1) advantages on the policy tokens. GRPO: the group-relative advantage of the whole dialogue on
-    each of its tokens. PPO: GAE with the critic's values, whitened over the policy tokens of all ranks."""
-    mask = batch["mask"]
+    """(B, T-1) advantages on the policy tokens; rewards (dialogues,), each row takes its dialogue's. GRPO: the
+    group-relative advantage of the whole dialogue (computed per dialogue within its group) on each token of
+    each of its samples. PPO: the dialogue's reward on each sample's last policy token, GAE per sample with
+    the critic's values, whitened over the policy tokens of all ranks."""
+    mask, dialogue = batch["mask"], batch["dialogue"]
     if args.algo == "grpo":
-        group = grpo.group_advantages(rewards, args.group_size, scale_by_std=not args.no_std)  # (B,)
-        return group[:, None] * mask
+        group = grpo.group_advantages(rewards, args.group_size, scale_by_std=not args.no_std)  # (dialogues,)
+        return group[dialogue][:, None] * mask
     kl_coef = args.kl_coef if "ref_logprobs" in batch else 0.0
-    token_rewards = ppo.token_rewards(rewards, mask, batch["old_logprobs"], batch.get("ref_logprobs"), kl_coef)
+    token_rewards = ppo.token_rewards(rewards[dialogue], mask, batch.get("old_logprobs"), batch.get("ref_logprobs"),
+                                      kl_coef)
     adv, batch["returns"] = ppo.compute_gae(token_rewards, batch["old_values"], mask, args.gamma, args.lam)
     return ppo.masked_whiten(adv, mask, reduce=sum_over_ranks)
 
@@ -563,18 +593,23 @@ def update(run, batch, args, step):
     steps each (and the same for the PPO critic). Returns the step's update metrics (update_metrics)."""
     ids, mask, lengths = batch["ids"], batch["mask"], batch["lengths"]
     world, B = dist.get_world_size(), len(ids)
+    reuse = "old_logprobs" not in batch  # reuses_update_forward: pi_old = this forward, filled in as we go
+    if reuse:
+        batch["old_logprobs"] = torch.zeros(mask.shape, device=mask.device)  # (B, T-1)
     sums = {}
     for epoch in range(args.epochs):
         order = torch.randperm(B, generator=torch.Generator().manual_seed(shuffle_seed(args.seed, step, epoch)))
-        for mini in order.split(B // args.mini_batches):
+        for mini in order.tensor_split(args.mini_batches):
             mini = mini.tolist()
             # Normalise by the GLOBAL count (every micro-batch on every rank) / world: FSDP averages gradients
             # over ranks, so the total gradient is that of sum(per-token loss) / N_global (see ppo.aggregate).
             scale = dict(agg=args.loss_agg, loss_scale_tokens=all_reduce(mask[mini].sum()) / world,
                          loss_scale_seqs=all_reduce((mask[mini].sum(1) > 0).sum()) / world)
             for rows, x in micro_batches(mini, args.micro_batch, ids, lengths):
-                mb = {k: v[rows, :x.shape[1] - 1] for k, v in batch.items() if k not in ("ids", "lengths")}
+                mb = {k: v[rows, :x.shape[1] - 1] for k, v in batch.items() if k not in ("ids", "lengths", "dialogue")}
                 logprobs, entropy = lm.token_logprobs(run.policy, x, args.temperature, return_entropy=True)
+                if reuse:  # ratio exactly 1 on this (only) pass
+                    mb["old_logprobs"] = batch["old_logprobs"][rows, :logprobs.shape[1]] = logprobs.detach()
                 if args.algo == "grpo":
                     loss, metrics = grpo.grpo_loss(logprobs, mb["old_logprobs"], mb.get("ref_logprobs"),
                                                    mb["advantages"], mb["mask"], args.clip_low, args.clip_high,
@@ -646,7 +681,12 @@ def step_metrics(run, args, dialogues, rewards, batch, stats, timing):
         truncated=mean([d.truncated for d in dialogues]),
         parse_failures=mean([e.parse_failures for e in episodes]),
         policy_tokens=mean([sum(d.policy_mask) for d in dialogues]),
-        seq_len=mean(batch["lengths"]),
+        seq_len=all_reduce(sum(batch["lengths"])) / all_reduce(len(batch["lengths"])),  # per training sample
+        samples=all_reduce(float((batch["mask"].sum(1) > 0).sum())),  # training sequences with policy tokens
+        prefill_tokens=all_reduce(timing.get("prefill_tokens", 0)),  # what the rollout engine fed the model
+        conversation_tokens=all_reduce(timing.get("conversation_tokens", 0)),  # the conversations' own length
+        decode_steps=slowest("decode_steps"),
+        active_rows=all_reduce(timing.get("active_rows", 0)) / max(all_reduce(timing.get("decode_steps", 0)), 1),
         time_rollout=slowest("rollout"), time_generate=slowest("generate"), time_simulator=slowest("simulator"),
         time_update=slowest("update"),
         gen_tokens_per_s=all_reduce(timing.get("tokens", 0) / max(timing.get("generate", 1e-9), 1e-9)),

@@ -8,7 +8,9 @@ and so on for up to max_turns turns. Two loops play it:
   rollout           token level, for a model in this process (training and local evaluation). The ids of
                     every turn are carried exactly as sampled: the policy's reply ids (policy_mask True),
                     then the chat template's ids that close the turn and add the user's answer (False).
-                    Nothing is re-tokenised, so training scores the very tokens that were sampled.
+                    Nothing is re-tokenised, so training scores the very tokens that were sampled. An
+                    engine: each dialogue keeps its KV cache across turns (prefill only what is new) and
+                    decodes in a continuous batch while other dialogues wait on the simulator.
   endpoint_rollout  text level, for a policy behind an OpenAI-compatible endpoint (benchmark.py eval).
 
 Both start from the same policy prompt (system_prompt + the user's opening line) and leave what the user
@@ -19,6 +21,8 @@ dialogue index), so its tokens and reward never depend on the batch it shares, o
 on a resume.
 """
 
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -42,11 +46,16 @@ def policy_messages(episode, think):
     return [{"role": "system", "content": system_prompt(think, episode.profile.lang)}] + episode.messages
 
 
-def render(tokenizer, messages, add_generation_prompt):
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def render(tokenizer, messages, add_generation_prompt, think=None):
+    """The chat template's text. think (True/False) is passed as `enable_thinking`, which hybrid templates
+    (Qwen3) read: without it a Qwen3 model thinks even in --no-think runs. Templates that do not use the
+    variable ignore it (Jinja)."""
+    kwargs = {} if think is None else {"enable_thinking": think}
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         **kwargs)
 
 
-def user_turn_ids(tokenizer, user_text, stop_text=None):
+def user_turn_ids(tokenizer, user_text, stop_text=None, think=None):
     """
     The template tokens that close the policy's turn and add the user's next message, ready for the
     policy's next reply: for ChatML "<|im_end|>\\n<|im_start|>user\\n{text}<|im_end|>\\n<|im_start|>assistant\\n".
@@ -58,7 +67,7 @@ def user_turn_ids(tokenizer, user_text, stop_text=None):
     marker = "\u2063RLVER\u2063"
     messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
                 {"role": "assistant", "content": marker}, {"role": "user", "content": user_text}]
-    text = render(tokenizer, messages, add_generation_prompt=True)
+    text = render(tokenizer, messages, add_generation_prompt=True, think=think)
     delta = text[text.rindex(marker) + len(marker):]
     if stop_text and delta.startswith(stop_text):
         delta = delta[len(stop_text):]
@@ -66,17 +75,44 @@ def user_turn_ids(tokenizer, user_text, stop_text=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Token-level rollout
+# Token-level rollout: the engine
+#
+# Each dialogue owns one row ("slot") of a KV cache preallocated for the whole rollout, (N, H_kv, S + 1, D),
+# S = max_context; the extra last column is a trash slot that padding tokens write to and no real token
+# ever attends to. A slot's cache holds the first `length[i]` ids of what the policy currently sees
+# (d.context), at cache positions 0.. (= RoPE positions: rows are never padded inside the cache).
+#
+#   prefill           feeds a slot only the ids new since its last forward (the end of its last reply and the
+#                     template around the user's answer; at the start the whole prompt), never the history
+#   decode_one_token  one token for each slot that is generating; a slot leaves the decode batch the moment
+#                     its turn stops (stop id or max_new_tokens)
+#   simulator         a stopped slot's reply goes at once to daemon worker threads (the backend's own
+#                     concurrency); when the answer comes back the slot prefills it and rejoins
+#
+# With --think-history strip a slot rolls its cache back to where the turn began and prefills only the
+# turn's visible part (the sampled ids after </think>) before the user's answer: the context of each later
+# turn is exactly what that turn's training sample holds.
+
+
+@dataclass
+class Sample:
+    """One training sequence: ids (its context, then its sampled ids), policy_mask True on the sampled ids."""
+    ids: list
+    policy_mask: list
+    dialogue: int  # index of its dialogue in the rollout (its reward and advantage come from there)
 
 
 @dataclass
 class Dialogue:
     episode: sim.Episode  # the simulator's side: emotion, per-turn trajectory, end reason
-    ids: list  # every token of the conversation so far, exactly as the policy saw and sampled it
+    ids: list  # every token of the conversation so far, exactly as the policy sampled it (thoughts kept)
     policy_mask: list  # True where the policy sampled the token (its <think> and reply tokens)
     generator: torch.Generator  # this dialogue's own random stream
     policy_texts: list = field(default_factory=list)  # full policy text per turn (think included)
     truncated: bool = False  # ended early by max_context
+    context: list = None  # what the policy sees now: `ids` itself (keep), or ids with earlier thoughts cut (strip)
+    samples: list = field(default_factory=list)  # training samples: one per dialogue (keep) or per turn (strip)
+    reply: list = field(default_factory=list)  # ids sampled in the current turn
 
 
 def rollout_seed(seed, step, index):
@@ -86,63 +122,278 @@ def rollout_seed(seed, step, index):
 
 def start_dialogue(profile, tokenizer, think, seed, device):
     episode = sim.new_episode(profile)
-    ids = tokenizer.encode(render(tokenizer, policy_messages(episode, think), add_generation_prompt=True),
+    ids = tokenizer.encode(render(tokenizer, policy_messages(episode, think), add_generation_prompt=True, think=think),
                            add_special_tokens=False)
-    return Dialogue(episode=episode, ids=ids, policy_mask=[False] * len(ids),
+    return Dialogue(episode=episode, ids=ids, policy_mask=[False] * len(ids), context=ids,
                     generator=torch.Generator(device).manual_seed(seed))
 
 
-def rollout(model, tokenizer, profiles, backend, *, seeds, think=True, max_turns=8, max_new_tokens=256,
-            temperature=1.0, top_p=1.0, mode="vanilla", max_context=4096, eos_ids=None, timing=None, log=None,
-            slow_turn_s=10.0):
+def visible_ids(reply, think_end):
+    """The ids of a sampled turn the next turns keep under --think-history strip: those after the last
+    </think> (think_end: its token ids), as sampled; a turn without </think> is kept whole (as the official
+    think rollout keeps a reply that never closed its thought)."""
+    n = len(think_end)
+    for s in range(len(reply) - n, -1, -1):
+        if reply[s:s + n] == think_end:
+            return reply[s + n:]
+    return reply
+
+
+class SlotCache:
     """
-    Run one dialogue per profile to the end, all in lockstep. Each turn:
-      policy:    generate a reply for every open dialogue at once (prefill the whole conversation, decode)
-      simulator: one batched request; it updates each user's emotion and answers (or ends the dialogue)
-      carry:     append the sampled ids (policy_mask True) and the template ids of the user's answer (False)
-    seeds: one random seed per dialogue (rollout_seed). temperature 0 decodes greedily (evaluation).
-    log: called with a progress line after each turn that took longer than slow_turn_s seconds (real
-    models), silent for quick turns. Returns the list of Dialogues.
+    The rollout's KV cache: one (N, H_kv, S + 1, D) pair per layer, a row per dialogue. Before each forward
+    the engine sets `rows`, the slots in this forward (a slice lo:hi: a view of the cache, no copy; or a
+    (b,) tensor: those rows gathered), and `positions` (b, T), where each new token is written. Same
+    update() contract as model.KVCache, so model.Attention uses it unchanged (cache_index is unused: each
+    row writes at its own positions).
+    """
+
+    def __init__(self, cfg, n_slots, max_len, device, dtype):
+        shape = (n_slots, cfg.num_key_value_heads, max_len + 1, cfg.head_dim)  # + 1: the trash column
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.trash = max_len
+        self.rows, self.positions = None, None
+
+    def update(self, layer, index, k, v, used):
+        """Write k, v (b, H_kv, T, D) at (rows, positions); return the rows' first `used` slots (b, H_kv, used, D)."""
+        if isinstance(self.rows, slice):  # a view of the span's rows
+            kc, vc = self.k[layer][self.rows], self.v[layer][self.rows]
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (b, 1)
+        else:
+            kc, vc, rows = self.k[layer], self.v[layer], self.rows[:, None]
+        # advanced indices first: (b, T, H_kv, D); in the cache's dtype (under autocast k may come out of RoPE
+        # in fp32 while v is bf16)
+        kc[rows, :, self.positions] = k.transpose(1, 2).to(kc.dtype)
+        vc[rows, :, self.positions] = v.transpose(1, 2).to(vc.dtype)
+        if isinstance(self.rows, slice):
+            return kc[:, :, :used], vc[:, :, :used]
+        return kc[self.rows, :, :used], vc[self.rows, :, :used]  # (gathers the used columns of those rows)
+
+
+def forward_slots(model, cache, rows, tokens, positions, used):
+    """
+    One forward of some slots. tokens, positions (b, T); rows: a slice or (b,) tensor of slots; used: cache
+    columns attended. A query at position p sees the keys at positions <= p of its own row: exactly its
+    history. Returns the next-token logits of each row's last column (b, V).
+    """
+    columns = torch.arange(used, device=tokens.device)
+    mask = (columns <= positions[:, :, None])[:, None]  # (b, 1, T, used)
+    cache.rows, cache.positions = rows, positions
+    return model(tokens, positions=positions, mask=mask, cache=cache)
+
+
+def prefill(model, cache, slots, new_ids, starts, pad_id):
+    """
+    Feed each slot its new ids (ragged) in one forward: left-padded to the longest, so every row's last
+    real token is the last column; row i's ids go to positions starts[i]... and padding to the trash column.
+    Returns the next-token logits (b, V).
+    """
+    device = cache.k[0].device
+    T = max(len(x) for x in new_ids)
+    tokens = torch.full((len(slots), T), pad_id, dtype=torch.long)
+    positions = torch.full((len(slots), T), cache.trash, dtype=torch.long)
+    for r, (x, s) in enumerate(zip(new_ids, starts)):
+        tokens[r, T - len(x):] = torch.tensor(x, dtype=torch.long)
+        positions[r, T - len(x):] = torch.arange(s, s + len(x))
+    used = max(s + len(x) for x, s in zip(new_ids, starts))
+    return forward_slots(model, cache, torch.tensor(slots, device=device), tokens.to(device), positions.to(device),
+                         used)
+
+
+def decode_one_token(model, cache, slots, tokens, lengths, pad_id, compiled=None):
+    """
+    One token for each generating slot: tokens (b,) are written at the slots' current lengths. The step runs
+    over the span of slots lo:hi that holds them all (a view of the cache: no copy); idle slots inside the
+    span ride along with a pad token written to the trash column. Eager: attend to the columns used so far.
+    compiled (torch.compile'd model): one fixed shape for the whole rollout, the span is every slot and all
+    S + 1 columns are attended. Returns the next-token logits of the generating slots (b, V).
+    """
+    device = tokens.device
+    lo, hi = (0, cache.k[0].shape[0]) if compiled is not None else (min(slots), max(slots) + 1)
+    index = torch.tensor([i - lo for i in slots], device=device)  # (b,) rows of the span
+    positions = torch.tensor([lengths[i] for i in slots], device=device)[:, None]  # (b, 1)
+    span_tokens = torch.full((hi - lo, 1), pad_id, dtype=torch.long, device=device)  # (hi - lo, 1)
+    span_tokens.index_copy_(0, index, tokens[:, None])
+    span_positions = torch.full((hi - lo, 1), cache.trash, dtype=torch.long, device=device)  # idle rows: trash
+    span_positions.index_copy_(0, index, positions)
+    used = cache.trash + 1 if compiled is not None else max(lengths[i] for i in slots) + 1
+    step = model if compiled is None else compiled
+    return forward_slots(step, cache, slice(lo, hi), span_tokens, span_positions, used)[index]
+
+
+def simulator_worker(jobs, answers, backend, mode, max_turns):
+    """A daemon thread: play the simulated user's turn of one dialogue at a time (simulate_turn with a
+    one-episode list: the rules backend is deterministic per request, so batching cannot change an answer)."""
+    while (job := jobs.get()) is not None:
+        i, episode, text = job
+        try:
+            answers.put((i, sim.simulate_turn([episode], [text], backend, mode=mode, max_turns=max_turns)[0], None))
+        except BaseException as e:  # handed to the engine's thread, which raises it
+            answers.put((i, None, e))
+
+
+def rollout(model, tokenizer, profiles, backend, *, seeds, think=True, think_history="keep", max_turns=8,
+            max_new_tokens=256, temperature=1.0, top_p=1.0, mode="vanilla", max_context=4096, eos_ids=None,
+            timing=None, log=None, slow_turn_s=10.0, kv_reuse=True, overlap=True, compile=False):
+    """
+    Run one dialogue per profile to the end (see the engine notes above). Per dialogue and turn:
+      policy:    prefill the ids new since its last forward, then decode its reply (policy_mask True)
+      simulator: its reply goes to the simulated user at once; the user's emotion moves, it answers or ends
+      carry:     the template ids of the user's answer (policy_mask False) join the context
+    seeds: one random seed per dialogue (rollout_seed); each row samples from its own generator, one draw
+    per sampled token, so a dialogue's tokens do not depend on batch composition, timing or rank.
+    temperature 0 decodes greedily (evaluation). think_history: keep (every thought stays in the context,
+    one training sample per dialogue) or strip (earlier thoughts leave the context, one sample per turn).
+    Ablations for measurement: kv_reuse=False re-prefills the whole context every turn; overlap=False
+    plays lockstep turns (every open dialogue decodes, then the simulator answers all of them).
+    compile: the decode step through torch.compile (model.compiled), one fixed shape per rollout.
+    timing (dict) gains: generate / simulator (seconds generating / waiting on the simulator), tokens
+    (sampled), prefill_tokens, decode_steps, active_rows (summed over decode steps), conversation_tokens.
+    log: called with a progress line every slow_turn_s seconds of a slow rollout. Returns the Dialogues.
     """
     timing = timing if timing is not None else {}
+    for key in ("generate", "simulator", "tokens", "prefill_tokens", "decode_steps", "active_rows",
+                "conversation_tokens"):
+        timing.setdefault(key, 0)
     eos_ids = eos_ids or lm.stop_token_ids(tokenizer)
+    eos, pad_id = set(eos_ids), tokenizer.pad_token_id
+    think_end = tokenizer.encode("</think>", add_special_tokens=False)
     device = model.inv_freq.device
+    dtype = getattr(model, "autocast_dtype", None) or model.model.embed_tokens.weight.dtype  # the compute dtype
     dialogues = [start_dialogue(p, tokenizer, think, s, device) for p, s in zip(profiles, seeds, strict=True)]
-    for turn_number in range(1, max_turns + 1):
+    if think_history == "strip":
         for d in dialogues:
-            if not d.episode.done and len(d.ids) + max_new_tokens > max_context:
-                d.truncated = d.episode.done = True  # the reward is the emotion reached so far
-                d.episode.end_reason = "max_context"
-        active = [d for d in dialogues if not d.episode.done]
-        if not active:
-            break
-        t0 = turn_start = time.time()
-        new_ids, _ = lm.generate(model, [d.ids for d in active], max_new_tokens, eos_ids, temperature=temperature,
-                                 top_p=top_p, generator=[d.generator for d in active], pad_id=tokenizer.pad_token_id)
-        timing["generate"] = timing.get("generate", 0.0) + time.time() - t0
-        timing["tokens"] = timing.get("tokens", 0) + sum(len(x) for x in new_ids)
-        for d, ids in zip(active, new_ids):
-            d.ids += ids
-            d.policy_mask += [True] * len(ids)
-            d.policy_texts.append(tokenizer.decode(ids, skip_special_tokens=True))
-        t0 = time.time()
-        user_texts = sim.simulate_turn([d.episode for d in active], [d.policy_texts[-1] for d in active], backend,
-                                       mode=mode, max_turns=max_turns)
-        timing["simulator"] = timing.get("simulator", 0.0) + time.time() - t0
-        if log and time.time() - turn_start > slow_turn_s:
-            log(f"  turn {turn_number}/{max_turns}: {len(active)} open dialogues, {sum(map(len, new_ids))} tokens "
-                f"generated, policy {t0 - turn_start:.1f}s, simulator {time.time() - t0:.1f}s")
-        for d, ids, user_text in zip(active, new_ids, user_texts):
-            if user_text is not None:  # None: the simulator ended this dialogue
-                stop_text = tokenizer.convert_ids_to_tokens(ids[-1]) if ids and ids[-1] in eos_ids else None
-                turn = user_turn_ids(tokenizer, user_text, stop_text)
-                d.ids += turn
-                d.policy_mask += [False] * len(turn)
+            d.context = list(d.ids)
+    cache = SlotCache(model.config, len(dialogues), max_context, device, dtype)
+    decode_model = lm.compiled(model) if compile else None
+    length = [0] * len(dialogues)  # ids of d.context in slot i's cache
+    turn_start = [0] * len(dialogues)  # len(d.context) when the current turn began
+
+    jobs, answers = queue.Queue(), queue.Queue()
+    workers = [threading.Thread(target=simulator_worker, args=(jobs, answers, backend, mode, max_turns), daemon=True)
+               for _ in range(max(1, getattr(backend, "concurrency", 1)))]
+    for w in workers:
+        w.start()
+
+    def finish(i):
+        d = dialogues[i]
+        if think_history == "keep":
+            d.samples = [Sample(d.ids, d.policy_mask, i)]
+
+    def begin_turn(i):
+        """The dialogue starts a turn, or ends here when the turn could outgrow max_context."""
+        d = dialogues[i]
+        if len(d.context) + max_new_tokens > max_context:
+            d.truncated = d.episode.done = True  # the reward is the emotion reached so far
+            d.episode.end_reason = "max_context"
+            finish(i)
+            return False
+        if not kv_reuse:
+            length[i] = 0  # ablation: forget the cache, re-prefill the whole context
+        turn_start[i] = len(d.context)
+        d.reply = []
+        return True
+
+    def end_turn(i):
+        """The reply is complete: record it, and (strip) its training sample."""
+        d = dialogues[i]
+        d.policy_texts.append(tokenizer.decode(d.reply, skip_special_tokens=True))
+        if think_history == "strip":
+            d.samples.append(Sample(d.context[:turn_start[i]] + d.reply,
+                                    [False] * turn_start[i] + [True] * len(d.reply), i))
+
+    def carry(i, user_text):
+        """The user's answer is back: close the turn in the context, or end the dialogue."""
+        d = dialogues[i]
+        if user_text is None:  # the simulator ended this dialogue
+            return finish(i)
+        reply = d.reply
+        stop_text = tokenizer.convert_ids_to_tokens(reply[-1]) if reply and reply[-1] in eos else None
+        turn = user_turn_ids(tokenizer, user_text, stop_text, think)
+        d.ids += turn
+        d.policy_mask += [False] * len(turn)
+        if think_history == "strip":  # roll the slot back to the turn's start; keep only the visible part
+            d.context[turn_start[i]:] = visible_ids(reply, think_end) + turn
+            length[i] = min(length[i], turn_start[i])
+        return begin_turn(i)
+
+    generating, logits = [], None  # slots decoding now, and their next-token logits (len(generating), V)
+    ready = [i for i in range(len(dialogues)) if begin_turn(i)]  # slots to prefill before they generate
+    held, outstanding = [], 0  # replies waiting for the lockstep turn to end (overlap=False); at the simulator
+    last_log = started = time.time()
+    try:
+        with lm.compute_region(model):  # one mixed-precision region for every forward of the rollout
+            while generating or ready or held or outstanding:
+                t0 = time.time()
+                if ready:  # prefill: only what is new since each slot's last forward
+                    new_ids = [dialogues[i].context[length[i]:] for i in ready]
+                    new_logits = prefill(model, cache, ready, new_ids, [length[i] for i in ready], pad_id)
+                    for i, x in zip(ready, new_ids):
+                        length[i] += len(x)
+                    timing["prefill_tokens"] += sum(map(len, new_ids))
+                    generating, ready = generating + ready, []
+                    logits = new_logits if logits is None else torch.cat([logits, new_logits])
+                if generating:
+                    tokens, _ = lm.sample(logits, temperature, top_p, [dialogues[i].generator for i in generating])
+                    stopped, going = [], []
+                    for r, (i, tok) in enumerate(zip(generating, tokens.tolist())):
+                        d = dialogues[i]
+                        d.reply.append(tok)
+                        d.ids.append(tok)
+                        d.policy_mask.append(True)
+                        if d.context is not d.ids:
+                            d.context.append(tok)
+                        (stopped if tok in eos or len(d.reply) == max_new_tokens else going).append(r)
+                    timing["tokens"] += len(generating)
+                    for r in stopped:  # the slot leaves the decode batch; its reply goes to the simulator
+                        i = generating[r]
+                        end_turn(i)
+                        held.append(i)
+                    if going:  # decode: feed each continuing row its sampled token
+                        rows = [generating[r] for r in going]
+                        logits = decode_one_token(model, cache, rows, tokens[going], length, pad_id, decode_model)
+                        for i in rows:
+                            length[i] += 1
+                        timing["decode_steps"] += 1
+                        timing["active_rows"] += len(rows)
+                    generating = [generating[r] for r in going]
+                    logits = logits if going else None
+                timing["generate"] += time.time() - t0
+                if overlap or not generating:  # lockstep: the simulator hears the turn's replies once all ended
+                    for i in held:
+                        jobs.put((i, dialogues[i].episode, dialogues[i].policy_texts[-1]))
+                    outstanding, held = outstanding + len(held), []
+                t0 = time.time()
+                # take the answers that are back; wait when nothing can run (lockstep: for all of them)
+                while outstanding and (not answers.empty() or not (generating or ready)
+                                       or (not overlap and not generating)):
+                    i, user_text, error = answers.get()
+                    outstanding -= 1
+                    if error is not None:
+                        raise error
+                    if carry(i, user_text):
+                        ready.append(i)
+                timing["simulator"] += time.time() - t0
+                if log and time.time() - last_log > slow_turn_s:
+                    last_log = time.time()
+                    log(f"  rollout: {sum(d.episode.done for d in dialogues)}/{len(dialogues)} dialogues done, "
+                        f"{len(generating)} generating, {timing['tokens']} tokens, {last_log - started:.0f}s")
+    finally:
+        for _ in workers:
+            jobs.put(None)
+    timing["conversation_tokens"] += sum(len(d.ids) for d in dialogues)
     return dialogues
 
 
+def training_samples(dialogues):
+    """Every dialogue's training samples, in dialogue order (one per dialogue, or one per turn under strip)."""
+    return [s for d in dialogues for s in d.samples]
+
+
 def collate(dialogues, pad_id, device):
-    """Right-pad to (B, T). Returns ids (B, T) and the loss mask (B, T-1), aligned with the targets ids[:, 1:]."""
+    """Right-pad sequences (Dialogues or Samples: .ids, .policy_mask) to (B, T). Returns ids (B, T) and the
+    loss mask (B, T-1), aligned with the targets ids[:, 1:]."""
     T = max(len(d.ids) for d in dialogues)
     ids = torch.full((len(dialogues), T), pad_id, dtype=torch.long)
     policy = torch.zeros(len(dialogues), T, dtype=torch.bool)

@@ -102,24 +102,33 @@ class SimulatorServer:
                     action = server.plan.pop(0) if server.plan else server.default
                     server.inflight += 1
                     server.max_inflight = max(server.max_inflight, server.inflight)
+                answered = []
+
+                def send(*args):   # the request stops counting as in flight before its answer is written,
+                    with server.lock:   # so a client's next request can never overlap it in the count
+                        server.inflight -= 1
+                    answered.append(True)
+                    return self.send(*args)
+
                 try:
                     time.sleep(server.sleep_s)
                     if action == "hang":
                         server.closing.wait()      # the connection stays open and silent until close()
                         return
                     if action in ("500", "400"):
-                        return self.send(int(action), {"error": "overloaded" if action == "500" else "unknown model"})
+                        return send(int(action), {"error": "overloaded" if action == "500" else "unknown model"})
                     if action == "429":
-                        return self.send(429, {"error": "rate limited"}, [("Retry-After", server.retry_after)])
+                        return send(429, {"error": "rate limited"}, [("Retry-After", server.retry_after)])
                     if action == "echo401":
-                        return self.send(401, {"error": f"invalid header {self.headers.get('Authorization')}"})
+                        return send(401, {"error": f"invalid header {self.headers.get('Authorization')}"})
                     if action == "slow":
                         time.sleep(server.slow_s)
                     content = "I refuse to use your format." if action == "garbage" else rules([payload["messages"]])[0]
-                    self.send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]})
+                    send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]})
                 finally:
-                    with server.lock:
-                        server.inflight -= 1
+                    if not answered:
+                        with server.lock:
+                            server.inflight -= 1
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True

@@ -314,6 +314,21 @@ def test_speed_prints_a_table_with_ratios():
         assert float(row.split()[-1].rstrip("%")) > 0
 
 
+def test_rollout_prints_the_engine_against_its_ablations():
+    r = run_cli("rollout", "--hidden", "64", "--layers", "2", "--profiles", "1", "--group-size", "3",
+                "--max-turns", "3", "--max-new-tokens", "8", "--latencies-ms", "0,30", "--repeats", "1")
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines() if line.strip().endswith(("yes", "NO"))]
+    assert [(row[0], row[1]) for row in rows] == [(f"{ms}ms", v) for ms in (0, 30)
+                                                  for v in ("engine", "no-overlap", "no-kv-reuse", "lockstep")]
+    for row in rows:
+        assert row[-1] == "yes"  # every variant plays the very same dialogues
+    ratio = {(row[0], row[1]): float(row[-6]) for row in rows}  # the prefill/conv column
+    # KV reuse prefills each token at most once (the sampled ones are fed by decode steps); re-prefilling
+    # the whole conversation every turn feeds more tokens than the conversation has
+    assert ratio[("0ms", "engine")] < 1 < ratio[("0ms", "no-kv-reuse")]
+
+
 def test_shape_and_model_together_is_a_one_line_error(tmp_path):
     r = run_cli("speed", "--shape", "qwen2.5-0.5b", "--model", str(tmp_path))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--shape" in r.stderr

@@ -55,7 +55,8 @@ PPO_LEARN = ["--algo", "ppo", "--lr", "2e-2", "--critic-lr", "2e-2", "--mini-bat
 SMALL = ["--profiles-per-step", "4", "--max-turns", "2", "--max-new-tokens", "16", "--no-think", *CLASSIC]
 
 # Metrics that depend on wall-clock time, not on the computation.
-TIMING = {"time_rollout", "time_generate", "time_simulator", "time_update", "gen_tokens_per_s"}
+TIMING = {"time_rollout", "time_generate", "time_simulator", "time_update", "gen_tokens_per_s",
+          "decode_steps", "active_rows"}  # (how many rows share a decode step depends on when answers arrive)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -476,7 +477,8 @@ def test_hanging_simulator_hits_the_turn_deadline(hanging_simulator_server, tiny
                  *endpoint(hanging_simulator_server)], check=False)
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
-    assert "--simulator-turn-deadline" in lines[0] and "0/8" in lines[0], lines[0]
+    # the rollout engine sends each dialogue's turn to the simulator on its own, as soon as its reply is done
+    assert "--simulator-turn-deadline" in lines[0] and "only 0/1 requests answered" in lines[0], lines[0]
     assert time.time() - t0 < 60
     assert checkpoints(out) == [] and not (out / "metrics.jsonl").exists()  # nothing was completed
 
@@ -611,7 +613,7 @@ def test_no_fsdp_bf16_keeps_fp32_master_weights_so_small_updates_survive(tiny_qw
                            MASTER_PORT=str(closed_port())).items():
         monkeypatch.setenv(key, value)  # setup() joins a process group of one; restored after the test
     argv = ["--model", tiny_qwen2, "--out", str(tmp_path), "--no-fsdp", "--dtype", "bfloat16", "--lr", "1e-6",
-            "--kl-coef", "0", "--micro-batch", "4", *SMALL]
+            "--kl-coef", "0", "--micro-batch", "4", *SMALL, "--mini-batches", "2"]  # 2: pi_old gets its own pass
     args = rlver.get_args(argv)
     run = rlver.setup(args, argv)
     try:
@@ -625,7 +627,7 @@ def test_no_fsdp_bf16_keeps_fp32_master_weights_so_small_updates_survive(tiny_qw
         dialogues = ro.rollout(policy, run.tokenizer, profiles, run.backend, think=False, max_turns=2,
                                max_new_tokens=8, seeds=[0, 1, 2, 3])
         phase[0] = "score"
-        batch = rlver.score_rollouts(run, args, dialogues)
+        batch = rlver.score_rollouts(run, args, ro.training_samples(dialogues))
         old_logprobs, mask = batch["old_logprobs"], batch["mask"]
         batch["advantages"] = torch.tensor([1.0, -1.0, 0.5, -0.5])[:, None] * mask  # (B, T-1): every row a gradient
         before = {n: p.detach().clone() for n, p in policy.named_parameters()}
@@ -651,3 +653,81 @@ def test_no_fsdp_bf16_keeps_fp32_master_weights_so_small_updates_survive(tiny_qw
         assert bf16_share < 0.2, bf16_share
     finally:
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The update: with one epoch of one mini-batch pi_old is the update's own forward (no scoring pass)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_update_without_scoring_pass_equals_the_scored_update(algo, tiny_qwen2, tmp_path, monkeypatch, one_thread):
+    import copy
+    import torch.distributed as dist
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(closed_port())).items():
+        monkeypatch.setenv(k, v)
+    argv = ["--model", tiny_qwen2, "--no-fsdp", "--algo", algo, "--out", str(tmp_path), "--profiles-per-step", "2",
+            "--group-size", "2", "--max-turns", "2", "--max-new-tokens", "8", "--micro-batch", "2", "--lr", "1e-2",
+            "--no-think"] + (["--kl-coef", "0"] if algo == "ppo" else [])  # PPO's KL reward needs pi_old first
+    args = rlver.get_args(argv)
+    run = rlver.setup(args, argv)
+    try:
+        assert rlver.reuses_update_forward(run, args)
+        dialogues = rlver.play(run, args, run.profiles[:4], [ro.rollout_seed(0, 0, j) for j in range(4)], 1.0)
+        rewards = torch.tensor([sim.reward(d.episode) for d in dialogues])
+        samples = ro.training_samples(dialogues)
+        results = []
+        for scored in (True, False):
+            r = copy.deepcopy(run)
+            scoring_args = copy.copy(args)
+            scoring_args.epochs = 2 if scored else 1  # two epochs: the scoring pass of the current path
+            batch = rlver.score_rollouts(r, scoring_args, samples)
+            assert ("old_logprobs" in batch) == scored
+            batch["advantages"] = rlver.advantages(r, args, batch, rewards)
+            stats = rlver.update(r, batch, args, 0)
+            results.append((stats, batch["old_logprobs"] * batch["mask"], [p.detach().clone() for p in r.policy.parameters()]))
+        (s1, old1, p1), (s2, old2, p2) = results
+        assert s1.keys() == s2.keys() and "entropy" in s1
+        for k in s1:
+            assert s2[k] == pytest.approx(s1[k], rel=1e-4, abs=1e-6), k
+        torch.testing.assert_close(old2, old1, rtol=1e-5, atol=1e-5)  # filled in by the update's forward
+        for a, b in zip(p1, p2):
+            # (Adam's first step is ~lr * sign(grad): a rounding-level gradient difference shows up on the
+            # parameters whose gradient is ~0, so the bound is 1% of one lr=1e-2 step)
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+        assert any(not torch.equal(a, b) for a, b in zip(p1, run.policy.parameters()))  # the update moved it
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --think-history strip: one sample per policy turn, each carrying its dialogue's reward / advantage
+
+
+def test_strip_samples_take_their_dialogues_group_advantage():
+    # dialogues 0, 1 form one group (rewards 0.2, 0.6: advantages -/+ 0.2 / std, std = 0.2 * sqrt(2));
+    # dialogue 0 has two turn samples, dialogue 1 one
+    S = ro.Sample
+    samples = [S([1, 5, 6], [False, True, True], 0), S([1, 5, 6, 7, 8], [False, False, False, True, True], 0),
+               S([1, 9, 9, 9], [False, True, True, True], 1)]
+    ids, mask = ro.collate(samples, 0, "cpu")
+    batch = {"ids": ids, "mask": mask, "dialogue": torch.tensor([0, 0, 1])}
+    args = rlver.get_args(["--algo", "grpo", "--group-size", "2"])
+    adv = rlver.advantages(None, args, batch, torch.tensor([0.2, 0.6]))
+    a = 0.2 / (0.2 * 2 ** 0.5 + 1e-6)
+    want = torch.tensor([[-a, -a, 0, 0], [0, 0, -a, -a], [a, a, a, 0]])
+    torch.testing.assert_close(adv, want.float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_think_history_strip_trains_turn_samples(algo, tiny_qwen2, tmp_path):
+    run_cli(["--model", tiny_qwen2, "--out", str(tmp_path), "--no-fsdp", "--algo", algo, "--steps", "2",
+             "--profiles-per-step", "2", "--group-size", "2", "--max-turns", "3", "--max-new-tokens", "12",
+             "--think", "--think-history", "strip", "--save-every", "100", "--no-overlap"])
+    rows = metrics(tmp_path)
+    assert len(rows) == 2
+    for m in rows:
+        # every policy turn is a sample: more samples than dialogues (4), as many as turns played
+        assert m["samples"] == pytest.approx(4 * m["turns"]) and m["samples"] > 4
+        assert m["prefill_tokens"] <= 1.1 * m["conversation_tokens"]
+        assert m["active_rows"] >= 1 and m["decode_steps"] >= 1

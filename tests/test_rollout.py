@@ -144,3 +144,112 @@ def test_rollout_carry_when_a_turn_stops_on_another_stop_id(tiny_qwen2, one_thre
     tok, dialogues = dialogues_for_carry(tiny_qwen2, think=False, eos_ids=stop, bias_id=tok.pad_token_id)
     endings = [e for d in dialogues for e in check_carry(tok, d, think=False, stop_ids=set(stop))]
     assert "other stop" in kinds(endings)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The engine: KV reuse, continuous batching, ablations, think-history strip, compile
+
+
+def play(tiny_qwen2, profiles, seeds, backend, bias=3.0, **kw):
+    tok = lm.load_tokenizer(tiny_qwen2)
+    model = lm.load_model(tiny_qwen2)
+    handle = eos_bias_hook(model, tok.eos_token_id, bias)  # turns of many different lengths
+    timing = {}
+    try:
+        dialogues = ro.rollout(model, tok, profiles, backend, think=kw.pop("think", False), max_turns=3,
+                               max_new_tokens=12, seeds=seeds, timing=timing, **kw)
+    finally:
+        handle.remove()
+    return tok, dialogues, timing
+
+
+def record(d):
+    return d.ids, d.policy_mask, d.episode.emotion, d.episode.end_reason, d.policy_texts
+
+
+def test_dialogues_do_not_depend_on_batch_latency_or_ablation(tiny_qwen2, one_thread, simulator_server):
+    # the same 6 dialogues (same seeds): all at once with the in-process rules simulator; in batches of 2 and
+    # alone through a real HTTP simulator whose answers come back after uneven delays (so slots rejoin the
+    # decode batch in another order); and with each ablation (re-prefill every turn, lockstep turns)
+    profiles, seeds = sim.builtin_profiles("train")[:6], [ro.rollout_seed(0, 3, j) for j in range(6)]
+    _, ref, timing = play(tiny_qwen2, profiles, seeds, sim.RulesBackend())
+    simulator_server.slow_s = 0.05
+    simulator_server.plan = ["slow", "ok", "ok", "slow", "ok"] * 10
+    http = sim.OpenAIBackend(simulator_server.url, api_key_env="RLVER_TEST_KEY")
+    split = [d for lo in range(0, 6, 2) for d in play(tiny_qwen2, profiles[lo:lo + 2], seeds[lo:lo + 2], http)[1]]
+    alone = [play(tiny_qwen2, [p], [s], sim.RulesBackend())[1][0] for p, s in zip(profiles, seeds)]
+    _, no_reuse, timing_no_reuse = play(tiny_qwen2, profiles, seeds, sim.RulesBackend(), kv_reuse=False)
+    _, lockstep, _ = play(tiny_qwen2, profiles, seeds, http, overlap=False)
+    for other in (split, alone, no_reuse, lockstep):
+        assert [record(d) for d in other] == [record(d) for d in ref]
+    assert len({len(d.episode.turns) for d in ref}) > 1 or len({len(x) for d in ref for x in d.policy_texts}) > 1
+    # KV reuse feeds each token once: a decode step feeds every sampled token but a turn's last, which the
+    # next turn's prefill feeds with the user's answer; only each dialogue's very last token is never fed
+    conversation = sum(len(d.ids) for d in ref)
+    assert timing["conversation_tokens"] == conversation and not any(d.truncated for d in ref)
+    assert timing["active_rows"] + sum(len(d.policy_texts) for d in ref) == timing["tokens"]
+    assert timing["prefill_tokens"] + timing["active_rows"] + len(ref) == conversation
+    assert timing_no_reuse["prefill_tokens"] > 1.5 * timing["prefill_tokens"]
+    assert timing["tokens"] == sum(sum(d.policy_mask) for d in ref)
+
+
+def test_think_history_strip_samples_per_turn(tiny_qwen2, one_thread):
+    # strip: each turn is its own sample (its context + its sampled ids); the context of turn k+1 is the
+    # context of turn k, the VISIBLE ids of turn k (after the last </think>) and the user's answer
+    tok = lm.load_tokenizer(tiny_qwen2)
+    think_end = tok.convert_tokens_to_ids("</think>")
+    profiles, seeds = sim.builtin_profiles("train")[:4], list(range(4))
+    model = lm.load_model(tiny_qwen2)
+    handles = [eos_bias_hook(model, tok.eos_token_id, 3.0), eos_bias_hook(model, think_end, 4.0)]
+    try:
+        keep = ro.rollout(model, tok, profiles, sim.RulesBackend(), think=True, max_turns=3, max_new_tokens=12,
+                          seeds=seeds)
+        strip = ro.rollout(model, tok, profiles, sim.RulesBackend(), think=True, think_history="strip",
+                           max_turns=3, max_new_tokens=12, seeds=seeds)
+    finally:
+        for h in handles:
+            h.remove()
+    assert [len(d.samples) for d in keep] == [1] * 4 and all(d.samples[0].ids is d.ids for d in keep)
+    assert [s.dialogue for s in ro.training_samples(strip)] == [i for i, d in enumerate(strip)
+                                                                 for _ in d.policy_texts]
+    stripped_some = False
+    for d in strip:
+        assert len(d.samples) == len(d.policy_texts) == len(d.episode.turns)
+        prompt = d.ids[:d.policy_mask.index(True)]
+        replies = [d.ids[s:e] for v, s, e in runs(d.policy_mask) if v]
+        answers = [d.ids[s:e] for v, s, e in runs(d.policy_mask) if not v][1:]  # template ids after each turn
+        context = list(prompt)
+        for k, sample in enumerate(d.samples):
+            n = len(context)
+            assert sample.ids == context + replies[k]
+            assert sample.policy_mask == [False] * n + [True] * len(replies[k])
+            if k + 1 < len(d.samples):
+                r = replies[k]
+                cut = len(r) - r[::-1].index(think_end) if think_end in r else 0
+                stripped_some |= cut > 0
+                context = context + r[cut:] + answers[k]
+    assert stripped_some  # some turn closed its thought, and its thought left the context
+    # strip changes what later turns see, never the first turn
+    assert [s.samples[0].ids for s in strip] == [k.ids[:len(s.samples[0].ids)] for s, k in zip(strip, keep)]
+
+
+def test_compiled_decode_gives_the_same_tokens(tiny_qwen2, one_thread):
+    profiles, seeds = sim.builtin_profiles("train")[:3], [5, 6, 7]
+    _, eager, _ = play(tiny_qwen2, profiles, seeds, sim.RulesBackend())
+    _, compiled, _ = play(tiny_qwen2, profiles, seeds, sim.RulesBackend(), compile=True)
+    assert [record(d) for d in compiled] == [record(d) for d in eager]
+
+
+def test_enable_thinking_follows_think(tiny_qwen2):
+    # a hybrid template (Qwen3 style) opens an empty thought when enable_thinking is False; --no-think must
+    # reach it, in the prompt and in every later turn's generation prompt
+    tok = lm.load_tokenizer(tiny_qwen2)
+    tok.chat_template = lm.CHATML_TEMPLATE.replace(
+        "'<|im_start|>assistant\n' }}", "'<|im_start|>assistant\n' }}{% if enable_thinking is defined and "
+        "enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}{% endif %}")
+    profile = sim.builtin_profiles("train")[0]
+    empty_thought = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    for think in (True, False):
+        d = ro.start_dialogue(profile, tok, think, 0, "cpu")
+        assert decode(tok, d.ids).endswith(empty_thought) == (not think)
+        assert decode(tok, ro.user_turn_ids(tok, "hi", think=think)).endswith(empty_thought) == (not think)
