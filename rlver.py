@@ -70,6 +70,18 @@ def get_args(argv=None):
       f"real size: one of {', '.join(lm.SHAPES)} (made once in <out>/random-NAME); default: a tiny CPU demo model")
     a("--out", default="runs/rlver", help="output dir: config, metrics.jsonl, samples, checkpoints")
     a("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    for flags in (environment_flags, training_flags, system_flags):
+        flags(a)
+    args = p.parse_args(argv)
+    if args.group_size is None:
+        args.group_size = 4 if args.algo == "grpo" else 1
+    if args.max_turns is None:
+        args.max_turns = sim.PROTOCOLS[args.protocol].max_turns
+    return args
+
+
+def environment_flags(a):
+    """The simulated users, their rules and the policy's turns; the rollout engine."""
     # environment
     a("--simulator", default="rules", help="'rules', an OpenAI-compatible URL, or a local model folder")
     a("--simulator-model", default=None, help="model name sent to an OpenAI-compatible simulator endpoint "
@@ -99,6 +111,10 @@ def get_args(argv=None):
     a("--no-kv-reuse", action="store_true", help="ablation: re-prefill the whole conversation every turn")
     a("--no-overlap", action="store_true",
       help="ablation: lockstep turns (all dialogues decode, then the simulator answers all of them)")
+
+
+def training_flags(a):
+    """Batch and optimisation: the official RLVER config where it has one (README table)."""
     # batch
     a("--steps", type=int, default=200)
     a("--profiles-per-step", type=int, default=32, help="global number of profiles per step")
@@ -125,6 +141,10 @@ def get_args(argv=None):
     a("--lam", type=float, default=1.0)
     a("--no-std", action="store_true", help="GRPO without dividing by the group std (Dr.GRPO)")
     a("--loss-agg", choices=["token-mean", "seq-mean-token-mean"], default="token-mean")
+
+
+def system_flags(a):
+    """Devices, checkpoints, logging, and the safety rails of a run."""
     # system
     a("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
       help="compute dtype; auto = bf16 on GPU, fp32 on CPU. Parameters and AdamW state are fp32 either way")
@@ -147,12 +167,6 @@ def get_args(argv=None):
     a("--simulator-turn-deadline", type=float, default=600.0,
       help="seconds for all simulator answers of one turn; past it the run stops (last step checkpointed)")
     a("--threads", type=int, default=CPU_THREADS, help="CPU runs: torch threads per process (see README: speed)")
-    args = p.parse_args(argv)
-    if args.group_size is None:
-        args.group_size = 4 if args.algo == "grpo" else 1
-    if args.max_turns is None:
-        args.max_turns = sim.PROTOCOLS[args.protocol].max_turns
-    return args
 
 
 # torch threads per process on CPU. Measured with the demo (README, "CPU threads"): 1 thread is a little
@@ -860,12 +874,8 @@ class StopFlag:
 
 
 def setup(args, argv):
-    """Checks (cheap, one-line errors) and then the heavy part: models, optimizers."""
-    if args.model is None:
-        apply_demo_defaults(args, argv)
-    shape = None
-    if args.model in lm.SHAPES:  # a real architecture with random weights (a smoke run at a real size)
-        shape, args.model = args.model, os.path.join(args.out, f"random-{args.model}")
+    """Checks (cheap, one-line errors) and then the heavy part: models, optimizers. Returns the Run."""
+    shape = resolve_model(args, argv)
     validate_args(args, int(os.environ.get("WORLD_SIZE", "1")))  # before anything is written
     rank, world, device = setup_distributed()
     if device.type == "cpu":
@@ -874,31 +884,62 @@ def setup(args, argv):
     if not args.no_fsdp and not hasattr(FSDPModule, "set_reshard_after_forward"):
         raise ConfigError(f"torch {torch.__version__} lacks FSDPModule.set_reshard_after_forward, which the "
                           "rollout phase needs: install torch>=2.7, or run one process with --no-fsdp")
-    if args.model == os.path.join(args.out, "tiny-qwen2") and not os.path.isdir(args.model):
-        if rank == 0:
-            print(f"rlver: demo mode: making a tiny random model in {args.model}", flush=True)
-            lm.make_tiny_checkpoint(args.model, "qwen2", seed=args.seed, hidden_size=64, num_layers=2)
-        dist.barrier()
-    if shape and not os.path.isdir(args.model):
-        if rank == 0:  # written next to it and renamed when complete: an interrupted write is never used
-            print(f"rlver: making a random-weight {shape} checkpoint in {args.model} (once)", flush=True)
-            shutil.rmtree(args.model + ".tmp", ignore_errors=True)
-            os.replace(lm.make_random_checkpoint(args.model + ".tmp", lm.SHAPES[shape], seed=args.seed), args.model)
-        dist.barrier()
+    make_random_model(args, shape)
     profiles = sim.load_profiles(args.train_profiles) if args.train_profiles else sim.builtin_profiles("train")
     test_profiles = sim.load_profiles(args.test_profiles) if args.test_profiles else sim.builtin_profiles("test")
     cfg, tokenizer = validate_model(args, profiles)
+    backend = make_simulator(args, device)
+    prepare_out(args, world, device)
+    return build_run(args, cfg, device, tokenizer, profiles, test_profiles, backend)
+
+
+def resolve_model(args, argv):
+    """--model as a folder: the demo's tiny model with no --model, <out>/random-NAME for a model.SHAPES name
+    (a real architecture with random weights: a smoke run at a real size). Returns the shape name or None."""
+    if args.model is None:
+        apply_demo_defaults(args, argv)
+    if args.model in lm.SHAPES:
+        shape, args.model = args.model, os.path.join(args.out, f"random-{args.model}")
+        return shape
+    return None
+
+
+def make_random_model(args, shape):
+    """The demo's tiny model, or a random-weight checkpoint of a real shape, made once by rank 0 (a shape is
+    written next to its folder and renamed when complete: an interrupted write is never used)."""
+    demo = args.model == os.path.join(args.out, "tiny-qwen2")
+    if not (demo or shape):
+        return
+    if dist.get_rank() == 0 and not os.path.isdir(args.model):  # (only rank 0 looks: no rank skips the barrier)
+        if demo:
+            print(f"rlver: demo mode: making a tiny random model in {args.model}", flush=True)
+            lm.make_tiny_checkpoint(args.model, "qwen2", seed=args.seed, hidden_size=64, num_layers=2)
+        else:
+            print(f"rlver: making a random-weight {shape} checkpoint in {args.model} (once)", flush=True)
+            shutil.rmtree(args.model + ".tmp", ignore_errors=True)
+            os.replace(lm.make_random_checkpoint(args.model + ".tmp", lm.SHAPES[shape], seed=args.seed), args.model)
+    dist.barrier()
+
+
+def make_simulator(args, device):
+    """The simulated user's backend (simulator.make_backend), reachability checked."""
     client = {}  # the HTTP client's knobs, for an endpoint simulator
     if args.simulator.startswith(("http://", "https://")):
         client = dict(timeout=args.simulator_timeout, turn_deadline=args.simulator_turn_deadline,
                       max_retries=args.simulator_retries,
-                      log=(lambda line: print(line, flush=True)) if rank == 0 else (lambda line: None))
+                      log=(lambda line: print(line, flush=True)) if dist.get_rank() == 0 else (lambda line: None))
     try:
         backend = sim.make_backend(args.simulator, model_name=args.simulator_model,
                                    api_key_env=args.simulator_key_env, device=device, **client)
     except (ValueError, lm.CheckpointError) as e:
         raise ConfigError(f"--simulator: {e}") from None
     backend.check()
+    return backend
+
+
+def prepare_out(args, world, device):
+    """--out made ready: an earlier run's files removed under --overwrite; the resolved config written."""
+    rank = dist.get_rank()
     if args.resume and not checkpoint_dirs(args.out) and rank == 0:
         print(f"rlver: --resume: no checkpoint in {args.out}/checkpoints yet, starting at step 0", flush=True)
     if args.overwrite and rank == 0:  # asked for explicitly: the earlier run's files go
@@ -914,8 +955,12 @@ def setup(args, argv):
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump({**vars(args), "world_size": world, "device": str(device), "torch": torch.__version__}, f, indent=2)
 
+
+def build_run(args, cfg, device, tokenizer, profiles, test_profiles, backend):
+    """The models and their optimizers: the policy; the frozen reference when --kl-coef > 0; PPO's critic."""
     torch.manual_seed(args.seed)
-    def trainable(model, lr, ratio):   # linear warmup over ratio x --steps (or --warmup-steps), then constant
+
+    def trainable(model, lr, ratio):  # linear warmup over ratio x --steps (or --warmup-steps), then constant
         n = args.warmup_steps or int(ratio * args.steps)
         warmup = lambda s: min(1.0, (s + 1) / n) if n else 1.0  # noqa: E731
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
