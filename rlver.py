@@ -512,14 +512,26 @@ def played_profiles(run, args, profiles):
 
 
 def play(run, args, profiles, seeds, temperature, timing=None):
-    """The rollout phase: the policy unsharded once (generation_mode), every dialogue played to its end."""
+    """The rollout phase: the policy unsharded once (generation_mode), every dialogue played to its end.
+    A simulator failure (retries spent, deadline passed) on any rank stops every rank together, each with
+    the failing rank's message, so no rank is left waiting in a collective while the others save."""
     log = (lambda line: print(line, flush=True)) if dist.get_rank() == 0 else None
+    error, dialogues = None, None
     with generation_mode(run.policy):
-        return ro.rollout(run.policy, run.tokenizer, profiles, run.backend, seeds=seeds, think=args.think,
-                          think_history=args.think_history, max_turns=args.max_turns,
-                          max_new_tokens=args.max_new_tokens, temperature=temperature, top_p=args.top_p,
-                          mode=args.mode, max_context=args.max_context, eos_ids=run.eos_ids, timing=timing, log=log,
-                          kv_reuse=not args.no_kv_reuse, overlap=not args.no_overlap, compile=args.compile)
+        try:
+            dialogues = ro.rollout(run.policy, run.tokenizer, profiles, run.backend, seeds=seeds, think=args.think,
+                                   think_history=args.think_history, max_turns=args.max_turns,
+                                   max_new_tokens=args.max_new_tokens, temperature=temperature, top_p=args.top_p,
+                                   mode=args.mode, max_context=args.max_context, eos_ids=run.eos_ids,
+                                   timing=timing, log=log, kv_reuse=not args.no_kv_reuse,
+                                   overlap=not args.no_overlap, compile=args.compile)
+        except sim.SimulatorError as e:
+            error = str(e)
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    if any(errors):
+        raise sim.SimulatorError(next(e for e in errors if e))
+    return dialogues
 
 
 def micro_batches(rows, size, ids, lengths):

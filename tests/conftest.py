@@ -61,6 +61,7 @@ class SimulatorServer:
       "429"      HTTP 429 with Retry-After: `retry_after` (a string: seconds or an HTTP date)
       "slow"     sleep `slow_s`, then answer ok          "hang"     accept, read, never answer (until close)
       "echo401"  HTTP 401 echoing the Authorization header (to prove the client redacts the key)
+    `refuse_marker`: a POST whose messages contain this text gets HTTP 400, whatever the plan says.
     Records: posts (headers, payload), post_times (time.monotonic() on arrival), gets, max_inflight.
     The key the fixtures put in $RLVER_TEST_KEY is `key`.
     """
@@ -68,6 +69,7 @@ class SimulatorServer:
 
     def __init__(self, default="ok"):
         self.plan, self.default, self.slow_s, self.sleep_s, self.retry_after = [], default, 1.0, 0.0, "1"
+        self.refuse_marker = None
         self.posts, self.post_times, self.gets, self.inflight, self.max_inflight = [], [], [], 0, 0
         self.lock, self.closing, rules, server = threading.Lock(), threading.Event(), RulesBackend(), self
 
@@ -100,6 +102,8 @@ class SimulatorServer:
                     server.posts.append((dict(self.headers), payload))
                     server.post_times.append(time.monotonic())
                     action = server.plan.pop(0) if server.plan else server.default
+                    if server.refuse_marker and server.refuse_marker in json.dumps(payload, ensure_ascii=False):
+                        action = "400"
                     server.inflight += 1
                     server.max_inflight = max(server.max_inflight, server.inflight)
                 answered = []

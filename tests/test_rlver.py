@@ -470,6 +470,27 @@ def test_unparseable_simulator_stops_the_run_with_the_last_step_saved(simulator_
     assert "at step 1" in p.stdout and [m["step"] for m in metrics(out)] == [1, 2, 3]
 
 
+def test_simulator_failure_on_one_rank_stops_every_rank(simulator_server, tiny_qwen2, tmp_path):
+    # Under torchrun the simulator fails for rank 1's dialogues only (HTTP 400, not retried): every rank must
+    # stop together with that error (rank 0 prints it once), none left waiting in a collective
+    records = [{"id": f"p{i}", "persona": f"Person {i}, 30.", "scenario": "A hard week.", "initial_emotion": 50,
+                "hidden_intention": "You want to be listened to.", "opening": f"I had a hard week ({i})."}
+               for i in range(2)]
+    on_rank_1 = rlver.step_profiles(2, 2, 0, seed=0)[1]  # (one profile a rank at --profiles-per-step 2)
+    records[on_rank_1]["persona"] += " REFUSE-ME"
+    profiles = tmp_path / "two.jsonl"
+    profiles.write_text("".join(json.dumps(r) + "\n" for r in records))
+    simulator_server.refuse_marker = "REFUSE-ME"
+    out = tmp_path / "one-rank"
+    t0 = time.time()
+    p = run_cli(["--model", tiny_qwen2, "--out", str(out), *FAST, "--profiles-per-step", "2", "--steps", "2",
+                 "--train-profiles", str(profiles), *endpoint(simulator_server)], nproc=2, check=False, timeout=120)
+    ours = [line for line in p.stderr.splitlines() if line.startswith("rlver: error: ")]
+    assert p.returncode != 0 and len(ours) == 1, p.stderr[-3000:]
+    assert "refused the request (HTTP 400" in ours[0] and "no step was completed" in ours[0], ours[0]
+    assert time.time() - t0 < 100 and checkpoints(out) == []
+
+
 def test_hanging_simulator_hits_the_turn_deadline(hanging_simulator_server, tiny_qwen2, tmp_path):
     out = tmp_path / "hang"
     t0 = time.time()
