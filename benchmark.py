@@ -425,7 +425,7 @@ def read_system(path):
     if os.path.isdir(path):
         path = os.path.join(path, "transcripts.jsonl")
     if not os.path.isfile(path):
-        raise BenchmarkError(f"leaderboard: no such results file {path}")
+        raise BenchmarkError(f"no such results file {path}")
     dialogues = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -440,10 +440,10 @@ def read_system(path):
                     traj = [r["initial_emotion"]] + [t["emotion"] for t in r["turns"]]
                     dialogues.append((str(r["profile_id"]), r["final_emotion"], traj, r.get("protocol", "classic")))
             except (ValueError, KeyError, TypeError) as e:
-                raise BenchmarkError(f"leaderboard: {path}:{lineno} is neither a SAGE result record (id, emo_point, "
+                raise BenchmarkError(f"{path}:{lineno} is neither a SAGE result record (id, emo_point, "
                                      f"history) nor one of our transcripts ({e!r})") from None
     if not dialogues:
-        raise BenchmarkError(f"leaderboard: {path} has no records")
+        raise BenchmarkError(f"{path} has no records")
     return {"name": _system_name(path), "dialogues": dialogues}
 
 
@@ -474,7 +474,7 @@ def versus(systems, name):
         return {pid: statistics.mean(v) for pid, v in finals.items()}
     by_name = {s["name"]: per_id(s) for s in systems}
     if name not in by_name:
-        raise BenchmarkError(f"leaderboard: --versus {name!r} is none of the systems {sorted(by_name)}")
+        raise BenchmarkError(f"--versus {name!r} is none of the systems {sorted(by_name)}")
     base, rows = by_name[name], []
     for other, finals in by_name.items():
         if other == name:
@@ -517,7 +517,7 @@ def leaderboard_command(args):
     systems = [read_system(path) for path in args.files]
     names = [s["name"] for s in systems]
     if len(set(names)) != len(names):
-        raise BenchmarkError(f"leaderboard: two files give the same system name ({names}); rename one")
+        raise BenchmarkError(f"two files give the same system name ({names}); rename one")
     ids = [{d[0] for d in s["dialogues"]} for s in systems]
     if any(i != ids[0] for i in ids):
         print("WARNING: the systems did not play the same scenarios; the scores are not comparable", file=sys.stderr)
