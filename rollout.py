@@ -321,59 +321,80 @@ def rollout(model, tokenizer, profiles, backend, *, seeds, think=True, think_his
     generating, logits = [], None  # slots decoding now, and their next-token logits (len(generating), V)
     ready = [i for i in range(len(dialogues)) if begin_turn(i)]  # slots to prefill before they generate
     held, outstanding = [], 0  # replies waiting for the lockstep turn to end (overlap=False); at the simulator
+
+    def prefill_ready():
+        """prefill: each ready slot is fed only what is new since its last forward, then joins the batch."""
+        nonlocal logits
+        new_ids = [dialogues[i].context[length[i]:] for i in ready]
+        new_logits = prefill(model, cache, ready, new_ids, [length[i] for i in ready], pad_id)
+        for i, x in zip(ready, new_ids):
+            length[i] += len(x)
+        timing["prefill_tokens"] += sum(map(len, new_ids))
+        generating.extend(ready)
+        ready.clear()
+        logits = new_logits if logits is None else torch.cat([logits, new_logits])
+
+    def sample_and_decode():
+        """Each generating slot samples its next token (its own generator); a slot whose turn stops (stop id
+        or max_new_tokens) leaves the batch, its reply held for the simulator; the rest decode one token."""
+        nonlocal logits
+        tokens, _ = lm.sample(logits, temperature, top_p, [dialogues[i].generator for i in generating])
+        going = []
+        for r, (i, tok) in enumerate(zip(generating, tokens.tolist())):
+            d = dialogues[i]
+            d.reply.append(tok)
+            d.ids.append(tok)
+            d.policy_mask.append(True)
+            if d.context is not d.ids:
+                d.context.append(tok)
+            if tok in eos or len(d.reply) == max_new_tokens:
+                end_turn(i)
+                held.append(i)
+            else:
+                going.append(r)
+        timing["tokens"] += len(generating)
+        generating[:] = [generating[r] for r in going]
+        logits = None
+        if generating:  # decode: feed each continuing slot its sampled token
+            logits = decode_one_token(model, cache, generating, tokens[going], length, pad_id, decode_model)
+            for i in generating:
+                length[i] += 1
+            timing["decode_steps"] += 1
+            timing["active_rows"] += len(generating)
+
+    def hand_over():
+        """Held replies go to the simulator's workers (lockstep: only once every reply of the turn ended)."""
+        nonlocal outstanding
+        if overlap or not generating:
+            for i in held:
+                jobs.put((i, dialogues[i].episode, dialogues[i].policy_texts[-1]))
+            outstanding += len(held)
+            held.clear()
+
+    def collect_answers():
+        """Carry the answers that are back; wait for one when nothing can run (lockstep: for all of them)."""
+        nonlocal outstanding
+        while outstanding and (not answers.empty() or not (generating or ready) or (not overlap and not generating)):
+            i, user_text, error = answers.get()
+            outstanding -= 1
+            if error is not None:
+                raise error
+            if carry(i, user_text):
+                ready.append(i)
+
     last_log = started = time.time()
     try:
         with lm.compute_region(model):  # one mixed-precision region for every forward of the rollout
             while generating or ready or held or outstanding:
                 t0 = time.time()
-                if ready:  # prefill: only what is new since each slot's last forward
-                    new_ids = [dialogues[i].context[length[i]:] for i in ready]
-                    new_logits = prefill(model, cache, ready, new_ids, [length[i] for i in ready], pad_id)
-                    for i, x in zip(ready, new_ids):
-                        length[i] += len(x)
-                    timing["prefill_tokens"] += sum(map(len, new_ids))
-                    generating, ready = generating + ready, []
-                    logits = new_logits if logits is None else torch.cat([logits, new_logits])
+                if ready:
+                    prefill_ready()
                 if generating:
-                    tokens, _ = lm.sample(logits, temperature, top_p, [dialogues[i].generator for i in generating])
-                    stopped, going = [], []
-                    for r, (i, tok) in enumerate(zip(generating, tokens.tolist())):
-                        d = dialogues[i]
-                        d.reply.append(tok)
-                        d.ids.append(tok)
-                        d.policy_mask.append(True)
-                        if d.context is not d.ids:
-                            d.context.append(tok)
-                        (stopped if tok in eos or len(d.reply) == max_new_tokens else going).append(r)
-                    timing["tokens"] += len(generating)
-                    for r in stopped:  # the slot leaves the decode batch; its reply goes to the simulator
-                        i = generating[r]
-                        end_turn(i)
-                        held.append(i)
-                    if going:  # decode: feed each continuing row its sampled token
-                        rows = [generating[r] for r in going]
-                        logits = decode_one_token(model, cache, rows, tokens[going], length, pad_id, decode_model)
-                        for i in rows:
-                            length[i] += 1
-                        timing["decode_steps"] += 1
-                        timing["active_rows"] += len(rows)
-                    generating = [generating[r] for r in going]
-                    logits = logits if going else None
+                    sample_and_decode()
                 timing["generate"] += time.time() - t0
-                if overlap or not generating:  # lockstep: the simulator hears the turn's replies once all ended
-                    for i in held:
-                        jobs.put((i, dialogues[i].episode, dialogues[i].policy_texts[-1]))
-                    outstanding, held = outstanding + len(held), []
+                hand_over()
                 t0 = time.time()
-                # take the answers that are back; wait when nothing can run (lockstep: for all of them)
-                while outstanding and (not answers.empty() or not (generating or ready)
-                                       or (not overlap and not generating)):
-                    i, user_text, error = answers.get()
-                    outstanding -= 1
-                    if error is not None:
-                        raise error
-                    if carry(i, user_text):
-                        ready.append(i)
+                collect_answers()
                 timing["simulator"] += time.time() - t0
                 if log and time.time() - last_log > slow_turn_s:
                     last_log = time.time()
