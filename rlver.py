@@ -486,15 +486,13 @@ def train_step(run, args, step):
     rank, world = dist.get_rank(), dist.get_world_size()
     share = args.profiles_per_step // world
     mine = step_profiles(len(run.profiles), args.profiles_per_step, step, args.seed)[rank * share:(rank + 1) * share]
-    chosen = played_profiles(run, args, [run.profiles[i] for i in mine])  # openings shared by a group
-    profiles = [p for p in chosen for _ in range(args.group_size)]
     first = rank * share * args.group_size  # global index of this rank's first dialogue
-    seeds = [ro.rollout_seed(args.seed, step, first + j) for j in range(len(profiles))]
+    seeds = [ro.rollout_seed(args.seed, step, first + j) for j in range(share * args.group_size)]
 
     timing, t0 = {}, time.time()
-    dialogues = play(run, args, profiles, seeds, args.temperature, timing)
+    dialogues = play(run, args, [run.profiles[i] for i in mine], args.group_size, seeds, args.temperature, timing)
     timing["rollout"] = time.time() - t0
-    check_parse_failures(args, [d.episode for d in dialogues], f"step {step + 1}")  # before any update
+    failures = check_parse_failures(args, [d.episode for d in dialogues], f"step {step + 1}")  # before any update
 
     t0 = time.time()
     rewards = torch.tensor([sim.reward(d.episode) for d in dialogues], device=run.device)  # (B,)
@@ -502,7 +500,9 @@ def train_step(run, args, step):
     batch["advantages"] = advantages(run, args, batch, rewards)
     stats = update(run, batch, args, step)
     timing["update"] = time.time() - t0
-    return step_metrics(run, args, dialogues, rewards, batch, stats, timing), dialogues
+    metrics = step_metrics(run, args, dialogues, rewards, batch, stats, timing)
+    metrics["parse_failed_turns"], metrics["simulator_turns"] = failures
+    return metrics, dialogues
 
 
 def played_profiles(run, args, profiles):
@@ -511,14 +511,16 @@ def played_profiles(run, args, profiles):
                                 initial_emotion=args.initial_emotion)
 
 
-def play(run, args, profiles, seeds, temperature, timing=None):
-    """The rollout phase: the policy unsharded once (generation_mode), every dialogue played to its end.
-    A simulator failure (retries spent, deadline passed) on any rank stops every rank together, each with
-    the failing rank's message, so no rank is left waiting in a collective while the others save."""
+def play(run, args, profiles, group, seeds, temperature, timing=None):
+    """The rollout phase: each profile prepared (played_profiles: an opening the simulator writes is shared by
+    the profile's group) and played `group` times, the policy unsharded once (generation_mode). A simulator
+    failure (retries spent, deadline passed) on any rank stops every rank together, each with the failing
+    rank's message, so no rank is left waiting in a collective while the others save."""
     log = (lambda line: print(line, flush=True)) if dist.get_rank() == 0 else None
     error, dialogues = None, None
     with generation_mode(run.policy):
         try:
+            profiles = [p for p in played_profiles(run, args, profiles) for _ in range(group)]
             dialogues = ro.rollout(run.policy, run.tokenizer, profiles, run.backend, seeds=seeds, think=args.think,
                                    think_history=args.think_history, max_turns=args.max_turns,
                                    max_new_tokens=args.max_new_tokens, temperature=temperature, top_p=args.top_p,
@@ -796,22 +798,21 @@ def load_checkpoint(run, path):
 # step's line, shown once, and stop the run past --max-parse-failure-rate.
 
 
-def parse_failure_counts(episodes):
-    """(unparseable simulator turns, simulator turns, one offending answer or None) over every rank's episodes."""
-    failed, total, example = sim.parse_failure_stats(episodes)
-    return int(all_reduce(failed)), int(all_reduce(total)), example
-
-
 def check_parse_failures(args, episodes, where):
     """simulator.check_parse_failures over the global batch: every rank decides alike (no rank is left
-    waiting); rank 0 shows one offending answer, once per run, with the simulator's key redacted."""
+    waiting); rank 0 shows one offending answer, once per run, with the simulator's key redacted. Returns
+    (unparseable simulator turns, simulator turns) over every rank, for the step's metrics."""
+    failed, total, example = sim.parse_failure_stats(episodes)
+    failed, total = int(all_reduce(failed)), int(all_reduce(total))
+
     def warn_once(line):
         key = os.environ.get(args.simulator_key_env)
         if dist.get_rank() == 0 and not WARNED:
             WARNED.append(line)
             print(f"rlver: {line.replace(key, '***') if key else line}", flush=True)
 
-    sim.check_parse_failures(*parse_failure_counts(episodes), args.max_parse_failure_rate, where, warn_once)
+    sim.check_parse_failures(failed, total, example, args.max_parse_failure_rate, where, warn_once)
+    return failed, total
 
 
 WARNED = []  # the first unparseable answer is shown once per run
@@ -853,7 +854,7 @@ def evaluate_policy(run, args, step):
     rank, world = dist.get_rank(), dist.get_world_size()
     profiles = run.test_profiles[:args.eval_profiles]
     lo, hi = rank * len(profiles) // world, (rank + 1) * len(profiles) // world  # contiguous: keeps order
-    dialogues = play(run, args, played_profiles(run, args, profiles[lo:hi]), seeds=list(range(lo, hi)), temperature=0.0)
+    dialogues = play(run, args, profiles[lo:hi], 1, seeds=list(range(lo, hi)), temperature=0.0)
     gathered = [None] * world
     dist.all_gather_object(gathered, [d.episode for d in dialogues])  # every rank gets every episode
     episodes = [e for part in gathered for e in part]
@@ -1038,8 +1039,6 @@ def train(args, argv=None):
         try:
             metrics, dialogues = train_step(run, args, step)
             metrics["step"] = step + 1
-            metrics["parse_failed_turns"], metrics["simulator_turns"], _ = parse_failure_counts(
-                [d.episode for d in dialogues])
             if rank == 0:
                 append_jsonl(metrics_path, [metrics])
                 append_jsonl(os.path.join(args.out, "samples.jsonl"),

@@ -694,7 +694,7 @@ def test_update_without_scoring_pass_equals_the_scored_update(algo, tiny_qwen2, 
     run = rlver.setup(args, argv)
     try:
         assert rlver.reuses_update_forward(run, args)
-        dialogues = rlver.play(run, args, run.profiles[:4], [ro.rollout_seed(0, 0, j) for j in range(4)], 1.0)
+        dialogues = rlver.play(run, args, run.profiles[:4], 1, [ro.rollout_seed(0, 0, j) for j in range(4)], 1.0)
         rewards = torch.tensor([sim.reward(d.episode) for d in dialogues])
         samples = ro.training_samples(dialogues)
         results = []
