@@ -697,6 +697,8 @@ def step_metrics(run, args, dialogues, rewards, batch, stats, timing):
     reward = mean(rewards.tolist())
     slowest = lambda key: all_reduce(timing.get(key, 0.0), dist.ReduceOp.MAX)  # noqa: E731
     metrics = dict(stats)
+    real = batch["mask"].sum(1) > 0  # (B,) samples with policy tokens
+    samples = all_reduce(float(real.sum()))
     if "ref_logprobs" in batch:  # k1 estimate of KL(pi_old || pi_ref) over the global batch's policy tokens
         metrics["kl_ref"] = ppo.masked_mean(batch["old_logprobs"] - batch["ref_logprobs"], batch["mask"],
                                             reduce=sum_over_ranks).item()
@@ -709,8 +711,8 @@ def step_metrics(run, args, dialogues, rewards, batch, stats, timing):
         truncated=mean([d.truncated for d in dialogues]),
         parse_failures=mean([e.parse_failures for e in episodes]),
         policy_tokens=mean([sum(d.policy_mask) for d in dialogues]),
-        seq_len=all_reduce(sum(batch["lengths"])) / all_reduce(len(batch["lengths"])),  # per training sample
-        samples=all_reduce(float((batch["mask"].sum(1) > 0).sum())),  # training sequences with policy tokens
+        seq_len=all_reduce(sum(n for n, r in zip(batch["lengths"], real.tolist()) if r)) / max(samples, 1),
+        samples=samples,  # training sequences with policy tokens (pad_samples' empty ones do not count)
         prefill_tokens=all_reduce(timing.get("prefill_tokens", 0)),  # what the rollout engine fed the model
         conversation_tokens=all_reduce(timing.get("conversation_tokens", 0)),  # the conversations' own length
         decode_steps=slowest("decode_steps"),

@@ -239,6 +239,30 @@ def test_ppo_fsdp_equals_single_process(tiny_qwen2, flat_profiles, tmp_path):
     assert single[0]["policy_loss"] == pytest.approx(single[0]["loss"], abs=1e-9)  # PPO's loss IS the policy loss
 
 
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_think_history_strip_fsdp_equals_single_process(algo, tiny_qwen2, tmp_path):
+    # --think-history strip trains one sample per policy turn. Profiles starting at 98-99 soon reach 100 and
+    # end, the others run 3 turns, and step 1 puts both 98-99 profiles on rank 0: the ranks hold different
+    # numbers of turn samples, rank 0 is padded with empty ones, and the step must equal the single process.
+    records = [json.loads(line) for line in open(os.path.join(ROOT, "prompts", "profiles_train.jsonl"))][:4]
+    for record, emotion in zip(records, [99, 98, 20, 50]):
+        record["initial_emotion"] = emotion
+    assert rlver.step_profiles(4, 4, 0, seed=0)[:2] == [0, 1]  # rank 0's share of step 1
+    profiles = tmp_path / "mixed.jsonl"
+    profiles.write_text("".join(json.dumps(r) + "\n" for r in records))
+    args = ["--model", tiny_qwen2, "--algo", algo, "--think", "--think-history", "strip", "--train-profiles",
+            str(profiles), "--profiles-per-step", "4", "--group-size", "2", "--max-turns", "3", "--max-new-tokens",
+            "16", "--micro-batch", "4", "--steps", "1", "--protocol", "classic", "--kl-coef", "0", "--lr", "1e-2",
+            "--critic-lr", "1e-2"]
+    run_cli([*args, "--out", str(tmp_path / "fsdp")], nproc=2)
+    run_cli([*args, "--out", str(tmp_path / "single"), "--no-fsdp"])
+    fsdp, single = metrics(tmp_path / "fsdp"), metrics(tmp_path / "single")
+    # one sample per turn of each of the 8 dialogues; some ended early (at 100), so turns < 3 on average
+    assert single[0]["samples"] == fsdp[0]["samples"] == single[0]["turns"] * 8 < 3 * 8 and single[0]["success"] > 0
+    keys = [k for k in (PPO_COMPARED if algo == "ppo" else COMPARED) if k != "kl_ref"] + ["samples"]
+    assert_same_metrics(single, fsdp, keys, rel=1e-5, abs_=1e-6, what=f"{algo} strip: --no-fsdp vs torchrun")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 3. Kill and resume (single process, PPO: policy + critic, two optimizers, two LR schedules)
 
