@@ -107,8 +107,14 @@ def seed_spread(per_seed_scores):
 # 2. Report: a per-profile table, transcripts.jsonl, summary.json and an SVG of the emotion trajectories
 
 OUTCOME_COLORS = {"success": "#1a9850", "failure": "#d73027", "max_turns": "#7b8794"}
-OUTCOME_LABELS = {"success": "success (reached 100)", "failure": "failure (reached 0)",
-                  "max_turns": "ended at max turns"}
+
+
+def outcome_labels(protocol):
+    """Legend words of the three outcome colours under a protocol (its failure line: 0 classic/rlver, 10 sage)."""
+    below = sim.protocol_of(protocol).failure_below
+    return {"success": "success (reached 100)",
+            "failure": "failure (reached 0)" if below <= 1 else f"failure (ended below {below})",
+            "max_turns": "ended otherwise"}
 
 
 def profile_table(episodes):
@@ -120,10 +126,11 @@ def profile_table(episodes):
     lines = [f"{'profile':<{width}}  {'final emotion per seed':<24} {'mean':>6} {'turns':>6}  outcomes"]
     for pid, eps in rows.items():
         finals = " ".join(str(ep.emotion) for ep in eps)
-        marks = "".join({"success": "S", "failure": "F"}.get(ep.end_reason, ".") for ep in eps)
+        marks = "".join({"success": "S", "failure": "F", "goodbye": "G"}.get(ep.end_reason, ".") for ep in eps)
         lines.append(f"{pid:<{width}}  {finals:<24} {statistics.mean(ep.emotion for ep in eps):>6.1f} "
                      f"{statistics.mean(len(ep.turns) for ep in eps):>6.1f}  {marks}")
-    lines.append("(outcomes per seed: S reached 100, F reached 0, . ended at max turns)")
+    lines.append("(outcomes per seed: S success (100), F failure (0; under sage below 10), G said goodbye, "
+                 ". ended at max turns)")
     return "\n".join(lines)
 
 
@@ -225,7 +232,8 @@ def write_svg(path, trajectories, *, max_turns, title, subtitle="", labels=None,
         out.append(f'<polyline class="mean" points="{points}" fill="none" stroke="#111" stroke-width="3.5"/>')
         out.append(f'<text x="{x(longest - 1) + 6}" y="{y(mean[-1]) - 6}" font-weight="bold">{mean[-1]:.1f}</text>')
     counts = {k: sum((outcome(traj[-1], protocol) or "max_turns") == k for traj in trajectories) for k in OUTCOME_COLORS}
-    legend = [(OUTCOME_COLORS[k], 1.5, f"{OUTCOME_LABELS[k]}: {counts[k]}") for k in OUTCOME_COLORS]
+    labels = outcome_labels(protocol)
+    legend = [(OUTCOME_COLORS[k], 1.5, f"{labels[k]}: {counts[k]}") for k in OUTCOME_COLORS]
     legend.append(("#111", 3.5, "mean (ended = final value)"))
     for j, (color, width, text) in enumerate(legend):
         ly = top + 14 + 22 * j
