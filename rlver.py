@@ -1078,12 +1078,13 @@ def train(args, argv=None):
 
 def main(argv=None):
     args = get_args(argv)
+    code = 0
     try:
         train(args, argv)
     except (ConfigError, lm.CheckpointError, sim.ProfileError, sim.SimulatorError) as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun: one line, not one per rank
             print(f"rlver: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        code = 2
     except KeyboardInterrupt:  # StopFlag's second signal: stop now, even with HTTP requests in flight
         print("rlver: interrupted: stopped at once without saving; --resume continues from the last checkpoint",
               file=sys.stderr, flush=True)
@@ -1091,6 +1092,9 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if code:  # every file is written and closed; a thread may still hang on a dead simulator, and the
+        sys.stdout.flush()  # interpreter's teardown with it (and torch's threads) can abort the process
+        os._exit(code)  # ("terminate called without an active exception"): leave without that teardown
 
 
 if __name__ == "__main__":
