@@ -68,12 +68,6 @@ class BenchmarkError(ValueError):
 # 1. Score arithmetic (pure functions of the episodes' emotions)
 
 
-def outcome(final_emotion, protocol="classic"):
-    """How a finished dialogue counts: "success", "failure" or None, from its final emotion alone
-    (simulator.final_outcome; SAGE: Success = final >= 100, Failure = final < 10)."""
-    return sim.final_outcome(final_emotion, protocol)
-
-
 def trajectory(episode):
     """Emotion before the first reply and after every turn: [e_0, e_1, ..., e_final]."""
     return [episode.profile.initial_emotion] + [turn["emotion"] for turn in episode.turns]
@@ -85,7 +79,7 @@ def summarize(episodes):
         raise ValueError("no dialogues to summarize")
     n = len(episodes)
     finals = [ep.emotion for ep in episodes]
-    outcomes = [outcome(ep.emotion, ep.profile.protocol) for ep in episodes]
+    outcomes = [sim.final_outcome(ep.emotion, ep.profile.protocol) for ep in episodes]
     return {
         "score": sum(finals) / n,  # mean final emotion, 0..100: the headline number
         "success": outcomes.count("success"),  # final emotion 100 (SAGE's Success count)
@@ -223,7 +217,7 @@ def write_svg(path, trajectories, *, max_turns, title, subtitle="", labels=None,
         points = " ".join(f"{x(t):.1f},{y(e) + jitter:.1f}" for t, e in enumerate(traj))
         label = labels[i] if labels else f"dialogue {i}"
         out.append(f'<polyline class="dialogue" points="{points}" fill="none" stroke-width="1.5" '
-                   f'stroke="{OUTCOME_COLORS[outcome(traj[-1], protocol) or "max_turns"]}" stroke-opacity="0.55">'
+                   f'stroke="{OUTCOME_COLORS[sim.final_outcome(traj[-1], protocol) or "max_turns"]}" stroke-opacity="0.55">'
                    f'<title>{escape(f"{label}: final emotion {traj[-1]}")}</title></polyline>')
     if trajectories:
         longest = max(len(traj) for traj in trajectories)
@@ -231,7 +225,8 @@ def write_svg(path, trajectories, *, max_turns, title, subtitle="", labels=None,
         points = " ".join(f"{x(t):.1f},{y(e):.1f}" for t, e in enumerate(mean))
         out.append(f'<polyline class="mean" points="{points}" fill="none" stroke="#111" stroke-width="3.5"/>')
         out.append(f'<text x="{x(longest - 1) + 6}" y="{y(mean[-1]) - 6}" font-weight="bold">{mean[-1]:.1f}</text>')
-    counts = {k: sum((outcome(traj[-1], protocol) or "max_turns") == k for traj in trajectories) for k in OUTCOME_COLORS}
+    counts = {k: sum((sim.final_outcome(traj[-1], protocol) or "max_turns") == k for traj in trajectories)
+              for k in OUTCOME_COLORS}
     labels = outcome_labels(protocol)
     legend = [(OUTCOME_COLORS[k], 1.5, f"{labels[k]}: {counts[k]}") for k in OUTCOME_COLORS]
     legend.append(("#111", 3.5, "mean (ended = final value)"))
@@ -467,8 +462,9 @@ def leaderboard_rows(systems):
     for system in systems:
         finals = [(final, protocol) for _, final, _, protocol in system["dialogues"]]
         rows.append({"name": system["name"], "score": round_half_up(sum(f for f, _ in finals) / len(finals)),
-                     "success": sum(outcome(f, p) == "success" for f, p in finals),
-                     "failure": sum(outcome(f, p) == "failure" for f, p in finals), "dialogues": len(finals)})
+                     "success": sum(sim.final_outcome(f, p) == "success" for f, p in finals),
+                     "failure": sum(sim.final_outcome(f, p) == "failure" for f, p in finals),
+                     "dialogues": len(finals)})
     return sorted(rows, key=lambda r: -r["score"])
 
 
@@ -1065,13 +1061,19 @@ def check_policy(args):
     return args.policy
 
 
-def check_out_dir(out):
-    """--out must be (or become) a folder: checked before the evaluation, so no result is lost at the end."""
+def blocking_file(out):
+    """The nearest existing path at or above `out` when it is a file (so no --out folder can be made there),
+    else None. rlver.py and eval check their --out with it before any work."""
     parent = os.path.abspath(out)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise BenchmarkError(f"--out {out}: {parent} is a file, not a folder: choose another --out")
+    return None if os.path.isdir(parent) else parent
+
+
+def check_out_dir(out):
+    """--out must be (or become) a folder: checked before the evaluation, so no result is lost at the end."""
+    if blocking_file(out):
+        raise BenchmarkError(f"--out {out}: {blocking_file(out)} is a file, not a folder: choose another --out")
 
 
 def eval_command(args):

@@ -224,11 +224,9 @@ def check_numbers(args):
 
 def check_out(args):
     """--out is a folder we may write, and a fresh run never mixes with (or silently deletes) an earlier one."""
-    parent = os.path.abspath(args.out)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ConfigError(f"--out {args.out}: {parent} is a file, not a folder: choose another --out")
+    if benchmark.blocking_file(args.out):
+        raise ConfigError(f"--out {args.out}: {benchmark.blocking_file(args.out)} is a file, not a folder: "
+                          f"choose another --out")
     old = [n for n in RUN_FILES if os.path.exists(os.path.join(args.out, n))]
     if old and not args.resume and not args.overwrite:
         raise ConfigError(f"--out {args.out} holds an earlier run ({', '.join(old)}): continue it with --resume, "
