@@ -304,12 +304,9 @@ class Transformer(nn.Module):
         in bf16 (logits come out bf16), the embedding and the residual stream stay fp32 (the sum of an fp32
         and a bf16 tensor is fp32), log-probs are fp32 as always.
         """
-        if self.autocast_dtype is not None:
-            with torch.autocast(ids.device.type, dtype=self.autocast_dtype):
-                return self._forward(ids, targets, temperature, positions, mask, cache, cache_index, return_hidden,
-                                     with_entropy)
-        return self._forward(ids, targets, temperature, positions, mask, cache, cache_index, return_hidden,
-                             with_entropy)
+        with compute_region(self):  # torch.autocast when autocast_dtype is set, else nothing
+            return self._forward(ids, targets, temperature, positions, mask, cache, cache_index, return_hidden,
+                                 with_entropy)
 
     def _forward(self, ids, targets, temperature, positions, mask, cache, cache_index, return_hidden, with_entropy):
         B, T = ids.shape
