@@ -1,6 +1,10 @@
 """rollout.py, the multi-turn engine, in-process on the tiny checkpoint against the rules simulator: the carried
 ids of a dialogue are exactly the chat template of its conversation with the policy turns as sampled, the loss
-mask covers exactly the sampled tokens, in both template modes and whichever stop token ended a turn."""
+mask covers exactly the sampled tokens, in both template modes and whichever stop token ended a turn; and the
+engine's independent reference: the logits of every prefill and decode step equal a plain forward of the same ids
+(check_engine_logits), across batch sizes, simulator latencies, ablations, strip's roll-backs and the compiled step."""
+import torch
+
 import model as lm
 import rollout as ro
 import simulator as sim
@@ -20,11 +24,18 @@ def runs(mask):
     return out
 
 
-def eos_bias_hook(model, eos_id, bias):
-    """Make the random tiny model end some (not all) turns with EOS: add `bias` to the EOS logit."""
+def eos_bias_hook(model, eos_id, bias, record=None):
+    """Make the random tiny model end some (not all) turns with EOS: add `bias` to the EOS logit. record (a
+    list): every forward's logits also land there as rows (n, V), the engine's own logits for the test to
+    check against a recompute (rows of idle slots that ride along in a decode step included)."""
+    # kept outside any compiled graph: traced, the growing list would recompile the decode step every call
+    keep = None if record is None else torch.compiler.disable(record.append)
+
     def hook(module, inputs, logits):
         logits = logits.clone()
         logits[..., eos_id] += bias
+        if keep is not None:
+            keep(logits.detach().reshape(-1, logits.shape[-1]).float().clone())
         return logits
     return model.lm_head.register_forward_hook(hook)
 
@@ -150,10 +161,10 @@ def test_rollout_carry_when_a_turn_stops_on_another_stop_id(tiny_qwen2, one_thre
 # The engine: KV reuse, continuous batching, ablations, think-history strip, compile
 
 
-def play(tiny_qwen2, profiles, seeds, backend, bias=3.0, **kw):
+def play(tiny_qwen2, profiles, seeds, backend, bias=3.0, record=None, **kw):
     tok = lm.load_tokenizer(tiny_qwen2)
     model = lm.load_model(tiny_qwen2)
-    handle = eos_bias_hook(model, tok.eos_token_id, bias)  # turns of many different lengths
+    handle = eos_bias_hook(model, tok.eos_token_id, bias, record)  # turns of many different lengths
     timing = {}
     try:
         dialogues = ro.rollout(model, tok, profiles, backend, think=kw.pop("think", False), max_turns=3,
@@ -167,21 +178,63 @@ def record(d):
     return d.ids, d.policy_mask, d.episode.emotion, d.episode.end_reason, d.policy_texts
 
 
+def check_engine_logits(tiny_qwen2, dialogues, engine_logits, biases, temperature=1.0):
+    """
+    The engine's independent reference. Every token the engine sampled was drawn from logits that a prefill
+    or a decode step computed over its slot of the shared cache (with whatever other slots shared the
+    batch, after strip's roll-backs); they must equal a plain forward of the same ids, no cache, no mask, no
+    slots (fp32, atol 1e-5). And the log-prob the trainer scores (token_logprobs at the sampling
+    temperature) is log_softmax(those logits / temperature) of the sampled token. engine_logits: the rows
+    eos_bias_hook recorded during the rollout; biases: {token id: logit bias} the rollout's hooks added.
+    Returns the number of sampled tokens checked.
+    """
+    model = lm.load_model(tiny_qwen2)
+    handles = [eos_bias_hook(model, i, b) for i, b in biases.items()]
+    engine = torch.cat(engine_logits)  # (R, V): every row of every forward of the rollout
+    checked = 0
+    try:
+        with torch.no_grad():
+            for s in ro.training_samples(dialogues):  # keep: a whole dialogue; strip: one turn in its context
+                ids = torch.tensor([s.ids])  # (1, T)
+                sampled = torch.tensor(s.policy_mask[1:])  # (T-1,): target t + 1 was sampled
+                want = model(ids[:, :-1])[0][sampled]  # (n, V) plain causal forward, row t predicts ids[t + 1]
+                got = engine[torch.cdist(want, engine).argmin(1)]  # (n, V) the engine's row for each of them
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+                scored = lm.token_logprobs(model, ids, temperature)[0][sampled]  # (n,)
+                drawn_from = torch.log_softmax(got / temperature, -1).gather(1, ids[0, 1:][sampled][:, None])
+                torch.testing.assert_close(scored, drawn_from[:, 0], atol=1e-5, rtol=0)
+                checked += len(want)
+    finally:
+        for h in handles:
+            h.remove()
+    return checked
+
+
 def test_dialogues_do_not_depend_on_batch_latency_or_ablation(tiny_qwen2, one_thread, simulator_server):
     # the same 6 dialogues (same seeds): all at once with the in-process rules simulator; in batches of 2 and
     # alone through a real HTTP simulator whose answers come back after uneven delays (so slots rejoin the
     # decode batch in another order); and with each ablation (re-prefill every turn, lockstep turns)
+    # The comparison below shares every line of the engine between its sides (a mask that lets a query see
+    # one position ahead would be in all of them); the independent reference is check_engine_logits: the
+    # logits of every step of every run against a plain forward of the same ids.
     profiles, seeds = sim.builtin_profiles("train")[:6], [ro.rollout_seed(0, 3, j) for j in range(6)]
-    _, ref, timing = play(tiny_qwen2, profiles, seeds, sim.RulesBackend())
+    logits = {name: [] for name in ("ref", "split", "alone", "no_reuse", "lockstep")}
+    _, ref, timing = play(tiny_qwen2, profiles, seeds, sim.RulesBackend(), record=logits["ref"])
     simulator_server.slow_s = 0.05
     simulator_server.plan = ["slow", "ok", "ok", "slow", "ok"] * 10
     http = sim.OpenAIBackend(simulator_server.url, api_key_env="RLVER_TEST_KEY")
-    split = [d for lo in range(0, 6, 2) for d in play(tiny_qwen2, profiles[lo:lo + 2], seeds[lo:lo + 2], http)[1]]
-    alone = [play(tiny_qwen2, [p], [s], sim.RulesBackend())[1][0] for p, s in zip(profiles, seeds)]
-    _, no_reuse, timing_no_reuse = play(tiny_qwen2, profiles, seeds, sim.RulesBackend(), kv_reuse=False)
-    _, lockstep, _ = play(tiny_qwen2, profiles, seeds, http, overlap=False)
+    split = [d for lo in range(0, 6, 2) for d in play(tiny_qwen2, profiles[lo:lo + 2], seeds[lo:lo + 2], http,
+                                                       record=logits["split"])[1]]
+    alone = [play(tiny_qwen2, [p], [s], sim.RulesBackend(), record=logits["alone"])[1][0]
+             for p, s in zip(profiles, seeds)]
+    _, no_reuse, timing_no_reuse = play(tiny_qwen2, profiles, seeds, sim.RulesBackend(), kv_reuse=False,
+                                        record=logits["no_reuse"])
+    _, lockstep, _ = play(tiny_qwen2, profiles, seeds, http, overlap=False, record=logits["lockstep"])
     for other in (split, alone, no_reuse, lockstep):
         assert [record(d) for d in other] == [record(d) for d in ref]
+    eos = lm.load_tokenizer(tiny_qwen2).eos_token_id
+    for name, dialogues in dict(ref=ref, split=split, alone=alone, no_reuse=no_reuse, lockstep=lockstep).items():
+        assert check_engine_logits(tiny_qwen2, dialogues, logits[name], {eos: 3.0}) == timing["tokens"], name
     assert len({len(d.episode.turns) for d in ref}) > 1 or len({len(x) for d in ref for x in d.policy_texts}) > 1
     # KV reuse feeds each token once: a decode step feeds every sampled token but a turn's last, which the
     # next turn's prefill feeds with the user's answer; only each dialogue's very last token is never fed
@@ -200,15 +253,21 @@ def test_think_history_strip_samples_per_turn(tiny_qwen2, one_thread):
     think_end = tok.convert_tokens_to_ids("</think>")
     profiles, seeds = sim.builtin_profiles("train")[:4], list(range(4))
     model = lm.load_model(tiny_qwen2)
-    handles = [eos_bias_hook(model, tok.eos_token_id, 3.0), eos_bias_hook(model, think_end, 4.0)]
-    try:
+    engine_logits, timing = [], {}  # (of the strip rollout)
+    handles = [eos_bias_hook(model, tok.eos_token_id, 3.0), eos_bias_hook(model, think_end, 4.0, engine_logits)]
+    try:  # (at temperature 0.7: the trainer's log-probs must divide by it as the sampler did)
         keep = ro.rollout(model, tok, profiles, sim.RulesBackend(), think=True, max_turns=3, max_new_tokens=12,
-                          seeds=seeds)
+                          seeds=seeds, temperature=0.7)
+        engine_logits.clear()
         strip = ro.rollout(model, tok, profiles, sim.RulesBackend(), think=True, think_history="strip",
-                           max_turns=3, max_new_tokens=12, seeds=seeds)
+                           max_turns=3, max_new_tokens=12, seeds=seeds, temperature=0.7, timing=timing)
     finally:
         for h in handles:
             h.remove()
+    # the engine's independent reference: each turn's logits, from a cache rolled back past the thoughts,
+    # equal a plain forward of that turn's sample
+    biases = {tok.eos_token_id: 3.0, think_end: 4.0}
+    assert check_engine_logits(tiny_qwen2, strip, engine_logits, biases, temperature=0.7) == timing["tokens"]
     assert [len(d.samples) for d in keep] == [1] * 4 and all(d.samples[0].ids is d.ids for d in keep)
     assert [s.dialogue for s in ro.training_samples(strip)] == [i for i, d in enumerate(strip)
                                                                  for _ in d.policy_texts]
@@ -236,8 +295,12 @@ def test_think_history_strip_samples_per_turn(tiny_qwen2, one_thread):
 def test_compiled_decode_gives_the_same_tokens(tiny_qwen2, one_thread):
     profiles, seeds = sim.builtin_profiles("train")[:3], [5, 6, 7]
     _, eager, _ = play(tiny_qwen2, profiles, seeds, sim.RulesBackend())
-    _, compiled, _ = play(tiny_qwen2, profiles, seeds, sim.RulesBackend(), compile=True)
+    engine_logits = []
+    _, compiled, timing = play(tiny_qwen2, profiles, seeds, sim.RulesBackend(), compile=True, record=engine_logits)
     assert [record(d) for d in compiled] == [record(d) for d in eager]
+    # not only eager's twin: the compiled step's logits (all S + 1 columns attended) against a plain forward
+    eos = lm.load_tokenizer(tiny_qwen2).eos_token_id
+    assert check_engine_logits(tiny_qwen2, compiled, engine_logits, {eos: 3.0}) == timing["tokens"]
 
 
 def test_enable_thinking_follows_think(tiny_qwen2):
