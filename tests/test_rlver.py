@@ -16,6 +16,8 @@
 Expensive runs are module-scoped fixtures shared by the assertions that read them. Budget: ~2 minutes on a
 2-core CPU box (every subprocess runs with OMP_NUM_THREADS=1 so two torchrun ranks do not oversubscribe).
 """
+import contextlib
+import copy
 import dataclasses
 import json
 import os
@@ -701,6 +703,77 @@ def test_no_fsdp_bf16_keeps_fp32_master_weights_so_small_updates_survive(tiny_qw
 
 
 # ---------------------------------------------------------------------------------------------------------
+# In process: rlver's own setup, rollout, scoring and update, called one by one
+
+
+@contextlib.contextmanager
+def in_process(argv, monkeypatch):
+    """(run, args) of rlver.setup for argv in this process, in a process group of one (torn down after)."""
+    import torch.distributed as dist
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(closed_port())).items():
+        monkeypatch.setenv(key, value)  # restored after the test
+    args = rlver.get_args(argv)
+    run = rlver.setup(args, argv)
+    try:
+        yield run, args
+    finally:
+        dist.destroy_process_group()
+
+
+def tiny_run(tiny_qwen2, tmp_path, algo, *extra):
+    """Flags of a small single-process run: 2 profiles x 2 rollouts, 2 turns of 8 tokens."""
+    return ["--model", tiny_qwen2, "--no-fsdp", "--algo", algo, "--out", str(tmp_path), "--profiles-per-step", "2",
+            "--group-size", "2", "--max-turns", "2", "--max-new-tokens", "8", "--micro-batch", "2", "--lr", "1e-2",
+            "--no-think", *extra]
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_first_optimizer_step_at_a_temperature_has_ratio_1(algo, tiny_qwen2, tmp_path, monkeypatch, one_thread):
+    # --temperature 0.7 --mini-batches 2: pi_old comes from the scoring pass and pi_theta from the update's
+    # forward, two calls that must both divide the logits by the sampling temperature. Before the first
+    # optimizer step they are one policy: ratio 1, approx KL 0, clip fraction 0. (With the default one
+    # mini-batch the update reuses its own forward as pi_old, so a temperature missing there goes unseen.)
+    argv = tiny_run(tiny_qwen2, tmp_path, algo, "--temperature", "0.7", "--mini-batches", "2", "--kl-coef", "1e-3")
+    with in_process(argv, monkeypatch) as (run, args):
+        dialogues = rlver.play(run, args, run.profiles[:2], 2, [ro.rollout_seed(0, 0, j) for j in range(4)], 0.7)
+        rewards = torch.tensor([sim.reward(d.episode) for d in dialogues])
+        batch = rlver.score_rollouts(run, args, ro.training_samples(dialogues))
+        ids, mask = batch["ids"], batch["mask"]
+        # pi_old and pi_ref against an independent reference: a plain forward, logits / 0.7, log-softmax
+        with torch.no_grad():
+            plain = torch.log_softmax(run.policy(ids[:, :-1]) / 0.7, -1).gather(-1, ids[:, 1:, None])[..., 0]
+        for key in ("old_logprobs", "ref_logprobs"):
+            torch.testing.assert_close(batch[key][mask], plain[mask], atol=1e-5, rtol=0)
+        batch["advantages"] = rlver.advantages(run, args, batch, rewards)
+        control = rlver.update(copy.deepcopy(run), copy.deepcopy(batch), args, 0)
+        assert abs(control["ratio_mean"] - 1) > 1e-4  # the second mini-batch runs after an optimizer step
+        # only the first mini-batch of the update's seeded shuffle keeps its policy tokens, so the step's
+        # token-weighted metrics are those of the first optimizer step
+        order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(rlver.shuffle_seed(args.seed, 0, 0)))
+        batch["mask"][order.tensor_split(2)[1]] = False
+        first = rlver.update(run, batch, args, 0)
+    assert first["ratio_mean"] == pytest.approx(1.0, abs=1e-6), first
+    assert first["approx_kl"] == pytest.approx(0.0, abs=1e-6) and first["clip_frac"] == 0.0, first
+    if algo == "grpo":  # the k3 KL to the reference (scored at the same temperature) is 0 too
+        assert first["kl"] == pytest.approx(0.0, abs=1e-6), first
+
+
+def test_rollout_seeds_give_each_dialogue_its_own_stream(tiny_qwen2, tmp_path, monkeypatch, one_thread):
+    # distinct seeds for every (run seed, step, dialogue), and the 4 rollouts of one GRPO group (same
+    # profile, same prompt) really differ: train_step gives each dialogue its own stream
+    seeds = [ro.rollout_seed(seed, step, i) for seed in range(3) for step in range(50) for i in range(256)]
+    assert len(set(seeds)) == len(seeds)
+    argv = tiny_run(tiny_qwen2, tmp_path, "grpo", "--group-size", "4", "--micro-batch", "8")
+    with in_process(argv, monkeypatch) as (run, args):
+        _, dialogues = rlver.train_step(run, args, 0)
+    for g in range(2):
+        group = dialogues[4 * g:4 * g + 4]
+        assert len({d.episode.profile.id for d in group}) == 1
+        assert len({tuple(d.ids) for d in group}) == 4, f"group {g}: rollouts repeat each other"
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The update: with one epoch of one mini-batch pi_old is the update's own forward (no scoring pass)
 
 
@@ -765,14 +838,34 @@ def test_strip_samples_take_their_dialogues_group_advantage():
 
 
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
-def test_think_history_strip_trains_turn_samples(algo, tiny_qwen2, tmp_path):
-    run_cli(["--model", tiny_qwen2, "--out", str(tmp_path), "--no-fsdp", "--algo", algo, "--steps", "2",
-             "--profiles-per-step", "2", "--group-size", "2", "--max-turns", "3", "--max-new-tokens", "12",
-             "--think", "--think-history", "strip", "--save-every", "100", "--no-overlap"])
-    rows = metrics(tmp_path)
-    assert len(rows) == 2
-    for m in rows:
-        # every policy turn is a sample: more samples than dialogues (4), as many as turns played
-        assert m["samples"] == pytest.approx(4 * m["turns"]) and m["samples"] > 4
-        assert m["prefill_tokens"] <= 1.1 * m["conversation_tokens"]
-        assert m["active_rows"] >= 1 and m["decode_steps"] >= 1
+def test_think_history_strip_trains_turn_samples(algo, tiny_qwen2, tmp_path, monkeypatch, one_thread):
+    # One train_step under --think --think-history strip, checked against numbers worked out from its
+    # dialogues alone: every sampled token is trained once, in its turn's sample, with its dialogue's
+    # reward. GRPO: the first step's loss (ratio 1, no KL) is -sum_d A_d n_d / N (A_d: the group formula,
+    # n_d: the dialogue's sampled tokens, N: all of them). PPO: every policy token's return is its
+    # dialogue's reward (gamma = lambda = 1, the reward on each sample's last token), so the token mean of
+    # the returns is sum_d r_d n_d / N.
+    argv = tiny_run(tiny_qwen2, tmp_path, algo, "--max-turns", "3", "--max-new-tokens", "12", "--think",
+                    "--think-history", "strip", "--no-overlap", "--micro-batch", "4")
+    with in_process(argv, monkeypatch) as (run, args):
+        eos = torch.arange(run.policy.config.vocab_size) == run.tokenizer.eos_token_id  # (V,)
+        # +4 on the EOS logit: turns and dialogues of different lengths, so token weights show
+        run.policy.lm_head.register_forward_hook(lambda module, inputs, logits: logits + 4.0 * eos)
+        m, dialogues = rlver.train_step(run, args, 0)
+    rewards = [sim.reward(d.episode) for d in dialogues]
+    n = [sum(d.policy_mask) for d in dialogues]
+    # every policy turn is a sample: more samples than dialogues (4), as many as turns played
+    assert m["samples"] == sum(len(d.samples) for d in dialogues) == pytest.approx(4 * m["turns"]) and m["samples"] > 4
+    assert m["prefill_tokens"] <= 1.1 * m["conversation_tokens"]
+    if algo == "grpo":
+        adv = []
+        for g in (rewards[:2], rewards[2:]):  # groups of 2: (r - mean) / (unbiased std + 1e-6)
+            std = abs(g[0] - g[1]) / 2 ** 0.5
+            adv += [(r - sum(g) / 2) / (std + 1e-6) if g[0] != g[1] else 0.0 for r in g]
+        want = -sum(a * k for a, k in zip(adv, n)) / sum(n)
+        assert abs(want) > 1e-3, (rewards, n)  # a real value: some group's rewards differ
+        assert m["loss"] == pytest.approx(want, rel=1e-4, abs=1e-6)
+    else:
+        want = sum(r * k for r, k in zip(rewards, n)) / sum(n)
+        assert abs(want - sum(rewards) / 4) > 1e-4, (rewards, n)  # the token weighting shows
+        assert m["returns_mean"] == pytest.approx(want, rel=1e-5)
