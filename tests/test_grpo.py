@@ -41,6 +41,18 @@ def test_equal_group_is_exactly_zero_even_when_float_mean_is_off():
     assert torch.equal(group_advantages(torch.tensor([0.7, 0.2]), group_size=1), torch.zeros(2))
 
 
+def test_near_equal_group_shows_eps():
+    # rewards 1/2, 1/2, 1/2, 1/2 + 2^-20 (exact in fp32): mean 1/2 + 2^-22, deviations -2^-22 (x3) and
+    # +3 * 2^-22, unbiased var (3 + 9) * 2^-44 / 3 = 2^-42, std 2^-21 (all exact). With eps = 1e-6 the
+    # advantages are (-1, -1, -1, 3) * 2^-22 / (2^-21 + 1e-6) = (-1, -1, -1, 3) * 0.161440; without eps they
+    # would be (-1, -1, -1, 3) / 2: the eps keeps a group that is equal but for noise from a full-size signal.
+    rewards = torch.tensor([0.5, 0.5, 0.5, 0.5 + 2 ** -20])
+    a = 2 ** -22 / (2 ** -21 + 1e-6)
+    assert a == pytest.approx(0.161440, rel=1e-5)
+    torch.testing.assert_close(group_advantages(rewards, group_size=4), torch.tensor([-a, -a, -a, 3 * a]),
+                               rtol=1e-6, atol=0)
+
+
 def test_group_size_must_divide():
     with pytest.raises(ValueError, match="groups of 4"):
         group_advantages(torch.zeros(6), group_size=4)

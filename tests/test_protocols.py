@@ -102,22 +102,21 @@ def test_chinese_rules_emotion_moves_with_warmth_and_dismissal(protocol):
 
 def sage_reference(changes, replies):
     """SAGE/test_npc.py:88-115 with simulator_response.py's update: returns (final emo_point, simulated user
-    turns, agent replies)."""
+    turns, agent replies, why it stopped)."""
     emo, k, agent, turns = 40, 0, 0, 0
     while True:
         turns += 1
         if turns > 10:
-            break
+            return emo, k, agent, "max_turns"
         if turns > 1:   # turn 1 is first_talk: no simulator call, no update
             emo = min(emo + max(-10, min(10, changes[k])), 100)
             reply = replies[k]
             k += 1
-            if "再见" in reply or "拜拜" in reply:
-                break
+            if "再见" in reply or "拜拜" in reply:   # the goodbye first, then the thresholds
+                return emo, k, agent, "goodbye"
             if emo >= 100 or emo < 10:
-                break
+                return emo, k, agent, "success" if emo >= 100 else "failure"
         agent += 1
-    return emo, k, agent
 
 
 SCRIPTS = {  # profile id -> (changes the analysis writes, replies the reply stage writes)
@@ -126,6 +125,10 @@ SCRIPTS = {  # profile id -> (changes the analysis writes, replies the reply sta
     "bye": ([3, 2, 0] + [0] * 9, ["嗯。", "好吧。", "好吧，再见。"] + ["嗯。"] * 9),   # goodbye at emotion 45
     "flat": ([0] * 12, ["嗯。"] * 12),                           # runs the full length: 9 scored replies
     "edge": ([-10, -10, -10] + [0] * 9, ["嗯。"] * 12),          # stays at 10: never a failure
+    # a goodbye on the very turn that crosses a threshold: the goodbye ends it (SAGE checks it first), and
+    # the final emotion still counts as a success / failure
+    "byeup": ([25] * 12, ["嗯。"] * 5 + ["太好了，拜拜。"] + ["嗯。"] * 6),   # 100 and goodbye at change 6
+    "byedown": ([-10, -10, -10, -1] + [0] * 8, ["唉。"] * 3 + ["算了，再见。"] + ["唉。"] * 8),  # 9 and goodbye
 }
 
 
@@ -157,18 +160,21 @@ def test_sage_protocol_matches_the_sage_loop(tmp_path):
                                  log=lambda *a: None)
     transcripts = {t["profile_id"]: t for t in map(json.loads, open(tmp_path / "transcripts.jsonl"))}
     for pid, (changes, replies) in SCRIPTS.items():
-        emo, user_turns, agent = sage_reference(changes, replies)
+        emo, user_turns, agent, reason = sage_reference(changes, replies)
         t = transcripts[pid]
         assert t["initial_emotion"] == 40 and t["final_emotion"] == emo and len(t["turns"]) == user_turns, pid
+        assert t["end_reason"] == reason, pid
         assert all(abs(turn["change"]) <= 10 for turn in t["turns"])
         # SAGE's agent speaks once more after a full-length dialogue (never scored); we stop at the last scored
         assert agent == user_turns + (t["end_reason"] == "max_turns")
-    assert [transcripts[p]["end_reason"] for p in SCRIPTS] == ["success", "failure", "goodbye", "max_turns", "max_turns"]
+    assert [transcripts[p]["end_reason"] for p in SCRIPTS] == ["success", "failure", "goodbye", "max_turns", "max_turns",
+                                                               "goodbye", "goodbye"]
     assert transcripts["up"]["final_emotion"] == 100 and len(transcripts["up"]["turns"]) == 6
     assert transcripts["down"]["final_emotion"] == 9 and transcripts["edge"]["final_emotion"] == 10
+    assert (transcripts["byeup"]["final_emotion"], transcripts["byedown"]["final_emotion"]) == (100, 9)
     assert len(transcripts["flat"]["turns"]) == 9
-    assert (summary["success"], summary["failure"], summary["dialogues"]) == (1, 1, 5)
-    assert summary["score"] == pytest.approx((100 + 9 + 45 + 40 + 10) / 5)
+    assert (summary["success"], summary["failure"], summary["dialogues"]) == (2, 2, 7)
+    assert summary["score"] == pytest.approx((100 + 9 + 45 + 40 + 10 + 100 + 9) / 7)
 
 
 # ---------------------------------------------------------------------------------------------------------

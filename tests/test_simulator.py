@@ -326,9 +326,15 @@ def test_messages_turns_and_think_stripping():
 
 
 def test_emotion_is_clamped_by_code_not_the_simulator():
-    episode = new_episode(profile(emotion=90))
-    simulate_turn([episode], ["hi"], lambda requests: [format_simulator_output("t", 30, "Yay")] * len(requests))
-    assert episode.emotion == 100 and episode.turns[0]["change"] == 30 and episode.end_reason == "success"
+    # the simulator writes changes beyond the classic protocol's +-30: the code clamps the change, then caps the
+    # emotion at 100 and floors it at 0 (start, written change) -> (applied change, emotion). (The one-call
+    # parser clamps to +-30 as well; the protocol's own clamp alone is caught by the SAGE loop's +25 changes.)
+    for (start, written), want in {(50, 45): (30, 80), (50, -45): (-30, 20), (90, 45): (30, 100),
+                                   (20, -45): (-30, 0)}.items():
+        episode = new_episode(profile(emotion=start))
+        simulate_turn([episode], ["hi"], lambda requests: [format_simulator_output("t", written, "Yay")] * len(requests))
+        assert (episode.turns[0]["change"], episode.emotion) == want, (start, written)
+        assert episode.end_reason == {100: "success", 0: "failure"}.get(want[1])
 
 
 def test_unparseable_output_is_retried_then_counted():
