@@ -210,6 +210,10 @@ def test_ppo_torchrun_reward_rises(ppo_fsdp):
 #
 # Not compared: statistics that are per-micro-batch means by construction (adv_std/min/max,
 # explained_var, ratio_mean/approx_kl that are 1/0 up to padding-layout rounding) and timings.
+# Both sides run the same update code, so a bug in it would be on both: the single process has its own
+# independent reference in test_training_step_against_numbers_worked_from_its_dialogues (loss and returns
+# worked out from the dialogues) and test_first_optimizer_step_at_a_temperature_has_ratio_1 (log-probs
+# against a plain forward); the rollouts in test_rollout.py's check_engine_logits.
 COMPARED = ["reward", "reward_std", "turns", "policy_tokens", "seq_len", "loss", "policy_loss", "entropy",
             "kl_ref", "grad_norm", "clip_frac", "lr"]
 PPO_COMPARED = COMPARED + ["value_loss", "value_error", "values_mean", "returns_mean", "critic_grad_norm"]
@@ -788,6 +792,9 @@ def test_rollout_seeds_give_each_dialogue_its_own_stream(tiny_qwen2, tmp_path, m
 
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
 def test_update_without_scoring_pass_equals_the_scored_update(algo, tiny_qwen2, tmp_path, monkeypatch, one_thread):
+    # two paths through the same update; its independent references: the scored log-probs against a plain
+    # forward (test_first_optimizer_step_at_a_temperature_has_ratio_1), the unscored path's loss against
+    # numbers worked from the dialogues (test_training_step_against_numbers_worked_from_its_dialogues)
     import copy
     import torch.distributed as dist
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
@@ -846,16 +853,18 @@ def test_strip_samples_take_their_dialogues_group_advantage():
     torch.testing.assert_close(adv, want.float(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("history", ["keep", "strip"])
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
-def test_think_history_strip_trains_turn_samples(algo, tiny_qwen2, tmp_path, monkeypatch, one_thread):
-    # One train_step under --think --think-history strip, checked against numbers worked out from its
-    # dialogues alone: every sampled token is trained once, in its turn's sample, with its dialogue's
-    # reward. GRPO: the first step's loss (ratio 1, no KL) is -sum_d A_d n_d / N (A_d: the group formula,
-    # n_d: the dialogue's sampled tokens, N: all of them). PPO: every policy token's return is its
-    # dialogue's reward (gamma = lambda = 1, the reward on each sample's last token), so the token mean of
-    # the returns is sum_d r_d n_d / N.
+def test_training_step_against_numbers_worked_from_its_dialogues(algo, history, tiny_qwen2, tmp_path, monkeypatch,
+                                                                 one_thread):
+    # One train_step (--think, both --think-history modes) against numbers worked out from its dialogues
+    # alone: every sampled token is trained once (strip: in its turn's sample) with its dialogue's reward.
+    # GRPO: the first step's loss (ratio 1, no KL) is -sum_d A_d n_d / N (A_d: the group formula, n_d: the
+    # dialogue's sampled tokens, N: all of them). PPO: every policy token's return is its dialogue's reward
+    # (gamma = lambda = 1, the reward on each sample's last token), so the token mean of the returns is
+    # sum_d r_d n_d / N. The independent reference of the single process that the FSDP comparisons use.
     argv = tiny_run(tiny_qwen2, tmp_path, algo, "--max-turns", "3", "--max-new-tokens", "12", "--think",
-                    "--think-history", "strip", "--no-overlap", "--micro-batch", "4")
+                    "--think-history", history, "--no-overlap", "--micro-batch", "4")
     with in_process(argv, monkeypatch) as (run, args):
         eos = torch.arange(run.policy.config.vocab_size) == run.tokenizer.eos_token_id  # (V,)
         # +4 on the EOS logit: turns and dialogues of different lengths, so token weights show
@@ -863,8 +872,10 @@ def test_think_history_strip_trains_turn_samples(algo, tiny_qwen2, tmp_path, mon
         m, dialogues = rlver.train_step(run, args, 0)
     rewards = [sim.reward(d.episode) for d in dialogues]
     n = [sum(d.policy_mask) for d in dialogues]
-    # every policy turn is a sample: more samples than dialogues (4), as many as turns played
-    assert m["samples"] == sum(len(d.samples) for d in dialogues) == pytest.approx(4 * m["turns"]) and m["samples"] > 4
+    # strip: every policy turn is a sample, more samples than dialogues (4), as many as turns played
+    turns = 4 * m["turns"] if history == "strip" else 4
+    assert m["samples"] == sum(len(d.samples) for d in dialogues) == pytest.approx(turns) and m["samples"] >= 4
+    assert history == "keep" or m["samples"] > 4
     assert m["prefill_tokens"] <= 1.1 * m["conversation_tokens"]
     if algo == "grpo":
         adv = []
