@@ -747,20 +747,32 @@ def test_first_optimizer_step_at_a_temperature_has_ratio_1(algo, tiny_qwen2, tmp
     # forward, two calls that must both divide the logits by the sampling temperature. Before the first
     # optimizer step they are one policy: ratio 1, approx KL 0, clip fraction 0. (With the default one
     # mini-batch the update reuses its own forward as pi_old, so a temperature missing there goes unseen.)
-    argv = tiny_run(tiny_qwen2, tmp_path, algo, "--temperature", "0.7", "--mini-batches", "2", "--kl-coef", "1e-3")
+    argv = tiny_run(tiny_qwen2, tmp_path, algo, "--temperature", "0.7", "--mini-batches", "2", "--kl-coef", "1e-3",
+                    "--critic-lr", "1e-2")
     with in_process(argv, monkeypatch) as (run, args):
         dialogues = rlver.play(run, args, run.profiles[:2], 2, [ro.rollout_seed(0, 0, j) for j in range(4)], 0.7)
         rewards = torch.tensor([sim.reward(d.episode) for d in dialogues])
         batch = rlver.score_rollouts(run, args, ro.training_samples(dialogues))
         ids, mask = batch["ids"], batch["mask"]
-        # pi_old and pi_ref against an independent reference: a plain forward, logits / 0.7, log-softmax
-        with torch.no_grad():
-            plain = torch.log_softmax(run.policy(ids[:, :-1]) / 0.7, -1).gather(-1, ids[:, 1:, None])[..., 0]
+
+        @torch.no_grad()
+        def plain_logprobs(policy):  # the independent reference: a plain forward, logits / 0.7, log-softmax
+            return torch.log_softmax(policy(ids[:, :-1]) / 0.7, -1).gather(-1, ids[:, 1:, None])[..., 0]
+
+        plain = plain_logprobs(run.policy)  # (B, T-1) pi_old and pi_ref must equal it
         for key in ("old_logprobs", "ref_logprobs"):
             torch.testing.assert_close(batch[key][mask], plain[mask], atol=1e-5, rtol=0)
         batch["advantages"] = rlver.advantages(run, args, batch, rewards)
-        control = rlver.update(copy.deepcopy(run), copy.deepcopy(batch), args, 0)
-        assert abs(control["ratio_mean"] - 1) > 1e-4  # the second mini-batch runs after an optimizer step
+        full_run = copy.deepcopy(run)
+        full = rlver.update(full_run, copy.deepcopy(batch), args, 0)
+        assert abs(full["ratio_mean"] - 1) > 1e-4  # the second mini-batch runs after an optimizer step
+        # and the steps went down the loss: the sampled tokens' log-probs moved with their advantages, and
+        # (PPO) the critic's values towards the returns
+        assert (batch["advantages"] * (plain_logprobs(full_run.policy) - plain))[mask].sum() > 0
+        if algo == "ppo":
+            with torch.no_grad():
+                errors = [((c(ids) - batch["returns"])[mask] ** 2).mean() for c in (run.critic, full_run.critic)]
+            assert errors[1] < errors[0], errors
         # only the first mini-batch of the update's seeded shuffle keeps its policy tokens, so the step's
         # token-weighted metrics are those of the first optimizer step
         order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(rlver.shuffle_seed(args.seed, 0, 0)))
