@@ -766,9 +766,10 @@ def test_first_optimizer_step_at_a_temperature_has_ratio_1(algo, tiny_qwen2, tmp
         full_run = copy.deepcopy(run)
         full = rlver.update(full_run, copy.deepcopy(batch), args, 0)
         assert abs(full["ratio_mean"] - 1) > 1e-4  # the second mini-batch runs after an optimizer step
-        # and the steps went down the loss: the sampled tokens' log-probs moved with their advantages, and
-        # (PPO) the critic's values towards the returns
+        # and the steps went down the loss: the sampled tokens' log-probs moved with their advantages (the
+        # reference's did not), and (PPO) the critic's values towards the returns
         assert (batch["advantages"] * (plain_logprobs(full_run.policy) - plain))[mask].sum() > 0
+        torch.testing.assert_close(plain_logprobs(full_run.reference), plain)
         if algo == "ppo":
             with torch.no_grad():
                 errors = [((c(ids) - batch["returns"])[mask] ** 2).mean() for c in (run.critic, full_run.critic)]
