@@ -338,7 +338,7 @@ def test_rollout_prints_the_engine_against_its_ablations():
     rows = [line.split() for line in r.stdout.splitlines() if line.strip().endswith(("yes", "NO"))]
     assert [(row[0], row[1]) for row in rows] == [(f"{ms}ms", v) for ms in (0, 30)
                                                   for v in ("engine", "no-overlap", "no-kv-reuse", "lockstep")]
-    for row in rows:
+    for row in rows:  # (the variants share the engine; its independent reference: test_rollout.check_engine_logits)
         assert row[-1] == "yes"  # every variant plays the very same dialogues
     ratio = {(row[0], row[1]): float(row[-6]) for row in rows}  # the prefill/conv column
     # KV reuse prefills each token at most once (the sampled ones are fed by decode steps); re-prefilling
