@@ -167,8 +167,8 @@ def test_sage_protocol_matches_the_sage_loop(tmp_path):
         assert all(abs(turn["change"]) <= 10 for turn in t["turns"])
         # SAGE's agent speaks once more after a full-length dialogue (never scored); we stop at the last scored
         assert agent == user_turns + (t["end_reason"] == "max_turns")
-    assert [transcripts[p]["end_reason"] for p in SCRIPTS] == ["success", "failure", "goodbye", "max_turns", "max_turns",
-                                                               "goodbye", "goodbye"]
+    assert [transcripts[p]["end_reason"] for p in SCRIPTS] == ["success", "failure", "goodbye", "max_turns",
+                                                               "max_turns", "goodbye", "goodbye"]
     assert transcripts["up"]["final_emotion"] == 100 and len(transcripts["up"]["turns"]) == 6
     assert transcripts["down"]["final_emotion"] == 9 and transcripts["edge"]["final_emotion"] == 10
     assert (transcripts["byeup"]["final_emotion"], transcripts["byedown"]["final_emotion"]) == (100, 9)

@@ -11,6 +11,9 @@
                checkpoint (step_N.tmp with DONE) is skipped by --resume
   token carry  rollout.rollout (in-process): the carried ids are the chat template of the dialogue, and the
                policy mask selects exactly the sampled tokens
+  in process   rlver's setup, rollout, scoring and update one by one: the first optimizer step at a temperature
+               (ratio 1, log-probs against a plain forward, the loss goes down), a stream per dialogue, a
+               training step against numbers worked out from its dialogues
   demo         `python rlver.py` with no --model makes a tiny model and trains
 
 Expensive runs are module-scoped fixtures shared by the assertions that read them. Budget: ~2 minutes on a
@@ -231,23 +234,6 @@ def test_grpo_fsdp_equals_single_process(grpo_fsdp, tiny_qwen2, flat_profiles, t
     assert_same_metrics(single[1], fsdp[1], COMPARED + ["kl"], rel=1e-4, abs_=1e-6, what="grpo step 2")
 
 
-def test_ppo_fsdp_equals_single_process(tiny_qwen2, tmp_path):
-    # per rank 8 dialogues = 1 micro-batch of 8; the single process cuts its 16 into 2 micro-batches.
-    # seq-mean-token-mean over dialogues of different lengths (mixed_profiles): under token-mean PPO's
-    # first-step policy loss is -mean(whitened advantages) = 0 on both sides whatever the layout; averaged
-    # per sequence it is a real value, and it needs the global sequence count. (Both sides share the
-    # update's code; its independent references are test_ppo.py's hand-worked aggregation and
-    # micro-batches-with-the-global-count-equal-the-full-batch.)
-    args = ["--model", tiny_qwen2, "--train-profiles", mixed_profiles(tmp_path), *SMALL, "--algo", "ppo", "--group-size", "4",
-            "--micro-batch", "8", "--lr", "1e-2", "--critic-lr", "1e-2", "--steps", "1",
-            "--loss-agg", "seq-mean-token-mean"]
-    run_cli([*args, "--out", str(tmp_path / "fsdp")], nproc=2)
-    run_cli([*args, "--out", str(tmp_path / "single"), "--no-fsdp"])
-    fsdp, single = metrics(tmp_path / "fsdp"), metrics(tmp_path / "single")
-    assert abs(fsdp[0]["policy_loss"]) > 1e-3 and fsdp[0]["value_loss"] > 1e-3 and fsdp[0]["grad_norm"] > 1e-3
-    assert_same_metrics(single, fsdp, PPO_COMPARED, rel=1e-5, abs_=1e-7, what="ppo: --no-fsdp vs torchrun")
-
-
 def mixed_profiles(tmp_path):
     """The first 4 built-in training profiles starting at 99, 98, 20, 50: the first two soon reach 100 and end,
     so dialogues differ in length."""
@@ -259,6 +245,23 @@ def mixed_profiles(tmp_path):
     return str(profiles)
 
 
+def test_ppo_fsdp_equals_single_process(tiny_qwen2, tmp_path):
+    # per rank 8 dialogues = 1 micro-batch of 8; the single process cuts its 16 into 2 micro-batches.
+    # seq-mean-token-mean over dialogues of different lengths (mixed_profiles): under token-mean PPO's
+    # first-step policy loss is -mean(whitened advantages) = 0 on both sides whatever the layout; averaged
+    # per sequence it is a real value, and it needs the global sequence count. (Both sides share the
+    # update's code; its independent references are test_ppo.py's hand-worked aggregation and
+    # micro-batches-with-the-global-count-equal-the-full-batch.)
+    args = ["--model", tiny_qwen2, "--train-profiles", mixed_profiles(tmp_path), *SMALL, "--algo", "ppo",
+            "--group-size", "4", "--micro-batch", "8", "--lr", "1e-2", "--critic-lr", "1e-2", "--steps", "1",
+            "--loss-agg", "seq-mean-token-mean"]
+    run_cli([*args, "--out", str(tmp_path / "fsdp")], nproc=2)
+    run_cli([*args, "--out", str(tmp_path / "single"), "--no-fsdp"])
+    fsdp, single = metrics(tmp_path / "fsdp"), metrics(tmp_path / "single")
+    assert abs(fsdp[0]["policy_loss"]) > 1e-3 and fsdp[0]["value_loss"] > 1e-3 and fsdp[0]["grad_norm"] > 1e-3
+    assert_same_metrics(single, fsdp, PPO_COMPARED, rel=1e-5, abs_=1e-7, what="ppo: --no-fsdp vs torchrun")
+
+
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
 def test_think_history_strip_fsdp_equals_single_process(algo, tiny_qwen2, tmp_path):
     # --think-history strip trains one sample per policy turn. Profiles starting at 98-99 soon reach 100 and
@@ -266,9 +269,9 @@ def test_think_history_strip_fsdp_equals_single_process(algo, tiny_qwen2, tmp_pa
     # numbers of turn samples, rank 0 is padded with empty ones, and the step must equal the single process.
     assert rlver.step_profiles(4, 4, 0, seed=0)[:2] == [0, 1]  # rank 0's share of step 1
     args = ["--model", tiny_qwen2, "--algo", algo, "--think", "--think-history", "strip", "--train-profiles",
-            mixed_profiles(tmp_path), "--profiles-per-step", "4", "--group-size", "2", "--max-turns", "3", "--max-new-tokens",
-            "16", "--micro-batch", "4", "--steps", "1", "--protocol", "classic", "--kl-coef", "0", "--lr", "1e-2",
-            "--critic-lr", "1e-2"]
+            mixed_profiles(tmp_path), "--profiles-per-step", "4", "--group-size", "2", "--max-turns", "3",
+            "--max-new-tokens", "16", "--micro-batch", "4", "--steps", "1", "--protocol", "classic", "--kl-coef", "0",
+            "--lr", "1e-2", "--critic-lr", "1e-2"]
     run_cli([*args, "--out", str(tmp_path / "fsdp")], nproc=2)
     run_cli([*args, "--out", str(tmp_path / "single"), "--no-fsdp"])
     fsdp, single = metrics(tmp_path / "fsdp"), metrics(tmp_path / "single")
@@ -885,9 +888,9 @@ def test_training_step_against_numbers_worked_from_its_dialogues(algo, history, 
         m, dialogues = rlver.train_step(run, args, 0)
     rewards = [sim.reward(d.episode) for d in dialogues]
     n = [sum(d.policy_mask) for d in dialogues]
-    # strip: every policy turn is a sample, more samples than dialogues (4), as many as turns played
-    turns = 4 * m["turns"] if history == "strip" else 4
-    assert m["samples"] == sum(len(d.samples) for d in dialogues) == pytest.approx(turns) and m["samples"] >= 4
+    # keep: one sample per dialogue; strip: one per policy turn, more than dialogues, as many as turns played
+    samples = 4 * m["turns"] if history == "strip" else 4
+    assert m["samples"] == sum(len(d.samples) for d in dialogues) == pytest.approx(samples)
     assert history == "keep" or m["samples"] > 4
     assert m["prefill_tokens"] <= 1.1 * m["conversation_tokens"]
     if algo == "grpo":

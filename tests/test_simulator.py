@@ -332,7 +332,7 @@ def test_emotion_is_clamped_by_code_not_the_simulator():
     for (start, written), want in {(50, 45): (30, 80), (50, -45): (-30, 20), (90, 45): (30, 100),
                                    (20, -45): (-30, 0)}.items():
         episode = new_episode(profile(emotion=start))
-        simulate_turn([episode], ["hi"], lambda requests: [format_simulator_output("t", written, "Yay")] * len(requests))
+        simulate_turn([episode], ["hi"], lambda requests: [format_simulator_output("t", written, "Y")] * len(requests))
         assert (episode.turns[0]["change"], episode.emotion) == want, (start, written)
         assert episode.end_reason == {100: "success", 0: "failure"}.get(want[1])
 
