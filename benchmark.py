@@ -41,6 +41,7 @@ Read top to bottom: score arithmetic -> report files (transcripts, summary, SVG)
 
 import argparse
 import decimal
+import hashlib
 import json
 import math
 import os
@@ -48,6 +49,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from xml.sax.saxutils import escape
 
 import torch
@@ -251,6 +253,7 @@ def report(episodes, out_dir=None, *, seeds=None, title="", config=None, max_tur
     summary["seed_mean"], summary["seed_std"] = seed_spread(per_seed)
     summary["parse_failures"] = sum(ep.parse_failures for ep in episodes)
     summary["config"] = config or {}
+    summary["provenance"] = summary["config"].get("provenance")
     log(profile_table(episodes))
     headline = (f"score {summary['score']:.1f} (seeds: {summary['seed_mean']:.1f} ± {summary['seed_std']:.1f}) | "
                 f"success {summary['success']} ({summary['success_rate']:.0%}) | "
@@ -261,7 +264,8 @@ def report(episodes, out_dir=None, *, seeds=None, title="", config=None, max_tur
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "transcripts.jsonl"), "w", encoding="utf-8") as f:
             for ep, seed in zip(episodes, seeds):
-                f.write(json.dumps(sim.transcript(ep, seed=seed), ensure_ascii=False) + "\n")
+                record = sim.transcript(ep, seed=seed, provenance=summary["config"].get("provenance"))
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
         with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2, ensure_ascii=False)
         max_turns = max_turns or summary["config"].get("max_turns") or max(len(ep.turns) for ep in episodes) or 1
@@ -1076,6 +1080,28 @@ def check_out_dir(out):
         raise BenchmarkError(f"--out {out}: {blocking_file(out)} is a file, not a folder: choose another --out")
 
 
+def _text_sha256(text):
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def provenance(args, profiles, profiles_path, seeds):
+    """What makes a score comparable (summary.json, and every record of transcripts.jsonl): the rules, the
+    simulator and its prompts, the policy's prompt and decoding, the scenarios, the seeds."""
+    official = profiles[0].prompts
+    langs = sorted({args.lang or p.lang or sim.detect_lang(p) for p in profiles})
+    policy = sorted({ro.system_prompt(args.think, lang, official) for lang in langs})
+    return {"protocol": args.protocol, "simulator": args.simulator_model or args.simulator,
+            "simulator_prompts": ({"source": f"official {official.source}", "files": official.files,
+                                   "official_quirks": official.start_emotion_quirk} if official
+                                  else {"source": "ours", "mode": args.mode}),
+            "policy_prompt": {"source": official.policy_source if official else "ours (prompts/policy_system*.txt)",
+                              "sha256": [_text_sha256(t) for t in policy]},
+            "profiles": {"file": os.path.abspath(profiles_path) if profiles_path else "built-in test set",
+                         "sha256": sim._sha256(profiles_path) if profiles_path else None, "count": len(profiles)},
+            "decoding": {"temperature": args.temperature, "top_p": 1.0, "max_new_tokens": args.max_new_tokens},
+            "seeds": seeds}
+
+
 def eval_command(args):
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else []
@@ -1094,8 +1120,12 @@ def eval_command(args):
         raise BenchmarkError("--policy-timeout, --policy-turn-deadline, --simulator-timeout and "
                              "--simulator-turn-deadline must be > 0 seconds")
     check_out_dir(args.out)
-    profiles = sim.load_profiles(args.profiles) if args.profiles else sim.builtin_profiles("test")
-    profiles = profiles[:args.limit] if args.limit else profiles
+    official = args.official_prompts and sim.load_official_prompts(   # the authors' prompts (simulator.py 3b),
+        args.official_prompts, args.protocol, args.think, args.official_quirks, args.simulator)   # on every profile
+    profiles_path = args.profiles or (sim.official_profiles_path(args.official_prompts)
+                                      if official and args.protocol == "sage" else None)
+    profiles = sim.load_profiles(profiles_path) if profiles_path else sim.builtin_profiles("test")
+    profiles = [replace(p, prompts=official) for p in (profiles[:args.limit] if args.limit else profiles)]
     policy, tokenizer = check_policy(args), None
     try:  # (a local simulator model is loaded here: the policy was checked first, cheaply)
         client = {}  # the HTTP client's knobs, for an endpoint simulator
@@ -1110,6 +1140,7 @@ def eval_command(args):
         dtype = DTYPES[args.dtype]
         policy, tokenizer = load_model(policy, device=args.device, dtype=dtype), load_tokenizer(policy)
     config = {k: v for k, v in vars(args).items() if k != "func"}
+    config["provenance"] = provenance(args, profiles, profiles_path, seeds)
     return evaluate(policy, tokenizer, profiles, backend, seeds=seeds, max_turns=args.max_turns, mode=args.mode,
                     think=args.think, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     out_dir=args.out, config=config, protocol=args.protocol, lang=args.lang,
@@ -1131,6 +1162,13 @@ def get_args(argv=None):
     e.add_argument("--mode", choices=sim.MODES, default="vanilla")
     e.add_argument("--profiles", default=None, help="profile JSONL (ours or public RLVER); default: built-in test set")
     e.add_argument("--limit", type=int, default=0, help="use only the first N profiles (0: all)")
+    e.add_argument("--official-prompts", default=None, metavar="DIR",
+                   help="play the authors' own prompts, read from your checkout of their digitalhuman repository "
+                        "(its root, SAGE/ or RLVER/): --protocol sage reads SAGE's simulator, agent prompt and "
+                        "(without --profiles) its 100 scenarios; rlver reads RLVER's simulator and policy prompts")
+    e.add_argument("--official-quirks", action="store_true",
+                   help="with --official-prompts under rlver: every analysis call sees the start emotion, as "
+                        "the official trainer's code does (the paper: the live emotion)")
     e.add_argument("--protocol", choices=list(sim.PROTOCOLS), default="sage",
                    help="dialogue rules (simulator.PROTOCOLS): sage = SAGE's test loop (start 40, +-10, success 100, "
                         "failure < 10, goodbye, 9 scored replies, two-stage simulator); rlver = RLVER's training "

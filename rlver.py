@@ -35,7 +35,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -92,6 +92,10 @@ def environment_flags(a):
     a("--test-profiles", default=None, help="profile JSONL for periodic evaluation; default: built-in test set")
     a("--think", action=argparse.BooleanOptionalAction, default=False, help="think-then-say policy template "
       "(official: off)")
+    a("--official-prompts", default=None, metavar="DIR", help="play the authors' own simulator and policy prompts, "
+      "read from your checkout of their digitalhuman repository (its root, SAGE/ or RLVER/) for --protocol")
+    a("--official-quirks", action="store_true", help="with --official-prompts under rlver: every analysis call "
+      "sees the start emotion, as the official trainer's code does (the paper: the live emotion)")
     a("--protocol", choices=list(sim.PROTOCOLS), default="rlver", help="dialogue rules (simulator.PROTOCOLS): rlver = "
       "RLVER's training simulator (start 30, two-stage, goodbye ends); sage = SAGE's test loop; classic = ours")
     a("--lang", choices=sim.LANGS, default=None, help="force the template language (default: detected per profile)")
@@ -297,7 +301,7 @@ def validate_model(args, profiles):
     # so only its system prompt is measured here
     profiles = [sim.resolve_profile(p, args.protocol, args.lang, args.initial_emotion) for p in profiles]
     longest = max(len(tokenizer.encode(ro.render(tokenizer, [{"role": "system", "content": ro.system_prompt(
-        args.think, p.lang)}, {"role": "user", "content": p.opening or ""}], True), add_special_tokens=False))
+        args.think, p.lang, p.prompts)}, {"role": "user", "content": p.opening or ""}], True), add_special_tokens=False))
         for p in profiles)
     if longest + args.max_new_tokens > args.max_context:
         raise ConfigError(f"--max-context {args.max_context} leaves no room for a turn: the longest opening prompt "
@@ -900,6 +904,9 @@ def setup(args, argv):
     make_random_model(args, shape)
     profiles = sim.load_profiles(args.train_profiles) if args.train_profiles else sim.builtin_profiles("train")
     test_profiles = sim.load_profiles(args.test_profiles) if args.test_profiles else sim.builtin_profiles("test")
+    official = args.official_prompts and sim.load_official_prompts(   # the authors' prompts (simulator.py 3b),
+        args.official_prompts, args.protocol, args.think, args.official_quirks, args.simulator)   # on every profile
+    profiles, test_profiles = ([replace(p, prompts=official) for p in ps] for ps in (profiles, test_profiles))
     cfg, tokenizer = validate_model(args, profiles)
     backend = make_simulator(args, device)
     prepare_out(args, world, device)

@@ -35,15 +35,18 @@ import simulator as sim
 # The policy's prompt
 
 
-def system_prompt(think, lang="en"):
+def system_prompt(think, lang="en", official=None):
     """The policy's system prompt: plain, or think-then-say (<think>...</think> first, then the reply), in the
-    dialogue's language."""
+    dialogue's language; or the authors' (official: simulator.OfficialPrompts, read for the run's --think)."""
+    if official:
+        return official.policy
     return sim.load_prompt("policy_system_think.txt" if think else "policy_system.txt", lang).strip()
 
 
 def policy_messages(episode, think):
     """The chat the policy answers: its system prompt, then the dialogue from the agent's side."""
-    return [{"role": "system", "content": system_prompt(think, episode.profile.lang)}] + episode.messages
+    return [{"role": "system", "content": system_prompt(think, episode.profile.lang, episode.profile.prompts)}] + \
+        episode.messages
 
 
 def render(tokenizer, messages, add_generation_prompt, think=None):
