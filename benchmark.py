@@ -426,14 +426,23 @@ def _system_name(path):
     return stem[:-len("_result")] if stem.endswith("_result") else stem
 
 
+def _published_provenance(path):
+    """What a SAGE published result file says about how it was scored: SAGE's loop and prompts, and the
+    simulator named by its folder (dataset/deepseek-v3-2024-1227_based_simulator/...)."""
+    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    simulator = folder[:-len("_based_simulator")] if folder.endswith("_based_simulator") else "unknown"
+    return {"protocol": "sage", "simulator": simulator, "simulator_prompts": {"source": "official SAGE"}}
+
+
 def read_system(path):
     """One results file (or an eval output directory) -> {"name", "dialogues": [(id, final, trajectory,
-    protocol)]}. Raises BenchmarkError for a file in neither layout."""
+    protocol)], "provenance"} (ours: what eval recorded, "unknown" where an older file has none). Raises
+    BenchmarkError for a file in neither layout."""
     if os.path.isdir(path):
         path = os.path.join(path, "transcripts.jsonl")
     if not os.path.isfile(path):
         raise BenchmarkError(f"no such results file {path}")
-    dialogues = []
+    dialogues, provenance = [], None
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -443,15 +452,18 @@ def read_system(path):
                 if "emo_point" in r:   # SAGE layout
                     traj = [t["emotion-point"] for t in r["history"] if t.get("role") == "user"]
                     dialogues.append((str(r["id"]), r["emo_point"], traj or [r["emo_point"]], "sage"))
+                    provenance = provenance or _published_provenance(path)
                 else:                  # our transcripts.jsonl
                     traj = [r["initial_emotion"]] + [t["emotion"] for t in r["turns"]]
                     dialogues.append((str(r["profile_id"]), r["final_emotion"], traj, r.get("protocol", "classic")))
+                    provenance = provenance or r.get("provenance") or {
+                        "protocol": dialogues[-1][3], "simulator": "unknown", "simulator_prompts": {"source": "unknown"}}
             except (ValueError, KeyError, TypeError) as e:
                 raise BenchmarkError(f"{path}:{lineno} is neither a SAGE result record (id, emo_point, "
                                      f"history) nor one of our transcripts ({e!r})") from None
     if not dialogues:
         raise BenchmarkError(f"{path} has no records")
-    return {"name": _system_name(path), "dialogues": dialogues}
+    return {"name": _system_name(path), "dialogues": dialogues, "provenance": provenance}
 
 
 def round_half_up(value, digits=1):
@@ -460,16 +472,40 @@ def round_half_up(value, digits=1):
     return float(decimal.Decimal(repr(value)).quantize(q, rounding=decimal.ROUND_HALF_UP))
 
 
+COMPARABLE = ("protocol", "profiles", "simulator_prompts")   # rows that differ in one are not ranked together
+
+
+def provenance_fields(system):
+    """The provenance a leaderboard row shows: protocol, simulator, its prompts' source, the scenarios played
+    (count and a digest of their ids, so two files of the same 100 SAGE scenarios agree) and our decoding."""
+    p, ids = system["provenance"], sorted({d[0] for d in system["dialogues"]})
+    decoding = p.get("decoding") or {}
+    return {"protocol": p["protocol"], "simulator": p["simulator"], "simulator_prompts": p["simulator_prompts"]["source"],
+            "profiles": f"{len(ids)} ids #{_text_sha256(chr(10).join(ids))[:8]}",
+            "decoding": (f"T={decoding['temperature']:g} max_new={decoding['max_new_tokens']}" if decoding else "-")}
+
+
 def leaderboard_rows(systems):
-    """Score / Success / Failure / dialogues per system, best score first."""
+    """Score / Success / Failure / dialogues and the provenance per system, best score first."""
     rows = []
     for system in systems:
         finals = [(final, protocol) for _, final, _, protocol in system["dialogues"]]
         rows.append({"name": system["name"], "score": round_half_up(sum(f for f, _ in finals) / len(finals)),
                      "success": sum(sim.final_outcome(f, p) == "success" for f, p in finals),
                      "failure": sum(sim.final_outcome(f, p) == "failure" for f, p in finals),
-                     "dialogues": len(finals)})
+                     "dialogues": len(finals), **provenance_fields(system)})
     return sorted(rows, key=lambda r: -r["score"])
+
+
+def mixed_fields(rows, allow_mixed):
+    """The COMPARABLE fields in which the rows differ. Without allow_mixed any such field refuses the table
+    (BenchmarkError naming the first field and each system's value): a ranking across it compares nothing."""
+    mixed = [k for k in COMPARABLE if len({r[k] for r in rows}) > 1]
+    if mixed and not allow_mixed:
+        values = ", ".join(f"{r['name']}: {r[mixed[0]]}" for r in rows)
+        raise BenchmarkError(f"the systems differ in {mixed[0]} ({values}): their scores are not comparable; "
+                             f"rank them anyway with --allow-mixed")
+    return mixed
 
 
 def versus(systems, name):
@@ -481,6 +517,7 @@ def versus(systems, name):
             finals.setdefault(pid, []).append(final)
         return {pid: statistics.mean(v) for pid, v in finals.items()}
     by_name = {s["name"]: per_id(s) for s in systems}
+    name = next((n for n in by_name if n.lower() == name.lower()), name)   # as a README writes it: GPT-4.1
     if name not in by_name:
         raise BenchmarkError(f"--versus {name!r} is none of the systems {sorted(by_name)}")
     base, rows = by_name[name], []
@@ -526,10 +563,11 @@ def leaderboard_command(args):
     names = [s["name"] for s in systems]
     if len(set(names)) != len(names):
         raise BenchmarkError(f"two files give the same system name ({names}); rename one")
-    ids = [{d[0] for d in s["dialogues"]} for s in systems]
-    if any(i != ids[0] for i in ids):
-        print("WARNING: the systems did not play the same scenarios; the scores are not comparable", file=sys.stderr)
     rows = leaderboard_rows(systems)
+    mixed = mixed_fields(rows, args.allow_mixed)
+    if mixed:
+        print(f"WARNING: --allow-mixed: the systems differ in {', '.join(mixed)} (marked *): the scores are not "
+              f"comparable", file=sys.stderr)
     vs = versus(systems, args.versus) if args.versus else []
     if args.plot:
         write_leaderboard_svg(args.plot, systems)
@@ -537,9 +575,11 @@ def leaderboard_command(args):
         print(json.dumps(rows if not vs else {"leaderboard": rows, "versus": vs}, ensure_ascii=False))
         return rows
     width = max(6, *(len(n) for n in names))
-    print(f"{'system':<{width}}  {'Score':>6} {'Success':>8} {'Failure':>8} {'dialogues':>10}")
+    fields = ("protocol", "simulator", "simulator_prompts", "profiles", "decoding")
+    print(f"{'system':<{width}}  {'Score':>6} {'Success':>8} {'Failure':>8} {'dialogues':>10}  " + " | ".join(fields))
     for r in rows:
-        print(f"{r['name']:<{width}}  {r['score']:>6.1f} {r['success']:>8d} {r['failure']:>8d} {r['dialogues']:>10d}")
+        print(f"{r['name']:<{width}}  {r['score']:>6.1f} {r['success']:>8d} {r['failure']:>8d} {r['dialogues']:>10d}  "
+              + " | ".join(r[k] + ("*" if k in mixed else "") for k in fields))
     for r in vs:
         print(f"{r['name']} vs {r['versus']}: {r['wins']} wins, {r['ties']} ties, {r['losses']} losses "
               f"on {r['scenarios']} scenarios")
@@ -1202,7 +1242,10 @@ def get_args(argv=None):
     lb.add_argument("files", nargs="+", help="SAGE result JSONL files and/or our eval outputs (transcripts.jsonl or its dir)")
     lb.add_argument("--json", action="store_true", help="print a JSON list of {name, score, success, failure, dialogues}")
     lb.add_argument("--plot", default=None, help="write an SVG of each system's mean emotion per turn")
-    lb.add_argument("--versus", default=None, help="per-scenario wins / ties / losses against this system")
+    lb.add_argument("--versus", default=None, help="per-scenario wins / ties / losses against this system (its name "
+                    "as the table shows it; case does not matter, e.g. gpt-4.1 or GPT-4.1)")
+    lb.add_argument("--allow-mixed", action="store_true", help="rank systems whose protocol, scenarios or simulator "
+                    "prompts differ (the differing fields marked *); without it such a table is refused")
     lb.set_defaults(func=leaderboard_command)
 
     s = commands.add_parser("speed", help="generation tokens/s and training step time",

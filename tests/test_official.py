@@ -264,6 +264,30 @@ def test_eval_plays_sages_prompts_from_the_checkout(checkout, tmp_path):
     assert all(rec["provenance"] == prov for rec in records)
     assert records[0]["turns"][0]["user"] == "tell me more, 0"   # the text after the last Response:, unquoted
 
+    # the leaderboard: our run beside a SAGE published file of the same scenarios (its simulator named by its
+    # folder), then beside a run whose simulator prompts were ours: refused, unless --allow-mixed
+    published = tmp_path / "dataset" / "deepseek-v3-2024-1227_based_simulator" / "gpt-4.1_result.jsonl"
+    published.parent.mkdir(parents=True)
+    published.write_text("".join(json.dumps({"id": f"p{i}", "emo_point": 60, "history": [
+        {"role": "user", "content": "x", "emotion-point": 40}, {"role": "user", "content": "y", "emotion-point": 60}]})
+        + "\n" for i in range(3)))
+    r = cli("benchmark.py", "leaderboard", str(out), str(published), "--versus", "GPT-4.1")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[1].split()[:2] == ["eval", "100.0"] and "sage | sim-model | official SAGE | 3 ids #" in lines[1]
+    assert lines[2].split()[:2] == ["gpt-4.1", "60.0"] and "sage | deepseek-v3-2024-1227 | official SAGE" in lines[2]
+    assert lines[1].split("|")[3] == lines[2].split("|")[3]   # the same scenario digest
+    assert "eval vs gpt-4.1: 3 wins, 0 ties, 0 losses on 3 scenarios" in r.stdout
+    ours = tmp_path / "ours" / "transcripts.jsonl"
+    ours.parent.mkdir()
+    ours.write_text("".join(json.dumps(dict(rec, provenance=dict(prov, simulator_prompts={"source": "ours"})))
+                            + "\n" for rec in records))
+    r = cli("benchmark.py", "leaderboard", str(out), str(ours))
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1
+    assert "differ in simulator_prompts (eval: official SAGE, ours: ours)" in r.stderr
+    r = cli("benchmark.py", "leaderboard", str(out), str(ours), "--allow-mixed")
+    assert r.returncode == 0 and "official SAGE* |" in r.stdout and "WARNING: --allow-mixed" in r.stderr
+
 
 def test_two_training_steps_play_rlvers_prompts_from_a_file_that_is_not_python(checkout, tiny_qwen2, tmp_path):
     with pytest.raises(SyntaxError):
