@@ -90,6 +90,7 @@ def summarize(episodes):
         "failure_rate": outcomes.count("failure") / n,
         "mean_turns": sum(len(ep.turns) for ep in episodes) / n,
         "dialogues": n,
+        **{k: sum(getattr(ep, k) for ep in episodes) for k in sim.COUNTS},  # cut replies, cut thoughts, ...
     }
 
 
@@ -369,8 +370,8 @@ def write_curves(path, rows, title="training curves"):
 
 
 def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=None, mode="vanilla", think=False,
-             max_new_tokens=256, temperature=0.0, out_dir=None, log=print, title="", config=None,
-             protocol="sage", lang=None, initial_emotion=None, max_parse_failure_rate=0.5):
+             max_new_tokens=2048, max_context=8192, temperature=0.0, out_dir=None, log=print, title="", config=None,
+             protocol="sage", lang=None, initial_emotion=None, max_parse_failure_rate=0.0):
     """
     policy: a model.Transformer in memory (with its tokenizer), played by rollout.rollout, the very loop
     training uses; or a chat client `client(requests) -> texts` such as simulator.OpenAIBackend for an
@@ -391,7 +392,8 @@ def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=None
         log(f"seed {seed}: {len(profiles)} dialogues, {'local model' if local else 'endpoint'} policy vs {backend!r}")
         if local:  # each dialogue its own random stream, as in training (greedy at temperature 0)
             dialogues = ro.rollout(policy, tokenizer, profiles, backend, think=think, max_turns=max_turns,
-                                   max_new_tokens=max_new_tokens, temperature=temperature, mode=mode,
+                                   max_new_tokens=max_new_tokens, max_context=max_context, temperature=temperature,
+                                   mode=mode,
                                    seeds=[ro.rollout_seed(seed, 0, i) for i in range(len(profiles))])
             played = [d.episode for d in dialogues]
         else:  # (an endpoint gets no seed: with temperature 0 the seeds repeat, above 0 they are not reproducible)
@@ -404,6 +406,8 @@ def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=None
         episodes += played
         episode_seeds += [seed] * len(played)
     sim.check_parse_failures(*sim.parse_failure_stats(episodes), max_parse_failure_rate, "evaluation", warn=log)
+    for line in sim.count_warnings(summarize(episodes), "evaluation"):
+        log(line)
     return report(episodes, out_dir, seeds=episode_seeds, title=title, config=config, max_turns=max_turns, log=log)
 
 
@@ -544,7 +548,8 @@ def write_leaderboard_svg(path, systems):
     longest = max(len(m) for m in means)
     W, H = 900, 460
     left, right, top, bottom = 64, W - 270, 62, H - 56
-    out = _svg_start(W, H, "mean emotion per turn", f"{len(systems)} systems", x=left)
+    settings = sorted({f"{s['provenance']['protocol']} protocol, simulator {s['provenance']['simulator']}" for s in systems})
+    out = _svg_start(W, H, f"mean emotion per turn ({'; '.join(settings)})", f"{len(systems)} systems", x=left)
     x, y = draw_axes(out, (left, top, right, bottom), (0, max(1, longest - 1)), (0, 100),
                      range(max(2, longest)), range(0, 101, 20), "user turn", "mean emotion")
     for j, (system, mean) in enumerate(zip(systems, means)):
@@ -1124,6 +1129,12 @@ def _text_sha256(text):
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def setting_label(args):
+    """What a plot title names (eval, rlver's periodic eval and curves): the protocol and the simulator."""
+    prompts = f"official {args.protocol.upper()} prompts" if args.official_prompts else "our prompts"
+    return f"{args.protocol} protocol, simulator {args.simulator_model or args.simulator}, {prompts}"
+
+
 def provenance(args, profiles, profiles_path, seeds):
     """What makes a score comparable (summary.json, and every record of transcripts.jsonl): the rules, the
     simulator and its prompts, the policy's prompt and decoding, the scenarios, the seeds."""
@@ -1151,6 +1162,9 @@ def eval_command(args):
         raise BenchmarkError(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2")
     if args.max_turns is not None and args.max_turns < 1:
         raise BenchmarkError("--max-turns must be at least 1")
+    if not 1 <= args.max_new_tokens < args.max_context:
+        raise BenchmarkError(f"--max-new-tokens {args.max_new_tokens} must be >= 1 and below --max-context "
+                             f"{args.max_context}")
     if args.initial_emotion is not None and not 1 <= args.initial_emotion <= 99:
         raise BenchmarkError("--initial-emotion must be in 1..99")
     if not 0 <= args.max_parse_failure_rate <= 1:  # (NaN fails too)
@@ -1182,10 +1196,11 @@ def eval_command(args):
     config = {k: v for k, v in vars(args).items() if k != "func"}
     config["provenance"] = provenance(args, profiles, profiles_path, seeds)
     return evaluate(policy, tokenizer, profiles, backend, seeds=seeds, max_turns=args.max_turns, mode=args.mode,
-                    think=args.think, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    think=args.think, max_new_tokens=args.max_new_tokens, max_context=args.max_context,
+                    temperature=args.temperature,
                     out_dir=args.out, config=config, protocol=args.protocol, lang=args.lang,
                     initial_emotion=args.initial_emotion, max_parse_failure_rate=args.max_parse_failure_rate,
-                    title=args.policy_model if args.policy_model else os.path.basename(args.policy.rstrip("/")))
+                    title=f"{args.policy_model or os.path.basename(args.policy.rstrip('/'))} ({setting_label(args)})")
 
 
 def get_args(argv=None):
@@ -1220,15 +1235,19 @@ def get_args(argv=None):
     e.add_argument("--seeds", default="0", help="comma-separated: each profile is played once per seed")
     e.add_argument("--think", action=argparse.BooleanOptionalAction, default=False,
                    help="think-then-say system prompt (use it for policies trained with --think)")
-    e.add_argument("--max-new-tokens", type=int, default=256, help="per policy turn")
+    e.add_argument("--max-new-tokens", type=int, default=2048, help="per policy turn (SAGE's practice: replies "
+                   "longer than 350 Chinese characters are common; a reply cut here is counted and warned)")
+    e.add_argument("--max-context", type=int, default=8192, help="a local policy's dialogue ends (max_context) "
+                   "before a turn could outgrow this many tokens")
     e.add_argument("--temperature", type=float, default=0.0, help="policy sampling temperature (0: greedy)")
     e.add_argument("--concurrency", type=int, default=16, help="parallel requests to a policy endpoint")
     e.add_argument("--retries", type=int, default=4, help="retries per policy endpoint request")
     e.add_argument("--device", default="cpu")
     e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     e.add_argument("--out", default="runs/eval", help="directory for transcripts.jsonl, summary.json, trajectories.svg")
-    e.add_argument("--max-parse-failure-rate", type=float, default=0.5,
-                   help="refuse to score when more than this share of simulator turns is unparseable")
+    e.add_argument("--max-parse-failure-rate", type=float, default=0.0,
+                   help="refuse to score when more than this share of simulator turns stays unparseable after "
+                        "2 re-asks (default 0: SAGE never scores such a turn)")
     e.add_argument("--policy-timeout", type=float, default=120.0, help="seconds per HTTP request to a policy endpoint")
     e.add_argument("--policy-turn-deadline", type=float, default=600.0,
                    help="seconds for all policy endpoint answers of one turn")

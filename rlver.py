@@ -103,7 +103,8 @@ def environment_flags(a):
       "protocol's, rlver 30)")
     a("--max-turns", type=int, default=None, help="scored policy replies per dialogue (default: the protocol's; "
       "rlver 9 = official max_turns 8)")
-    a("--max-new-tokens", type=int, default=256, help="per policy turn")
+    a("--max-new-tokens", type=int, default=1024, help="per policy turn (a reply cut here is counted and warned; a "
+      "turn starts only while context + this fits --max-context: README)")
     a("--max-context", type=int, default=4096, help="a dialogue that would outgrow this many tokens ends early")
     a("--temperature", type=float, default=1.0)
     a("--top-p", type=float, default=1.0)
@@ -590,10 +591,14 @@ def sum_over_ranks(t):
 
 def advantages(run, args, batch, rewards):
     """(B, T-1) advantages on the policy tokens; rewards (dialogues,), each row takes its dialogue's. GRPO: the
-    group-relative advantage of the whole dialogue (computed per dialogue within its group) on each token of
-    each of its samples. PPO: the dialogue's reward on each sample's last policy token, GAE per sample with
+    group-relative advantage of the whole dialogue (computed per dialogue within its group; under
+    --think-history strip over all turn samples of the group, as the official think trainer) on each token. PPO: the dialogue's reward on each sample's last policy token, GAE per sample with
     the critic's values, whitened over the policy tokens of all ranks."""
     mask, dialogue = batch["mask"], batch["dialogue"]
+    if args.algo == "grpo" and args.think_history == "strip":  # over every turn sample of a group (grpo.py)
+        adv = grpo.sample_group_advantages(rewards[dialogue], dialogue // args.group_size, mask.any(1),
+                                           scale_by_std=not args.no_std)  # (samples,)
+        return adv[:, None] * mask
     if args.algo == "grpo":
         group = grpo.group_advantages(rewards, args.group_size, scale_by_std=not args.no_std)  # (dialogues,)
         return group[dialogue][:, None] * mask
@@ -723,6 +728,7 @@ def step_metrics(run, args, dialogues, rewards, batch, stats, timing):
         time_update=slowest("update"),
         gen_tokens_per_s=all_reduce(timing.get("tokens", 0) / max(timing.get("generate", 1e-9), 1e-9)),
         lr=run.optimizer.param_groups[0]["lr"],
+        **{k: all_reduce(sum(getattr(e, k) for e in episodes)) for k in sim.COUNTS},  # totals, warned per step
     )
     return metrics
 
@@ -867,7 +873,8 @@ def evaluate_policy(run, args, step):
                              warn=(lambda line: print(f"rlver: {line}", flush=True)) if rank == 0 else None)
     if rank != 0:
         return None
-    return benchmark.report(episodes, os.path.join(args.out, "eval", f"step_{step}"), title=f"step {step}")
+    return benchmark.report(episodes, os.path.join(args.out, "eval", f"step_{step}"),
+                            title=f"step {step} ({benchmark.setting_label(args)})")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1026,7 +1033,7 @@ def save(run, args, step):
     path = save_checkpoint(run, args, step)
     if dist.get_rank() == 0:
         benchmark.write_curves(os.path.join(args.out, "curves.svg"), benchmark.run_rows(args.out),
-                               title=f"rlver {args.algo}")
+                               title=f"rlver {args.algo} ({benchmark.setting_label(args)})")
         print(f"rlver: saved {path}", flush=True)
     return path
 
@@ -1052,6 +1059,8 @@ def train(args, argv=None):
                              [sim.transcript(d.episode, step=step + 1, policy_texts=d.policy_texts)
                               for d in dialogues[:args.log_samples]])
                 print(log_line(metrics, args.steps), flush=True)
+                for line in sim.count_warnings(metrics, f"step {step + 1}"):
+                    print(f"rlver: {line}", flush=True)
             done = step + 1
             if args.eval_every and (step + 1) % args.eval_every == 0:
                 summary = evaluate_policy(run, args, step + 1)

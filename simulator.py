@@ -28,6 +28,8 @@ Reading order of this file:
                      JSON record of a dialogue)
   3. prompts         build_request / build_reply_request / build_opening_request from the templates in
                      prompts/ (English, and <name>_zh.txt in Chinese)
+     official        OfficialPrompts, load_official_prompts: the authors' prompts read from the user's
+                     checkout (--official-prompts), filled and parsed as their code does
   4. output format   parse_simulator_output / format_simulator_output (the strict tagged format)
   5. the turn loop   simulate_turn: one (or two, two-stage) batched backend calls per turn, parse, retry,
                      apply_change
@@ -242,6 +244,9 @@ class Episode:
     done: bool = False
     end_reason: str = None    # dialogue_end's "success" / "failure" / "goodbye" / "max_turns", or "max_context"
     parse_failures: int = 0   # turns whose simulator output stayed unparseable after the retries
+    truncated_replies: int = 0   # policy replies cut at the max-new-tokens cap (set by rollout.rollout)
+    cut_thoughts: int = 0     # 1 when the policy's reply ended inside its <think> (the dialogue ended there)
+    changes_out_of_range: int = 0   # unclamped changes (rlver) outside -100..100: the simulator misread its scale
 
 
 def resolve_profile(profile, protocol=None, lang=None, initial_emotion=None):
@@ -316,6 +321,26 @@ def visible_reply(text):
     return text
 
 
+def thought_cut(text):
+    """A think-then-say message cut before </think> (at the reply cap): there is no reply to show. The
+    dialogue ends there (simulate_turn, end_reason "thought_cut", the reward the emotion reached so far)
+    rather than showing the user an empty message, and it is counted (Episode.cut_thoughts)."""
+    return "<think>" in (text or "") and "</think>" not in text
+
+
+COUNTS = ("truncated_replies", "cut_thoughts", "changes_out_of_range")   # per-episode counts worth a warning
+
+
+def count_warnings(counts, where):
+    """Warning lines for the COUNTS of a batch of episodes ({name: total}); trainer and eval print them."""
+    why = {"truncated_replies": "policy replies were cut at --max-new-tokens (raise it: the user read a cut reply)",
+           "cut_thoughts": "dialogues ended because a --think reply was cut before </think> (raise "
+                           "--max-new-tokens)",
+           "changes_out_of_range": "simulator changes were outside -100..100 (applied unclamped, as RLVER's "
+                                   "trainer does): the simulator misreads its scale"}
+    return [f"warning: {where}: {counts[k]:g} {why[k]}" for k in COUNTS if counts.get(k)]
+
+
 def dialogue_end(emotion, turns, max_turns, user_text="", protocol="classic"):
     """How a dialogue ends (the one owner of this rule): None while it goes on. In the protocol's order
     (SAGE test_npc.py): a goodbye word in the user's reply ("goodbye"); emotion below the failure line, the
@@ -362,7 +387,7 @@ def transcript(episode, **extra):
             "final_emotion": episode.emotion, "reward": reward(episode), "end_reason": episode.end_reason,
             "protocol": episode.profile.protocol, "lang": episode.profile.lang,
             "opening": episode.profile.opening, "opening_written": episode.profile.opening_written,
-            "parse_failures": episode.parse_failures,
+            "parse_failures": episode.parse_failures, **{k: getattr(episode, k) for k in COUNTS},
             "turns": [{k: t[k] for k in ("turn", "agent", "emotion", "change", "thought", "user")}
                       for t in episode.turns]}
 
@@ -884,6 +909,13 @@ def simulate_turn(episodes, agent_replies, backend, mode="vanilla", max_turns=8,
     if len(protocols) != 1:
         raise ValueError(f"one batch, one protocol: got {sorted(protocols)}")
     protocol = protocols.pop()
+    for i in [i for i in active if thought_cut(agent_replies[i])]:   # no reply to show: the dialogue ends
+        ep = episodes[i]
+        ep.messages.append({"role": "assistant", "content": agent_replies[i].strip()})
+        ep.cut_thoughts, ep.done, ep.end_reason = 1, True, "thought_cut"
+        active.remove(i)
+    if not active:
+        return [None] * len(episodes)
     shown = {i: visible_reply(agent_replies[i]) for i in active}   # the user never sees <think>
 
     if protocol_of(protocol).stages == 1:
@@ -914,6 +946,7 @@ def simulate_turn(episodes, agent_replies, backend, mode="vanilla", max_turns=8,
         if k not in replies and k in analyses:
             thought += f" (reply unparseable: {reply_errors[k]})"
         ep.parse_failures += failed
+        ep.changes_out_of_range += protocol_of(protocol).max_change is None and abs(change) > 100
         change, ep.emotion = apply_change(ep.emotion, change, protocol)   # the code, not the LLM
         ep.messages.append({"role": "assistant", "content": (agent_replies[i] or "").strip()})
         ep.messages.append({"role": "user", "content": user_reply})

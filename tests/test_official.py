@@ -16,6 +16,7 @@ import pytest
 
 from conftest import ROOT
 
+import benchmark
 import simulator as sim
 
 ANALYSIS_BODY = """SYNTH-ANALYSIS: judge how the reply lands.
@@ -309,6 +310,10 @@ def test_two_training_steps_play_rlvers_prompts_from_a_file_that_is_not_python(c
     assert all(sorted(seen) == [30, 30, 35, 35] for seen in server.seen_emotions.values())
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [row["reward"] for row in rows] == pytest.approx([0.4, 0.4])
+    for row in rows:   # replies cut at the 8-token cap: counted in each step's metrics, warned when any
+        assert 0 <= row["truncated_replies"] <= 8 and row["cut_thoughts"] == row["changes_out_of_range"] == 0
+        warned = f"rlver: warning: step {row['step']}: {row['truncated_replies']:g} policy replies were cut"
+        assert (warned in r.stdout) == (row["truncated_replies"] > 0)
 
 
 def test_official_quirk_shows_the_analysis_the_start_emotion(checkout):
@@ -337,3 +342,15 @@ def test_a_checkout_that_differs_fails_with_one_line(checkout, tmp_path, edit, m
             "--official-prompts", str(checkout), "--out", str(tmp_path / "e"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+
+
+def test_rlver_change_outside_100_is_counted_and_warned(checkout):
+    prompts = sim.load_official_prompts(checkout, "rlver", False, simulator="http://x")
+    p = sim.resolve_profile(sim.Profile("p1", "persona 1: x", "scene", "need", "opening 1", prompts=prompts), "rlver")
+    episodes = [sim.new_episode(p), sim.new_episode(p)]
+    answers = iter(["Change:\n[+150]", "Change:\n-7", "Response:\nok", "Response:\nok"])
+    sim.simulate_turn(episodes, ["a", "b"], lambda requests: [next(answers) for _ in requests], max_turns=9)
+    assert [(e.emotion, e.changes_out_of_range) for e in episodes] == [(100, 1), (23, 0)]   # unclamped, capped
+    assert sim.count_warnings(benchmark.summarize(episodes), "evaluation") == [
+        "warning: evaluation: 1 simulator changes were outside -100..100 (applied unclamped, as RLVER's trainer "
+        "does): the simulator misreads its scale"]
