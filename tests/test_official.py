@@ -371,6 +371,8 @@ def test_eval_reply_cap_must_fit_the_context(tmp_path, capsys):
 
 
 def test_official_quirk_shows_the_analysis_the_start_emotion(checkout):
+    think = sim.load_official_prompts(checkout / "SAGE", "sage", True, simulator="http://x")   # SAGE has no
+    assert think.policy == POLICY["think"] and think.policy_source.endswith("system_prompt_train_think")   # think
     prompts = sim.load_official_prompts(checkout, "rlver", False, quirks=True, simulator="http://x")
     p = sim.resolve_profile(sim.Profile("p1", "persona 1: x", "scene", "need", "opening 1", prompts=prompts), "rlver")
     ep = sim.new_episode(p)
