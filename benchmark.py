@@ -9,19 +9,21 @@ benchmark.py: how good is a policy at empathetic dialogue, and how fast is our m
     python benchmark.py rollout --latencies-ms 0,50,200
 
 `eval`: a SAGE-style benchmark (Sentient Agent as a Judge, arXiv 2505.02847; RLVER reports its "Sentient
-benchmark" score). How the score is computed, in four steps:
-  (These are the classic protocol's rules; --protocol sage, the default, plays SAGE's loop: start 40, changes
-  clamped to +-10, a goodbye word ends it, success >= 100, failure < 10, 9 scored replies. See
-  simulator.PROTOCOLS. `leaderboard` compares systems, ours and SAGE's published result files.)
+benchmark" score). How the score is computed, in four steps (the rules are --protocol's, simulator.PROTOCOLS and
+the README's table: sage, the default, is SAGE's test loop; rlver RLVER's trainer; classic ours):
   1. Every test profile becomes a simulated user (simulator.py) with a persona, a scenario, a hidden intention,
-     an opening message and an emotion on a 0..100 scale (its initial_emotion, 50 unless the profile says).
-  2. The policy under test and that user talk for at most --max-turns (8) turns. After each policy reply the
-     simulator reasons about how the reply lands and writes an integer change; the CODE applies it:
+     an opening message and an emotion on a 0..100 scale (its initial_emotion, else the protocol's start:
+     sage 40, rlver 30, classic 50).
+  2. The policy under test and that user talk for at most --max-turns scored replies (sage and rlver 9,
+     classic 8). After each policy reply the simulator reasons about how the reply lands and writes an integer
+     change; the CODE clamps it as the protocol says (sage +-10, classic +-30, rlver not) and applies it:
          emotion <- clamp(emotion + change, 0, 100)
-  3. A dialogue ends early at 100 (the user feels fully supported: a success) or at 0 (the user leaves: a
-     failure); otherwise it ends after max turns.
-  4. score = mean over dialogues of the FINAL emotion (0..100); success rate = share that reached 100;
-     failure rate = share that reached 0; mean turns = average dialogue length.
+  3. A dialogue ends as the protocol says (simulator.dialogue_end): sage on a goodbye word, at 100 (success)
+     or below 10 (failure); rlver on a goodbye word or at 0; classic at 0 or 100; otherwise after max turns
+     (or, in any protocol, when a --think reply was cut before </think>: there is no reply to show).
+  4. score = mean over dialogues of the FINAL emotion (0..100); success = final emotion 100; failure = below
+     the protocol's failure line (sage 10, else 1); mean turns = average dialogue length. `leaderboard`
+     compares systems, ours and SAGE's published result files, when their provenance makes them comparable.
 With several seeds every profile is played once per seed; the score is the mean over all dialogues and the
 spread is the std of the per-seed scores. The policy is a local HF folder, a model object already in memory
 (rlver.py's periodic evaluation) or any OpenAI-compatible endpoint, so GPT-4o-class models are scored the same.
@@ -41,6 +43,7 @@ Read top to bottom: score arithmetic -> report files (transcripts, summary, SVG)
 
 import argparse
 import decimal
+import hashlib
 import json
 import math
 import os
@@ -48,6 +51,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from xml.sax.saxutils import escape
 
 import torch
@@ -88,6 +92,7 @@ def summarize(episodes):
         "failure_rate": outcomes.count("failure") / n,
         "mean_turns": sum(len(ep.turns) for ep in episodes) / n,
         "dialogues": n,
+        **{k: sum(getattr(ep, k) for ep in episodes) for k in sim.COUNTS},  # cut replies, cut thoughts, ...
     }
 
 
@@ -251,17 +256,21 @@ def report(episodes, out_dir=None, *, seeds=None, title="", config=None, max_tur
     summary["seed_mean"], summary["seed_std"] = seed_spread(per_seed)
     summary["parse_failures"] = sum(ep.parse_failures for ep in episodes)
     summary["config"] = config or {}
+    summary["provenance"] = summary["config"].get("provenance")
     log(profile_table(episodes))
     headline = (f"score {summary['score']:.1f} (seeds: {summary['seed_mean']:.1f} ± {summary['seed_std']:.1f}) | "
                 f"success {summary['success']} ({summary['success_rate']:.0%}) | "
                 f"failure {summary['failure']} ({summary['failure_rate']:.0%}) | "
                 f"mean turns {summary['mean_turns']:.2f} | {len(episodes)} dialogues")
     log(f"{title + ': ' if title else ''}{headline}")
+    for line in sim.count_warnings(summary, title or "evaluation"):   # cut replies, cut thoughts, wild changes
+        log(line)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "transcripts.jsonl"), "w", encoding="utf-8") as f:
             for ep, seed in zip(episodes, seeds):
-                f.write(json.dumps(sim.transcript(ep, seed=seed), ensure_ascii=False) + "\n")
+                record = sim.transcript(ep, seed=seed, provenance=summary["config"].get("provenance"))
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
         with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2, ensure_ascii=False)
         max_turns = max_turns or summary["config"].get("max_turns") or max(len(ep.turns) for ep in episodes) or 1
@@ -365,8 +374,8 @@ def write_curves(path, rows, title="training curves"):
 
 
 def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=None, mode="vanilla", think=False,
-             max_new_tokens=256, temperature=0.0, out_dir=None, log=print, title="", config=None,
-             protocol="sage", lang=None, initial_emotion=None, max_parse_failure_rate=0.5):
+             max_new_tokens=2048, max_context=8192, temperature=0.0, out_dir=None, log=print, title="", config=None,
+             protocol="sage", lang=None, initial_emotion=None, max_parse_failure_rate=0.0):
     """
     policy: a model.Transformer in memory (with its tokenizer), played by rollout.rollout, the very loop
     training uses; or a chat client `client(requests) -> texts` such as simulator.OpenAIBackend for an
@@ -387,7 +396,8 @@ def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=None
         log(f"seed {seed}: {len(profiles)} dialogues, {'local model' if local else 'endpoint'} policy vs {backend!r}")
         if local:  # each dialogue its own random stream, as in training (greedy at temperature 0)
             dialogues = ro.rollout(policy, tokenizer, profiles, backend, think=think, max_turns=max_turns,
-                                   max_new_tokens=max_new_tokens, temperature=temperature, mode=mode,
+                                   max_new_tokens=max_new_tokens, max_context=max_context, temperature=temperature,
+                                   mode=mode,
                                    seeds=[ro.rollout_seed(seed, 0, i) for i in range(len(profiles))])
             played = [d.episode for d in dialogues]
         else:  # (an endpoint gets no seed: with temperature 0 the seeds repeat, above 0 they are not reproducible)
@@ -422,14 +432,23 @@ def _system_name(path):
     return stem[:-len("_result")] if stem.endswith("_result") else stem
 
 
+def _published_provenance(path):
+    """What a SAGE published result file says about how it was scored: SAGE's loop and prompts, and the
+    simulator named by its folder (dataset/deepseek-v3-2024-1227_based_simulator/...)."""
+    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    simulator = folder[:-len("_based_simulator")] if folder.endswith("_based_simulator") else "unknown"
+    return {"protocol": "sage", "simulator": simulator, "simulator_prompts": {"source": "official SAGE"}}
+
+
 def read_system(path):
     """One results file (or an eval output directory) -> {"name", "dialogues": [(id, final, trajectory,
-    protocol)]}. Raises BenchmarkError for a file in neither layout."""
+    protocol)], "provenance"} (ours: what eval recorded, "unknown" where an older file has none). Raises
+    BenchmarkError for a file in neither layout."""
     if os.path.isdir(path):
         path = os.path.join(path, "transcripts.jsonl")
     if not os.path.isfile(path):
         raise BenchmarkError(f"no such results file {path}")
-    dialogues = []
+    dialogues, provenance = [], None
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -439,15 +458,18 @@ def read_system(path):
                 if "emo_point" in r:   # SAGE layout
                     traj = [t["emotion-point"] for t in r["history"] if t.get("role") == "user"]
                     dialogues.append((str(r["id"]), r["emo_point"], traj or [r["emo_point"]], "sage"))
+                    provenance = provenance or _published_provenance(path)
                 else:                  # our transcripts.jsonl
                     traj = [r["initial_emotion"]] + [t["emotion"] for t in r["turns"]]
                     dialogues.append((str(r["profile_id"]), r["final_emotion"], traj, r.get("protocol", "classic")))
+                    provenance = provenance or r.get("provenance") or {
+                        "protocol": dialogues[-1][3], "simulator": "unknown", "simulator_prompts": {"source": "unknown"}}
             except (ValueError, KeyError, TypeError) as e:
                 raise BenchmarkError(f"{path}:{lineno} is neither a SAGE result record (id, emo_point, "
                                      f"history) nor one of our transcripts ({e!r})") from None
     if not dialogues:
         raise BenchmarkError(f"{path} has no records")
-    return {"name": _system_name(path), "dialogues": dialogues}
+    return {"name": _system_name(path), "dialogues": dialogues, "provenance": provenance}
 
 
 def round_half_up(value, digits=1):
@@ -456,16 +478,40 @@ def round_half_up(value, digits=1):
     return float(decimal.Decimal(repr(value)).quantize(q, rounding=decimal.ROUND_HALF_UP))
 
 
+COMPARABLE = ("protocol", "profiles", "simulator_prompts")   # rows that differ in one are not ranked together
+
+
+def provenance_fields(system):
+    """The provenance a leaderboard row shows: protocol, simulator, its prompts' source, the scenarios played
+    (count and a digest of their ids, so two files of the same 100 SAGE scenarios agree) and our decoding."""
+    p, ids = system["provenance"], sorted({d[0] for d in system["dialogues"]})
+    decoding = p.get("decoding") or {}
+    return {"protocol": p["protocol"], "simulator": p["simulator"], "simulator_prompts": p["simulator_prompts"]["source"],
+            "profiles": f"{len(ids)} ids #{_text_sha256(chr(10).join(ids))[:8]}",
+            "decoding": (f"T={decoding['temperature']:g} max_new={decoding['max_new_tokens']}" if decoding else "-")}
+
+
 def leaderboard_rows(systems):
-    """Score / Success / Failure / dialogues per system, best score first."""
+    """Score / Success / Failure / dialogues and the provenance per system, best score first."""
     rows = []
     for system in systems:
         finals = [(final, protocol) for _, final, _, protocol in system["dialogues"]]
         rows.append({"name": system["name"], "score": round_half_up(sum(f for f, _ in finals) / len(finals)),
                      "success": sum(sim.final_outcome(f, p) == "success" for f, p in finals),
                      "failure": sum(sim.final_outcome(f, p) == "failure" for f, p in finals),
-                     "dialogues": len(finals)})
+                     "dialogues": len(finals), **provenance_fields(system)})
     return sorted(rows, key=lambda r: -r["score"])
+
+
+def mixed_fields(rows, allow_mixed):
+    """The COMPARABLE fields in which the rows differ. Without allow_mixed any such field refuses the table
+    (BenchmarkError naming the first field and each system's value): a ranking across it compares nothing."""
+    mixed = [k for k in COMPARABLE if len({r[k] for r in rows}) > 1]
+    if mixed and not allow_mixed:
+        values = ", ".join(f"{r['name']}: {r[mixed[0]]}" for r in rows)
+        raise BenchmarkError(f"the systems differ in {mixed[0]} ({values}): their scores are not comparable; "
+                             f"rank them anyway with --allow-mixed")
+    return mixed
 
 
 def versus(systems, name):
@@ -477,6 +523,7 @@ def versus(systems, name):
             finals.setdefault(pid, []).append(final)
         return {pid: statistics.mean(v) for pid, v in finals.items()}
     by_name = {s["name"]: per_id(s) for s in systems}
+    name = next((n for n in by_name if n.lower() == name.lower()), name)   # as a README writes it: GPT-4.1
     if name not in by_name:
         raise BenchmarkError(f"--versus {name!r} is none of the systems {sorted(by_name)}")
     base, rows = by_name[name], []
@@ -503,7 +550,8 @@ def write_leaderboard_svg(path, systems):
     longest = max(len(m) for m in means)
     W, H = 900, 460
     left, right, top, bottom = 64, W - 270, 62, H - 56
-    out = _svg_start(W, H, "mean emotion per turn", f"{len(systems)} systems", x=left)
+    settings = sorted({f"{s['provenance']['protocol']} protocol, simulator {s['provenance']['simulator']}" for s in systems})
+    out = _svg_start(W, H, f"mean emotion per turn ({'; '.join(settings)})", f"{len(systems)} systems", x=left)
     x, y = draw_axes(out, (left, top, right, bottom), (0, max(1, longest - 1)), (0, 100),
                      range(max(2, longest)), range(0, 101, 20), "user turn", "mean emotion")
     for j, (system, mean) in enumerate(zip(systems, means)):
@@ -522,10 +570,11 @@ def leaderboard_command(args):
     names = [s["name"] for s in systems]
     if len(set(names)) != len(names):
         raise BenchmarkError(f"two files give the same system name ({names}); rename one")
-    ids = [{d[0] for d in s["dialogues"]} for s in systems]
-    if any(i != ids[0] for i in ids):
-        print("WARNING: the systems did not play the same scenarios; the scores are not comparable", file=sys.stderr)
     rows = leaderboard_rows(systems)
+    mixed = mixed_fields(rows, args.allow_mixed)
+    if mixed:
+        print(f"WARNING: --allow-mixed: the systems differ in {', '.join(mixed)} (marked *): the scores are not "
+              f"comparable", file=sys.stderr)
     vs = versus(systems, args.versus) if args.versus else []
     if args.plot:
         write_leaderboard_svg(args.plot, systems)
@@ -533,9 +582,11 @@ def leaderboard_command(args):
         print(json.dumps(rows if not vs else {"leaderboard": rows, "versus": vs}, ensure_ascii=False))
         return rows
     width = max(6, *(len(n) for n in names))
-    print(f"{'system':<{width}}  {'Score':>6} {'Success':>8} {'Failure':>8} {'dialogues':>10}")
+    fields = ("protocol", "simulator", "simulator_prompts", "profiles", "decoding")
+    print(f"{'system':<{width}}  {'Score':>6} {'Success':>8} {'Failure':>8} {'dialogues':>10}  " + " | ".join(fields))
     for r in rows:
-        print(f"{r['name']:<{width}}  {r['score']:>6.1f} {r['success']:>8d} {r['failure']:>8d} {r['dialogues']:>10d}")
+        print(f"{r['name']:<{width}}  {r['score']:>6.1f} {r['success']:>8d} {r['failure']:>8d} {r['dialogues']:>10d}  "
+              + " | ".join(r[k] + ("*" if k in mixed else "") for k in fields))
     for r in vs:
         print(f"{r['name']} vs {r['versus']}: {r['wins']} wins, {r['ties']} ties, {r['losses']} losses "
               f"on {r['scenarios']} scenarios")
@@ -1076,6 +1127,35 @@ def check_out_dir(out):
         raise BenchmarkError(f"--out {out}: {blocking_file(out)} is a file, not a folder: choose another --out")
 
 
+def _text_sha256(text):
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def setting_label(args):
+    """What a plot title names (eval, rlver's periodic eval and curves): the protocol and the simulator."""
+    prompts = f"official {args.protocol.upper()} prompts" if args.official_prompts else "our prompts"
+    return f"{args.protocol} protocol, simulator {args.simulator_model or args.simulator}, {prompts}"
+
+
+def provenance(args, profiles, profiles_path, seeds, temperature):
+    """What makes a score comparable (summary.json, and every record of transcripts.jsonl): the rules, the
+    simulator and its prompts, the policy's prompt and decoding, the scenarios, the seeds. args: eval's or
+    rlver.py's flags (their names agree)."""
+    official = profiles[0].prompts
+    langs = sorted({args.lang or p.lang or sim.detect_lang(p) for p in profiles})
+    policy = sorted({ro.system_prompt(args.think, lang, official) for lang in langs})
+    return {"protocol": args.protocol, "simulator": args.simulator_model or args.simulator,
+            "simulator_prompts": ({"source": f"official {official.source}", "files": official.files,
+                                   "official_quirks": official.start_emotion_quirk} if official
+                                  else {"source": "ours", "mode": args.mode}),
+            "policy_prompt": {"source": official.policy_source if official else "ours (prompts/policy_system*.txt)",
+                              "sha256": [_text_sha256(t) for t in policy]},
+            "profiles": {"file": os.path.abspath(profiles_path) if profiles_path else "built-in test set",
+                         "sha256": sim._sha256(profiles_path) if profiles_path else None, "count": len(profiles)},
+            "decoding": {"temperature": temperature, "top_p": 1.0, "max_new_tokens": args.max_new_tokens},
+            "seeds": seeds}
+
+
 def eval_command(args):
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else []
@@ -1085,6 +1165,9 @@ def eval_command(args):
         raise BenchmarkError(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2")
     if args.max_turns is not None and args.max_turns < 1:
         raise BenchmarkError("--max-turns must be at least 1")
+    if not 1 <= args.max_new_tokens < args.max_context:
+        raise BenchmarkError(f"--max-new-tokens {args.max_new_tokens} must be >= 1 and below --max-context "
+                             f"{args.max_context}")
     if args.initial_emotion is not None and not 1 <= args.initial_emotion <= 99:
         raise BenchmarkError("--initial-emotion must be in 1..99")
     if not 0 <= args.max_parse_failure_rate <= 1:  # (NaN fails too)
@@ -1094,8 +1177,12 @@ def eval_command(args):
         raise BenchmarkError("--policy-timeout, --policy-turn-deadline, --simulator-timeout and "
                              "--simulator-turn-deadline must be > 0 seconds")
     check_out_dir(args.out)
-    profiles = sim.load_profiles(args.profiles) if args.profiles else sim.builtin_profiles("test")
-    profiles = profiles[:args.limit] if args.limit else profiles
+    official = args.official_prompts and sim.load_official_prompts(   # the authors' prompts (simulator.py 3b),
+        args.official_prompts, args.protocol, args.think, args.official_quirks, args.simulator)   # on every profile
+    profiles_path = args.profiles or (sim.official_profiles_path(args.official_prompts)
+                                      if official and args.protocol == "sage" else None)
+    profiles = sim.load_profiles(profiles_path) if profiles_path else sim.builtin_profiles("test")
+    profiles = [replace(p, prompts=official) for p in (profiles[:args.limit] if args.limit else profiles)]
     policy, tokenizer = check_policy(args), None
     try:  # (a local simulator model is loaded here: the policy was checked first, cheaply)
         client = {}  # the HTTP client's knobs, for an endpoint simulator
@@ -1110,11 +1197,13 @@ def eval_command(args):
         dtype = DTYPES[args.dtype]
         policy, tokenizer = load_model(policy, device=args.device, dtype=dtype), load_tokenizer(policy)
     config = {k: v for k, v in vars(args).items() if k != "func"}
+    config["provenance"] = provenance(args, profiles, profiles_path, seeds, args.temperature)
     return evaluate(policy, tokenizer, profiles, backend, seeds=seeds, max_turns=args.max_turns, mode=args.mode,
-                    think=args.think, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    think=args.think, max_new_tokens=args.max_new_tokens, max_context=args.max_context,
+                    temperature=args.temperature,
                     out_dir=args.out, config=config, protocol=args.protocol, lang=args.lang,
                     initial_emotion=args.initial_emotion, max_parse_failure_rate=args.max_parse_failure_rate,
-                    title=args.policy_model if args.policy_model else os.path.basename(args.policy.rstrip("/")))
+                    title=f"{args.policy_model or os.path.basename(args.policy.rstrip('/'))} ({setting_label(args)})")
 
 
 def get_args(argv=None):
@@ -1131,6 +1220,13 @@ def get_args(argv=None):
     e.add_argument("--mode", choices=sim.MODES, default="vanilla")
     e.add_argument("--profiles", default=None, help="profile JSONL (ours or public RLVER); default: built-in test set")
     e.add_argument("--limit", type=int, default=0, help="use only the first N profiles (0: all)")
+    e.add_argument("--official-prompts", default=None, metavar="DIR",
+                   help="play the authors' own prompts, read from your checkout of their digitalhuman repository "
+                        "(its root, SAGE/ or RLVER/): --protocol sage reads SAGE's simulator, agent prompt and "
+                        "(without --profiles) its 100 scenarios; rlver reads RLVER's simulator and policy prompts")
+    e.add_argument("--official-quirks", action="store_true",
+                   help="with --official-prompts under rlver: every analysis call sees the start emotion, as "
+                        "the official trainer's code does (the paper: the live emotion)")
     e.add_argument("--protocol", choices=list(sim.PROTOCOLS), default="sage",
                    help="dialogue rules (simulator.PROTOCOLS): sage = SAGE's test loop (start 40, +-10, success 100, "
                         "failure < 10, goodbye, 9 scored replies, two-stage simulator); rlver = RLVER's training "
@@ -1142,15 +1238,19 @@ def get_args(argv=None):
     e.add_argument("--seeds", default="0", help="comma-separated: each profile is played once per seed")
     e.add_argument("--think", action=argparse.BooleanOptionalAction, default=False,
                    help="think-then-say system prompt (use it for policies trained with --think)")
-    e.add_argument("--max-new-tokens", type=int, default=256, help="per policy turn")
+    e.add_argument("--max-new-tokens", type=int, default=2048, help="per policy turn (SAGE's practice: replies "
+                   "longer than 350 Chinese characters are common; a reply cut here is counted and warned)")
+    e.add_argument("--max-context", type=int, default=8192, help="a local policy's dialogue ends (max_context) "
+                   "before a turn could outgrow this many tokens")
     e.add_argument("--temperature", type=float, default=0.0, help="policy sampling temperature (0: greedy)")
     e.add_argument("--concurrency", type=int, default=16, help="parallel requests to a policy endpoint")
     e.add_argument("--retries", type=int, default=4, help="retries per policy endpoint request")
     e.add_argument("--device", default="cpu")
     e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     e.add_argument("--out", default="runs/eval", help="directory for transcripts.jsonl, summary.json, trajectories.svg")
-    e.add_argument("--max-parse-failure-rate", type=float, default=0.5,
-                   help="refuse to score when more than this share of simulator turns is unparseable")
+    e.add_argument("--max-parse-failure-rate", type=float, default=0.0,
+                   help="refuse to score when more than this share of simulator turns stays unparseable after "
+                        "2 re-asks (default 0: SAGE never scores such a turn)")
     e.add_argument("--policy-timeout", type=float, default=120.0, help="seconds per HTTP request to a policy endpoint")
     e.add_argument("--policy-turn-deadline", type=float, default=600.0,
                    help="seconds for all policy endpoint answers of one turn")
@@ -1164,7 +1264,10 @@ def get_args(argv=None):
     lb.add_argument("files", nargs="+", help="SAGE result JSONL files and/or our eval outputs (transcripts.jsonl or its dir)")
     lb.add_argument("--json", action="store_true", help="print a JSON list of {name, score, success, failure, dialogues}")
     lb.add_argument("--plot", default=None, help="write an SVG of each system's mean emotion per turn")
-    lb.add_argument("--versus", default=None, help="per-scenario wins / ties / losses against this system")
+    lb.add_argument("--versus", default=None, help="per-scenario wins / ties / losses against this system (its name "
+                    "as the table shows it; case does not matter, e.g. gpt-4.1 or GPT-4.1)")
+    lb.add_argument("--allow-mixed", action="store_true", help="rank systems whose protocol, scenarios or simulator "
+                    "prompts differ (the differing fields marked *); without it such a table is refused")
     lb.set_defaults(func=leaderboard_command)
 
     s = commands.add_parser("speed", help="generation tokens/s and training step time",

@@ -30,13 +30,31 @@ def group_advantages(rewards, group_size, eps=1e-6, scale_by_std=True):
     if group_size < 1 or rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards cannot be split into groups of {group_size}; "
                          "pass rollouts_per_profile * num_profiles rewards")
-    grouped = rewards.float().reshape(-1, group_size)  # (N/G, G)
-    advantages = grouped - grouped.mean(dim=1, keepdim=True)  # (N/G, G)
-    if scale_by_std and group_size > 1:
-        advantages = advantages / (grouped.std(dim=1, keepdim=True, unbiased=True) + eps)
-    all_equal = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)  # (N/G, 1)
-    advantages = torch.where(all_equal, 0.0, advantages)
-    return advantages.reshape(-1)  # (N,)
+    return sample_group_advantages(rewards, torch.arange(rewards.numel()) // group_size, eps=eps,
+                                   scale_by_std=scale_by_std)
+
+
+@torch.no_grad()
+def sample_group_advantages(rewards, groups, valid=None, eps=1e-6, scale_by_std=True):
+    """The same advantage with the statistics over any grouping of samples: rewards (S,), groups (S,) the
+    group of each sample; valid (S,) bool, the samples that take part (others get 0).
+
+    --think-history strip trains each policy turn as its own sample carrying its dialogue's reward; the
+    official think trainer (verl's GRPO over the expanded batch) groups those turn samples by their prompt,
+    so mean and std run over ALL turn samples of a profile's group: a dialogue with more turns weighs more.
+    """
+    rewards = rewards.float()
+    valid = torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid.to(rewards.device)
+    groups = groups.to(rewards.device)
+    advantages = torch.zeros_like(rewards)  # (S,)
+    for g in groups[valid].unique():
+        rows = valid & (groups == g)
+        r = rewards[rows]  # (n,) the group's samples
+        a = r - r.mean()
+        if scale_by_std and r.numel() > 1:
+            a = a / (r.std(unbiased=True) + eps)
+        advantages[rows] = 0.0 if (r == r[0]).all() else a
+    return advantages  # (S,)
 
 
 def k3_kl(logprobs, ref_logprobs):

@@ -13,7 +13,8 @@ One training step, read top to bottom in train_step():
   3. reward      final emotion / 100, the "verifiable emotion reward" (simulator.reward).
   4. score       log-probs of the sampled tokens under the current (old) and the reference policy, and for
                  PPO the critic's values: teacher-forced, micro-batched.
-  5. advantages  GRPO: reward against its group of rollouts of the same profile (grpo.group_advantages).
+  5. advantages  GRPO: reward against its group of rollouts of the same profile (grpo.group_advantages; under
+                 --think-history strip over every turn sample of the group, grpo.sample_group_advantages).
                  PPO: GAE over policy tokens with the critic as baseline (ppo.compute_gae), whitened.
   6. update      clipped surrogate losses, several epochs of micro-batches with gradient accumulation,
                  normalised by the global token count, grad clipping, AdamW.
@@ -35,7 +36,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -92,6 +93,10 @@ def environment_flags(a):
     a("--test-profiles", default=None, help="profile JSONL for periodic evaluation; default: built-in test set")
     a("--think", action=argparse.BooleanOptionalAction, default=False, help="think-then-say policy template "
       "(official: off)")
+    a("--official-prompts", default=None, metavar="DIR", help="play the authors' own simulator and policy prompts, "
+      "read from your checkout of their digitalhuman repository (its root, SAGE/ or RLVER/) for --protocol")
+    a("--official-quirks", action="store_true", help="with --official-prompts under rlver: every analysis call "
+      "sees the start emotion, as the official trainer's code does (the paper: the live emotion)")
     a("--protocol", choices=list(sim.PROTOCOLS), default="rlver", help="dialogue rules (simulator.PROTOCOLS): rlver = "
       "RLVER's training simulator (start 30, two-stage, goodbye ends); sage = SAGE's test loop; classic = ours")
     a("--lang", choices=sim.LANGS, default=None, help="force the template language (default: detected per profile)")
@@ -99,7 +104,8 @@ def environment_flags(a):
       "protocol's, rlver 30)")
     a("--max-turns", type=int, default=None, help="scored policy replies per dialogue (default: the protocol's; "
       "rlver 9 = official max_turns 8)")
-    a("--max-new-tokens", type=int, default=256, help="per policy turn")
+    a("--max-new-tokens", type=int, default=1024, help="per policy turn (a reply cut here is counted and warned; a "
+      "turn starts only while context + this fits --max-context: README)")
     a("--max-context", type=int, default=4096, help="a dialogue that would outgrow this many tokens ends early")
     a("--temperature", type=float, default=1.0)
     a("--top-p", type=float, default=1.0)
@@ -237,7 +243,7 @@ def check_out(args):
 
 # Settings a resumed run must share with the run it continues (independent of the number of processes).
 RESUME_KEYS = ("algo", "model", "train_profiles", "profiles_per_step", "group_size", "mini_batches", "epochs",
-               "seed", "think", "mode")
+               "seed", "think", "mode", "official_prompts", "official_quirks")
 
 
 def check_resume(args):
@@ -297,7 +303,7 @@ def validate_model(args, profiles):
     # so only its system prompt is measured here
     profiles = [sim.resolve_profile(p, args.protocol, args.lang, args.initial_emotion) for p in profiles]
     longest = max(len(tokenizer.encode(ro.render(tokenizer, [{"role": "system", "content": ro.system_prompt(
-        args.think, p.lang)}, {"role": "user", "content": p.opening or ""}], True), add_special_tokens=False))
+        args.think, p.lang, p.prompts)}, {"role": "user", "content": p.opening or ""}], True), add_special_tokens=False))
         for p in profiles)
     if longest + args.max_new_tokens > args.max_context:
         raise ConfigError(f"--max-context {args.max_context} leaves no room for a turn: the longest opening prompt "
@@ -586,10 +592,14 @@ def sum_over_ranks(t):
 
 def advantages(run, args, batch, rewards):
     """(B, T-1) advantages on the policy tokens; rewards (dialogues,), each row takes its dialogue's. GRPO: the
-    group-relative advantage of the whole dialogue (computed per dialogue within its group) on each token of
-    each of its samples. PPO: the dialogue's reward on each sample's last policy token, GAE per sample with
+    group-relative advantage of the whole dialogue (computed per dialogue within its group; under
+    --think-history strip over all turn samples of the group, as the official think trainer) on each token. PPO: the dialogue's reward on each sample's last policy token, GAE per sample with
     the critic's values, whitened over the policy tokens of all ranks."""
     mask, dialogue = batch["mask"], batch["dialogue"]
+    if args.algo == "grpo" and args.think_history == "strip":  # over every turn sample of a group (grpo.py)
+        adv = grpo.sample_group_advantages(rewards[dialogue], dialogue // args.group_size, mask.any(1),
+                                           scale_by_std=not args.no_std)  # (samples,)
+        return adv[:, None] * mask
     if args.algo == "grpo":
         group = grpo.group_advantages(rewards, args.group_size, scale_by_std=not args.no_std)  # (dialogues,)
         return group[dialogue][:, None] * mask
@@ -719,6 +729,7 @@ def step_metrics(run, args, dialogues, rewards, batch, stats, timing):
         time_update=slowest("update"),
         gen_tokens_per_s=all_reduce(timing.get("tokens", 0) / max(timing.get("generate", 1e-9), 1e-9)),
         lr=run.optimizer.param_groups[0]["lr"],
+        **{k: all_reduce(sum(getattr(e, k) for e in episodes)) for k in sim.COUNTS},  # totals, warned per step
     )
     return metrics
 
@@ -863,7 +874,9 @@ def evaluate_policy(run, args, step):
                              warn=(lambda line: print(f"rlver: {line}", flush=True)) if rank == 0 else None)
     if rank != 0:
         return None
-    return benchmark.report(episodes, os.path.join(args.out, "eval", f"step_{step}"), title=f"step {step}")
+    provenance = benchmark.provenance(args, profiles, args.test_profiles, list(range(len(profiles))), 0.0)
+    return benchmark.report(episodes, os.path.join(args.out, "eval", f"step_{step}"), config={"provenance": provenance},
+                            title=f"step {step} ({benchmark.setting_label(args)})")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -900,6 +913,9 @@ def setup(args, argv):
     make_random_model(args, shape)
     profiles = sim.load_profiles(args.train_profiles) if args.train_profiles else sim.builtin_profiles("train")
     test_profiles = sim.load_profiles(args.test_profiles) if args.test_profiles else sim.builtin_profiles("test")
+    official = args.official_prompts and sim.load_official_prompts(   # the authors' prompts (simulator.py 3b),
+        args.official_prompts, args.protocol, args.think, args.official_quirks, args.simulator)   # on every profile
+    profiles, test_profiles = ([replace(p, prompts=official) for p in ps] for ps in (profiles, test_profiles))
     cfg, tokenizer = validate_model(args, profiles)
     backend = make_simulator(args, device)
     prepare_out(args, world, device)
@@ -1019,7 +1035,7 @@ def save(run, args, step):
     path = save_checkpoint(run, args, step)
     if dist.get_rank() == 0:
         benchmark.write_curves(os.path.join(args.out, "curves.svg"), benchmark.run_rows(args.out),
-                               title=f"rlver {args.algo}")
+                               title=f"rlver {args.algo} ({benchmark.setting_label(args)})")
         print(f"rlver: saved {path}", flush=True)
     return path
 
@@ -1045,6 +1061,8 @@ def train(args, argv=None):
                              [sim.transcript(d.episode, step=step + 1, policy_texts=d.policy_texts)
                               for d in dialogues[:args.log_samples]])
                 print(log_line(metrics, args.steps), flush=True)
+                for line in sim.count_warnings(metrics, f"step {step + 1}"):
+                    print(f"rlver: {line}", flush=True)
             done = step + 1
             if args.eval_every and (step + 1) % args.eval_every == 0:
                 summary = evaluate_policy(run, args, step + 1)

@@ -35,15 +35,18 @@ import simulator as sim
 # The policy's prompt
 
 
-def system_prompt(think, lang="en"):
+def system_prompt(think, lang="en", official=None):
     """The policy's system prompt: plain, or think-then-say (<think>...</think> first, then the reply), in the
-    dialogue's language."""
+    dialogue's language; or the authors' (official: simulator.OfficialPrompts, read for the run's --think)."""
+    if official:
+        return official.policy
     return sim.load_prompt("policy_system_think.txt" if think else "policy_system.txt", lang).strip()
 
 
 def policy_messages(episode, think):
     """The chat the policy answers: its system prompt, then the dialogue from the agent's side."""
-    return [{"role": "system", "content": system_prompt(think, episode.profile.lang)}] + episode.messages
+    return [{"role": "system", "content": system_prompt(think, episode.profile.lang, episode.profile.prompts)}] + \
+        episode.messages
 
 
 def render(tokenizer, messages, add_generation_prompt, think=None):
@@ -128,15 +131,24 @@ def start_dialogue(profile, tokenizer, think, seed, device):
                     generator=torch.Generator(device).manual_seed(seed))
 
 
-def visible_ids(reply, think_end):
-    """The ids of a sampled turn the next turns keep under --think-history strip: those after the last
-    </think> (think_end: its token ids), as sampled; a turn without </think> is kept whole (as the official
-    think rollout keeps a reply that never closed its thought)."""
-    n = len(think_end)
-    for s in range(len(reply) - n, -1, -1):
-        if reply[s:s + n] == think_end:
-            return reply[s + n:]
-    return reply
+def visible_ids(reply, tokenizer):
+    """The ids of a sampled turn the next turns keep under --think-history strip: those after the token that
+    completes the last "</think>" of the decoded text, as sampled; a turn without </think> is kept whole (one
+    cut inside its thought ends the dialogue: simulator.thought_cut). Found in the text, never as a
+    token-id run: byte-level BPE merges '>' with the newlines after it (Qwen2.5: "</think>\n\n" is
+    [522, 26865, 1339], ">\n\n" one token), so the ids of "</think>" alone never occur in a sampled reply.
+    The shortest prefix whose text holds every closing tag is found by bisection (a few decodes per turn)."""
+    closing = tokenizer.decode(reply).count("</think>")
+    if not closing:
+        return reply
+    lo, hi = 1, len(reply)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tokenizer.decode(reply[:mid]).count("</think>") == closing:
+            hi = mid
+        else:
+            lo = mid + 1
+    return reply[lo:]
 
 
 class SlotCache:
@@ -258,7 +270,6 @@ def rollout(model, tokenizer, profiles, backend, *, seeds, think=True, think_his
         timing.setdefault(key, 0)
     eos_ids = eos_ids or lm.stop_token_ids(tokenizer)
     eos, pad_id = set(eos_ids), tokenizer.pad_token_id
-    think_end = tokenizer.encode("</think>", add_special_tokens=False)
     device = model.inv_freq.device
     dtype = getattr(model, "autocast_dtype", None) or model.model.embed_tokens.weight.dtype  # the compute dtype
     dialogues = [start_dialogue(p, tokenizer, think, s, device) for p, s in zip(profiles, seeds, strict=True)]
@@ -314,7 +325,7 @@ def rollout(model, tokenizer, profiles, backend, *, seeds, think=True, think_his
         d.ids += turn
         d.policy_mask += [False] * len(turn)
         if think_history == "strip":  # roll the slot back to the turn's start; keep only the visible part
-            d.context[turn_start[i]:] = visible_ids(reply, think_end) + turn
+            d.context[turn_start[i]:] = visible_ids(reply, tokenizer) + turn
             length[i] = min(length[i], turn_start[i])
         return begin_turn(i)
 
@@ -348,6 +359,7 @@ def rollout(model, tokenizer, profiles, backend, *, seeds, think=True, think_his
             if d.context is not d.ids:
                 d.context.append(tok)
             if tok in eos or len(d.reply) == max_new_tokens:
+                d.episode.truncated_replies += tok not in eos  # cut at the cap (counted, warned by the callers)
                 end_turn(i)
                 held.append(i)
             else:

@@ -28,6 +28,8 @@ Reading order of this file:
                      JSON record of a dialogue)
   3. prompts         build_request / build_reply_request / build_opening_request from the templates in
                      prompts/ (English, and <name>_zh.txt in Chinese)
+     official        OfficialPrompts, load_official_prompts: the authors' prompts read from the user's
+                     checkout (--official-prompts), filled and parsed as their code does
   4. output format   parse_simulator_output / format_simulator_output (the strict tagged format)
   5. the turn loop   simulate_turn: one (or two, two-stage) batched backend calls per turn, parse, retry,
                      apply_change
@@ -38,6 +40,7 @@ Every backend is a callable `backend(requests: list[list[dict]]) -> list[str]`: 
 lists in, one completion text per request out. All of them must answer in the same format, so a single
 parser serves LLM simulators and the rules backend alike.
 """
+import ast
 import datetime
 import email.utils
 import hashlib
@@ -96,6 +99,7 @@ class Profile:
     lang: str = None        # "en" / "zh": which templates the simulator and the policy get (None: detect_lang)
     protocol: str = "classic"   # the dialogue rules this user plays by (PROTOCOLS; set by prepare_profiles)
     opening_written: bool = False   # True: the simulator wrote the opening (the profile had none)
+    prompts: "OfficialPrompts" = None   # the authors' prompts read from the user's checkout (section 3b); None: ours
 
 
 # Our layout, and aliases: (our field, accepted keys in order of preference).
@@ -240,6 +244,9 @@ class Episode:
     done: bool = False
     end_reason: str = None    # dialogue_end's "success" / "failure" / "goodbye" / "max_turns", or "max_context"
     parse_failures: int = 0   # turns whose simulator output stayed unparseable after the retries
+    truncated_replies: int = 0   # policy replies cut at the max-new-tokens cap (set by rollout.rollout)
+    cut_thoughts: int = 0     # 1 when the policy's reply ended inside its <think> (the dialogue ended there)
+    changes_out_of_range: int = 0   # unclamped changes (rlver) outside -100..100: the simulator misread its scale
 
 
 def resolve_profile(profile, protocol=None, lang=None, initial_emotion=None):
@@ -274,7 +281,8 @@ def prepare_profiles(profiles, backend=None, *, protocol="classic", mode="vanill
         if backend is None:
             raise ValueError("profiles without an opening line need a simulator backend to write one")
         requests = [build_opening_request(played[i], mode) for i in todo]
-        parsed, errors = _query(backend, requests, parse_reply_output, retries)
+        parse = parse_official_reply if played[todo[0]].prompts else parse_reply_output
+        parsed, errors = _query(backend, requests, parse, retries)
         for k, i in enumerate(todo):
             if k not in parsed:
                 log(f"WARNING: the simulator could not write an opening for profile {played[i].id} "
@@ -311,6 +319,26 @@ def visible_reply(text):
     if "<think>" in text:
         return ""
     return text
+
+
+def thought_cut(text):
+    """A think-then-say message cut before </think> (at the reply cap): there is no reply to show. The
+    dialogue ends there (simulate_turn, end_reason "thought_cut", the reward the emotion reached so far)
+    rather than showing the user an empty message, and it is counted (Episode.cut_thoughts)."""
+    return "<think>" in (text or "") and "</think>" not in text
+
+
+COUNTS = ("truncated_replies", "cut_thoughts", "changes_out_of_range")   # per-episode counts worth a warning
+
+
+def count_warnings(counts, where):
+    """Warning lines for the COUNTS of a batch of episodes ({name: total}); trainer and eval print them."""
+    why = {"truncated_replies": "policy replies were cut at --max-new-tokens (raise it: the user read a cut reply)",
+           "cut_thoughts": "dialogues ended because a --think reply was cut before </think> (raise "
+                           "--max-new-tokens)",
+           "changes_out_of_range": "simulator changes were outside -100..100 (applied unclamped, as RLVER's "
+                                   "trainer does): the simulator misreads its scale"}
+    return [f"warning: {where}: {counts[k]:g} {why[k]}" for k in COUNTS if counts.get(k)]
 
 
 def dialogue_end(emotion, turns, max_turns, user_text="", protocol="classic"):
@@ -359,7 +387,7 @@ def transcript(episode, **extra):
             "final_emotion": episode.emotion, "reward": reward(episode), "end_reason": episode.end_reason,
             "protocol": episode.profile.protocol, "lang": episode.profile.lang,
             "opening": episode.profile.opening, "opening_written": episode.profile.opening_written,
-            "parse_failures": episode.parse_failures,
+            "parse_failures": episode.parse_failures, **{k: getattr(episode, k) for k in COUNTS},
             "turns": [{k: t[k] for k in ("turn", "agent", "emotion", "change", "thought", "user")}
                       for t in episode.turns]}
 
@@ -416,6 +444,8 @@ def build_request(episode, agent_reply, mode="vanilla", step="turn"):
     once); 'analysis': the first of the two-stage calls (thought and change only)."""
     if episode.profile.lang is None:   # an Episode built by hand, not by new_episode
         episode.profile = resolve_profile(episode.profile)
+    if episode.profile.prompts:   # the authors' prompts (section 3b): two calls, so only the analysis comes here
+        return build_official_analysis(episode, agent_reply)
     lang = episode.profile.lang
     template = {"turn": "simulator_turn.txt", "analysis": "simulator_analysis.txt"}[step]
     user = _fill(load_prompt(template, lang), dialogue=_dialogue(episode),
@@ -427,6 +457,8 @@ def build_request(episode, agent_reply, mode="vanilla", step="turn"):
 def build_reply_request(episode, agent_reply, mode, analysis, emotion):
     """The second two-stage call (SAGE / RLVER): the user's reply, written from the first call's analysis
     and the coarse band of the emotion AFTER the code applied the change (never the number)."""
+    if episode.profile.prompts:
+        return build_official_reply(episode, agent_reply, analysis, emotion)
     user = _fill(load_prompt("simulator_reply.txt", episode.profile.lang), dialogue=_dialogue(episode),
                  agent_reply=agent_reply or EMPTY_REPLY, analysis=analysis, band=band(emotion))
     return [{"role": "system", "content": _system(episode.profile, mode, False)},
@@ -436,8 +468,301 @@ def build_reply_request(episode, agent_reply, mode, analysis, emotion):
 def build_opening_request(profile, mode="vanilla"):
     """The simulator's own request for the user's first line (a profile without first_talk), written at the
     start emotion's band, as RLVER's trainer does."""
+    if profile.prompts:
+        return build_official_opening(profile)
     user = _fill(load_prompt("simulator_opening.txt", profile.lang), band=band(profile.initial_emotion))
     return [{"role": "system", "content": _system(profile, mode, False)}, {"role": "user", "content": user}]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3b. The official prompts, read at run time from the user's own checkout of the authors' repository
+# (--official-prompts DIR: the checkout root, or its SAGE/ or RLVER/ folder). None of their text is in this
+# repository: we read it, fill it and parse the answers as their code does, so a score is comparable.
+#
+#   sage   SAGE/simulator_response.py: target_prompt (the purpose of the talk), planning_reply's template (the
+#          analysis call) and player_reply's (the reply call); SAGE/npc_response.py: the agent's system prompt
+#          (role_system); SAGE/profile/simulator_profile_withfirsttalk.jsonl: the 100 scenarios
+#   rlver  RLVER/code/verl/workers/rollout/vllm_rollout/hard_player_simulator_dsv3.py: target_prompt["eq"] and
+#          the same two templates (its analysis asks for a Reason section); system_prompt.py beside it: the
+#          policy's think / no-think prompts (a --think run under sage takes the think prompt from there too)
+# Python files are read with `ast`. RLVER's simulator file does not parse as a whole (a stub function is
+# mis-indented), so the statements we need are cut from its text and each parsed alone (_python_nodes).
+#
+# Their protocol as their code plays it; each call is ONE user message (no system message):
+#   analysis  {{emotion}} the number, {{simulator_role}} / {{player_type}} the profile's player,
+#             {{simulator_scene}} / {{player_topic}} its scene, {{target}} the target text, {{dialog_history}}
+#             json.dumps([{role: 你 | NPC, content}], ensure_ascii=False, indent=2) of the whole dialogue
+#             (sage) or of all but its last two messages, which fill {{new_history}} (rlver)
+#   parsed    '：' -> ':', '*' dropped; section H = text.split("H:")[-1].split("<next header>:\n")[0], stripped of
+#             newlines and [ ] (rlver also folds blank lines); the change is the first signed integer of the
+#             last section (Change); none: the call is asked again
+#   reply     {{planning}} built from the analysis sections by their code's expression (read from their file),
+#             {{emotion}} the band name Emotion-S/A/B/C/F after the change, {{dialog_history}} all but the last
+#             two messages, {{new_history}} those two; the reply is the text after the last "Response:",
+#             stripped of newlines, [ ] and quotes
+#   opening   (a profile without first_talk) the reply template with their opening planning line and opening
+#             history text, {{new_history}} empty, at the start emotion's band
+# Their code against the paper: RLVER's trainer never stores the emotion back into the state its analysis
+# reads, so every analysis sees the start emotion 30 (only the reply call's band is live); we send the live
+# number unless --official-quirks. SAGE's planning_reply looks up a `target` key its profiles lack (its code
+# would stop there); we send the intended target text.
+
+RLVER_ROLLOUT = "code/verl/workers/rollout/vllm_rollout/"
+OFFICIAL_SIMULATOR = {"sage": ("SAGE", "simulator_response.py"),
+                      "rlver": ("RLVER", RLVER_ROLLOUT + "hard_player_simulator_dsv3.py")}
+OFFICIAL_POLICY = {("sage", False): ("SAGE", "npc_response.py", "role_system"),   # (folder, file, variable)
+                   ("sage", True): ("RLVER", RLVER_ROLLOUT + "system_prompt.py", "system_prompt_train_think"),
+                   ("rlver", False): ("RLVER", RLVER_ROLLOUT + "system_prompt.py", "system_prompt_train_unthink"),
+                   ("rlver", True): ("RLVER", RLVER_ROLLOUT + "system_prompt.py", "system_prompt_train_think")}
+OFFICIAL_PROFILES = ("SAGE", "profile/simulator_profile_withfirsttalk.jsonl")   # eval's default under sage
+OFFICIAL_ROLES = {"user": "你", "assistant": "NPC"}   # the speakers in their JSON history
+# the statements of a file that does not parse as a whole: template literals, the target table, the
+# {{planning}} / {{dialog_history}} replacements and the opening planning line (each starts a line)
+_STATEMENTS = re.compile(r'^[ \t]*((?:template|role_system|system_prompt_train_\w+) = (?P<q>"""|\'\'\').*?(?P=q)'
+                         r'|target_prompt = \{.*?^[ \t]*\}[ \t]*$'
+                         r'|\S[^\n]*\.replace\("\{\{(?:planning|dialog_history)\}\}"[^\n]*|planning\[.analyse.\] = [^\n]*)',
+                         re.MULTILINE | re.DOTALL)
+
+
+@dataclass
+class OfficialPrompts:
+    source: str              # "SAGE" or "RLVER": whose simulator prompts
+    target: str              # the purpose-of-the-talk text ({{target}})
+    analysis: str            # the analysis call's template (planning_reply)
+    reply: str               # the reply call's template (player_reply)
+    headers: tuple           # the analysis sections in order, as its output format lists them; the change last
+    planning: list           # how {{planning}} is built: [("text", s) | ("section", key)], from their code
+    opening_planning: str    # {{planning}} of the opening request
+    opening_history: str     # {{dialog_history}} of the opening request
+    policy: str              # the policy's system prompt
+    policy_source: str       # "file:variable" it came from
+    files: dict              # every file read -> its sha256 (provenance)
+    start_emotion_quirk: bool = False   # --official-quirks: RLVER's analysis sees the start emotion
+
+
+def _sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _python_nodes(path):
+    """Every ast node of a Python file in source order; a file that does not parse as a whole is read
+    statement by statement (_STATEMENTS), each parsed alone at its own line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ProfileError(f"--official-prompts: cannot read {path} ({e.__class__.__name__}): point "
+                           f"--official-prompts at a checkout of the authors' repository") from None
+    try:
+        trees = [ast.parse(text)]
+    except SyntaxError:
+        trees = []
+        for m in _STATEMENTS.finditer(text):
+            try:
+                tree = ast.parse(m.group(1))
+            except SyntaxError:
+                continue
+            trees.append(ast.increment_lineno(tree, text.count("\n", 0, m.start(1))))
+    nodes = [n for tree in trees for n in ast.walk(tree) if hasattr(n, "lineno")]
+    return sorted(nodes, key=lambda n: (n.lineno, n.col_offset))
+
+
+def _assigned(nodes, name):
+    """The literal values assigned to `name` (a variable, or a subscript key such as planning['analyse'])."""
+    values = []
+    for n in nodes:
+        keys = [t.id if isinstance(t, ast.Name) else getattr(t.slice, "value", None)
+                for t in getattr(n, "targets", []) if isinstance(t, (ast.Name, ast.Subscript))]
+        if isinstance(n, ast.Assign) and name in keys:
+            try:
+                values.append(ast.literal_eval(n.value))
+            except ValueError:
+                pass   # not a literal (e.g. planning["analyse"] = reply.split(...))
+    return values
+
+
+def _replace_args(nodes, placeholder):
+    """The second arguments of every `.replace(placeholder, X)` call, as ast nodes."""
+    return [n.args[1] for n in nodes if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+            and n.func.attr == "replace" and len(n.args) == 2 and getattr(n.args[0], "value", None) == placeholder]
+
+
+def _terms(node):
+    """Their {{planning}} expression "..." + planning['key'] + ... -> [("text", s) | ("section", key)]."""
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return _terms(node.left) + _terms(node.right)
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [("text", node.value)]
+    if isinstance(node, ast.Subscript) and isinstance(getattr(node.slice, "value", None), str):
+        return [("section", node.slice.value)]
+    raise ValueError(ast.dump(node)[:80])
+
+
+def _first(values, path, what, kind=str):
+    found = [v for v in values if isinstance(v, kind)]
+    if not found:
+        raise ProfileError(f"--official-prompts: {path} has no {what}: this checkout differs from the layout "
+                           f"rlver reads (README, 'Official prompts'); use an unmodified checkout")
+    return found[0]
+
+
+def _need_placeholders(text, names, path, what):
+    missing = [f"{{{{{n}}}}}" for n in names if f"{{{{{n}}}}}" not in text]
+    if missing:
+        raise ProfileError(f"--official-prompts: {path}: the {what} lacks {', '.join(missing)}: this checkout "
+                           f"differs from the layout rlver reads; use an unmodified checkout")
+
+
+def official_root(path):
+    """--official-prompts DIR -> the checkout root (DIR itself, or the parent of its SAGE/ or RLVER/ folder)."""
+    path = Path(path).resolve()
+    if not path.is_dir():
+        raise ProfileError(f"--official-prompts {path}: not a folder; give your checkout of the authors' "
+                           f"digitalhuman repository (or its SAGE/ or RLVER/ folder)")
+    return path.parent if path.name in ("SAGE", "RLVER") else path
+
+
+def load_official_prompts(path, protocol, think, quirks=False, simulator="an LLM"):
+    """The authors' simulator and policy prompts for `protocol` (sage or rlver), read from the checkout at
+    `path` (see the notes above). A file or template that is not where their layout has it raises
+    ProfileError naming the file and what is missing. They are written for an LLM: never for the rules backend."""
+    if simulator == "rules":
+        raise ProfileError("--official-prompts needs an LLM simulator (--simulator URL or model folder): the rules "
+                           "backend only reads our own templates")
+    if protocol not in OFFICIAL_SIMULATOR:
+        raise ProfileError(f"--official-prompts plays the authors' two-call simulator: use --protocol sage or "
+                           f"rlver, not {protocol}")
+    if quirks and protocol != "rlver":
+        raise ProfileError("--official-quirks reproduces RLVER's trainer (its analysis always sees the start "
+                           "emotion); SAGE has no such quirk: drop the flag or use --protocol rlver")
+    root = official_root(path)
+    folder, name = OFFICIAL_SIMULATOR[protocol]
+    sim_path = root / folder / name
+    nodes = _python_nodes(sim_path)
+    templates = [t for t in _assigned(nodes, "template") if isinstance(t, str)]
+    if len(templates) < 2:
+        raise ProfileError(f"--official-prompts: {sim_path} has {len(templates)} template literal(s), expected "
+                           f"two (the analysis and the reply): this checkout differs from the layout rlver reads")
+    analysis, reply = templates[:2]
+    target = _first(_assigned(nodes, "target_prompt"), sim_path, "target_prompt", (str, dict))
+    if isinstance(target, dict):   # RLVER: a table by purpose; its trainer plays "eq" (heart-to-heart talk)
+        target = _first([target.get("eq")], sim_path, 'target_prompt["eq"]')
+    _need_placeholders(analysis, ("emotion", "dialog_history", "target"), sim_path, "analysis template")
+    _need_placeholders(reply, ("emotion", "dialog_history", "new_history", "planning", "target"), sim_path,
+                       "reply template")
+    headers = tuple(re.findall(r"^(\w+):[ \t]*$", analysis, re.MULTILINE))
+    if not headers or headers[-1] != "Change" or "Response:" not in reply:
+        raise ProfileError(f"--official-prompts: {sim_path}: the analysis output format must end in 'Change:' and "
+                           f"the reply's hold 'Response:': this checkout differs from the layout rlver reads")
+    try:
+        planning = _terms(_first(_replace_args(nodes, "{{planning}}"), sim_path,
+                                 "{{planning}} expression over the analysis sections", ast.BinOp))
+    except ValueError as e:
+        raise ProfileError(f"--official-prompts: {sim_path}: unexpected term in the {{{{planning}}}} expression "
+                           f"({e})") from None
+    unknown = [k for kind, k in planning if kind == "section" and k.lower() not in map(str.lower, headers)]
+    if unknown:
+        raise ProfileError(f"--official-prompts: {sim_path}: {{{{planning}}}} reads section(s) {unknown} that "
+                           f"the analysis format {list(headers)} lacks")
+    opening_history = _first([getattr(a, "value", None) for a in _replace_args(nodes, "{{dialog_history}}")],
+                             sim_path, "opening text for {{dialog_history}}")
+    p_folder, p_name, variable = OFFICIAL_POLICY[protocol, bool(think)]
+    policy_path = root / p_folder / p_name
+    policy = _first(_assigned(_python_nodes(policy_path), variable), policy_path, variable)
+    files = {str(p.relative_to(root)): _sha256(p) for p in (sim_path, policy_path)}
+    return OfficialPrompts(folder, target, analysis, reply, headers, planning,
+                           _first(_assigned(nodes, "analyse"), sim_path, "opening planning line"), opening_history,
+                           policy, f"{p_folder}/{p_name}:{variable}", files, bool(quirks))
+
+
+def official_profiles_path(path):
+    """SAGE's scenario file in the checkout (eval's default profiles under --official-prompts, sage)."""
+    p = official_root(path) / OFFICIAL_PROFILES[0] / OFFICIAL_PROFILES[1]
+    if not p.is_file():
+        raise ProfileError(f"--official-prompts: {p} not found: give --profiles, or a checkout that has SAGE's "
+                           f"scenarios")
+    return p
+
+
+def _official_history(episode, agent_reply=None):
+    """The dialogue as their JSON history: the user's opening, then the turns, then the latest agent reply."""
+    messages = [("user", episode.profile.opening)]
+    for t in episode.turns:
+        messages += [("assistant", t["agent"]), ("user", t["user"])]
+    if agent_reply is not None:
+        messages.append(("assistant", agent_reply))
+    return [{"role": OFFICIAL_ROLES[r], "content": c} for r, c in messages]
+
+
+def _dump(messages):
+    return json.dumps(messages, ensure_ascii=False, indent=2)
+
+
+def _fill_official(template, values):
+    """Their str.replace of {{name}} placeholders, in the given order (later values are never re-scanned for
+    earlier names: the dialogue, filled last, may contain braces)."""
+    for name, value in values:
+        template = template.replace("{{" + name + "}}", str(value))
+    return template
+
+
+def _profile_values(prompts, profile):
+    return [("target", prompts.target), ("simulator_role", profile.persona), ("player_type", profile.persona),
+            ("simulator_scene", profile.scenario), ("player_topic", profile.scenario)]
+
+
+def build_official_analysis(episode, agent_reply):
+    """Their analysis call (planning_reply) as one user message."""
+    prompts, history = episode.profile.prompts, _official_history(episode, agent_reply)
+    emotion = episode.profile.initial_emotion if prompts.start_emotion_quirk else episode.emotion
+    if prompts.source == "SAGE":   # the whole dialogue in one place
+        recent = [("dialog_history", _dump(history))]
+    else:                          # all but the last two messages, then those two
+        recent = [("dialog_history", _dump(history[:-2])), ("new_history", _dump(history[-2:]))]
+    text = _fill_official(prompts.analysis, [("emotion", emotion)] + _profile_values(prompts, episode.profile) + recent)
+    return [{"role": "user", "content": text}]
+
+
+def _official_reply_request(profile, planning, emotion, dialog_history, new_history):
+    text = _fill_official(profile.prompts.reply, [("planning", planning), ("emotion", f"Emotion-{band(emotion)}")]
+                          + _profile_values(profile.prompts, profile)
+                          + [("dialog_history", dialog_history), ("new_history", new_history)])
+    return [{"role": "user", "content": text}]
+
+
+def build_official_reply(episode, agent_reply, planning, emotion):
+    """Their reply call (player_reply): the planning text from the analysis, the band after the change."""
+    history = _official_history(episode, agent_reply)
+    return _official_reply_request(episode.profile, planning, emotion, _dump(history[:-2]), _dump(history[-2:]))
+
+
+def build_official_opening(profile):
+    """Their request for a first line (a profile without first_talk), at the start emotion's band."""
+    p = profile.prompts
+    return _official_reply_request(profile, p.opening_planning, profile.initial_emotion, p.opening_history, "")
+
+
+def parse_official_analysis(prompts, text):
+    """Their analysis parse -> (the {{planning}} text built from the sections, the change as written)."""
+    if not isinstance(text, str):
+        raise ParseError(f"expected text, got {type(text).__name__}")
+    text = text.replace("：", ":").replace("*", "")
+    sections = {}
+    for h, after in zip(prompts.headers, prompts.headers[1:] + (None,)):
+        part = text.split(h + ":")[-1]
+        part = (part.split(after + ":\n")[0] if after else part).strip("\n").strip("[").strip("]")
+        sections[h.lower()] = part.replace("\n\n", "\n") if prompts.source == "RLVER" else part
+    change = re.findall(r"[+-]?\d+", sections["change"])
+    if not change:
+        raise ParseError(f"no integer in the Change section: {sections['change'][:60]!r}")
+    planning = "".join(v if kind == "text" else sections[v.lower()] for kind, v in prompts.planning)
+    return planning, int(change[0])
+
+
+def parse_official_reply(text):
+    """Their reply parse: the text after the last 'Response:', stripped of newlines, [ ] and quotes."""
+    if not isinstance(text, str):
+        raise ParseError(f"expected text, got {type(text).__name__}")
+    return text.split("Response:")[-1].strip("\n").strip("[").strip("]").strip("\u201c").strip("\u201d")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -587,6 +912,13 @@ def simulate_turn(episodes, agent_replies, backend, mode="vanilla", max_turns=8,
     if len(protocols) != 1:
         raise ValueError(f"one batch, one protocol: got {sorted(protocols)}")
     protocol = protocols.pop()
+    for i in [i for i in active if thought_cut(agent_replies[i])]:   # no reply to show: the dialogue ends
+        ep = episodes[i]
+        ep.messages.append({"role": "assistant", "content": agent_replies[i].strip()})
+        ep.cut_thoughts, ep.done, ep.end_reason = 1, True, "thought_cut"
+        active.remove(i)
+    if not active:
+        return [None] * len(episodes)
     shown = {i: visible_reply(agent_replies[i]) for i in active}   # the user never sees <think>
 
     if protocol_of(protocol).stages == 1:
@@ -596,14 +928,17 @@ def simulate_turn(episodes, agent_replies, backend, mode="vanilla", max_turns=8,
         replies = {k: v[2] for k, v in parsed.items()}
         reply_errors = errors
     else:
+        prompts = episodes[active[0]].profile.prompts   # the authors' prompts and parsers (section 3b), or ours
+        parse_analysis = (lambda text: parse_official_analysis(prompts, text)) if prompts else parse_analysis_output
         requests = [build_request(episodes[i], shown[i], mode, step="analysis") for i in active]
-        analyses, errors = _query(backend, requests, parse_analysis_output, retries)
+        analyses, errors = _query(backend, requests, parse_analysis, retries)
         requests = []
         for k, i in enumerate(active):   # the reply stage sees the analysis and the band after the change
             thought, change = analyses.get(k, ("", 0))
             requests.append(build_reply_request(episodes[i], shown[i], mode, thought,
                                                 apply_change(episodes[i].emotion, change, protocol)[1]))
-        replies, reply_errors = _query(backend, requests, parse_reply_output, retries)
+        replies, reply_errors = _query(backend, requests, parse_official_reply if prompts else parse_reply_output,
+                                       retries)
 
     new_user_messages = [None] * len(episodes)
     for k, i in enumerate(active):
@@ -614,6 +949,7 @@ def simulate_turn(episodes, agent_replies, backend, mode="vanilla", max_turns=8,
         if k not in replies and k in analyses:
             thought += f" (reply unparseable: {reply_errors[k]})"
         ep.parse_failures += failed
+        ep.changes_out_of_range += protocol_of(protocol).max_change is None and abs(change) > 100
         change, ep.emotion = apply_change(ep.emotion, change, protocol)   # the code, not the LLM
         ep.messages.append({"role": "assistant", "content": (agent_replies[i] or "").strip()})
         ep.messages.append({"role": "user", "content": user_reply})

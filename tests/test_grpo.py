@@ -112,3 +112,23 @@ def test_grpo_micro_batches_with_global_count_equal_full_batch(agg):
         total += part.item()
     assert total == pytest.approx(full.item(), abs=1e-6)  # the loss is a small sum of +- terms
     assert torch.allclose(grad_sum, grad_full, atol=1e-7)
+
+
+def test_strip_mode_groups_every_turn_sample_of_a_profile():
+    # --think-history strip, GRPO: the statistics run over the TURN samples of a profile's group, as the
+    # official think trainer groups them. Group 0 = dialogues 0 (reward 1, 3 turns) and 1 (reward 0, 1 turn):
+    # samples [1, 1, 1, 0], mean 0.75, unbiased std sqrt((3 * 0.25^2 + 0.75^2) / 3) = 0.5 -> [0.5]*3, -1.5
+    # (per dialogue it would be +-0.7071). Group 1 = dialogues 2, 3, both 0.4: exactly zero. The last row is
+    # a padding sample (no policy token, dialogue 0): it takes no part and gets nothing.
+    import argparse
+    import rlver
+    dialogue = torch.tensor([0, 0, 0, 1, 2, 3, 3, 0])
+    mask = torch.ones(8, 3, dtype=torch.bool)
+    mask[-1] = False
+    args = argparse.Namespace(algo="grpo", think_history="strip", group_size=2, no_std=False)
+    adv = rlver.advantages(None, args, {"mask": mask, "dialogue": dialogue}, torch.tensor([1.0, 0.0, 0.4, 0.4]))
+    expected = torch.tensor([0.5, 0.5, 0.5, -1.5, 0, 0, 0, 0])[:, None] * mask
+    assert torch.allclose(adv, expected, atol=1e-5)
+    args.think_history = "keep"   # one sample per dialogue: the per-dialogue statistics
+    keep = rlver.advantages(None, args, {"mask": mask[:4], "dialogue": torch.arange(4)}, torch.tensor([1.0, 0.0, 0.4, 0.4]))
+    assert torch.allclose(keep[:, 0], torch.tensor([0.70711, -0.70711, 0, 0]), atol=1e-4)

@@ -316,3 +316,57 @@ def test_enable_thinking_follows_think(tiny_qwen2):
         d = ro.start_dialogue(profile, tok, think, 0, "cpu")
         assert decode(tok, d.ids).endswith(empty_thought) == (not think)
         assert decode(tok, ro.user_turn_ids(tok, "hi", think=think)).endswith(empty_thought) == (not think)
+
+
+def qwen_style_tokenizer():
+    """A byte-level BPE with Qwen2's pre-tokenizer split, so '>' merges with the newlines after it (Qwen2.5:
+    "</think>\\n\\n" is [522, 26865, 1339]) and no token is "</think>" itself."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    split = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=lm.SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["<think>plan a kind reply</think>\n\nI hear you."], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=lm.CHATML_TEMPLATE)
+
+
+def test_strip_finds_think_end_in_the_text_when_bpe_merges_it(tiny_qwen2, one_thread):
+    # every turn the policy writes "<think>plan a kind reply</think>\n\nI hear you." (forced: the logits) with
+    # a tokenizer whose '>' merges with "\n\n": later contexts keep no earlier thought, only the reply
+    tok = qwen_style_tokenizer()
+    reply = tok.encode("<think>plan a kind reply</think>\n\nI hear you.", add_special_tokens=False)
+    assert tok.decode(reply[:-4]).endswith("</think>\n\n")   # the tag ends inside the token '>\n\n'
+    assert not any(reply[s:s + 3] == tok.encode("</think>", add_special_tokens=False) for s in range(len(reply)))
+    model = lm.load_model(tiny_qwen2)
+    script = reply + [tok.eos_token_id]
+    forced = {"n": 0}
+
+    def force(module, inputs, logits):  # one dialogue: each forward samples the script's next token
+        logits = torch.full_like(logits, -1e4)
+        logits[..., script[forced["n"] % len(script)]] = 0.0
+        forced["n"] += 1
+        return logits
+    handle = model.lm_head.register_forward_hook(force)
+    try:
+        d = ro.rollout(model, tok, sim.builtin_profiles("train")[:1], sim.RulesBackend(), think=True,
+                       think_history="strip", max_turns=3, max_new_tokens=len(script), seeds=[0])[0]
+    finally:
+        handle.remove()
+    assert len(d.samples) == 3 and d.policy_texts == [tok.decode(reply)] * 3
+    for k, sample in enumerate(d.samples):
+        context = tok.decode(sample.ids[:sample.policy_mask.index(True)])
+        assert context.count("I hear you.") == k and "plan a kind" not in context   # no earlier thought kept
+    assert ro.visible_ids(reply, tok) == reply[-4:] and tok.decode(reply[-4:]) == "I hear you."
+
+
+def test_replies_cut_at_the_cap_are_counted(tiny_qwen2, one_thread):
+    tok, dialogues, _ = play(tiny_qwen2, sim.builtin_profiles("train")[:6], list(range(6)), sim.RulesBackend(), bias=5.0)
+    eos = set(lm.stop_token_ids(tok))
+    cut = [sum(e - s == 12 and d.ids[e - 1] not in eos for v, s, e in runs(d.policy_mask) if v) for d in dialogues]
+    assert [d.episode.truncated_replies for d in dialogues] == cut and 0 < sum(cut) < sum(len(d.policy_texts)
+                                                                                             for d in dialogues)

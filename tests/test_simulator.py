@@ -318,11 +318,15 @@ def test_messages_turns_and_think_stripping():
     assert [m["role"] for m in active.messages] == ["user", "assistant", "user"]
     assert active.messages[0]["content"] == "My oven broke again." and active.messages[1]["content"] == raw
     assert set(active.turns[0]) == {"turn", "agent", "thought", "change", "emotion", "user", "parse_failed"}
-    # an unclosed <think> reaches the user as an empty message (scored as a brush-off)
-    simulate_turn([active], ["<think>still thinking"], recording_rules)
-    assert active.turns[1]["agent"] == "" and S.EMPTY_REPLY in seen[-1][1]["content"]
     # the second request carries the dialogue so far
+    simulate_turn([active], ["Tell me more?"], recording_rules)
     assert "Supporter: I hear you. It is not your fault." in seen[-1][1]["content"]
+    # a reply cut inside its <think> has nothing to show: the dialogue ends there (counted), the simulator is
+    # not asked and the user never sees an empty message
+    asked = len(seen)
+    assert simulate_turn([active], ["<think>still thinking"], recording_rules) == [None]
+    assert len(seen) == asked and len(active.turns) == 2 and active.done
+    assert (active.end_reason, active.cut_thoughts) == ("thought_cut", 1)
 
 
 def test_emotion_is_clamped_by_code_not_the_simulator():
