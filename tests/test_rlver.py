@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -894,10 +895,14 @@ def test_training_step_against_numbers_worked_from_its_dialogues(algo, history, 
     assert history == "keep" or m["samples"] > 4
     assert m["prefill_tokens"] <= 1.1 * m["conversation_tokens"]
     if algo == "grpo":
+        # groups of 2 dialogues: (r - mean) / (unbiased std + 1e-6) over the group's samples (keep: one per
+        # dialogue; strip: one per turn, as the official think trainer groups them, so longer dialogues weigh more)
+        turns = [len(d.samples) if history == "strip" else 1 for d in dialogues]
         adv = []
-        for g in (rewards[:2], rewards[2:]):  # groups of 2: (r - mean) / (unbiased std + 1e-6)
-            std = abs(g[0] - g[1]) / 2 ** 0.5
-            adv += [(r - sum(g) / 2) / (std + 1e-6) if g[0] != g[1] else 0.0 for r in g]
+        for lo in (0, 2):
+            g = [r for r, t in zip(rewards[lo:lo + 2], turns[lo:lo + 2]) for _ in range(t)]
+            mean, std = statistics.mean(g), statistics.stdev(g)
+            adv += [(r - mean) / (std + 1e-6) if std > 0 else 0.0 for r in rewards[lo:lo + 2]]
         want = -sum(a * k for a, k in zip(adv, n)) / sum(n)
         assert abs(want) > 1e-3, (rewards, n)  # a real value: some group's rewards differ
         assert m["loss"] == pytest.approx(want, rel=1e-4, abs=1e-6)
