@@ -1135,9 +1135,10 @@ def setting_label(args):
     return f"{args.protocol} protocol, simulator {args.simulator_model or args.simulator}, {prompts}"
 
 
-def provenance(args, profiles, profiles_path, seeds):
+def provenance(args, profiles, profiles_path, seeds, temperature):
     """What makes a score comparable (summary.json, and every record of transcripts.jsonl): the rules, the
-    simulator and its prompts, the policy's prompt and decoding, the scenarios, the seeds."""
+    simulator and its prompts, the policy's prompt and decoding, the scenarios, the seeds. args: eval's or
+    rlver.py's flags (their names agree)."""
     official = profiles[0].prompts
     langs = sorted({args.lang or p.lang or sim.detect_lang(p) for p in profiles})
     policy = sorted({ro.system_prompt(args.think, lang, official) for lang in langs})
@@ -1149,7 +1150,7 @@ def provenance(args, profiles, profiles_path, seeds):
                               "sha256": [_text_sha256(t) for t in policy]},
             "profiles": {"file": os.path.abspath(profiles_path) if profiles_path else "built-in test set",
                          "sha256": sim._sha256(profiles_path) if profiles_path else None, "count": len(profiles)},
-            "decoding": {"temperature": args.temperature, "top_p": 1.0, "max_new_tokens": args.max_new_tokens},
+            "decoding": {"temperature": temperature, "top_p": 1.0, "max_new_tokens": args.max_new_tokens},
             "seeds": seeds}
 
 
@@ -1194,7 +1195,7 @@ def eval_command(args):
         dtype = DTYPES[args.dtype]
         policy, tokenizer = load_model(policy, device=args.device, dtype=dtype), load_tokenizer(policy)
     config = {k: v for k, v in vars(args).items() if k != "func"}
-    config["provenance"] = provenance(args, profiles, profiles_path, seeds)
+    config["provenance"] = provenance(args, profiles, profiles_path, seeds, args.temperature)
     return evaluate(policy, tokenizer, profiles, backend, seeds=seeds, max_turns=args.max_turns, mode=args.mode,
                     think=args.think, max_new_tokens=args.max_new_tokens, max_context=args.max_context,
                     temperature=args.temperature,

@@ -873,7 +873,8 @@ def evaluate_policy(run, args, step):
                              warn=(lambda line: print(f"rlver: {line}", flush=True)) if rank == 0 else None)
     if rank != 0:
         return None
-    return benchmark.report(episodes, os.path.join(args.out, "eval", f"step_{step}"),
+    provenance = benchmark.provenance(args, profiles, args.test_profiles, list(range(len(profiles))), 0.0)
+    return benchmark.report(episodes, os.path.join(args.out, "eval", f"step_{step}"), config={"provenance": provenance},
                             title=f"step {step} ({benchmark.setting_label(args)})")
 
 

@@ -631,6 +631,9 @@ def load_official_prompts(path, protocol, think, quirks=False, simulator="an LLM
     if protocol not in OFFICIAL_SIMULATOR:
         raise ProfileError(f"--official-prompts plays the authors' two-call simulator: use --protocol sage or "
                            f"rlver, not {protocol}")
+    if quirks and protocol != "rlver":
+        raise ProfileError("--official-quirks reproduces RLVER's trainer (its analysis always sees the start "
+                           "emotion); SAGE has no such quirk: drop the flag or use --protocol rlver")
     root = official_root(path)
     folder, name = OFFICIAL_SIMULATOR[protocol]
     sim_path = root / folder / name

@@ -51,6 +51,16 @@ def one_thread():
 # ----------------------------------------------------------------------------------------------------
 # Simulated-user servers: GET /v1/models and POST /v1/chat/completions on a free port of 127.0.0.1
 
+def send_json(handler, body, status=200):
+    """Answer an http.server request with a JSON body."""
+    data = json.dumps(body).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 class SimulatorServer:
     """
     A threaded OpenAI-compatible server whose good answers come from RulesBackend (so an episode played

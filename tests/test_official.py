@@ -14,7 +14,7 @@ import http.server
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, send_json
 
 import benchmark
 import simulator as sim
@@ -147,8 +147,9 @@ class OfficialSimulator:
     'policy-model', the agent). It checks every request against the synthetic layout and records a problem
     for each deviation; it answers the analysis with change `change` and distinct section texts."""
 
-    def __init__(self, source, change="+15 points", start=40, quirk=False):
-        self.source, self.change, self.start, self.quirk = source, change, start, quirk
+    def __init__(self, source, change="+15 points", policy=POLICY["npc"]):
+        self.source, self.change, self.policy = source, change, policy
+        self.unparseable = 0   # this many analyses (the first ones) come back without an integer
         self.problems, self.kinds, self.seen_emotions, self.lock = [], [], {}, threading.Lock()
         server = self
 
@@ -157,21 +158,13 @@ class OfficialSimulator:
                 pass
 
             def do_GET(self):
-                self._send({"data": [{"id": "sim-model"}]})
+                send_json(self, {"data": [{"id": "sim-model"}]})
 
             def do_POST(self):
                 payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server.lock:
                     text = server.answer(payload["messages"], payload["model"])
-                self._send({"choices": [{"message": {"role": "assistant", "content": text}}]})
-
-            def _send(self, body):
-                data = json.dumps(body).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, {"choices": [{"message": {"role": "assistant", "content": text}}]})
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
@@ -191,7 +184,7 @@ class OfficialSimulator:
 
     def answer(self, messages, model):
         if model == "policy-model":   # the agent: its system prompt must be the authors'
-            self.check(messages[0] == {"role": "system", "content": POLICY["npc"]}, f"policy prompt {messages[0]}")
+            self.check(messages[0] == {"role": "system", "content": self.policy}, f"policy prompt {messages[0]}")
             self.kinds.append("policy")
             return "I hear you. That sounds heavy."
         self.check(len(messages) == 1 and messages[0]["role"] == "user", "not ONE user message")
@@ -202,6 +195,9 @@ class OfficialSimulator:
             self.kinds.append("analysis")
             emotion = int(re.search(r"\*\*emotion now (\d+)\n", text).group(1))
             self.seen_emotions.setdefault(persona, []).append(emotion)
+            if self.unparseable:
+                self.unparseable -= 1
+                return "Content:\nhmm\nChange:\n[no idea]"
             history = self.history(text, "**context")
             if self.source == "RLVER":   # all but the last two messages in the context, those two apart
                 history += self.history(text, "**latest")
@@ -293,27 +289,73 @@ def test_eval_plays_sages_prompts_from_the_checkout(checkout, tmp_path):
 def test_two_training_steps_play_rlvers_prompts_from_a_file_that_is_not_python(checkout, tiny_qwen2, tmp_path):
     with pytest.raises(SyntaxError):
         compile((checkout / ROLLOUT / "hard_player_simulator_dsv3.py").read_text(), "sim", "exec")
-    server = OfficialSimulator("RLVER", change="+5", start=30)
+    server = OfficialSimulator("RLVER", change="+5")
     try:
         r = cli("rlver.py", "--model", tiny_qwen2, "--out", str(tmp_path / "run"), "--steps", "2",
                 "--profiles-per-step", "2", "--group-size", "2", "--max-turns", "2", "--max-new-tokens", "8",
                 "--micro-batch", "4", "--save-every", "100", "--no-fsdp", "--simulator", server.url,
                 "--simulator-model", "sim-model", "--official-prompts", str(checkout),
-                "--train-profiles", str(checkout / "RLVER/data/train_profile.jsonl"))
+                "--train-profiles", str(checkout / "RLVER/data/train_profile.jsonl"), "--eval-every", "2",
+                "--eval-profiles", "2", "--test-profiles", str(checkout / "SAGE/profile/simulator_profile_withfirsttalk.jsonl"))
     finally:
         server.close()
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(set(server.problems)) == []
     # no first_talk: each profile's opening asked for once (step 1: 2 profiles, step 2: the other 2), then
     # 2 dialogues x 2 turns per step; the live emotion: 30, then 35
-    assert server.kinds.count("opening") == 4 and server.kinds.count("analysis") == 16
-    assert all(sorted(seen) == [30, 30, 35, 35] for seen in server.seen_emotions.values())
+    # (and the periodic eval at step 2: 2 test profiles with first_talk, 2 turns each)
+    assert server.kinds.count("opening") == 4 and server.kinds.count("analysis") == 16 + 4
+    assert sorted(server.seen_emotions["3"]) == [30, 30, 35, 35]   # a training profile only
+    assert all(sorted(server.seen_emotions[p]) == [30, 30, 30, 35, 35, 35] for p in ("0", "1"))
+    summary = json.loads((tmp_path / "run" / "eval" / "step_2" / "summary.json").read_text())
+    assert summary["provenance"]["simulator_prompts"]["source"] == "official RLVER"
+    assert summary["provenance"]["decoding"]["temperature"] == 0.0 and summary["score"] == 40
+    svg = (tmp_path / "run" / "eval" / "step_2" / "trajectories.svg").read_text()
+    assert "step 2 (rlver protocol, simulator sim-model, official RLVER prompts)" in svg
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [row["reward"] for row in rows] == pytest.approx([0.4, 0.4])
     for row in rows:   # replies cut at the 8-token cap: counted in each step's metrics, warned when any
         assert 0 <= row["truncated_replies"] <= 8 and row["cut_thoughts"] == row["changes_out_of_range"] == 0
         warned = f"rlver: warning: step {row['step']}: {row['truncated_replies']:g} policy replies were cut"
         assert (warned in r.stdout) == (row["truncated_replies"] > 0)
+
+
+def test_official_quirk_through_eval_under_rlver(checkout, tmp_path):
+    server = OfficialSimulator("RLVER", change="+5", policy=POLICY["unthink"])
+    try:
+        r = cli("benchmark.py", "eval", "--policy", server.url, "--policy-model", "policy-model", "--simulator",
+                server.url, "--simulator-model", "sim-model", "--official-prompts", str(checkout / "RLVER"),
+                "--protocol", "rlver", "--official-quirks", "--limit", "1", "--out", str(tmp_path / "e"),
+                "--profiles", str(checkout / "SAGE/profile/simulator_profile_withfirsttalk.jsonl"))
+    finally:
+        server.close()
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert server.problems == [] and server.seen_emotions == {"0": [30] * 9}   # 30 -> 75, every analysis sees 30
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    assert summary["score"] == 75 and summary["provenance"]["simulator_prompts"]["official_quirks"] is True
+    r = cli("benchmark.py", "eval", "--policy", server.url, "--simulator", server.url, "--official-prompts",
+            str(checkout), "--official-quirks", "--out", str(tmp_path / "f"))   # sage has no such quirk
+    assert r.returncode == 2 and "--official-quirks reproduces RLVER's trainer" in r.stderr
+
+
+def test_eval_re_asks_an_unparsed_analysis_then_stops(checkout, tmp_path):
+    # SAGE re-asks until the answer parses and never scores an unparsed turn: we re-ask twice, then refuse
+    server = OfficialSimulator("SAGE")
+    server.unparseable = 3
+    try:
+        r = cli("benchmark.py", "eval", "--policy", server.url, "--policy-model", "policy-model", "--simulator",
+                server.url, "--simulator-model", "sim-model", "--official-prompts", str(checkout), "--limit", "1",
+                "--out", str(tmp_path / "e"))
+    finally:
+        server.close()
+    assert server.seen_emotions["0"][:4] == [40, 40, 40, 40]   # the first analysis asked 3 times (scored 0)
+    assert r.returncode == 2 and "1/7 simulator turns were unparseable" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "e" / "summary.json").exists()
+
+
+def test_eval_reply_cap_must_fit_the_context(tmp_path):
+    r = cli("benchmark.py", "eval", "--policy", str(tmp_path), "--max-new-tokens", "64", "--max-context", "64")
+    assert r.returncode == 2 and "--max-new-tokens 64 must be >= 1 and below --max-context 64" in r.stderr
 
 
 def test_official_quirk_shows_the_analysis_the_start_emotion(checkout):
