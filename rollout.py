@@ -133,8 +133,8 @@ def start_dialogue(profile, tokenizer, think, seed, device):
 
 def visible_ids(reply, tokenizer):
     """The ids of a sampled turn the next turns keep under --think-history strip: those after the token that
-    completes the last "</think>" of the decoded text, as sampled; a turn without </think> is kept whole (as
-    the official think rollout keeps a reply that never closed its thought). Found in the text, never as a
+    completes the last "</think>" of the decoded text, as sampled; a turn without </think> is kept whole (one
+    cut inside its thought ends the dialogue: simulator.thought_cut). Found in the text, never as a
     token-id run: byte-level BPE merges '>' with the newlines after it (Qwen2.5: "</think>\n\n" is
     [522, 26865, 1339], ">\n\n" one token), so the ids of "</think>" alone never occur in a sampled reply.
     The shortest prefix whose text holds every closing tag is found by bisection (a few decodes per turn)."""

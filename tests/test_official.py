@@ -233,7 +233,7 @@ def cli(script, *args):
                           cwd=ROOT, env=env, timeout=300)
 
 
-def test_eval_plays_sages_prompts_from_the_checkout(checkout, tmp_path):
+def test_eval_plays_sages_prompts_from_the_checkout(checkout, tmp_path, capsys):
     server = OfficialSimulator("SAGE")
     try:
         out = tmp_path / "eval"
@@ -268,22 +268,29 @@ def test_eval_plays_sages_prompts_from_the_checkout(checkout, tmp_path):
     published.write_text("".join(json.dumps({"id": f"p{i}", "emo_point": 60, "history": [
         {"role": "user", "content": "x", "emotion-point": 40}, {"role": "user", "content": "y", "emotion-point": 60}]})
         + "\n" for i in range(3)))
-    r = cli("benchmark.py", "leaderboard", str(out), str(published), "--versus", "GPT-4.1")
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
+    def leaderboard(*args):   # in process (the CLI's main): returns (exit code, stdout, stderr)
+        try:
+            benchmark.main(["leaderboard", *map(str, args)])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        return (code, *capsys.readouterr())
+    code, stdout, stderr = leaderboard(out, published, "--versus", "GPT-4.1")
+    assert code == 0, stderr
+    lines = stdout.splitlines()
     assert lines[1].split()[:2] == ["eval", "100.0"] and "sage | sim-model | official SAGE | 3 ids #" in lines[1]
     assert lines[2].split()[:2] == ["gpt-4.1", "60.0"] and "sage | deepseek-v3-2024-1227 | official SAGE" in lines[2]
     assert lines[1].split("|")[3] == lines[2].split("|")[3]   # the same scenario digest
-    assert "eval vs gpt-4.1: 3 wins, 0 ties, 0 losses on 3 scenarios" in r.stdout
+    assert "eval vs gpt-4.1: 3 wins, 0 ties, 0 losses on 3 scenarios" in stdout
     ours = tmp_path / "ours" / "transcripts.jsonl"
     ours.parent.mkdir()
     ours.write_text("".join(json.dumps(dict(rec, provenance=dict(prov, simulator_prompts={"source": "ours"})))
                             + "\n" for rec in records))
-    r = cli("benchmark.py", "leaderboard", str(out), str(ours))
-    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1
-    assert "differ in simulator_prompts (eval: official SAGE, ours: ours)" in r.stderr
-    r = cli("benchmark.py", "leaderboard", str(out), str(ours), "--allow-mixed")
-    assert r.returncode == 0 and "official SAGE* |" in r.stdout and "WARNING: --allow-mixed" in r.stderr
+    code, stdout, stderr = leaderboard(out, ours)
+    assert code == 2 and stdout == "" and len(stderr.strip().splitlines()) == 1
+    assert "differ in simulator_prompts (eval: official SAGE, ours: ours)" in stderr
+    code, stdout, stderr = leaderboard(out, ours, "--allow-mixed")
+    assert code == 0 and "official SAGE* |" in stdout and "WARNING: --allow-mixed" in stderr
 
 
 def test_two_training_steps_play_rlvers_prompts_from_a_file_that_is_not_python(checkout, tiny_qwen2, tmp_path):
@@ -333,9 +340,8 @@ def test_official_quirk_through_eval_under_rlver(checkout, tmp_path):
     assert server.problems == [] and server.seen_emotions == {"0": [30] * 9}   # 30 -> 75, every analysis sees 30
     summary = json.loads((tmp_path / "e" / "summary.json").read_text())
     assert summary["score"] == 75 and summary["provenance"]["simulator_prompts"]["official_quirks"] is True
-    r = cli("benchmark.py", "eval", "--policy", server.url, "--simulator", server.url, "--official-prompts",
-            str(checkout), "--official-quirks", "--out", str(tmp_path / "f"))   # sage has no such quirk
-    assert r.returncode == 2 and "--official-quirks reproduces RLVER's trainer" in r.stderr
+    with pytest.raises(sim.ProfileError, match="--official-quirks reproduces RLVER's trainer"):   # not in sage
+        sim.load_official_prompts(checkout, "sage", False, quirks=True, simulator="http://x")
 
 
 def test_eval_re_asks_an_unparsed_analysis_then_stops(checkout, tmp_path):
@@ -353,9 +359,10 @@ def test_eval_re_asks_an_unparsed_analysis_then_stops(checkout, tmp_path):
     assert not (tmp_path / "e" / "summary.json").exists()
 
 
-def test_eval_reply_cap_must_fit_the_context(tmp_path):
-    r = cli("benchmark.py", "eval", "--policy", str(tmp_path), "--max-new-tokens", "64", "--max-context", "64")
-    assert r.returncode == 2 and "--max-new-tokens 64 must be >= 1 and below --max-context 64" in r.stderr
+def test_eval_reply_cap_must_fit_the_context(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(["eval", "--policy", str(tmp_path), "--max-new-tokens", "64", "--max-context", "64"])
+    assert e.value.code == 2 and "--max-new-tokens 64 must be >= 1 and below --max-context 64" in capsys.readouterr().err
 
 
 def test_official_quirk_shows_the_analysis_the_start_emotion(checkout):
@@ -378,12 +385,13 @@ def test_official_quirk_shows_the_analysis_the_start_emotion(checkout):
     (lambda root: (root / "SAGE/simulator_response.py").write_text(SAGE_SIM.replace("target_prompt", "goal")),
      "has no target_prompt"),
 ])
-def test_a_checkout_that_differs_fails_with_one_line(checkout, tmp_path, edit, message):
-    edit(checkout)
-    r = cli("benchmark.py", "eval", "--policy", str(tmp_path), "--simulator", "http://127.0.0.1:9/v1",
-            "--official-prompts", str(checkout), "--out", str(tmp_path / "e"))
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+def test_a_checkout_that_differs_fails_with_one_line(checkout, tmp_path, edit, message, capsys):
+    edit(checkout)   # (in process: the CLI's own exit path; test_rlver's one-line test runs the subprocesses)
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(["eval", "--policy", str(tmp_path), "--simulator", "http://127.0.0.1:9/v1",
+                        "--official-prompts", str(checkout), "--out", str(tmp_path / "e")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
 
 
 def test_rlver_change_outside_100_is_counted_and_warned(checkout):
