@@ -9,19 +9,21 @@ benchmark.py: how good is a policy at empathetic dialogue, and how fast is our m
     python benchmark.py rollout --latencies-ms 0,50,200
 
 `eval`: a SAGE-style benchmark (Sentient Agent as a Judge, arXiv 2505.02847; RLVER reports its "Sentient
-benchmark" score). How the score is computed, in four steps:
-  (These are the classic protocol's rules; --protocol sage, the default, plays SAGE's loop: start 40, changes
-  clamped to +-10, a goodbye word ends it, success >= 100, failure < 10, 9 scored replies. See
-  simulator.PROTOCOLS. `leaderboard` compares systems, ours and SAGE's published result files.)
+benchmark" score). How the score is computed, in four steps (the rules are --protocol's, simulator.PROTOCOLS and
+the README's table: sage, the default, is SAGE's test loop; rlver RLVER's trainer; classic ours):
   1. Every test profile becomes a simulated user (simulator.py) with a persona, a scenario, a hidden intention,
-     an opening message and an emotion on a 0..100 scale (its initial_emotion, 50 unless the profile says).
-  2. The policy under test and that user talk for at most --max-turns (8) turns. After each policy reply the
-     simulator reasons about how the reply lands and writes an integer change; the CODE applies it:
+     an opening message and an emotion on a 0..100 scale (its initial_emotion, else the protocol's start:
+     sage 40, rlver 30, classic 50).
+  2. The policy under test and that user talk for at most --max-turns scored replies (sage and rlver 9,
+     classic 8). After each policy reply the simulator reasons about how the reply lands and writes an integer
+     change; the CODE clamps it as the protocol says (sage +-10, classic +-30, rlver not) and applies it:
          emotion <- clamp(emotion + change, 0, 100)
-  3. A dialogue ends early at 100 (the user feels fully supported: a success) or at 0 (the user leaves: a
-     failure); otherwise it ends after max turns.
-  4. score = mean over dialogues of the FINAL emotion (0..100); success rate = share that reached 100;
-     failure rate = share that reached 0; mean turns = average dialogue length.
+  3. A dialogue ends as the protocol says (simulator.dialogue_end): sage on a goodbye word, at 100 (success)
+     or below 10 (failure); rlver on a goodbye word or at 0; classic at 0 or 100; otherwise after max turns
+     (or, in any protocol, when a --think reply was cut before </think>: there is no reply to show).
+  4. score = mean over dialogues of the FINAL emotion (0..100); success = final emotion 100; failure = below
+     the protocol's failure line (sage 10, else 1); mean turns = average dialogue length. `leaderboard`
+     compares systems, ours and SAGE's published result files, when their provenance makes them comparable.
 With several seeds every profile is played once per seed; the score is the mean over all dialogues and the
 spread is the std of the per-seed scores. The policy is a local HF folder, a model object already in memory
 (rlver.py's periodic evaluation) or any OpenAI-compatible endpoint, so GPT-4o-class models are scored the same.

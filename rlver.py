@@ -13,7 +13,8 @@ One training step, read top to bottom in train_step():
   3. reward      final emotion / 100, the "verifiable emotion reward" (simulator.reward).
   4. score       log-probs of the sampled tokens under the current (old) and the reference policy, and for
                  PPO the critic's values: teacher-forced, micro-batched.
-  5. advantages  GRPO: reward against its group of rollouts of the same profile (grpo.group_advantages).
+  5. advantages  GRPO: reward against its group of rollouts of the same profile (grpo.group_advantages; under
+                 --think-history strip over every turn sample of the group, grpo.sample_group_advantages).
                  PPO: GAE over policy tokens with the critic as baseline (ppo.compute_gae), whitened.
   6. update      clipped surrogate losses, several epochs of micro-batches with gradient accumulation,
                  normalised by the global token count, grad clipping, AdamW.
