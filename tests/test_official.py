@@ -319,6 +319,10 @@ def test_two_training_steps_play_rlvers_prompts_from_a_file_that_is_not_python(c
     assert summary["provenance"]["decoding"]["temperature"] == 0.0 and summary["score"] == 40
     svg = (tmp_path / "run" / "eval" / "step_2" / "trajectories.svg").read_text()
     assert "step 2 (rlver protocol, simulator sim-model, official RLVER prompts)" in svg
+    # a resumed run must play the same prompts
+    resumed = cli("rlver.py", "--model", tiny_qwen2, "--out", str(tmp_path / "run"), "--resume", "--simulator",
+                  server.url, "--official-prompts", str(checkout), "--official-quirks")
+    assert resumed.returncode == 2 and "--official-quirks True (the run used False)" in resumed.stderr
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [row["reward"] for row in rows] == pytest.approx([0.4, 0.4])
     for row in rows:   # replies cut at the 8-token cap: counted in each step's metrics, warned when any
