@@ -286,9 +286,9 @@ def test_eval_plays_sages_prompts_from_the_checkout(checkout, tmp_path, capsys):
     ours.parent.mkdir()
     ours.write_text("".join(json.dumps(dict(rec, provenance=dict(prov, simulator_prompts={"source": "ours"})))
                             + "\n" for rec in records))
-    code, stdout, stderr = leaderboard(out, ours)
-    assert code == 2 and stdout == "" and len(stderr.strip().splitlines()) == 1
-    assert "differ in simulator_prompts (eval: official SAGE, ours: ours)" in stderr
+    r = cli("benchmark.py", "leaderboard", str(out), str(ours))   # the real CLI, once
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1
+    assert "differ in simulator_prompts (eval: official SAGE, ours: ours)" in r.stderr
     code, stdout, stderr = leaderboard(out, ours, "--allow-mixed")
     assert code == 0 and "official SAGE* |" in stdout and "WARNING: --allow-mixed" in stderr
 
