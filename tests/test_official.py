@@ -317,6 +317,7 @@ def test_two_training_steps_play_rlvers_prompts_from_a_file_that_is_not_python(c
     summary = json.loads((tmp_path / "run" / "eval" / "step_2" / "summary.json").read_text())
     assert summary["provenance"]["simulator_prompts"]["source"] == "official RLVER"
     assert summary["provenance"]["decoding"]["temperature"] == 0.0 and summary["score"] == 40
+    assert (f"{summary['truncated_replies']} policy replies were cut" in r.stdout) == (summary["truncated_replies"] > 0)
     svg = (tmp_path / "run" / "eval" / "step_2" / "trajectories.svg").read_text()
     assert "step 2 (rlver protocol, simulator sim-model, official RLVER prompts)" in svg
     # a resumed run must play the same prompts
