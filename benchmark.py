@@ -263,6 +263,8 @@ def report(episodes, out_dir=None, *, seeds=None, title="", config=None, max_tur
                 f"failure {summary['failure']} ({summary['failure_rate']:.0%}) | "
                 f"mean turns {summary['mean_turns']:.2f} | {len(episodes)} dialogues")
     log(f"{title + ': ' if title else ''}{headline}")
+    for line in sim.count_warnings(summary, title or "evaluation"):   # cut replies, cut thoughts, wild changes
+        log(line)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "transcripts.jsonl"), "w", encoding="utf-8") as f:
@@ -408,8 +410,6 @@ def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=None
         episodes += played
         episode_seeds += [seed] * len(played)
     sim.check_parse_failures(*sim.parse_failure_stats(episodes), max_parse_failure_rate, "evaluation", warn=log)
-    for line in sim.count_warnings(summarize(episodes), "evaluation"):
-        log(line)
     return report(episodes, out_dir, seeds=episode_seeds, title=title, config=config, max_turns=max_turns, log=log)
 
 

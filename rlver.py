@@ -243,7 +243,7 @@ def check_out(args):
 
 # Settings a resumed run must share with the run it continues (independent of the number of processes).
 RESUME_KEYS = ("algo", "model", "train_profiles", "profiles_per_step", "group_size", "mini_batches", "epochs",
-               "seed", "think", "mode")
+               "seed", "think", "mode", "official_prompts", "official_quirks")
 
 
 def check_resume(args):

@@ -286,9 +286,9 @@ def test_eval_plays_sages_prompts_from_the_checkout(checkout, tmp_path, capsys):
     ours.parent.mkdir()
     ours.write_text("".join(json.dumps(dict(rec, provenance=dict(prov, simulator_prompts={"source": "ours"})))
                             + "\n" for rec in records))
-    code, stdout, stderr = leaderboard(out, ours)
-    assert code == 2 and stdout == "" and len(stderr.strip().splitlines()) == 1
-    assert "differ in simulator_prompts (eval: official SAGE, ours: ours)" in stderr
+    r = cli("benchmark.py", "leaderboard", str(out), str(ours))   # the real CLI, once
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1
+    assert "differ in simulator_prompts (eval: official SAGE, ours: ours)" in r.stderr
     code, stdout, stderr = leaderboard(out, ours, "--allow-mixed")
     assert code == 0 and "official SAGE* |" in stdout and "WARNING: --allow-mixed" in stderr
 
@@ -317,8 +317,13 @@ def test_two_training_steps_play_rlvers_prompts_from_a_file_that_is_not_python(c
     summary = json.loads((tmp_path / "run" / "eval" / "step_2" / "summary.json").read_text())
     assert summary["provenance"]["simulator_prompts"]["source"] == "official RLVER"
     assert summary["provenance"]["decoding"]["temperature"] == 0.0 and summary["score"] == 40
+    assert (f"{summary['truncated_replies']} policy replies were cut" in r.stdout) == (summary["truncated_replies"] > 0)
     svg = (tmp_path / "run" / "eval" / "step_2" / "trajectories.svg").read_text()
     assert "step 2 (rlver protocol, simulator sim-model, official RLVER prompts)" in svg
+    # a resumed run must play the same prompts
+    resumed = cli("rlver.py", "--model", tiny_qwen2, "--out", str(tmp_path / "run"), "--resume", "--simulator",
+                  server.url, "--official-prompts", str(checkout), "--official-quirks")
+    assert resumed.returncode == 2 and "--official-quirks True (the run used False)" in resumed.stderr
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [row["reward"] for row in rows] == pytest.approx([0.4, 0.4])
     for row in rows:   # replies cut at the 8-token cap: counted in each step's metrics, warned when any
