@@ -4,6 +4,7 @@ benchmark.py: how good is a policy at empathetic dialogue, and how fast is our m
     python benchmark.py eval  --policy runs/rlver/checkpoint --simulator rules --seeds 0,1,2
     python benchmark.py eval  --policy http://localhost:8000/v1 --policy-model gpt-4o --simulator rules
     python benchmark.py leaderboard runs/eval/transcripts.jsonl gpt-4.1_result.jsonl --versus gpt-4.1
+    python benchmark.py replay SAGE/dataset/*/*_result.jsonl --official-prompts digitalhuman   # no LLM
     python benchmark.py speed --batch 8 --new-tokens 128 --device cuda --dtype bfloat16
     python benchmark.py speed --shape qwen2.5-7b --device cuda --dtype bfloat16   # real size, random weights
     python benchmark.py rollout --latencies-ms 0,50,200
@@ -28,6 +29,10 @@ With several seeds every profile is played once per seed; the score is the mean 
 spread is the std of the per-seed scores. The policy is a local HF folder, a model object already in memory
 (rlver.py's periodic evaluation) or any OpenAI-compatible endpoint, so GPT-4o-class models are scored the same.
 
+`replay`: SAGE's published result files played back through evaluate() with the official prompts and no LLM (the
+published agent replies as the policy, the published simulator outputs as the simulator): the loop's rules and parser
+must give the published emotion after every turn, and the published Score / Success / Failure.
+
 `speed`: decode tokens/s of model.generate (static KV cache) against transformers' generate and against a
 no-cache loop, on the same weights and prompts, plus the time split of one training step, each next to its
 roofline (the least time the device's memory bandwidth and matmul peak allow: measured on a CPU, datasheet on a
@@ -38,7 +43,7 @@ against its ablations (--no-kv-reuse, --no-overlap, both = the old lockstep re-p
 and profiles, with a simulated user on 127.0.0.1 that answers after a set latency.
 
 Read top to bottom: score arithmetic -> report files (transcripts, summary, SVG) -> training curves
-(curves.svg from metrics.jsonl) -> evaluate() -> speed harness -> command line.
+(curves.svg from metrics.jsonl) -> evaluate() -> leaderboard -> replay -> speed harness -> command line.
 """
 
 import argparse
@@ -679,8 +684,8 @@ def replay_differences(records, transcripts):
 
 
 def published_records(path):
-    """The records of a SAGE result file by id, each checked for the fields replay reads (BenchmarkError)."""
-    read_system(path)   # (every line is a SAGE record or one of ours)
+    """The records of a SAGE result file (its lines already read by read_system) by id, each checked for the
+    fields replay reads (BenchmarkError)."""
     with open(path, encoding="utf-8") as f:
         records = [json.loads(line) for line in f if line.strip()]
     for r in records:
@@ -702,18 +707,17 @@ def published_records(path):
 def replay_file(path, prompts, profiles, log=print):
     """Replay one published result file (see above); print its published row, ours and every scenario that
     differs. Returns True when every scenario reproduces."""
-    records = published_records(path)
+    system, records = read_system(path), published_records(path)
     played = [replace(p, prompts=prompts) for p in profiles if p.id in records]
     unknown = sorted(set(records) - {p.id for p in played})
     if unknown:
         raise BenchmarkError(f"{path}: scenario {unknown[0]} is not among the checkout's SAGE scenarios "
                              f"({len(unknown)} such): replay plays the scenarios of the checkout it is given")
-    with tempfile.TemporaryDirectory() as out:   # eval's own output, read back
+    with tempfile.TemporaryDirectory() as out:   # eval's own output, read back; of its log only the warnings
         evaluate(replay_policy(played, records), None, played, replay_simulator(prompts, played, records),
                  protocol="sage", out_dir=out, log=lambda line: line.lower().startswith("warning") and log(line))
         with open(os.path.join(out, "transcripts.jsonl"), encoding="utf-8") as f:
             transcripts = [json.loads(line) for line in f]
-    system = read_system(path)
     ours = dict(system, dialogues=[(t["profile_id"], t["final_emotion"], [], "sage") for t in transcripts])
     differ = replay_differences(records, transcripts)
     log(path)

@@ -96,3 +96,24 @@ def test_replay_refuses_a_file_not_in_the_published_layout(checkout, published, 
         benchmark.main(["replay", str(bad), "--official-prompts", str(checkout)])
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "record 'p2' is not a SAGE published" in err
+
+
+def _edit(path, old, new):
+    path.write_text(path.read_text(encoding="utf-8").replace(old, new), encoding="utf-8")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda root, result: _edit(result, '"id": "p3"', '"id": "p9"'), "scenario p9 is not among the checkout's"),
+    (lambda root, result: _edit(root / "SAGE/profile/simulator_profile_withfirsttalk.jsonl", "scene 1:", "scene 0:"),
+     "two of the checkout's scenarios share one"),
+    (lambda root, result: _edit(root / "SAGE/simulator_response.py", "SYNTH-REPLY: answer in character.\n",
+                                "SYNTH-ANALYSIS: judge how the reply lands.\n# purpose\n"), "templates start alike"),
+    (lambda root, result: _edit(root / "SAGE/simulator_response.py", "# scene\n{{simulator_scene}}", ""),
+     "a simulator request holds 0 of the scenarios' scenes"),
+])
+def test_replay_refuses_what_it_cannot_tell_apart(checkout, published, edit, message, capsys):   # noqa: F811
+    edit(checkout, published)
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(["replay", str(published), "--official-prompts", str(checkout)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
