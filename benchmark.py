@@ -4,6 +4,7 @@ benchmark.py: how good is a policy at empathetic dialogue, and how fast is our m
     python benchmark.py eval  --policy runs/rlver/checkpoint --simulator rules --seeds 0,1,2
     python benchmark.py eval  --policy http://localhost:8000/v1 --policy-model gpt-4o --simulator rules
     python benchmark.py leaderboard runs/eval/transcripts.jsonl gpt-4.1_result.jsonl --versus gpt-4.1
+    python benchmark.py replay SAGE/dataset/*/*_result.jsonl --official-prompts digitalhuman   # no LLM
     python benchmark.py speed --batch 8 --new-tokens 128 --device cuda --dtype bfloat16
     python benchmark.py speed --shape qwen2.5-7b --device cuda --dtype bfloat16   # real size, random weights
     python benchmark.py rollout --latencies-ms 0,50,200
@@ -28,6 +29,10 @@ With several seeds every profile is played once per seed; the score is the mean 
 spread is the std of the per-seed scores. The policy is a local HF folder, a model object already in memory
 (rlver.py's periodic evaluation) or any OpenAI-compatible endpoint, so GPT-4o-class models are scored the same.
 
+`replay`: SAGE's published result files played back through evaluate() with the official prompts and no LLM (the
+published agent replies as the policy, the published simulator outputs as the simulator): the loop's rules and parser
+must give the published emotion after every turn, and the published Score / Success / Failure.
+
 `speed`: decode tokens/s of model.generate (static KV cache) against transformers' generate and against a
 no-cache loop, on the same weights and prompts, plus the time split of one training step, each next to its
 roofline (the least time the device's memory bandwidth and matmul peak allow: measured on a CPU, datasheet on a
@@ -38,7 +43,7 @@ against its ablations (--no-kv-reuse, --no-overlap, both = the old lockstep re-p
 and profiles, with a simulated user on 127.0.0.1 that answers after a set latency.
 
 Read top to bottom: score arithmetic -> report files (transcripts, summary, SVG) -> training curves
-(curves.svg from metrics.jsonl) -> evaluate() -> speed harness -> command line.
+(curves.svg from metrics.jsonl) -> evaluate() -> leaderboard -> replay -> speed harness -> command line.
 """
 
 import argparse
@@ -591,6 +596,151 @@ def leaderboard_command(args):
         print(f"{r['name']} vs {r['versus']}: {r['wins']} wins, {r['ties']} ties, {r['losses']} losses "
               f"on {r['scenarios']} scenarios")
     return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3c. Replay: SAGE's published result files played back through the eval loop, with no LLM
+#
+# A published record (SAGE/test_npc.py's output) holds a whole dialogue: the agent's replies and, for every
+# user turn after the opening, the simulator's parsed analysis ("planning": its sections and the change),
+# its "thinking" and reply ("content"), and the emotion after the turn ("emotion-point"). replay plays every
+# scenario through evaluate(), the loop, prompt filling and parser eval plays with --official-prompts, with
+# a policy that sends the published agent replies and a simulator that answers every request with the
+# published output written back in SAGE's raw format ("Header:\n" + text per section). The loop's own clamp
+# (+-10), cap (100), ending rules (goodbye first, >= 100, < 10, 9 scored replies) and parser must then give
+# the published emotion and reply after every turn, hence the published Score / Success / Failure.
+
+
+def published_turns(record):
+    """(the agent's replies, the user turns after the opening) of one SAGE result record."""
+    history = record["history"]
+    return ([m["content"] for m in history if m["role"] == "assistant"],
+            [m for m in history if m["role"] == "user"][1:])
+
+
+def replay_policy(profiles, records):
+    """policy(requests) -> texts: a chat whose opening is profile p's and that holds k agent replies gets the
+    published reply k + 1 of p's record; past the published dialogue, an empty reply."""
+    replies = {p.opening: published_turns(records[p.id])[0] for p in profiles}
+
+    def policy(requests):   # requests: rollout.policy_messages, [system, opening, assistant, user, ...]
+        texts = []
+        for messages in requests:
+            agents, k = replies[messages[1]["content"]], sum(m["role"] == "assistant" for m in messages)
+            texts.append(agents[k] if k < len(agents) else "")
+        return texts
+    return policy
+
+
+def replay_simulator(prompts, profiles, records):
+    """backend(requests) -> texts: every request (one user message) is its scenario's (the one whose scene it
+    holds) k-th call of its kind (analysis: the text starts as the analysis template does; else reply), and
+    gets the published user turn k written back as SAGE's simulator wrote it: the analysis sections under
+    their headers (prompts.headers, Change last), the reply as Thinking: / Response:. Past the published
+    dialogue: change 0 and an empty reply."""
+    turns = {p.scenario: published_turns(records[p.id])[1] for p in profiles}
+    analysis_start, calls = prompts.analysis.split("{{")[0], {}
+    past_the_end = {"planning": {"change": 0}, "thinking": "", "content": ""}
+
+    def backend(requests):
+        texts = []
+        for (message,) in requests:
+            text = message["content"]
+            scenes = [s for s in turns if s in text]
+            if len(scenes) != 1:
+                raise sim.SimulatorError(f"replay: a simulator request holds {len(scenes)} of the scenarios' scenes")
+            kind = "analysis" if text.startswith(analysis_start) else "reply"
+            k = calls[scenes[0], kind] = calls.get((scenes[0], kind), -1) + 1
+            turn = turns[scenes[0]][k] if k < len(turns[scenes[0]]) else past_the_end
+            if kind == "analysis":
+                planning = {key.lower(): value for key, value in turn["planning"].items()}
+                texts.append("".join(f"{h}:\n{planning.get(h.lower(), '')}\n" for h in prompts.headers))
+            else:
+                texts.append(f"Thinking:\n{turn['thinking']}\nResponse:\n{turn['content']}")
+        return texts
+    return backend
+
+
+def replay_differences(records, transcripts):
+    """One line per scenario whose replay (our transcript record) differs from its published record: final
+    emotion and turns on both sides and the first turn where they part (turn 0: the start emotion), where
+    a turn is its emotion after the change and the user's reply."""
+    lines = []
+    for ours in transcripts:
+        record = records[ours["profile_id"]]
+        users = published_turns(record)[1]
+        published = [(record["history"][0]["emotion-point"], None)] + [(u["emotion-point"], u["content"]) for u in users]
+        replayed = [(ours["initial_emotion"], None)] + [(t["emotion"], t["user"]) for t in ours["turns"]]
+        if published == replayed and record["emo_point"] == ours["final_emotion"]:
+            continue
+        part = next((i for i in range(max(len(published), len(replayed)))
+                     if published[i:i + 1] != replayed[i:i + 1]), None)
+        where = (f"they part at turn {part}: published {published[part:part + 1] or 'nothing'}, replayed "
+                 f"{replayed[part:part + 1] or 'nothing'}" if part is not None else
+                 f"every turn agrees, but the record's emo_point {record['emo_point']} is not its last emotion-point")
+        lines.append(f"  {ours['profile_id']}: published final {record['emo_point']} after {len(users)} turns, "
+                     f"replayed {ours['final_emotion']} after {len(ours['turns'])}; {where}"[:400])
+    return lines
+
+
+def published_records(path):
+    """The records of a SAGE result file (its lines already read by read_system) by id, each checked for the
+    fields replay reads (BenchmarkError)."""
+    with open(path, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    for r in records:
+        try:
+            agents, users = published_turns(r)
+            ok = ("id" in r and isinstance(r["emo_point"], int) and isinstance(r["history"][0]["emotion-point"], int)
+                  and all(isinstance(a, str) for a in agents)
+                  and all("change" in u["planning"] and "thinking" in u and isinstance(u["content"], str)
+                          and isinstance(u["emotion-point"], int) for u in users))
+        except (KeyError, TypeError, IndexError):
+            ok = False
+        if not ok:
+            raise BenchmarkError(f"{path}: record {r.get('id', r.get('profile_id'))!r} is not a SAGE published "
+                                 f"record (id, emo_point, history whose user turns after the opening carry planning "
+                                 f"with its change, thinking, content and emotion-point)")
+    return {str(r["id"]): r for r in records}
+
+
+def replay_file(path, prompts, profiles, log=print):
+    """Replay one published result file (see above); print its published row, ours and every scenario that
+    differs. Returns True when every scenario reproduces."""
+    system, records = read_system(path), published_records(path)
+    played = [replace(p, prompts=prompts) for p in profiles if p.id in records]
+    unknown = sorted(set(records) - {p.id for p in played})
+    if unknown:
+        raise BenchmarkError(f"{path}: scenario {unknown[0]} is not among the checkout's SAGE scenarios "
+                             f"({len(unknown)} such): replay plays the scenarios of the checkout it is given")
+    with tempfile.TemporaryDirectory() as out:   # eval's own output, read back; of its log only the warnings
+        evaluate(replay_policy(played, records), None, played, replay_simulator(prompts, played, records),
+                 protocol="sage", out_dir=out, log=lambda line: line.lower().startswith("warning") and log(line))
+        with open(os.path.join(out, "transcripts.jsonl"), encoding="utf-8") as f:
+            transcripts = [json.loads(line) for line in f]
+    ours = dict(system, dialogues=[(t["profile_id"], t["final_emotion"], [], "sage") for t in transcripts])
+    differ = replay_differences(records, transcripts)
+    log(path)
+    for label, row in (("published", leaderboard_rows([system])[0]), ("replayed", leaderboard_rows([ours])[0])):
+        log(f"  {label:<9}  Score {row['score']:.1f}  Success {row['success']}  Failure {row['failure']}  "
+            f"({row['dialogues']} dialogues)")
+    log("\n".join(differ) if differ else "  reproduced: every scenario's emotion and reply after every turn")
+    return not differ
+
+
+def replay_command(args):
+    prompts = sim.load_official_prompts(args.official_prompts, "sage", False, simulator="replay")
+    profiles = sim.load_profiles(sim.official_profiles_path(args.official_prompts))
+    if len({p.opening for p in profiles}) < len(profiles) or len({p.scenario for p in profiles}) < len(profiles):
+        raise BenchmarkError("replay tells the scenarios apart by their openings and scenes: two of the checkout's "
+                             "scenarios share one")
+    if not prompts.analysis.split("{{")[0] or prompts.reply.startswith(prompts.analysis.split("{{")[0]):
+        raise BenchmarkError("replay tells the two simulator calls apart by the text their templates start with: "
+                             "this checkout's analysis and reply templates start alike")
+    reproduced = [replay_file(path, prompts, profiles) for path in args.files]
+    print(f"replay: {sum(reproduced)}/{len(reproduced)} files reproduce")
+    if not all(reproduced):
+        sys.exit(1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1269,6 +1419,14 @@ def get_args(argv=None):
     lb.add_argument("--allow-mixed", action="store_true", help="rank systems whose protocol, scenarios or simulator "
                     "prompts differ (the differing fields marked *); without it such a table is refused")
     lb.set_defaults(func=leaderboard_command)
+
+    rp = commands.add_parser("replay", help="play SAGE's published result files back through the eval loop (no LLM): "
+                             "do the loop's rules and parser give the published emotions and Score?")
+    rp.add_argument("files", nargs="+", help="SAGE result JSONL files (SAGE/dataset/<simulator>_based_simulator/*.jsonl)")
+    rp.add_argument("--official-prompts", required=True, metavar="DIR",
+                    help="your checkout of the authors' digitalhuman repository (its root or SAGE/): the prompts "
+                         "and the scenarios the files were played on")
+    rp.set_defaults(func=replay_command)
 
     s = commands.add_parser("speed", help="generation tokens/s and training step time",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -945,7 +945,8 @@ def simulate_turn(episodes, agent_replies, backend, mode="vanilla", max_turns=8,
         ep = episodes[i]
         failed = k not in analyses or k not in replies
         thought, change = analyses.get(k) or (f"(unparseable simulator output: {errors[k]})", 0)
-        user_reply = replies.get(k) or (FALLBACK_REPLY_ZH if ep.profile.lang == "zh" else FALLBACK_REPLY)
+        # (an empty reply that parsed stays empty, as SAGE keeps it: only our own parser refuses one)
+        user_reply = replies[k] if k in replies else FALLBACK_REPLY_ZH if ep.profile.lang == "zh" else FALLBACK_REPLY
         if k not in replies and k in analyses:
             thought += f" (reply unparseable: {reply_errors[k]})"
         ep.parse_failures += failed
