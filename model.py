@@ -315,7 +315,9 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(ids)  # (B, T, C)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # (B, 1, T, D)
         for block in self.model.layers:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            # activation checkpointing: training forwards only (grad on, no cache); generation (rollout,
+            # generate) runs under no_grad, and a cached forward always takes the plain branch
+            if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, cache, cache_index)

@@ -233,6 +233,7 @@ def simulator_worker(jobs, answers, backend, mode, max_turns):
             answers.put((i, None, e))
 
 
+@torch.no_grad()  # the rollout builds no autograd graph: its cache and logits carry no history
 def rollout(model, tokenizer, profiles, backend, *, seeds, think=True, think_history="keep", max_turns=8,
             max_new_tokens=256, temperature=1.0, top_p=1.0, mode="vanilla", max_context=4096, eos_ids=None,
             timing=None, log=None, slow_turn_s=10.0, kv_reuse=True, overlap=True, compile=False):

@@ -253,3 +253,23 @@ def test_enable_thinking_follows_think(tiny_qwen2):
         d = ro.start_dialogue(profile, tok, think, 0, "cpu")
         assert decode(tok, d.ids).endswith(empty_thought) == (not think)
         assert decode(tok, ro.user_turn_ids(tok, "hi", think=think)).endswith(empty_thought) == (not think)
+
+
+def test_rollout_builds_no_autograd_history(tiny_qwen2, one_thread):
+    # the policy's parameters require grad (a trainable policy): no tensor the rollout makes (its logits, its
+    # KV cache, which every attention layer is handed) may carry autograd history
+    tok, model = lm.load_tokenizer(tiny_qwen2), lm.load_model(tiny_qwen2)
+    assert all(p.requires_grad for p in model.parameters())
+    seen = []  # (logits, cache) of every forward of the rollout
+    handle = model.model.layers[-1].self_attn.register_forward_hook(
+        lambda module, args, out: seen.append((out, args[4])))  # Attention.forward(x, cos, sin, mask, cache)
+    try:
+        dialogues = ro.rollout(model, tok, sim.builtin_profiles("train")[:2], sim.RulesBackend(), think=False,
+                               max_turns=2, max_new_tokens=6, seeds=[0, 1])
+    finally:
+        handle.remove()
+    cache = seen[-1][1]
+    tensors = [out for out, _ in seen] + cache.k + cache.v
+    assert len(seen) > 4 and all(c is cache for _, c in seen)
+    assert not any(t.requires_grad or t.grad_fn is not None for t in tensors)
+    assert all(isinstance(i, int) for d in dialogues for i in d.ids)
