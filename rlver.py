@@ -321,7 +321,8 @@ def setup_distributed():
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        # a backend per device: NCCL for CUDA tensors, gloo for the CPU tensors of the metric and object gathers
+        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
