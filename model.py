@@ -651,11 +651,16 @@ def stop_token_ids(tokenizer, model_path=None):
 
 
 def save_model(state_dict: dict, cfg: ModelConfig, path, tokenizer=None, max_shard_bytes=5 * 2**30):
-    """Write config.json + safetensors (sharded with an index past max_shard_bytes), loadable by transformers."""
+    """Write config.json + safetensors (sharded with an index past max_shard_bytes), loadable by transformers.
+    Floating tensors are stored in the dtype config.json declares (torch_dtype, or transformers 5's dtype; fp32
+    if neither): the trainer's fp32 master weights of a bf16 model are written back in bf16, as it came."""
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    dtype = getattr(torch, str(cfg.hf.get("torch_dtype") or cfg.hf.get("dtype")), None)
+    dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32  # none declared: fp32 loses nothing
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous().cpu()
+             for k, v in state_dict.items()}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     shards, size = [{}], 0

@@ -761,8 +761,10 @@ def save_checkpoint(run, args, step):
         os.makedirs(tmp)
     dist.barrier()
     full = get_model_state_dict(run.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
+    if rank == 0:  # hf/: in the source checkpoint's dtype (save_model), with its sampling and stop-token defaults
         lm.save_model(full, run.policy.config, os.path.join(tmp, "hf"), run.tokenizer)
+        if os.path.isfile(os.path.join(args.model, "generation_config.json")):
+            shutil.copy(os.path.join(args.model, "generation_config.json"), os.path.join(tmp, "hf"))
     del full
     dcp.save(trainer_state(run), checkpoint_id=os.path.join(tmp, "trainer"))
     if rank == 0:
