@@ -399,8 +399,8 @@ def build_sharded(args, cfg, device, dtype, critic):
     if critic:  # the value head is new: the Critic's own init, on a real device (rank 0's is broadcast)
         torch.manual_seed(args.seed)
         head = ppo.init_value_head(torch.nn.Linear(cfg.hidden_size, 1))
-        if state:
-            state = {f"backbone.{k}": v for k, v in state.items()}
+        if state:  # (the critic has no output head: ppo.Critic)
+            state = {f"backbone.{k}": v for k, v in state.items() if k != "lm_head.weight"}
             state.update({"value_head.weight": head.weight.data, "value_head.bias": head.bias.data})
     set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     policy.reset_rope(device)
