@@ -224,10 +224,27 @@ class Attention(nn.Module):
             # Static KV cache: write this step's keys/values at their slots, then attend over the slots the
             # mask covers (the mask's last dim says how many: prefill and decode both pass (B, 1, T, S_used)).
             k, v = cache.update(self.layer_idx, cache_index, k, v, mask.shape[-1])  # (B, H_kv, S_used, D)
-        # Without a mask the batch is right-padded training data: plain causal attention is exact for every
-        # real token (padding only ever sits after it), and lets SDPA pick the flash kernel.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        if mask is None:
+            # Without a mask the batch is right-padded training data: plain causal attention is exact for every
+            # real token (padding only ever sits after it), and lets SDPA pick the flash kernel.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:  # prefill and decode: a mask over the cache
+            y = grouped_attention(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def grouped_attention(q, k, v, mask):
+    """
+    Masked grouped-query attention with each query group folded into the sequence axis: q (B, H, T, D), H =
+    H_kv * G (query head h reads key/value head h // G), is viewed as (B, H_kv, G * T, D) and the mask
+    (B, 1, T, S) repeated to (B, 1, G * T, S), so SDPA sees H_kv heads and a plain mask. (A mask together with
+    enable_gqa=True leaves only CUDA's math kernel: fp32, K/V repeated per query head, G times the cache's
+    bytes; folded, the memory-efficient kernel reads K/V once.) k, v (B, H_kv, S, D). Returns (B, H, T, D).
+    """
+    B, H, T, D = q.shape
+    G = H // k.shape[1]
+    y = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], G * T, D), k, v, attn_mask=mask.repeat(1, 1, G, 1))
+    return y.reshape(B, H, T, D)  # row g * T + t of kv head j is query head j * G + g at position t
 
 
 class MLP(nn.Module):

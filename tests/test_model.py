@@ -306,3 +306,20 @@ def test_autocast_keeps_fp32_weights_computes_bf16_and_cached_decode_matches_rec
     assert recomputed.dtype == torch.float32
     torch.testing.assert_close(torch.tensor(new_logprobs[0]), recomputed, atol=0.02, rtol=0.01)  # observed 0.006
     assert 0 < (recomputed - fp32).abs().max() < 0.05  # bf16 rounding shows, but small (observed 0.005)
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(4, 2), (28, 4)])  # the tiny models' grouping; Qwen2.5-7B's 7:1
+def test_folded_grouped_attention_equals_sdpa_with_enable_gqa(n_heads, n_kv_heads):
+    # the query group folded into the sequence axis (what prefill and decode run) against the formula it
+    # replaced, SDPA with the mask and enable_gqa=True, in fp32: a decode step (T = 1) and a ragged prefill
+    from model import grouped_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, S, D = 3, 11, 16
+    k, v = torch.randn(B, n_kv_heads, S, D, generator=g), torch.randn(B, n_kv_heads, S, D, generator=g)
+    for T in (1, 5):
+        q = torch.randn(B, n_heads, T, D, generator=g)
+        positions = torch.tensor([[S - T + t for t in range(T)], [2 + t for t in range(T)], [t for t in range(T)]])
+        mask = (torch.arange(S) <= positions[:, :, None])[:, None]  # (B, 1, T, S): row 2 sees 1 key at t = 0
+        old = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        torch.testing.assert_close(grouped_attention(q, k, v, mask), old, rtol=0, atol=1e-6)
