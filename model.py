@@ -23,6 +23,7 @@ Every module and parameter is named exactly as in the HF checkpoint (model.layer
 ...), so loading and saving are a plain state_dict with no key renaming.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -445,16 +446,48 @@ def sample(logits, temperature, top_p, generator):
 
 
 SYNC_EVERY = 8  # generate() checks whether every row is done (a host sync) once per this many tokens
-_COMPILED = weakref.WeakKeyDictionary()  # model -> its torch.compile'd forward, for the decode step
+_TWINS = weakref.WeakKeyDictionary()  # model -> (its plain twin, the twin torch.compile'd), for the decode step
 
 
-def compiled(model):
-    """torch.compile of the model for one-token decode steps (static shapes: a fixed (B, S) cache). On CUDA,
-    mode="reduce-overhead" captures the step in a CUDA graph: one launch per token instead of hundreds."""
-    if model not in _COMPILED:
+@contextlib.contextmanager
+def compiled_decode(model):
+    """
+    The compiled one-token decode step of `model`, for one generation (model.generate, rollout.rollout): a
+    torch.compile'd plain Transformer, the model's twin, that shares the model's current weights in its compute
+    dtype. On the twin no FSDP2 hook breaks the graph at every block (the model is unsharded for the whole
+    generation: rlver.generation_mode, so its parameters are the full tensors), and the step runs with autocast
+    off, so no autocast cast of an fp32 weight is traced into the graph: under FSDP2 the shared tensors are the
+    unsharded bf16 copies themselves; with fp32 master weights and bf16 autocast (--no-fsdp on GPU) the twin
+    holds one bf16 copy of each weight for the generation; in fp32 (CPU) the very tensors. The twin is built and
+    compiled once per model; each generation re-points it at the latest weights and lets them go at the end.
+    On CUDA, mode="reduce-overhead" captures each static shape in a CUDA graph: one launch per token.
+    """
+    if model not in _TWINS:
+        with torch.device("meta"):
+            twin = Transformer(model.config)
         mode = "reduce-overhead" if model.inv_freq.device.type == "cuda" else None
-        _COMPILED[model] = torch.compile(model, mode=mode, dynamic=False)
-    return _COMPILED[model]
+        _TWINS[model] = twin, torch.compile(twin, mode=mode, dynamic=False)
+    twin, step = _TWINS[model]
+    dtype = model.autocast_dtype or model.model.embed_tokens.weight.dtype  # the compute dtype
+    sources, shared = dict(model.named_modules()), {}  # shared: one twin tensor per source tensor (tied weights)
+    for name, module in twin.named_modules():
+        for key, p in sources[name]._parameters.items():
+            if p is None:  # (a Linear without bias)
+                continue
+            if id(p) not in shared:
+                shared[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+            module._parameters[key] = shared[id(p)]
+    twin.inv_freq = model.inv_freq
+
+    def decode(*args, **kwargs):
+        with torch.autocast(model.inv_freq.device.type, enabled=False):
+            return step(*args, **kwargs)
+
+    try:
+        yield decode
+    finally:  # the twin keeps no weight between generations (a bf16 copy would sit in memory through training)
+        for module in twin.modules():
+            module._parameters.update(dict.fromkeys(module._parameters))  # every entry None
 
 
 def compute_region(model):
@@ -478,11 +511,11 @@ def generate(model, prompts, max_new_tokens, eos_ids, temperature=1.0, top_p=1.0
     Layout: prompts are left-padded to length P so every row's next token lands in the same cache slot
     P + t; RoPE positions count only real tokens, and the mask hides the padding slots.
     """
-    with compute_region(model):
-        return _generate(model, prompts, max_new_tokens, eos_ids, temperature, top_p, generator, pad_id, compile)
+    with compute_region(model), compiled_decode(model) if compile else contextlib.nullcontext() as decode:
+        return _generate(model, prompts, max_new_tokens, eos_ids, temperature, top_p, generator, pad_id, decode)
 
 
-def _generate(model, prompts, max_new_tokens, eos_ids, temperature, top_p, generator, pad_id, compile):
+def _generate(model, prompts, max_new_tokens, eos_ids, temperature, top_p, generator, pad_id, compiled):
     device = model.inv_freq.device
     B, P = len(prompts), max(len(p) for p in prompts)
     S = P + max_new_tokens
@@ -501,7 +534,7 @@ def _generate(model, prompts, max_new_tokens, eos_ids, temperature, top_p, gener
     cache = KVCache(model.config, B, S, device)
     logits = model(ids, positions=positions, mask=mask[:, None], cache=cache, cache_index=slots[:P])  # (B, V)
 
-    decode = compiled(model) if compile else model
+    decode = compiled or model
     eos = torch.tensor(list(eos_ids), device=device)
     next_pos = positions[:, -1] + 1  # (B,)
     out_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -515,7 +548,7 @@ def _generate(model, prompts, max_new_tokens, eos_ids, temperature, top_p, gener
         if t == max_new_tokens - 1 or (t % SYNC_EVERY == SYNC_EVERY - 1 and bool(done.all())):
             break  # (checking `done` costs a host sync, so only every SYNC_EVERY tokens)
         slot = P + t  # decode: one token per row, written at cache slot P + t; attend to slots [0, P + t]
-        if compile:  # static shapes: attend over all S slots, the ones not written yet masked out
+        if compiled:  # static shapes: attend over all S slots, the ones not written yet masked out
             step_mask = (real & (slots <= slot))[:, None, None, :]  # (B, 1, 1, S)
         else:  # eager: attend over just the slots written so far
             step_mask = real[:, None, None, :slot + 1]  # (B, 1, 1, slot + 1)

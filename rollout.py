@@ -21,6 +21,7 @@ dialogue index), so its tokens and reward never depend on the batch it shares, o
 on a resume.
 """
 
+import contextlib
 import queue
 import threading
 import time
@@ -152,6 +153,8 @@ class SlotCache:
         shape = (n_slots, cfg.num_key_value_heads, max_len + 1, cfg.head_dim)  # + 1: the trash column
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        for t in self.k + self.v:  # inputs the compiled decode step mutates: static, or CUDA graphs are skipped
+            torch._dynamo.mark_static_address(t, guard=False)  # (no guard: a new rollout's cache compiles nothing)
         self.trash = max_len
         self.rows, self.positions = None, None
 
@@ -201,13 +204,20 @@ def prefill(model, cache, slots, new_ids, starts, pad_id):
                          used)
 
 
+def attended_columns(needed, total):
+    """The compiled decode step's attended cache columns: the smallest of four static lengths (total / 8, / 4,
+    / 2, total; total = max_context + 1) that holds `needed`, so a short context does not pay for max_context
+    and each length compiles once."""
+    return next(n for n in (total >> 3, total >> 2, total >> 1, total) if n >= needed)
+
+
 def decode_one_token(model, cache, slots, tokens, lengths, pad_id, compiled=None):
     """
     One token for each generating slot: tokens (b,) are written at the slots' current lengths. The step runs
     over the span of slots lo:hi that holds them all (a view of the cache: no copy); idle slots inside the
     span ride along with a pad token written to the trash column. Eager: attend to the columns used so far.
-    compiled (torch.compile'd model): one fixed shape for the whole rollout, the span is every slot and all
-    S + 1 columns are attended. Returns the next-token logits of the generating slots (b, V).
+    compiled (model.compiled_decode's step): static shapes, one per (dialogue count, attended_columns): the
+    span is every slot. Returns the next-token logits of the generating slots (b, V).
     """
     device = tokens.device
     lo, hi = (0, cache.k[0].shape[0]) if compiled is not None else (min(slots), max(slots) + 1)
@@ -217,7 +227,8 @@ def decode_one_token(model, cache, slots, tokens, lengths, pad_id, compiled=None
     span_tokens.index_copy_(0, index, tokens[:, None])
     span_positions = torch.full((hi - lo, 1), cache.trash, dtype=torch.long, device=device)  # idle rows: trash
     span_positions.index_copy_(0, index, positions)
-    used = cache.trash + 1 if compiled is not None else max(lengths[i] for i in slots) + 1
+    used = max(lengths[i] for i in slots) + 1
+    used = attended_columns(used, cache.trash + 1) if compiled is not None else used
     step = model if compiled is None else compiled
     return forward_slots(step, cache, slice(lo, hi), span_tokens, span_positions, used)[index]
 
@@ -248,7 +259,7 @@ def rollout(model, tokenizer, profiles, backend, *, seeds, think=True, think_his
     one training sample per dialogue) or strip (earlier thoughts leave the context, one sample per turn).
     Ablations for measurement: kv_reuse=False re-prefills the whole context every turn; overlap=False
     plays lockstep turns (every open dialogue decodes, then the simulator answers all of them).
-    compile: the decode step through torch.compile (model.compiled), one fixed shape per rollout.
+    compile: the decode step through torch.compile (model.compiled_decode), a few static shapes per rollout.
     timing (dict) gains: generate / simulator (seconds generating / waiting on the simulator), tokens
     (sampled), prefill_tokens, decode_steps, active_rows (summed over decode steps), conversation_tokens.
     log: called with a progress line every slow_turn_s seconds of a slow rollout. Returns the Dialogues.
@@ -267,7 +278,6 @@ def rollout(model, tokenizer, profiles, backend, *, seeds, think=True, think_his
         for d in dialogues:
             d.context = list(d.ids)
     cache = SlotCache(model.config, len(dialogues), max_context, device, dtype)
-    decode_model = lm.compiled(model) if compile else None
     length = [0] * len(dialogues)  # ids of d.context in slot i's cache
     turn_start = [0] * len(dialogues)  # len(d.context) when the current turn began
 
@@ -385,7 +395,8 @@ def rollout(model, tokenizer, profiles, backend, *, seeds, think=True, think_his
 
     last_log = started = time.time()
     try:
-        with lm.compute_region(model):  # one mixed-precision region for every forward of the rollout
+        # one mixed-precision region for every eager forward of the rollout (the compiled step turns it off)
+        with lm.compute_region(model), lm.compiled_decode(model) if compile else contextlib.nullcontext() as decode_model:
             while generating or ready or held or outstanding:
                 t0 = time.time()
                 if ready:
