@@ -417,12 +417,40 @@ class KVCache:
         return self.k[layer][:, :, :used], self.v[layer][:, :, :used]
 
 
+def mul32(x, c):
+    """(x * c) mod 2^32 for int64 tensors x < 2^32 and a 32-bit constant c, in two 16-bit halves of c so that no
+    product passes 2^63."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+def fmix32(h):
+    """MurmurHash3's 32-bit finaliser (Appleby 2011): a bijection of [0, 2^32) whose every input bit flips about
+    half the output bits."""
+    h = h ^ (h >> 16)
+    h = mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def keyed_uniform(keys):
+    """One U(0, 1) draw per row (B,) float64 that is a pure function of the row's key (B, 2) int64 = (seed,
+    draw index >= 0): a counter-based random stream (as Philox is), so each dialogue keeps its own seeded
+    stream while the whole batch draws in a few elementwise kernels instead of a launch per row."""
+    lo, hi, draw = keys[:, 0] & 0xFFFFFFFF, (keys[:, 0] >> 32) & 0xFFFFFFFF, keys[:, 1] & 0xFFFFFFFF
+    h = fmix32(fmix32(fmix32(lo) ^ hi) ^ draw)
+    return (h.double() + 0.5) / 2**32  # in (0, 1)
+
+
 def sample(logits, temperature, top_p, generator):
     """
     Pick the next token from logits (B, V). temperature == 0: greedy. Else softmax(logits / temperature),
     optionally truncated to the smallest set of tokens whose probability reaches top_p (nucleus sampling,
     Holtzman et al. 2020). Returns tokens (B,) and their log-prob under softmax(logits / temperature), the
     distribution the trainer recomputes (top-p truncation is a sampling device, not part of the policy).
+    generator: one torch.Generator for the batch; a list of B of them (a row's stream of its own: one draw
+    launch per row); or a (B, 2) tensor of stream keys (keyed_uniform: a stream per row, one launch per batch;
+    the rollout's choice on CUDA).
     """
     logits = logits.float()
     if temperature == 0:
@@ -435,6 +463,12 @@ def sample(logits, temperature, top_p, generator):
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep tokens until the mass reaches top_p
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    if isinstance(generator, torch.Tensor):  # (B, 2) stream keys: one uniform per row, in one launch for the batch
+        # inverse-CDF sampling: the first token whose cumulative probability passes u * (total mass), u ~ U(0, 1)
+        cdf = probs.cumsum(-1)  # (B, V) (its last column is the mass top-p kept)
+        u = (keyed_uniform(generator) * cdf[:, -1].double()).float()  # (B,)
+        tokens = torch.searchsorted(cdf, u[:, None], right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+        return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
     # Sampling as argmax(p / E) with E ~ Exp(1) draws from p (the exponential race, equivalent to the
     # Gumbel-max trick) and needs no host sync. E = -log(U), U ~ Uniform[0, 1).
     if isinstance(generator, (list, tuple)):  # one generator per row: a row's sample does not depend on

@@ -349,7 +349,11 @@ def rollout(model, tokenizer, profiles, backend, *, seeds, think=True, think_his
         """Each generating slot samples its next token (its own generator); a slot whose turn stops (stop id
         or max_new_tokens) leaves the batch, its reply held for the simulator; the rest decode one token."""
         nonlocal logits
-        tokens, _ = lm.sample(logits, temperature, top_p, [dialogues[i].generator for i in generating])
+        streams = [dialogues[i].generator for i in generating]  # CPU: a draw per row from its generator
+        if device.type == "cuda":  # a key per row, (its seed, len(ids): a new index at every draw); one launch
+            streams = torch.tensor([[g.initial_seed(), len(dialogues[i].ids)] for g, i in zip(streams, generating)],
+                                   device=device)
+        tokens, _ = lm.sample(logits, temperature, top_p, streams)
         going = []
         for r, (i, tok) in enumerate(zip(generating, tokens.tolist())):
             d = dialogues[i]
