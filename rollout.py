@@ -221,8 +221,9 @@ def decode_one_token(model, cache, slots, tokens, lengths, pad_id, compiled=None
     """
     device = tokens.device
     lo, hi = (0, cache.k[0].shape[0]) if compiled is not None else (min(slots), max(slots) + 1)
-    index = torch.tensor([i - lo for i in slots], device=device)  # (b,) rows of the span
-    positions = torch.tensor([lengths[i] for i in slots], device=device)[:, None]  # (b, 1)
+    # (b,) rows of the span and (b, 1) write positions, in one host-to-device copy
+    index, positions = torch.tensor([[i - lo for i in slots], [lengths[i] for i in slots]], device=device)
+    positions = positions[:, None]
     span_tokens = torch.full((hi - lo, 1), pad_id, dtype=torch.long, device=device)  # (hi - lo, 1)
     span_tokens.index_copy_(0, index, tokens[:, None])
     span_positions = torch.full((hi - lo, 1), cache.trash, dtype=torch.long, device=device)  # idle rows: trash
