@@ -16,9 +16,10 @@ and so on for up to max_turns turns. Two loops play it:
 Both start from the same policy prompt (system_prompt + the user's opening line) and leave what the user
 sees, how the emotion moves and when the dialogue ends to simulator.simulate_turn.
 
-Randomness: every dialogue samples from its own torch.Generator seeded by rollout_seed(run seed, step,
-dialogue index), so its tokens and reward never depend on the batch it shares, on the rank it runs on, or
-on a resume.
+Randomness: every dialogue samples from its own stream seeded by rollout_seed(run seed, step, dialogue
+index): its torch.Generator on CPU, keys (seed, draw index) of model.keyed_uniform on CUDA. So its draws never
+depend on the batch it shares, on the rank it runs on, or on a resume; its tokens neither, exactly in fp32
+(bf16 GPU kernels may round a row's logits differently in another batch shape).
 """
 
 import contextlib
@@ -401,7 +402,8 @@ def rollout(model, tokenizer, profiles, backend, *, seeds, think=True, think_his
     last_log = started = time.time()
     try:
         # one mixed-precision region for every eager forward of the rollout (the compiled step turns it off)
-        with lm.compute_region(model), lm.compiled_decode(model) if compile else contextlib.nullcontext() as decode_model:
+        compiled = lm.compiled_decode(model) if compile else contextlib.nullcontext()
+        with lm.compute_region(model), compiled as decode_model:
             while generating or ready or held or outstanding:
                 t0 = time.time()
                 if ready:
