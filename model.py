@@ -23,6 +23,7 @@ Every module and parameter is named exactly as in the HF checkpoint (model.layer
 ...), so loading and saving are a plain state_dict with no key renaming.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -224,10 +225,27 @@ class Attention(nn.Module):
             # Static KV cache: write this step's keys/values at their slots, then attend over the slots the
             # mask covers (the mask's last dim says how many: prefill and decode both pass (B, 1, T, S_used)).
             k, v = cache.update(self.layer_idx, cache_index, k, v, mask.shape[-1])  # (B, H_kv, S_used, D)
-        # Without a mask the batch is right-padded training data: plain causal attention is exact for every
-        # real token (padding only ever sits after it), and lets SDPA pick the flash kernel.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        if mask is None:
+            # Without a mask the batch is right-padded training data: plain causal attention is exact for every
+            # real token (padding only ever sits after it), and lets SDPA pick the flash kernel.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:  # prefill and decode: a mask over the cache
+            y = grouped_attention(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def grouped_attention(q, k, v, mask):
+    """
+    Masked grouped-query attention with each query group folded into the sequence axis: q (B, H, T, D), H =
+    H_kv * G (query head h reads key/value head h // G), is viewed as (B, H_kv, G * T, D) and the mask
+    (B, 1, T, S) repeated to (B, 1, G * T, S), so SDPA sees H_kv heads and a plain mask. (A mask together with
+    enable_gqa=True leaves only CUDA's math kernel: fp32, K/V repeated per query head, G times the cache's
+    bytes; folded, the memory-efficient kernel reads K/V once.) k, v (B, H_kv, S, D). Returns (B, H, T, D).
+    """
+    B, H, T, D = q.shape
+    G = H // k.shape[1]
+    y = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], G * T, D), k, v, attn_mask=mask.repeat(1, 1, G, 1))
+    return y.reshape(B, H, T, D)  # row g * T + t of kv head j is query head j * G + g at position t
 
 
 class MLP(nn.Module):
@@ -315,7 +333,9 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(ids)  # (B, T, C)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # (B, 1, T, D)
         for block in self.model.layers:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            # activation checkpointing: training forwards only (grad on, no cache); generation (rollout,
+            # generate) runs under no_grad, and a cached forward always takes the plain branch
+            if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, cache, cache_index)
@@ -397,12 +417,40 @@ class KVCache:
         return self.k[layer][:, :, :used], self.v[layer][:, :, :used]
 
 
+def mul32(x, c):
+    """(x * c) mod 2^32 for int64 tensors x < 2^32 and a 32-bit constant c, in two 16-bit halves of c so that no
+    product passes 2^63."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+def fmix32(h):
+    """MurmurHash3's 32-bit finaliser (Appleby 2011): a bijection of [0, 2^32) whose every input bit flips about
+    half the output bits."""
+    h = h ^ (h >> 16)
+    h = mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def keyed_uniform(keys):
+    """One U(0, 1) draw per row (B,) float64 that is a pure function of the row's key (B, 2) int64 = (seed,
+    draw index >= 0): a counter-based random stream (as Philox is), so each dialogue keeps its own seeded
+    stream while the whole batch draws in a few elementwise kernels instead of a launch per row."""
+    lo, hi, draw = keys[:, 0] & 0xFFFFFFFF, (keys[:, 0] >> 32) & 0xFFFFFFFF, keys[:, 1] & 0xFFFFFFFF
+    h = fmix32(fmix32(fmix32(lo) ^ hi) ^ draw)
+    return (h.double() + 0.5) / 2**32  # in (0, 1)
+
+
 def sample(logits, temperature, top_p, generator):
     """
     Pick the next token from logits (B, V). temperature == 0: greedy. Else softmax(logits / temperature),
     optionally truncated to the smallest set of tokens whose probability reaches top_p (nucleus sampling,
     Holtzman et al. 2020). Returns tokens (B,) and their log-prob under softmax(logits / temperature), the
     distribution the trainer recomputes (top-p truncation is a sampling device, not part of the policy).
+    generator: one torch.Generator for the batch; a list of B of them (a row's stream of its own: one draw
+    launch per row); or a (B, 2) tensor of stream keys (keyed_uniform: a stream per row, one launch per batch;
+    the rollout's choice on CUDA).
     """
     logits = logits.float()
     if temperature == 0:
@@ -415,6 +463,12 @@ def sample(logits, temperature, top_p, generator):
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep tokens until the mass reaches top_p
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    if isinstance(generator, torch.Tensor):  # (B, 2) stream keys: one uniform per row, in one launch for the batch
+        # inverse-CDF sampling: the first token whose cumulative probability passes u * (total mass), u ~ U(0, 1)
+        cdf = probs.cumsum(-1)  # (B, V) (its last column is the mass top-p kept)
+        u = (keyed_uniform(generator) * cdf[:, -1].double()).float()  # (B,)
+        tokens = torch.searchsorted(cdf, u[:, None], right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+        return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
     # Sampling as argmax(p / E) with E ~ Exp(1) draws from p (the exponential race, equivalent to the
     # Gumbel-max trick) and needs no host sync. E = -log(U), U ~ Uniform[0, 1).
     if isinstance(generator, (list, tuple)):  # one generator per row: a row's sample does not depend on
@@ -426,16 +480,48 @@ def sample(logits, temperature, top_p, generator):
 
 
 SYNC_EVERY = 8  # generate() checks whether every row is done (a host sync) once per this many tokens
-_COMPILED = weakref.WeakKeyDictionary()  # model -> its torch.compile'd forward, for the decode step
+_TWINS = weakref.WeakKeyDictionary()  # model -> (its plain twin, the twin torch.compile'd), for the decode step
 
 
-def compiled(model):
-    """torch.compile of the model for one-token decode steps (static shapes: a fixed (B, S) cache). On CUDA,
-    mode="reduce-overhead" captures the step in a CUDA graph: one launch per token instead of hundreds."""
-    if model not in _COMPILED:
+@contextlib.contextmanager
+def compiled_decode(model):
+    """
+    The compiled one-token decode step of `model`, for one generation (model.generate, rollout.rollout): a
+    torch.compile'd plain Transformer, the model's twin, that shares the model's current weights in its compute
+    dtype. On the twin no FSDP2 hook breaks the graph at every block (the model is unsharded for the whole
+    generation: rlver.generation_mode, so its parameters are the full tensors), and the step runs with autocast
+    off, so no autocast cast of an fp32 weight is traced into the graph: under FSDP2 the shared tensors are the
+    unsharded bf16 copies themselves; with fp32 master weights and bf16 autocast (--no-fsdp on GPU) the twin
+    holds one bf16 copy of each weight for the generation; in fp32 (CPU) the very tensors. The twin is built and
+    compiled once per model; each generation re-points it at the latest weights and lets them go at the end.
+    On CUDA, mode="reduce-overhead" captures each static shape in a CUDA graph: one launch per token.
+    """
+    if model not in _TWINS:
+        with torch.device("meta"):
+            twin = Transformer(model.config)
         mode = "reduce-overhead" if model.inv_freq.device.type == "cuda" else None
-        _COMPILED[model] = torch.compile(model, mode=mode, dynamic=False)
-    return _COMPILED[model]
+        _TWINS[model] = twin, torch.compile(twin, mode=mode, dynamic=False)
+    twin, step = _TWINS[model]
+    dtype = model.autocast_dtype or model.model.embed_tokens.weight.dtype  # the compute dtype
+    sources, shared = dict(model.named_modules()), {}  # shared: one twin tensor per source tensor (tied weights)
+    for name, module in twin.named_modules():
+        for key, p in sources[name]._parameters.items():
+            if p is None:  # (a Linear without bias)
+                continue
+            if id(p) not in shared:
+                shared[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+            module._parameters[key] = shared[id(p)]
+    twin.inv_freq = model.inv_freq
+
+    def decode(*args, **kwargs):
+        with torch.autocast(model.inv_freq.device.type, enabled=False):
+            return step(*args, **kwargs)
+
+    try:
+        yield decode
+    finally:  # the twin keeps no weight between generations (a bf16 copy would sit in memory through training)
+        for module in twin.modules():
+            module._parameters.update(dict.fromkeys(module._parameters))  # every entry None
 
 
 def compute_region(model):
@@ -459,11 +545,11 @@ def generate(model, prompts, max_new_tokens, eos_ids, temperature=1.0, top_p=1.0
     Layout: prompts are left-padded to length P so every row's next token lands in the same cache slot
     P + t; RoPE positions count only real tokens, and the mask hides the padding slots.
     """
-    with compute_region(model):
-        return _generate(model, prompts, max_new_tokens, eos_ids, temperature, top_p, generator, pad_id, compile)
+    with compute_region(model), compiled_decode(model) if compile else contextlib.nullcontext() as decode:
+        return _generate(model, prompts, max_new_tokens, eos_ids, temperature, top_p, generator, pad_id, decode)
 
 
-def _generate(model, prompts, max_new_tokens, eos_ids, temperature, top_p, generator, pad_id, compile):
+def _generate(model, prompts, max_new_tokens, eos_ids, temperature, top_p, generator, pad_id, compiled):
     device = model.inv_freq.device
     B, P = len(prompts), max(len(p) for p in prompts)
     S = P + max_new_tokens
@@ -482,7 +568,7 @@ def _generate(model, prompts, max_new_tokens, eos_ids, temperature, top_p, gener
     cache = KVCache(model.config, B, S, device)
     logits = model(ids, positions=positions, mask=mask[:, None], cache=cache, cache_index=slots[:P])  # (B, V)
 
-    decode = compiled(model) if compile else model
+    decode = compiled or model
     eos = torch.tensor(list(eos_ids), device=device)
     next_pos = positions[:, -1] + 1  # (B,)
     out_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -496,7 +582,7 @@ def _generate(model, prompts, max_new_tokens, eos_ids, temperature, top_p, gener
         if t == max_new_tokens - 1 or (t % SYNC_EVERY == SYNC_EVERY - 1 and bool(done.all())):
             break  # (checking `done` costs a host sync, so only every SYNC_EVERY tokens)
         slot = P + t  # decode: one token per row, written at cache slot P + t; attend to slots [0, P + t]
-        if compile:  # static shapes: attend over all S slots, the ones not written yet masked out
+        if compiled:  # static shapes: attend over all S slots, the ones not written yet masked out
             step_mask = (real & (slots <= slot))[:, None, None, :]  # (B, 1, 1, S)
         else:  # eager: attend over just the slots written so far
             step_mask = real[:, None, None, :slot + 1]  # (B, 1, 1, slot + 1)
@@ -649,11 +735,16 @@ def stop_token_ids(tokenizer, model_path=None):
 
 
 def save_model(state_dict: dict, cfg: ModelConfig, path, tokenizer=None, max_shard_bytes=5 * 2**30):
-    """Write config.json + safetensors (sharded with an index past max_shard_bytes), loadable by transformers."""
+    """Write config.json + safetensors (sharded with an index past max_shard_bytes), loadable by transformers.
+    Floating tensors are stored in the dtype config.json declares (torch_dtype, or transformers 5's dtype; fp32
+    if neither): the trainer's fp32 master weights of a bf16 model are written back in bf16, as it came."""
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    dtype = getattr(torch, str(cfg.hf.get("torch_dtype") or cfg.hf.get("dtype")), None)
+    dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32  # none declared: fp32 loses nothing
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous().cpu()
+             for k, v in state_dict.items()}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     shards, size = [{}], 0

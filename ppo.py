@@ -41,8 +41,9 @@ class Critic(nn.Module):
 
     The critic starts from the policy's weights (RLVER, like most RLHF PPO code, initialises the critic
     from the actor). It only asks the copy for its final-norm hidden states, through forward() (so FSDP2's
-    forward hooks gather sharded weights), so the copy's lm_head is unused; we keep it rather than delete
-    it, because with tied embeddings it is the same tensor as the input embedding.
+    forward hooks gather sharded weights), so the copy has no output head (lm_head = None): an untied head
+    would be dead weight, all-gathered in every forward and given AdamW state (545M parameters at 7B); a tied
+    one is the input embedding, which stays.
 
     Value head init: weight ~ Normal(0, std=1/(D+1)), bias 0 (the OpenRLHF choice). The final-norm hidden states
     have entries of order 1, so initial values are ~N(0, 1/D): close to zero, a neutral guess for rewards
@@ -56,6 +57,7 @@ class Critic(nn.Module):
     def __init__(self, policy_model: nn.Module):
         super().__init__()
         self.backbone = copy.deepcopy(policy_model)
+        self.backbone.lm_head = None  # the critic reads hidden states only
         self.backbone.requires_grad_(True)
         hidden_size = policy_model.config.hidden_size
         device = next(policy_model.parameters()).device

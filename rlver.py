@@ -155,7 +155,9 @@ def system_flags(a):
     a("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
       help="compute dtype; auto = bf16 on GPU, fp32 on CPU. Parameters and AdamW state are fp32 either way")
     a("--no-fsdp", action="store_true", help="single process without FSDP (plain module)")
-    a("--activation-checkpointing", action="store_true")
+    a("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+      help="recompute each decoder block in backward instead of keeping its activations (default: on on CUDA, "
+           "where 7B at --micro-batch 4 x 4k tokens needs it; off on CPU)")
     a("--seed", type=int, default=0)
     a("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
     a("--keep-checkpoints", type=int, default=2)
@@ -327,7 +329,8 @@ def setup_distributed():
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        # a backend per device: NCCL for CUDA tensors, gloo for the CPU tensors of the metric and object gathers
+        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
@@ -404,8 +407,8 @@ def build_sharded(args, cfg, device, dtype, critic):
     if critic:  # the value head is new: the Critic's own init, on a real device (rank 0's is broadcast)
         torch.manual_seed(args.seed)
         head = ppo.init_value_head(torch.nn.Linear(cfg.hidden_size, 1))
-        if state:
-            state = {f"backbone.{k}": v for k, v in state.items()}
+        if state:  # (the critic has no output head: ppo.Critic)
+            state = {f"backbone.{k}": v for k, v in state.items() if k != "lm_head.weight"}
             state.update({"value_head.weight": head.weight.data, "value_head.bias": head.bias.data})
     set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     policy.reset_rope(device)
@@ -494,8 +497,10 @@ def train_step(run, args, step):
     seeds = [ro.rollout_seed(args.seed, step, first + j) for j in range(share * args.group_size)]
 
     timing, t0 = {}, time.time()
+    peak_memory_gb(run.device)  # (resets the peak)
     dialogues = play(run, args, [run.profiles[i] for i in mine], args.group_size, seeds, args.temperature, timing)
     timing["rollout"] = time.time() - t0
+    peaks = {"peak_gb_rollout": peak_memory_gb(run.device)}
     failures = check_parse_failures(args, [d.episode for d in dialogues], f"step {step + 1}")  # before any update
 
     t0 = time.time()
@@ -504,9 +509,25 @@ def train_step(run, args, step):
     batch["advantages"] = advantages(run, args, batch, rewards)
     stats = update(run, batch, args, step)
     timing["update"] = time.time() - t0
+    peaks["peak_gb_update"] = peak_memory_gb(run.device)
     metrics = step_metrics(run, args, dialogues, rewards, batch, stats, timing)
     metrics["parse_failed_turns"], metrics["simulator_turns"] = failures
+    if run.device.type == "cuda":  # the largest rank's peak GPU memory per phase
+        metrics.update({k: all_reduce(v, dist.ReduceOp.MAX) for k, v in peaks.items()})
+    if args.compile:  # dynamo's counters so far on this rank: one compile per (dialogue count, bucket) expected
+        from torch._dynamo.utils import counters
+        metrics.update(compiles=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()),
+                       cudagraph_skips=counters["inductor"]["cudagraph_skips"])
     return metrics, dialogues
+
+
+def peak_memory_gb(device):
+    """The peak GPU memory allocated since the last call, in GB (then reset); None on CPU."""
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / 1e9
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
 
 
 def played_profiles(run, args, profiles):
@@ -771,8 +792,10 @@ def save_checkpoint(run, args, step):
         os.makedirs(tmp)
     dist.barrier()
     full = get_model_state_dict(run.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
+    if rank == 0:  # hf/: in the source checkpoint's dtype (save_model), with its sampling and stop-token defaults
         lm.save_model(full, run.policy.config, os.path.join(tmp, "hf"), run.tokenizer)
+        if os.path.isfile(os.path.join(args.model, "generation_config.json")):
+            shutil.copy(os.path.join(args.model, "generation_config.json"), os.path.join(tmp, "hf"))
     del full
     dcp.save(trainer_state(run), checkpoint_id=os.path.join(tmp, "trainer"))
     if rank == 0:
@@ -904,6 +927,8 @@ def setup(args, argv):
     shape = resolve_model(args, argv)
     validate_args(args, int(os.environ.get("WORLD_SIZE", "1")))  # before anything is written
     rank, world, device = setup_distributed()
+    if args.activation_checkpointing is None:
+        args.activation_checkpointing = device.type == "cuda"
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     from torch.distributed.fsdp import FSDPModule

@@ -16,11 +16,13 @@ and so on for up to max_turns turns. Two loops play it:
 Both start from the same policy prompt (system_prompt + the user's opening line) and leave what the user
 sees, how the emotion moves and when the dialogue ends to simulator.simulate_turn.
 
-Randomness: every dialogue samples from its own torch.Generator seeded by rollout_seed(run seed, step,
-dialogue index), so its tokens and reward never depend on the batch it shares, on the rank it runs on, or
-on a resume.
+Randomness: every dialogue samples from its own stream seeded by rollout_seed(run seed, step, dialogue
+index): its torch.Generator on CPU, keys (seed, draw index) of model.keyed_uniform on CUDA. So its draws never
+depend on the batch it shares, on the rank it runs on, or on a resume; its tokens neither, exactly in fp32
+(bf16 GPU kernels may round a row's logits differently in another batch shape).
 """
 
+import contextlib
 import queue
 import threading
 import time
@@ -164,6 +166,8 @@ class SlotCache:
         shape = (n_slots, cfg.num_key_value_heads, max_len + 1, cfg.head_dim)  # + 1: the trash column
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        for t in self.k + self.v:  # inputs the compiled decode step mutates: static, or CUDA graphs are skipped
+            torch._dynamo.mark_static_address(t, guard=False)  # (no guard: a new rollout's cache compiles nothing)
         self.trash = max_len
         self.rows, self.positions = None, None
 
@@ -213,23 +217,32 @@ def prefill(model, cache, slots, new_ids, starts, pad_id):
                          used)
 
 
+def attended_columns(needed, total):
+    """The compiled decode step's attended cache columns: the smallest of four static lengths (total / 8, / 4,
+    / 2, total; total = max_context + 1) that holds `needed`, so a short context does not pay for max_context
+    and each length compiles once."""
+    return next(n for n in (total >> 3, total >> 2, total >> 1, total) if n >= needed)
+
+
 def decode_one_token(model, cache, slots, tokens, lengths, pad_id, compiled=None):
     """
     One token for each generating slot: tokens (b,) are written at the slots' current lengths. The step runs
     over the span of slots lo:hi that holds them all (a view of the cache: no copy); idle slots inside the
     span ride along with a pad token written to the trash column. Eager: attend to the columns used so far.
-    compiled (torch.compile'd model): one fixed shape for the whole rollout, the span is every slot and all
-    S + 1 columns are attended. Returns the next-token logits of the generating slots (b, V).
+    compiled (model.compiled_decode's step): static shapes, one per (dialogue count, attended_columns): the
+    span is every slot. Returns the next-token logits of the generating slots (b, V).
     """
     device = tokens.device
     lo, hi = (0, cache.k[0].shape[0]) if compiled is not None else (min(slots), max(slots) + 1)
-    index = torch.tensor([i - lo for i in slots], device=device)  # (b,) rows of the span
-    positions = torch.tensor([lengths[i] for i in slots], device=device)[:, None]  # (b, 1)
+    # (b,) rows of the span and (b, 1) write positions, in one host-to-device copy
+    index, positions = torch.tensor([[i - lo for i in slots], [lengths[i] for i in slots]], device=device)
+    positions = positions[:, None]
     span_tokens = torch.full((hi - lo, 1), pad_id, dtype=torch.long, device=device)  # (hi - lo, 1)
     span_tokens.index_copy_(0, index, tokens[:, None])
     span_positions = torch.full((hi - lo, 1), cache.trash, dtype=torch.long, device=device)  # idle rows: trash
     span_positions.index_copy_(0, index, positions)
-    used = cache.trash + 1 if compiled is not None else max(lengths[i] for i in slots) + 1
+    used = max(lengths[i] for i in slots) + 1
+    used = attended_columns(used, cache.trash + 1) if compiled is not None else used
     step = model if compiled is None else compiled
     return forward_slots(step, cache, slice(lo, hi), span_tokens, span_positions, used)[index]
 
@@ -245,6 +258,7 @@ def simulator_worker(jobs, answers, backend, mode, max_turns):
             answers.put((i, None, e))
 
 
+@torch.no_grad()  # the rollout builds no autograd graph: its cache and logits carry no history
 def rollout(model, tokenizer, profiles, backend, *, seeds, think=True, think_history="keep", max_turns=8,
             max_new_tokens=256, temperature=1.0, top_p=1.0, mode="vanilla", max_context=4096, eos_ids=None,
             timing=None, log=None, slow_turn_s=10.0, kv_reuse=True, overlap=True, compile=False):
@@ -259,7 +273,7 @@ def rollout(model, tokenizer, profiles, backend, *, seeds, think=True, think_his
     one training sample per dialogue) or strip (earlier thoughts leave the context, one sample per turn).
     Ablations for measurement: kv_reuse=False re-prefills the whole context every turn; overlap=False
     plays lockstep turns (every open dialogue decodes, then the simulator answers all of them).
-    compile: the decode step through torch.compile (model.compiled), one fixed shape per rollout.
+    compile: the decode step through torch.compile (model.compiled_decode), a few static shapes per rollout.
     timing (dict) gains: generate / simulator (seconds generating / waiting on the simulator), tokens
     (sampled), prefill_tokens, decode_steps, active_rows (summed over decode steps), conversation_tokens.
     log: called with a progress line every slow_turn_s seconds of a slow rollout. Returns the Dialogues.
@@ -277,7 +291,6 @@ def rollout(model, tokenizer, profiles, backend, *, seeds, think=True, think_his
         for d in dialogues:
             d.context = list(d.ids)
     cache = SlotCache(model.config, len(dialogues), max_context, device, dtype)
-    decode_model = lm.compiled(model) if compile else None
     length = [0] * len(dialogues)  # ids of d.context in slot i's cache
     turn_start = [0] * len(dialogues)  # len(d.context) when the current turn began
 
@@ -349,7 +362,11 @@ def rollout(model, tokenizer, profiles, backend, *, seeds, think=True, think_his
         """Each generating slot samples its next token (its own generator); a slot whose turn stops (stop id
         or max_new_tokens) leaves the batch, its reply held for the simulator; the rest decode one token."""
         nonlocal logits
-        tokens, _ = lm.sample(logits, temperature, top_p, [dialogues[i].generator for i in generating])
+        streams = [dialogues[i].generator for i in generating]  # CPU: a draw per row from its generator
+        if device.type == "cuda":  # a key per row, (its seed, len(ids): a new index at every draw); one launch
+            streams = torch.tensor([[g.initial_seed(), len(dialogues[i].ids)] for g, i in zip(streams, generating)],
+                                   device=device)
+        tokens, _ = lm.sample(logits, temperature, top_p, streams)
         going = []
         for r, (i, tok) in enumerate(zip(generating, tokens.tolist())):
             d = dialogues[i]
@@ -396,7 +413,9 @@ def rollout(model, tokenizer, profiles, backend, *, seeds, think=True, think_his
 
     last_log = started = time.time()
     try:
-        with lm.compute_region(model):  # one mixed-precision region for every forward of the rollout
+        # one mixed-precision region for every eager forward of the rollout (the compiled step turns it off)
+        compiled = lm.compiled_decode(model) if compile else contextlib.nullcontext()
+        with lm.compute_region(model), compiled as decode_model:
             while generating or ready or held or outstanding:
                 t0 = time.time()
                 if ready:

@@ -306,3 +306,44 @@ def test_autocast_keeps_fp32_weights_computes_bf16_and_cached_decode_matches_rec
     assert recomputed.dtype == torch.float32
     torch.testing.assert_close(torch.tensor(new_logprobs[0]), recomputed, atol=0.02, rtol=0.01)  # observed 0.006
     assert 0 < (recomputed - fp32).abs().max() < 0.05  # bf16 rounding shows, but small (observed 0.005)
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(4, 2), (28, 4)])  # the tiny models' grouping; Qwen2.5-7B's 7:1
+def test_folded_grouped_attention_equals_sdpa_with_enable_gqa(n_heads, n_kv_heads):
+    # the query group folded into the sequence axis (what prefill and decode run) against the formula it
+    # replaced, SDPA with the mask and enable_gqa=True, in fp32: a decode step (T = 1) and a ragged prefill
+    from model import grouped_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, S, D = 3, 11, 16
+    k, v = torch.randn(B, n_kv_heads, S, D, generator=g), torch.randn(B, n_kv_heads, S, D, generator=g)
+    for T in (1, 5):
+        q = torch.randn(B, n_heads, T, D, generator=g)
+        positions = torch.tensor([[S - T + t for t in range(T)], [2 + t for t in range(T)], [t for t in range(T)]])
+        mask = (torch.arange(S) <= positions[:, :, None])[:, None]  # (B, 1, T, S): row 2 sees 1 key at t = 0
+        old = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        torch.testing.assert_close(grouped_attention(q, k, v, mask), old, rtol=0, atol=1e-6)
+
+
+def test_keyed_sampling_draws_from_p_per_row_stream():
+    # stream keys (seed, draw index): a row's token is a function of its key and logits alone, whatever shares
+    # its batch; over 20,000 keys the tokens follow softmax(logits / T), and under top-p the renormalised kept set
+    from model import keyed_uniform, sample
+
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0, -20.0, 0.3])
+    keys = torch.stack([torch.full((20000,), 12345678901), torch.arange(20000)], 1)  # one stream, 20,000 draws
+    u = keyed_uniform(keys)
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01 and abs(u.var() - 1 / 12) < 0.003
+    for top_p in (1.0, 0.8):
+        p = torch.softmax(logits / 0.7, -1)
+        if top_p < 1:  # the smallest set of most likely tokens whose mass reaches top_p
+            order = p.argsort(descending=True)
+            kept = order[:int((p[order].cumsum(0) < top_p).sum()) + 1]
+            p = torch.zeros_like(p).index_copy(0, kept, p[kept]) / p[kept].sum()
+        tokens, logprobs = sample(logits.expand(20000, -1), 0.7, top_p, keys)
+        freq = torch.bincount(tokens, minlength=8).double() / 20000
+        sigma = (p * (1 - p) / 20000).sqrt().double()
+        assert ((freq - p.double()).abs() <= 5 * sigma + 1e-12).all(), (freq, p)
+        torch.testing.assert_close(logprobs, torch.log_softmax(logits / 0.7, -1)[tokens])
+    alone, _ = sample(logits[None], 0.7, 1.0, keys[7:8])
+    assert alone.item() == sample(logits.expand(20000, -1), 0.7, 1.0, keys)[0][7].item()

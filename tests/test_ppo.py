@@ -338,3 +338,19 @@ def test_critic_shape_alignment_and_gradients(tiny_qwen2):
     # value head init: bias 0, small weights (std 1/(D+1)), so initial values are near 0
     assert torch.equal(critic.value_head.bias.detach(), torch.zeros(1))
     assert critic.value_head.weight.std().item() < 3.0 / (policy.config.hidden_size + 1)
+
+
+def test_untied_critic_has_no_output_head(tiny_checkpoints):
+    # the critic reads hidden states only: its parameters are the backbone without lm_head plus the value head
+    from model import load_model
+
+    from ppo import Critic
+
+    policy = load_model(tiny_checkpoints["llama"])  # untied head (Llama)
+    cfg = policy.config
+    assert not cfg.tie_word_embeddings
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    head = cfg.vocab_size * cfg.hidden_size
+    critic = Critic(policy)
+    assert count(critic) == count(policy) - head + cfg.hidden_size + 1
+    assert not any(k.startswith("backbone.lm_head") for k in critic.state_dict())

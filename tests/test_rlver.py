@@ -379,6 +379,42 @@ def test_single_process_checkpoint_loads_in_transformers(uninterrupted, tiny_qwe
     hf_logits_check(os.path.join(uninterrupted[0], "checkpoints", "step_6", "hf"), tiny_qwen2)
 
 
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tiny_qwen2, tmp_path_factory):
+    """The tiny checkpoint stored in bf16 (config.json says so), with a generation_config.json of its own."""
+    path = str(tmp_path_factory.mktemp("bf16") / "tiny-bf16")
+    model, cfg = lm.load_model(tiny_qwen2), lm.read_config(tiny_qwen2)
+    cfg.hf = dict(cfg.hf, torch_dtype="bfloat16")
+    lm.save_model(model.state_dict(), cfg, path, lm.load_tokenizer(tiny_qwen2))
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": [2, 0], "temperature": 0.7, "top_p": 0.8}, f)
+    return path
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_activation_checkpointing_trains_single_and_torchrun_and_hf_keeps_dtype(algo, bf16_checkpoint, tmp_path):
+    # --activation-checkpointing recomputes each block in backward: one process and torchrun's 2 ranks train
+    # the same step (the rollout runs without autograd, so the checkpointed branch never meets the KV cache)
+    from safetensors import safe_open
+
+    args = ["--model", bf16_checkpoint, *SMALL, "--algo", algo, "--group-size", "2", "--micro-batch", "2",
+            "--lr", "1e-2", "--critic-lr", "1e-2", "--steps", "1", "--activation-checkpointing"]
+    run_cli([*args, "--out", str(tmp_path / "single")])
+    run_cli([*args, "--out", str(tmp_path / "fsdp")], nproc=2)
+    single, fsdp = metrics(tmp_path / "single"), metrics(tmp_path / "fsdp")
+    assert single[0]["grad_norm"] > 1e-3
+    keys = [k for k in (PPO_COMPARED if algo == "ppo" else COMPARED) if k != "kl_ref"]
+    assert_same_metrics(single, fsdp, keys, rel=1e-5, abs_=1e-6, what=f"{algo} --activation-checkpointing")
+    # hf/ keeps the source checkpoint's dtype (not the fp32 master weights) and its generation_config.json
+    for out in ("single", "fsdp"):
+        hf = tmp_path / out / "checkpoints" / "step_1" / "hf"
+        with safe_open(str(hf / "model.safetensors"), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+        assert json.loads((hf / "generation_config.json").read_text()) == json.loads(
+            open(os.path.join(bf16_checkpoint, "generation_config.json")).read())
+        assert json.loads((hf / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 6. User errors: exit code 2, one line, no traceback, before any model is loaded
 

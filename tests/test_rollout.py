@@ -370,3 +370,46 @@ def test_replies_cut_at_the_cap_are_counted(tiny_qwen2, one_thread):
     cut = [sum(e - s == 12 and d.ids[e - 1] not in eos for v, s, e in runs(d.policy_mask) if v) for d in dialogues]
     assert [d.episode.truncated_replies for d in dialogues] == cut and 0 < sum(cut) < sum(len(d.policy_texts)
                                                                                              for d in dialogues)
+
+
+def test_rollout_builds_no_autograd_history(tiny_qwen2, one_thread):
+    # the policy's parameters require grad (a trainable policy): no tensor the rollout makes (its logits, its
+    # KV cache, which every attention layer is handed) may carry autograd history
+    tok, model = lm.load_tokenizer(tiny_qwen2), lm.load_model(tiny_qwen2)
+    assert all(p.requires_grad for p in model.parameters())
+    seen = []  # (logits, cache) of every forward of the rollout
+    handle = model.model.layers[-1].self_attn.register_forward_hook(
+        lambda module, args, out: seen.append((out, args[4])))  # Attention.forward(x, cos, sin, mask, cache)
+    try:
+        dialogues = ro.rollout(model, tok, sim.builtin_profiles("train")[:2], sim.RulesBackend(), think=False,
+                               max_turns=2, max_new_tokens=6, seeds=[0, 1])
+    finally:
+        handle.remove()
+    cache = seen[-1][1]
+    tensors = [out for out, _ in seen] + cache.k + cache.v
+    assert len(seen) > 4 and all(c is cache for _, c in seen)
+    assert not any(t.requires_grad or t.grad_fn is not None for t in tensors)
+    assert all(isinstance(i, int) for d in dialogues for i in d.ids)
+
+
+def test_compiled_decode_compiles_once_per_dialogue_count_and_bucket(tiny_qwen2, one_thread):
+    # dynamo's own counters over 3 rollouts: no graph break; a compile per (dialogue count, attended bucket)
+    # and none for a new rollout's cache or re-pointed weights. max_context 399: buckets of 50, 100, 200 and
+    # 400 columns, and these contexts (~180-205 tokens) cross from the 200 bucket into the 400 one
+    from torch._dynamo.utils import counters
+
+    tok, model = lm.load_tokenizer(tiny_qwen2), lm.load_model(tiny_qwen2)
+    profiles = sim.builtin_profiles("train")
+    counters.clear()
+    compiles, buckets = [], []
+    for n, seeds in ((4, [0, 1, 2, 3]), (4, [0, 1, 2, 3]), (2, [5, 6])):
+        kw = dict(think=False, max_turns=2, max_new_tokens=8, seeds=seeds, max_context=399)
+        ds = ro.rollout(model, tok, profiles[:n], sim.RulesBackend(), compile=True, **kw)
+        compiles.append(counters["stats"]["unique_graphs"])
+        prompts = [d.policy_mask.index(True) for d in ds]  # each dialogue's decode attends prompt + 1 .. len(ids)
+        buckets.append({ro.attended_columns(m, 400) for d, p in zip(ds, prompts) for m in (p + 1, len(d.ids))})
+    assert sum(counters["graph_break"].values()) == 0
+    assert buckets[0] == buckets[1] == {200, 400} and buckets[2] == {200, 400}
+    assert compiles == [2, 2, 4]  # the second rollout (new cache, same shapes) compiles nothing
+    eager = ro.rollout(model, tok, profiles[:2], sim.RulesBackend(), **kw)
+    assert [record(d) for d in ds] == [record(d) for d in eager]  # the bucketed step samples the same tokens
