@@ -164,13 +164,18 @@ def test_rollout_carry_when_a_turn_stops_on_another_stop_id(tiny_qwen2, one_thre
 def play(tiny_qwen2, profiles, seeds, backend, bias=3.0, record=None, **kw):
     tok = lm.load_tokenizer(tiny_qwen2)
     model = lm.load_model(tiny_qwen2)
-    handle = eos_bias_hook(model, tok.eos_token_id, bias, record)  # turns of many different lengths
+    if kw.get("compile"):  # the compiled decode step runs on the model's twin (model.compiled_decode): hook it too
+        with lm.compiled_decode(model):
+            pass
+    handles = [eos_bias_hook(m, tok.eos_token_id, bias, record)  # turns of many different lengths
+               for m in [model] + ([lm._TWINS[model][0]] if kw.get("compile") else [])]
     timing = {}
     try:
         dialogues = ro.rollout(model, tok, profiles, backend, think=kw.pop("think", False), max_turns=3,
                                max_new_tokens=12, seeds=seeds, timing=timing, **kw)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return tok, dialogues, timing
 
 
