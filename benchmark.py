@@ -1094,7 +1094,12 @@ def take_lock(f, mode, out):
         f.seek(0)
         holder = f.readline().strip() or "another process"
         f.close()
-        raise BenchmarkError(f"--out {out} is in use by {holder}: wait for it to end, or choose another --out") from None
+        raise BenchmarkError(f"--out {out} is in use by {holder}: wait for it to end, or choose another "
+                             f"--out") from None
+    except OSError as e:  # a filesystem without flock (Lustre mounted without -o flock, some FUSE mounts)
+        f.close()
+        raise BenchmarkError(f"--out {out}: cannot lock {f.name} ({e.strerror}): use a filesystem with flock "
+                             f"support (a local disk, NFS, Lustre mounted with -o flock)") from None
 
 
 def check_not_locked(out):

@@ -815,7 +815,8 @@ def save_checkpoint(run, args, step):
         free = shutil.disk_usage(os.path.dirname(final)).free
         raise ConfigError(f"saving {tmp} failed ({getattr(e, 'strerror', None) or e}): a checkpoint needs up to "
                           f"{need / 2**20:.1f} MiB free on that disk ({free / 2**20:.1f} MiB free now); the .tmp is "
-                          f"removed and every earlier checkpoint kept: free space, then continue with --resume") from None
+                          f"removed and every earlier checkpoint kept: free space, then continue with "
+                          f"--resume") from None
     return final
 
 
@@ -1022,22 +1023,21 @@ def setup(args, argv):
 
 def claim_out(args):
     """
-    One writer per --out, and every rank writing into the same folder. Rank 0 runs check_out and check_resume
-    first without writing anything, then takes --out's OS lock (benchmark.lock_out) and runs them again under
-    it: of two runs started at once into one --out the second stops here, naming the first. Then every rank
-    reads back the token rank 0 wrote into the lock file: a rank whose --out is another folder (another path,
-    a node's local disk) stops every rank with one line, before any step. Returns the checkpoint to resume
-    from (or None), alike on every rank.
+    One writer per --out, and every rank writing into the same folder. Rank 0 checks --out without writing
+    anything (no other process holds its lock, check_out, check_resume), takes the lock (benchmark.lock_out) and
+    checks again under it: of two runs started at once into one --out the second stops here, naming the first.
+    Then every rank reads back the token rank 0 wrote into the lock file: a rank whose --out is another folder
+    (another path, a node's local disk) stops every rank with one line, before any step. Returns the checkpoint
+    to resume from (or None), alike on every rank.
     """
-    rank = dist.get_rank()
-    token = [os.urandom(8).hex() if rank == 0 else None]
+    rank, token = dist.get_rank(), os.urandom(8).hex()  # (rank 0's token is the one every rank looks for)
 
     def lock():
         if rank == 0:
             benchmark.check_not_locked(args.out)
             check_out(args)
             check_resume(args)
-            benchmark.lock_out(args.out, token[0])
+            benchmark.lock_out(args.out, token)
             check_out(args)
             path, damaged = check_resume(args)
             for line in damaged:
@@ -1045,14 +1045,14 @@ def claim_out(args):
                       flush=True)
             return path
 
-    resume_from = [together(lock, USER_ERRORS)]
-    dist.broadcast_object_list(token, src=0)
-    dist.broadcast_object_list(resume_from, src=0)
+    shared = [token, together(lock, USER_ERRORS)]
+    dist.broadcast_object_list(shared, src=0)
+    token, resume_from = shared
 
     def sees():
         try:
             with open(os.path.join(args.out, benchmark.LOCK_FILE), encoding="utf-8") as f:
-                if token[0] in f.read():
+                if token in f.read():
                     return
         except OSError:
             pass
@@ -1061,7 +1061,7 @@ def claim_out(args):
                           f"filesystem they share")
 
     together(sees, USER_ERRORS)
-    return resume_from[0]
+    return resume_from
 
 
 def resolve_model(args, argv):
@@ -1158,8 +1158,9 @@ def start_step(run, args, metrics_path):
         try:
             start = load_checkpoint(run, path)
         except (Exception, CheckpointException) as e:  # noqa: BLE001 (damaged past checkpoint_problem's look)
-            raise ConfigError(f"--resume: cannot load {path} ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}): move "
-                              f"it out of {args.out}/checkpoints to resume from the one before") from None
+            first = (str(e).splitlines() or [""])[0]
+            raise ConfigError(f"--resume: cannot load {path} ({type(e).__name__}: {first}): move it out of "
+                              f"{args.out}/checkpoints to resume from the one before") from None
     if args.resume and dist.get_rank() == 0:
         truncate_jsonl(metrics_path, start)
         truncate_jsonl(os.path.join(args.out, "samples.jsonl"), start)

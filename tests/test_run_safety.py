@@ -70,14 +70,14 @@ def holder_named(out):
 
 def test_second_run_into_a_busy_out_stops_naming_the_holder(tmp_path):
     out = tmp_path / "r"
-    first = start(["--steps", "3", "--out", str(out), "--seed", "0"])
-    wait_for(lambda: holder_named(out), first)
+    first = start(["--steps", "6", "--out", str(out), "--seed", "0"])
+    wait_for(lambda: holder_named(out) and (out / "metrics.jsonl").exists(), first)  # mid-run, a step logged
     second = run_cli(["--steps", "3", "--out", str(out), "--seed", "1", "--lr", "0.02"], check=False)
     one_line(second, 2, f"--out {out} is in use by rlver.py (pid {first.pid} on ")
     stdout, stderr = first.communicate(timeout=TIMEOUT)
     assert first.returncode == 0, stderr[-3000:]
     # nothing of the second run mixed in: each step once, the first run's config
-    assert [m["step"] for m in metrics(out)] == [1, 2, 3] and checkpoints(out) == [3]
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4, 5, 6] and checkpoints(out) == [6]
     assert json.loads((out / "config.json").read_text())["seed"] == 0
     # the lock died with its process: a third run is refused for the earlier run, not for a stale lock
     one_line(run_cli(["--steps", "3", "--out", str(out)], check=False), 2, "holds an earlier run")
@@ -204,12 +204,18 @@ def freeze_in_a_save(proc, out, steps):
     pytest.fail("every save finished before the test could freeze it")
 
 
-def test_ctrl_c_during_a_save_stops_right_after_it(demo_run, tmp_path):
+def ctrl_c_in_a_save(demo_run, tmp_path):
+    """A resumed copy of the demo run, sent SIGINT in the middle of one of its saves. Returns (proc, out, step)."""
     out = moved_copy(demo_run, tmp_path)
     proc = start(["--out", str(out), "--steps", "9", "--save-every", "1", "--resume"])
     step = freeze_in_a_save(proc, out, range(5, 9))
     os.kill(proc.pid, signal.SIGINT)
     os.kill(proc.pid, signal.SIGCONT)
+    return proc, out, step
+
+
+def test_ctrl_c_during_a_save_stops_right_after_it(demo_run, tmp_path):
+    proc, out, step = ctrl_c_in_a_save(demo_run, tmp_path)
     proc.stdout, proc.stderr = proc.communicate(timeout=TIMEOUT)
     line = one_line(proc, 130, f"rlver: stopped by SIGINT at step {step} of 9 (saved); continue with: python rlver.py")
     assert line.endswith("--resume") and "rlver: done." not in proc.stdout
@@ -217,11 +223,7 @@ def test_ctrl_c_during_a_save_stops_right_after_it(demo_run, tmp_path):
 
 
 def test_second_ctrl_c_during_a_save_exits_130_at_once(demo_run, tmp_path):
-    out = moved_copy(demo_run, tmp_path)
-    proc = start(["--out", str(out), "--steps", "9", "--save-every", "1", "--resume"])
-    step = freeze_in_a_save(proc, out, range(5, 9))
-    os.kill(proc.pid, signal.SIGINT)
-    os.kill(proc.pid, signal.SIGCONT)
+    proc, out, step = ctrl_c_in_a_save(demo_run, tmp_path)
     time.sleep(0.05)
     os.kill(proc.pid, signal.SIGINT)
     proc.stdout, proc.stderr = proc.communicate(timeout=30)
