@@ -23,6 +23,7 @@ import time
 
 import pytest
 from conftest import ROOT
+import benchmark
 from test_rlver import TIMEOUT, assert_same_metrics, checkpoints, cli_env, command, metrics, run_cli, snapshot, wait_for
 
 BENCHMARK = os.path.join(ROOT, "benchmark.py")
@@ -79,8 +80,6 @@ def test_second_run_into_a_busy_out_stops_naming_the_holder(tmp_path):
     # nothing of the second run mixed in: each step once, the first run's config
     assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4, 5, 6] and checkpoints(out) == [6]
     assert json.loads((out / "config.json").read_text())["seed"] == 0
-    # the lock died with its process: a third run is refused for the earlier run, not for a stale lock
-    one_line(run_cli(["--steps", "3", "--out", str(out)], check=False), 2, "holds an earlier run")
 
 
 EVAL = ["eval", "--policy", None, "--limit", "2", "--max-turns", "2", "--max-new-tokens", "8"]
@@ -89,9 +88,9 @@ EVAL = ["eval", "--policy", None, "--limit", "2", "--max-turns", "2", "--max-new
 def test_eval_refuses_an_earlier_eval_and_overwrite_replaces_it(tiny_qwen2, tmp_path):
     out = tmp_path / "eval"
     args = [*EVAL[:2], tiny_qwen2, *EVAL[3:], "--out", str(out)]
-    first = start(args, BENCHMARK)
-    first.communicate(timeout=TIMEOUT)
-    assert first.returncode == 0 and (out / "summary.json").exists()
+    out.mkdir()
+    for name in ("transcripts.jsonl", "summary.json", "trajectories.svg"):  # an earlier eval's files
+        (out / name).write_text(f"earlier {name}\n")
     before = snapshot(out)
     p = subprocess.run([sys.executable, BENCHMARK, *args], cwd=ROOT, env=cli_env(), capture_output=True, text=True,
                        timeout=TIMEOUT)
@@ -102,6 +101,7 @@ def test_eval_refuses_an_earlier_eval_and_overwrite_replaces_it(tiny_qwen2, tmp_
                        text=True, timeout=TIMEOUT)
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["config"]["overwrite"] is True
+    assert len((out / "transcripts.jsonl").read_text().splitlines()) == 2  # the new eval's 2 dialogues only
 
 
 def test_eval_into_a_busy_out_is_refused_and_ctrl_c_exits_130(tiny_qwen2, tmp_path):
@@ -132,17 +132,16 @@ def damage(out, step, how):
         shard.write_bytes(shard.read_bytes()[:1000])
 
 
-@pytest.mark.parametrize("how", ["trainer deleted", "shard truncated"])
-def test_resume_skips_a_damaged_newest_checkpoint(how, demo_run, tmp_path):
+def test_resume_skips_a_damaged_newest_checkpoint(demo_run, tmp_path):
     out = moved_copy(demo_run, tmp_path)
-    damage(out, 4, how)
+    damage(out, 4, "shard truncated")  # (a deleted trainer/ is found too: the next test)
     step_2 = snapshot(out / "checkpoints" / "step_2")
     p = run_cli(["--out", str(out), *RESUME])
     warnings = [line for line in p.stdout.splitlines() if "warning" in line]
     assert len(warnings) == 1 and f"{out}/checkpoints/step_4 is damaged" in warnings[0], p.stdout
     assert "left in place" in warnings[0] and "resumed from" in p.stdout and "at step 2" in p.stdout
     assert snapshot(out / "checkpoints" / "step_2") == step_2
-    assert_same_metrics(metrics(out), demo_run[1], rel=1e-6, abs_=1e-9, what=f"{how} + --resume")
+    assert_same_metrics(metrics(out), demo_run[1], rel=1e-6, abs_=1e-9, what="damaged step_4 + --resume")
 
 
 def test_resume_with_no_readable_checkpoint_is_one_line(demo_run, tmp_path):
@@ -244,7 +243,6 @@ def test_bad_input_is_one_line_naming_the_file_and_line(tiny_qwen2, tmp_path):
     history = [{"role": "user", "content": "hi", "emotion-point": 40}]
     (tmp_path / "lb.jsonl").write_text(json.dumps({"id": "1", "emo_point": 50, "history": history}) + "\n" +
                                        json.dumps({"id": "2", "emo_point": "50", "history": history}) + "\n")
-    (tmp_path / "lb_null.jsonl").write_text(json.dumps({"id": "1", "emo_point": None, "history": history}) + "\n")
     out = tmp_path / "out"
     cases = {  # argv, prog, words of the line
         "lone surrogate": (["--train-profiles", str(tmp_path / "surrogate.jsonl"), "--out", str(out)], None,
@@ -255,11 +253,13 @@ def test_bad_input_is_one_line_naming_the_file_and_line(tiny_qwen2, tmp_path):
                             "--seeds '0,0': give distinct"),
         "string emo_point": (["leaderboard", str(tmp_path / "lb.jsonl")], BENCHMARK,
                              f"{tmp_path / 'lb.jsonl'}:2: an emotion value is '50', not a number"),
-        "null emo_point": (["leaderboard", str(tmp_path / "lb_null.jsonl")], BENCHMARK,
-                           f"{tmp_path / 'lb_null.jsonl'}:1: an emotion value is None, not a number"),
     }
     procs = {name: start(argv, prog) for name, (argv, prog, _) in cases.items()}
     for name, proc in procs.items():
         proc.stdout, proc.stderr = proc.communicate(timeout=TIMEOUT)
         one_line(proc, 2, cases[name][2])
     assert not out.exists()  # nothing written anywhere
+    (tmp_path / "lb.jsonl").write_text(json.dumps({"id": "1", "emo_point": 50, "history": [{**history[0],
+                                                                                         "emotion-point": None}]}))
+    with pytest.raises(benchmark.BenchmarkError, match=r"lb.jsonl:1: an emotion value is None, not a number"):
+        benchmark.read_system(str(tmp_path / "lb.jsonl"))  # (a null in a turn: the same check, in process)
