@@ -1198,6 +1198,7 @@ def train(args, argv=None):
               f"{len(run.profiles)} train profiles x {args.group_size} rollouts | simulator {args.simulator} "
               f"({args.mode}) | out {args.out}", flush=True)
     stop, stop_now = StopFlag(), 0
+    signalled = lambda: int(all_reduce(float(stop.signum), dist.ReduceOp.MAX))  # noqa: E731 (the signal, any rank)
     done = saved = start  # the last step whose update and metrics are complete; the last checkpointed step
     for step in range(start, args.steps):
         try:
@@ -1222,11 +1223,11 @@ def train(args, argv=None):
             kept = f"step {done} is saved" if done else "no step was completed"
             raise ConfigError(f"{e}. Stopped: {kept}; after fixing the simulator, continue with: "
                               f"{resume_hint(argv)}") from None
-        stop_now = int(all_reduce(float(stop.signum), dist.ReduceOp.MAX))  # the signal, on any rank
+        stop_now = signalled()
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stop_now:
             save(run, args, step + 1)
             saved = step + 1
-            stop_now = int(all_reduce(float(stop.signum), dist.ReduceOp.MAX))  # one asked during the save: stop now
+            stop_now = signalled()  # one asked during the save: stop right after it
         if stop_now:
             break
     if stop_now and done < args.steps:  # not "done": a scheduler or an `&&` chain must see an unfinished run
