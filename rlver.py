@@ -1010,13 +1010,13 @@ def setup(args, argv):
     if not args.no_fsdp and not hasattr(FSDPModule, "set_reshard_after_forward"):
         raise ConfigError(f"torch {torch.__version__} lacks FSDPModule.set_reshard_after_forward, which the "
                           "rollout phase needs: install torch>=2.7, or run one process with --no-fsdp")
-    profiles, test_profiles = together(lambda: [
+    profiles, test_profiles, backend = together(lambda: [
         sim.load_profiles(args.train_profiles) if args.train_profiles else sim.builtin_profiles("train"),
-        sim.load_profiles(args.test_profiles) if args.test_profiles else sim.builtin_profiles("test")], USER_ERRORS)
+        sim.load_profiles(args.test_profiles) if args.test_profiles else sim.builtin_profiles("test"),
+        make_simulator(args, device)], USER_ERRORS)
     args.resume_from = claim_out(args)  # the first write into --out
     make_random_model(args, shape)
-    cfg, tokenizer, backend = together(lambda: [*validate_model(args, profiles), make_simulator(args, device)],
-                                       USER_ERRORS)
+    cfg, tokenizer = together(lambda: validate_model(args, profiles), USER_ERRORS)
     prepare_out(args, world, device)
     return build_run(args, cfg, device, tokenizer, profiles, test_profiles, backend)
 
