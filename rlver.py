@@ -810,7 +810,7 @@ def save_checkpoint(run, args, step):
     except (*failed, CheckpointException) as e:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        e = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e  # the rank's own error
+        e = rank_error(e)
         need = state_bytes(state) + sum(p.numel() * 4 for p in run.policy.parameters())  # + hf/, at most fp32
         free = shutil.disk_usage(os.path.dirname(final)).free
         raise ConfigError(f"saving {tmp} failed ({getattr(e, 'strerror', None) or e}): a checkpoint needs up to "
@@ -818,6 +818,13 @@ def save_checkpoint(run, args, step):
                           f"removed and every earlier checkpoint kept: free space, then continue with "
                           f"--resume") from None
     return final
+
+
+def rank_error(e):
+    """The error behind DCP's CheckpointException (the first failing rank's own), else e itself."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e
 
 
 def state_bytes(state):
@@ -1003,7 +1010,7 @@ def setup(args, argv):
     read files or endpoints run on every rank and stop every rank together (a node may see other files)."""
     shape = resolve_model(args, argv)
     validate_args(args, int(os.environ.get("WORLD_SIZE", "1")))  # flags only: alike on every rank
-    rank, world, device = setup_distributed()
+    _, _, device = setup_distributed()
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     from torch.distributed.fsdp import FSDPModule
@@ -1017,7 +1024,7 @@ def setup(args, argv):
     args.resume_from = claim_out(args)  # the first write into --out
     make_random_model(args, shape)
     cfg, tokenizer = together(lambda: validate_model(args, profiles), USER_ERRORS)
-    prepare_out(args, world, device)
+    prepare_out(args)
     return build_run(args, cfg, device, tokenizer, profiles, test_profiles, backend)
 
 
@@ -1108,8 +1115,9 @@ def make_simulator(args, device):
     return backend
 
 
-def prepare_out(args, world, device):
-    """--out made ready: an earlier run's files removed under --overwrite; the resolved config written."""
+def prepare_out(args):
+    """--out made ready: an earlier run's files removed under --overwrite (the resolved config is written by
+    train once the checkpoint, if any, has loaded)."""
     rank = dist.get_rank()
     if args.resume and not args.resume_from and rank == 0:
         print(f"rlver: --resume: no checkpoint in {args.out}/checkpoints yet, starting at step 0", flush=True)
@@ -1122,9 +1130,6 @@ def prepare_out(args, world, device):
                 os.remove(path)
     dist.barrier()
     os.makedirs(args.out, exist_ok=True)
-    if rank == 0:
-        with open(os.path.join(args.out, "config.json"), "w") as f:
-            json.dump({**vars(args), "world_size": world, "device": str(device), "torch": torch.__version__}, f, indent=2)
 
 
 def build_run(args, cfg, device, tokenizer, profiles, test_profiles, backend):
@@ -1158,9 +1163,9 @@ def start_step(run, args, metrics_path):
         try:
             start = load_checkpoint(run, path)
         except (Exception, CheckpointException) as e:  # noqa: BLE001 (damaged past checkpoint_problem's look)
-            first = (str(e).splitlines() or [""])[0]
-            raise ConfigError(f"--resume: cannot load {path} ({type(e).__name__}: {first}): move it out of "
-                              f"{args.out}/checkpoints to resume from the one before") from None
+            e = rank_error(e)
+            raise ConfigError(f"--resume: cannot load {path} ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+                              f"): move it out of {args.out}/checkpoints to resume from the one before") from None
     if args.resume and dist.get_rank() == 0:
         truncate_jsonl(metrics_path, start)
         truncate_jsonl(os.path.join(args.out, "samples.jsonl"), start)
@@ -1193,6 +1198,10 @@ def train(args, argv=None):
     rank = dist.get_rank()
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     start = start_step(run, args, metrics_path)
+    if rank == 0:  # after the checkpoint loaded: a --resume that fails leaves the run's config.json as it was
+        with open(os.path.join(args.out, "config.json"), "w") as f:
+            json.dump({**vars(args), "world_size": dist.get_world_size(), "device": str(run.device),
+                       "torch": torch.__version__}, f, indent=2)
     if rank == 0:
         print(f"rlver: {args.algo} on {args.model} | {dist.get_world_size()} process(es) on {run.device} | "
               f"{len(run.profiles)} train profiles x {args.group_size} rollouts | simulator {args.simulator} "

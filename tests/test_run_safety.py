@@ -154,6 +154,18 @@ def test_resume_with_no_readable_checkpoint_is_one_line(demo_run, tmp_path):
     assert snapshot(out) == before
 
 
+def test_resume_from_a_garbled_checkpoint_is_one_line(demo_run, tmp_path):
+    out = moved_copy(demo_run, tmp_path)
+    shard = out / "checkpoints" / "step_4" / "trainer" / "__0_0.distcp"
+    shard.write_bytes(bytes(shard.stat().st_size))  # full length, every byte lost: found only by loading it
+    before = snapshot(out)
+    line = one_line(run_cli(["--out", str(out), *RESUME], check=False), 2, f"--resume: cannot load {out}/checkpoints/"
+                                                                           f"step_4 (UnpicklingError: ")
+    assert "move it out of" in line
+    after = snapshot(out)
+    assert after.pop(".lock") != before.pop(".lock") and after == before  # only the lock names its new holder
+
+
 def test_moved_run_with_torn_last_lines_resumes_and_repairs_them(demo_run, tmp_path):
     out = moved_copy(demo_run, tmp_path)
     for name in ("metrics.jsonl", "samples.jsonl"):  # killed while writing step 5's rows
