@@ -48,10 +48,12 @@ Read top to bottom: score arithmetic -> report files (transcripts, summary, SVG)
 
 import argparse
 import decimal
+import fcntl
 import hashlib
 import json
 import math
 import os
+import socket
 import statistics
 import sys
 import tempfile
@@ -472,6 +474,10 @@ def read_system(path):
             except (ValueError, KeyError, TypeError) as e:
                 raise BenchmarkError(f"{path}:{lineno} is neither a SAGE result record (id, emo_point, "
                                      f"history) nor one of our transcripts ({e!r})") from None
+            bad = [v for v in [dialogues[-1][1], *dialogues[-1][2]] if not _number(v)]  # (a string, null, ...)
+            if bad:
+                raise BenchmarkError(f"{path}:{lineno}: an emotion value is {bad[0]!r}, not a number: fix or drop "
+                                     f"that record")
     if not dialogues:
         raise BenchmarkError(f"{path} has no records")
     return {"name": _system_name(path), "dialogues": dialogues, "provenance": provenance}
@@ -1306,13 +1312,68 @@ def provenance(args, profiles, profiles_path, seeds, temperature):
             "seeds": seeds}
 
 
+LOCK_FILE = ".lock"  # <out>/.lock: held by the one process that writes in that --out (lock_out)
+HELD_LOCKS = []  # the lock files this process holds, open until it exits
+
+
+def take_lock(f, mode, out):
+    """fcntl.flock(f, mode) without waiting; BenchmarkError naming the holder (the file's first line) if held."""
+    try:
+        fcntl.flock(f, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.readline().strip() or "another process"
+        f.close()
+        raise BenchmarkError(f"--out {out} is in use by {holder}: wait for it to end, or choose another "
+                             f"--out") from None
+    except OSError as e:  # a filesystem without flock (Lustre mounted without -o flock, some FUSE mounts)
+        f.close()
+        raise BenchmarkError(f"--out {out}: cannot lock {f.name} ({e.strerror}): use a filesystem with flock "
+                             f"support (a local disk, NFS, Lustre mounted with -o flock)") from None
+
+
+def check_not_locked(out):
+    """The check of lock_out that writes nothing: another process holding --out's lock is named (BenchmarkError)."""
+    if os.path.isfile(os.path.join(out, LOCK_FILE)):
+        with open(os.path.join(out, LOCK_FILE), encoding="utf-8") as f:
+            take_lock(f, fcntl.LOCK_SH, out)  # (a shared lock, dropped at once: it only asks)
+
+
+def lock_out(out, token=""):
+    """One writer per --out (rlver.py's runs and eval alike): an exclusive OS lock (fcntl.flock) on <out>/.lock,
+    held until this process ends. The OS drops it when the process dies, even by SIGKILL, so a killed run never
+    leaves a stale lock. The file's first line names the holder, the second holds `token` (rlver.py's ranks read
+    it back). Raises BenchmarkError naming the holder when another process has the lock."""
+    os.makedirs(out, exist_ok=True)
+    f = open(os.path.join(out, LOCK_FILE), "a+", encoding="utf-8")
+    take_lock(f, fcntl.LOCK_EX, out)
+    f.truncate(0)
+    f.write(f"{os.path.basename(sys.argv[0])} (pid {os.getpid()} on {socket.gethostname()}, since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n{token}\n")
+    f.flush()
+    HELD_LOCKS.append(f)
+
+
+EVAL_FILES = ("transcripts.jsonl", "summary.json", "trajectories.svg")  # what an eval writes in its --out
+
+
+def check_eval_out(args):
+    """eval's --out: a folder without an earlier eval's files, unless --overwrite. Returns the earlier files."""
+    check_out_dir(args.out)
+    old = [name for name in EVAL_FILES if os.path.exists(os.path.join(args.out, name))]
+    if old and not args.overwrite:
+        raise BenchmarkError(f"--out {args.out} holds an earlier eval ({', '.join(old)}): replace it with "
+                             f"--overwrite, or choose another --out")
+    return old
+
+
 def eval_command(args):
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else []
     except ValueError:
         seeds = []
-    if not seeds:
-        raise BenchmarkError(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2")
+    if not seeds or len(set(seeds)) < len(seeds):
+        raise BenchmarkError(f"--seeds {args.seeds!r}: give distinct comma-separated integers, e.g. 0,1,2")
     if args.max_turns is not None and args.max_turns < 1:
         raise BenchmarkError("--max-turns must be at least 1")
     if not 1 <= args.max_new_tokens < args.max_context:
@@ -1326,7 +1387,8 @@ def eval_command(args):
                args.simulator_turn_deadline) > 0:
         raise BenchmarkError("--policy-timeout, --policy-turn-deadline, --simulator-timeout and "
                              "--simulator-turn-deadline must be > 0 seconds")
-    check_out_dir(args.out)
+    check_eval_out(args)  # before anything is written
+    check_not_locked(args.out)
     official = args.official_prompts and sim.load_official_prompts(   # the authors' prompts (simulator.py 3b),
         args.official_prompts, args.protocol, args.think, args.official_quirks, args.simulator)   # on every profile
     profiles_path = args.profiles or (sim.official_profiles_path(args.official_prompts)
@@ -1343,6 +1405,9 @@ def eval_command(args):
     except ValueError as e:  # unknown spec or malformed URL
         raise BenchmarkError(str(e)) from None
     backend.check()
+    lock_out(args.out)  # one eval per --out; checked again under the lock: two evals started at once
+    for name in check_eval_out(args):  # --overwrite: the earlier eval goes now, so old and new never mix
+        os.remove(os.path.join(args.out, name))
     if isinstance(policy, str):  # the heavy part starts here, after every cheap check passed
         dtype = DTYPES[args.dtype]
         policy, tokenizer = load_model(policy, device=args.device, dtype=dtype), load_tokenizer(policy)
@@ -1398,6 +1463,7 @@ def get_args(argv=None):
     e.add_argument("--device", default="cpu")
     e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     e.add_argument("--out", default="runs/eval", help="directory for transcripts.jsonl, summary.json, trajectories.svg")
+    e.add_argument("--overwrite", action="store_true", help="replace an earlier eval in --out (refused without it)")
     e.add_argument("--max-parse-failure-rate", type=float, default=0.0,
                    help="refuse to score when more than this share of simulator turns stays unparseable after "
                         "2 re-asks (default 0: SAGE never scores such a turn)")
@@ -1484,6 +1550,9 @@ def main(argv=None):
     except (BenchmarkError, CheckpointError, sim.ProfileError, sim.SimulatorError) as e:
         print(f"benchmark.py {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: one line; os._exit does not wait for HTTP worker threads
+        print(f"benchmark.py {args.command}: interrupted", file=sys.stderr, flush=True)
+        os._exit(130)
 
 
 if __name__ == "__main__":

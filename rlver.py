@@ -248,33 +248,40 @@ RESUME_KEYS = ("algo", "model", "train_profiles", "profiles_per_step", "group_si
                "seed", "think", "mode", "official_prompts", "official_quirks")
 
 
+def run_path(path, out):
+    """A path as its run sees it: relative to --out when it lies inside (the demo's model, a random-NAME
+    checkpoint: a moved or copied run folder still matches), else absolute."""
+    inside = os.path.relpath(os.path.abspath(path), os.path.abspath(out))
+    return os.path.abspath(path) if inside.startswith(os.pardir) else inside
+
+
 def check_resume(args):
-    """--resume continues the run in --out: refuse flags that would change what is being trained."""
-    dirs = checkpoint_dirs(args.out)
-    if not args.resume or not dirs:
-        return
+    """--resume continues the run in --out: refuse flags that would change what is being trained. Returns
+    resume_checkpoint's (checkpoint to resume from or None, damaged newer ones)."""
+    if not args.resume or not checkpoint_dirs(args.out):
+        return None, []
     try:
-        with open(os.path.join(dirs[-1], "state.json")) as f:
-            old = json.load(f)
         with open(os.path.join(args.out, "config.json")) as f:
-            old = {**json.load(f), **old}
+            old = json.load(f)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"--resume: cannot read the run's config in {args.out} ({e}): resume needs the "
-                          f"config.json and the checkpoint's state.json; start afresh with --overwrite") from None
-    def same(key, new, was):  # a model path may be given relative or absolute
-        return os.path.abspath(new) == os.path.abspath(was) if key == "model" and new and was else new == was
+        raise ConfigError(f"--resume: cannot read the run's config in {args.out} ({e}): resume needs its "
+                          f"config.json; start afresh with --overwrite") from None
+    def same(key, new, was):  # a model path may be given relative or absolute, the run folder may have moved
+        if key == "model" and new and was:
+            return run_path(new, args.out) == run_path(was, old.get("out", args.out))
+        return new == was
 
     diff = [f"{flag(k)} {getattr(args, k)} (the run used {old[k]})"
             for k in RESUME_KEYS if k in old and not same(k, getattr(args, k), old[k])]
     if diff:
         raise ConfigError(f"--resume: flags differ from the run in {args.out}: {'; '.join(diff)}. Give the run's "
                           f"flags, or start a new run in another --out")
+    return resume_checkpoint(args.out)
 
 
 def validate_args(args, world):
     """Everything a user can get wrong on the command line, checked before anything is written."""
     check_numbers(args)
-    check_out(args)
     if args.algo == "grpo" and args.group_size < 2:
         raise ConfigError("--group-size must be >= 2 for grpo (the baseline is the group's mean reward)")
     if args.profiles_per_step % world:
@@ -292,7 +299,6 @@ def validate_args(args, world):
         raise ConfigError("--warmup-ratio / --critic-warmup-ratio must be in [0, 1) and --entropy-coef >= 0")
     if args.no_fsdp and world > 1:
         raise ConfigError("--no-fsdp is for a single process; drop it under torchrun")
-    check_resume(args)
 
 
 def validate_model(args, profiles):
@@ -335,6 +341,22 @@ def setup_distributed():
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     return rank, world, device
+
+
+def together(fn, catch):
+    """fn() on every rank; when it raised one of `catch` on any rank, every rank raises the first such error
+    (ranks in order), so no rank is left waiting in a collective for one that stopped. Returns fn()'s result."""
+    result, error = None, None
+    try:
+        result = fn()
+    except catch as e:
+        error = e
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
+    return result
 
 
 def all_reduce(x, op=dist.ReduceOp.SUM):
@@ -780,36 +802,106 @@ def trainer_state(run):
 
 
 def save_checkpoint(run, args, step):
-    """Written to step_N.tmp and renamed when complete: a kill mid-save never leaves a broken checkpoint."""
+    """Written to step_N.tmp and renamed when complete: a kill mid-save never leaves a broken checkpoint. Every
+    rank writes its shard of trainer/ (DCP), rank 0 the rest. A failed write on any rank (a full disk: ENOSPC,
+    or any OSError) removes the .tmp, keeps every earlier checkpoint and stops the run with one line."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from safetensors import SafetensorError
 
+    failed = (OSError, SafetensorError)  # safetensors reports a full disk as its own error
     rank = dist.get_rank()
     final = os.path.join(args.out, "checkpoints", f"step_{step}")
     tmp = final + ".tmp"
-    if rank == 0:
+    state = trainer_state(run)
+
+    def start():
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    dist.barrier()
-    full = get_model_state_dict(run.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:  # hf/: in the source checkpoint's dtype (save_model), with its sampling and stop-token defaults
+
+    def save_hf(full):  # hf/: in the source checkpoint's dtype (save_model), with its sampling and stop-token defaults
         lm.save_model(full, run.policy.config, os.path.join(tmp, "hf"), run.tokenizer)
         if os.path.isfile(os.path.join(args.model, "generation_config.json")):
             shutil.copy(os.path.join(args.model, "generation_config.json"), os.path.join(tmp, "hf"))
-    del full
-    dcp.save(trainer_state(run), checkpoint_id=os.path.join(tmp, "trainer"))
-    if rank == 0:
+
+    def finish():
         torch.save({name: scheduler.state_dict() for name, _, _, scheduler in run.trained()},
                    os.path.join(tmp, "schedulers.pt"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({"step": step, "algo": args.algo, "world_size": dist.get_world_size()}, f)
         open(os.path.join(tmp, "DONE"), "w").close()
-        shutil.rmtree(final, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)  # (a damaged checkpoint of this step, redone after --resume)
         os.replace(tmp, final)
         for old in checkpoint_dirs(args.out)[:-args.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+
+    try:  # each `together` is also the barrier between the ranks' parts
+        together(lambda: rank == 0 and start(), failed)
+        full = get_model_state_dict(run.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        together(lambda: rank == 0 and save_hf(full), failed)
+        del full
+        dcp.save(state, checkpoint_id=os.path.join(tmp, "trainer"))  # a failed shard raises on every rank
+        together(lambda: rank == 0 and finish(), failed)
+    except (*failed, CheckpointException) as e:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        e = rank_error(e)
+        need = state_bytes(state) + sum(p.numel() * 4 for p in run.policy.parameters())  # + hf/, at most fp32
+        free = shutil.disk_usage(os.path.dirname(final)).free
+        raise ConfigError(f"saving {tmp} failed ({getattr(e, 'strerror', None) or e}): a checkpoint needs up to "
+                          f"{need / 2**20:.1f} MiB free on that disk ({free / 2**20:.1f} MiB free now); the .tmp is "
+                          f"removed and every earlier checkpoint kept: free space, then continue with "
+                          f"--resume") from None
     return final
+
+
+def rank_error(e):
+    """The error behind DCP's CheckpointException (the first failing rank's own), else e itself."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e
+
+
+def state_bytes(state):
+    """Bytes of every tensor in a nested state dict (a DTensor counts its whole, unsharded size)."""
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    return state.numel() * state.element_size() if torch.is_tensor(state) else 0
+
+
+def checkpoint_problem(path):
+    """Why a checkpoint with DONE cannot be resumed, or None: its small files must read and every trainer shard
+    the DCP metadata names must be on disk at full length (no tensor is loaded)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        with open(os.path.join(path, "state.json")) as f:
+            json.load(f)
+        torch.load(os.path.join(path, "schedulers.pt"), weights_only=False)
+        storage = FileSystemReader(os.path.join(path, "trainer")).read_metadata().storage_data or {}
+        for info in storage.values():
+            shard = os.path.join(path, "trainer", info.relative_path)
+            if os.path.getsize(shard) < info.offset + info.length:
+                return f"{shard} is truncated"
+    except Exception as e:  # noqa: BLE001 (unreadable in any way is damaged: OSError, pickle, JSON, zip errors)
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+def resume_checkpoint(out):
+    """(the newest checkpoint --resume can read (checkpoint_problem) or None when there is none, a line for
+    each damaged newer one: it is left in place). ConfigError when none is readable."""
+    dirs, damaged = checkpoint_dirs(out), []
+    for path in reversed(dirs):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, damaged
+        damaged.append(f"{path} is damaged ({problem})")
+    if dirs:
+        raise ConfigError(f"--resume: no checkpoint in {out}/checkpoints is readable ({'; '.join(damaged)}): start "
+                          f"afresh with --overwrite, or in another --out")
+    return None, []
 
 
 def load_checkpoint(run, path):
@@ -872,10 +964,19 @@ def append_jsonl(path, records):
 
 
 def truncate_jsonl(path, step):
-    """On resume, drop rows (metrics, sample transcripts) of steps after the checkpoint: they are redone."""
+    """On resume, drop rows (metrics, sample transcripts) of steps after the checkpoint: they are redone. A
+    torn line (a run killed while writing it) is dropped with a warning."""
     if os.path.isfile(path):
+        keep = []
         with open(path) as f:
-            keep = [line for line in f if json.loads(line).get("step", 0) <= step]
+            for n, line in enumerate(f, 1):
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    print(f"rlver: warning: --resume: {path}:{n} is torn (not a JSON row): dropped", flush=True)
+                    continue
+                if row.get("step", 0) <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
         with open(path, "w") as f:
             f.writelines(keep)
 
@@ -907,27 +1008,48 @@ def evaluate_policy(run, args, step):
 
 
 class StopFlag:
-    """SIGINT/SIGTERM: finish the current step, save a checkpoint, exit. A second Ctrl-C stops at once."""
+    """SIGINT/SIGTERM: finish the current step (or the checkpoint being written), save, exit 128 + the signal's
+    number (train raises Stopped). A second signal stops at once, wherever it lands (interrupted)."""
 
     def __init__(self):
-        self.requested = False
+        self.signum = 0
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"rlver: signal {signum}: finishing this step, then saving a checkpoint (a second Ctrl-C stops at "
-              f"once, without saving)", flush=True)
+        if self.signum:
+            interrupted(128 + signum)
+        self.signum = signum
+        print(f"rlver: {signal.Signals(signum).name}: finishing this step, then saving a checkpoint (a second Ctrl-C "
+              f"stops at once, without saving)", flush=True)
+
+
+class Stopped(Exception):
+    """A run stopped by a signal after saving its last step: main exits with `code` (130 SIGINT, 143 SIGTERM)."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+def interrupted(code):
+    """Stop at once, nothing saved (a checkpoint being written stays a step_N.tmp, which --resume ignores); not
+    sys.exit: no waiting on HTTP worker threads or a process group's teardown."""
+    print("rlver: interrupted: stopped at once without saving; --resume continues from the last checkpoint",
+          file=sys.stderr, flush=True)
+    os._exit(code)
+
+
+USER_ERRORS = (ConfigError, lm.CheckpointError, sim.ProfileError, sim.SimulatorError, benchmark.BenchmarkError)
 
 
 def setup(args, argv):
-    """Checks (cheap, one-line errors) and then the heavy part: models, optimizers. Returns the Run."""
+    """Checks (cheap, one-line errors) and then the heavy part: models, optimizers. Returns the Run. Checks that
+    read files or endpoints run on every rank and stop every rank together (a node may see other files)."""
     shape = resolve_model(args, argv)
-    validate_args(args, int(os.environ.get("WORLD_SIZE", "1")))  # before anything is written
-    rank, world, device = setup_distributed()
-    if args.activation_checkpointing is None:
+    validate_args(args, int(os.environ.get("WORLD_SIZE", "1")))  # flags only: alike on every rank
+    _, _, device = setup_distributed()
+    if args.activation_checkpointing is None:  # on by default on CUDA: 7B does not fit without it
         args.activation_checkpointing = device.type == "cuda"
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
@@ -935,16 +1057,61 @@ def setup(args, argv):
     if not args.no_fsdp and not hasattr(FSDPModule, "set_reshard_after_forward"):
         raise ConfigError(f"torch {torch.__version__} lacks FSDPModule.set_reshard_after_forward, which the "
                           "rollout phase needs: install torch>=2.7, or run one process with --no-fsdp")
+    profiles, test_profiles, backend = together(lambda: [
+        sim.load_profiles(args.train_profiles) if args.train_profiles else sim.builtin_profiles("train"),
+        sim.load_profiles(args.test_profiles) if args.test_profiles else sim.builtin_profiles("test"),
+        make_simulator(args, device)], USER_ERRORS)
+    args.resume_from = claim_out(args)  # the first write into --out
     make_random_model(args, shape)
-    profiles = sim.load_profiles(args.train_profiles) if args.train_profiles else sim.builtin_profiles("train")
-    test_profiles = sim.load_profiles(args.test_profiles) if args.test_profiles else sim.builtin_profiles("test")
-    official = args.official_prompts and sim.load_official_prompts(   # the authors' prompts (simulator.py 3b),
-        args.official_prompts, args.protocol, args.think, args.official_quirks, args.simulator)   # on every profile
+    official = together(lambda: args.official_prompts and sim.load_official_prompts(  # the authors' prompts
+        args.official_prompts, args.protocol, args.think, args.official_quirks, args.simulator), USER_ERRORS)
     profiles, test_profiles = ([replace(p, prompts=official) for p in ps] for ps in (profiles, test_profiles))
-    cfg, tokenizer = validate_model(args, profiles)
-    backend = make_simulator(args, device)
-    prepare_out(args, world, device)
+    cfg, tokenizer = together(lambda: validate_model(args, profiles), USER_ERRORS)
+    prepare_out(args)
     return build_run(args, cfg, device, tokenizer, profiles, test_profiles, backend)
+
+
+def claim_out(args):
+    """
+    One writer per --out, and every rank writing into the same folder. Rank 0 checks --out without writing
+    anything (no other process holds its lock, check_out, check_resume), takes the lock (benchmark.lock_out) and
+    checks again under it: of two runs started at once into one --out the second stops here, naming the first.
+    Then every rank reads back the token rank 0 wrote into the lock file: a rank whose --out is another folder
+    (another path, a node's local disk) stops every rank with one line, before any step. Returns the checkpoint
+    to resume from (or None), alike on every rank.
+    """
+    rank, token = dist.get_rank(), os.urandom(8).hex()  # (rank 0's token is the one every rank looks for)
+
+    def lock():
+        if rank == 0:
+            benchmark.check_not_locked(args.out)
+            check_out(args)
+            check_resume(args)
+            benchmark.lock_out(args.out, token)
+            check_out(args)
+            path, damaged = check_resume(args)
+            for line in damaged:
+                print(f"rlver: warning: --resume: {line}; left in place, resuming from an older checkpoint",
+                      flush=True)
+            return path
+
+    shared = [token, together(lock, USER_ERRORS)]
+    dist.broadcast_object_list(shared, src=0)
+    token, resume_from = shared
+
+    def sees():
+        try:
+            with open(os.path.join(args.out, benchmark.LOCK_FILE), encoding="utf-8") as f:
+                if token in f.read():
+                    return
+        except OSError:
+            pass
+        raise ConfigError(f"rank {rank} on {socket.gethostname()} does not see the run folder rank 0 writes (--out "
+                          f"{args.out} lacks rank 0's {benchmark.LOCK_FILE}): give every node the same --out on a "
+                          f"filesystem they share")
+
+    together(sees, USER_ERRORS)
+    return resume_from
 
 
 def resolve_model(args, argv):
@@ -991,10 +1158,11 @@ def make_simulator(args, device):
     return backend
 
 
-def prepare_out(args, world, device):
-    """--out made ready: an earlier run's files removed under --overwrite; the resolved config written."""
+def prepare_out(args):
+    """--out made ready: an earlier run's files removed under --overwrite (the resolved config is written by
+    train once the checkpoint, if any, has loaded)."""
     rank = dist.get_rank()
-    if args.resume and not checkpoint_dirs(args.out) and rank == 0:
+    if args.resume and not args.resume_from and rank == 0:
         print(f"rlver: --resume: no checkpoint in {args.out}/checkpoints yet, starting at step 0", flush=True)
     if args.overwrite and rank == 0:  # asked for explicitly: the earlier run's files go
         for name in RUN_FILES:
@@ -1005,9 +1173,6 @@ def prepare_out(args, world, device):
                 os.remove(path)
     dist.barrier()
     os.makedirs(args.out, exist_ok=True)
-    if rank == 0:
-        with open(os.path.join(args.out, "config.json"), "w") as f:
-            json.dump({**vars(args), "world_size": world, "device": str(device), "torch": torch.__version__}, f, indent=2)
 
 
 def build_run(args, cfg, device, tokenizer, profiles, test_profiles, backend):
@@ -1032,12 +1197,18 @@ def build_run(args, cfg, device, tokenizer, profiles, test_profiles, backend):
 
 
 def start_step(run, args, metrics_path):
-    """0 for a fresh run (check_out made sure --out holds no earlier run); with --resume the latest
-    checkpoint's step, and the metrics and samples of later steps dropped (they are redone)."""
-    start, path = 0, None
-    if args.resume and checkpoint_dirs(args.out):
-        path = checkpoint_dirs(args.out)[-1]
-        start = load_checkpoint(run, path)
+    """0 for a fresh run (check_out made sure --out holds no earlier run); with --resume the step of the newest
+    readable checkpoint (claim_out), and the metrics and samples of later steps dropped (they are redone)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    start, path = 0, args.resume_from
+    if path:
+        try:
+            start = load_checkpoint(run, path)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 (damaged past checkpoint_problem's look)
+            e = rank_error(e)
+            raise ConfigError(f"--resume: cannot load {path} ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+                              f"): move it out of {args.out}/checkpoints to resume from the one before") from None
     if args.resume and dist.get_rank() == 0:
         truncate_jsonl(metrics_path, start)
         truncate_jsonl(os.path.join(args.out, "samples.jsonl"), start)
@@ -1070,11 +1241,16 @@ def train(args, argv=None):
     rank = dist.get_rank()
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     start = start_step(run, args, metrics_path)
+    if rank == 0:  # after the checkpoint loaded: a --resume that fails leaves the run's config.json as it was
+        with open(os.path.join(args.out, "config.json"), "w") as f:
+            json.dump({**vars(args), "world_size": dist.get_world_size(), "device": str(run.device),
+                       "torch": torch.__version__}, f, indent=2)
     if rank == 0:
         print(f"rlver: {args.algo} on {args.model} | {dist.get_world_size()} process(es) on {run.device} | "
               f"{len(run.profiles)} train profiles x {args.group_size} rollouts | simulator {args.simulator} "
               f"({args.mode}) | out {args.out}", flush=True)
-    stop = StopFlag()
+    stop, stop_now = StopFlag(), 0
+    signalled = lambda: int(all_reduce(float(stop.signum), dist.ReduceOp.MAX))  # noqa: E731 (the signal, any rank)
     done = saved = start  # the last step whose update and metrics are complete; the last checkpointed step
     for step in range(start, args.steps):
         try:
@@ -1101,12 +1277,16 @@ def train(args, argv=None):
             kept = f"step {done} is saved" if done else "no step was completed"
             raise ConfigError(f"{e}. Stopped: {kept}; after fixing the simulator, continue with: "
                               f"{resume_hint(argv)}") from None
-        stop_now = all_reduce(float(stop.requested), dist.ReduceOp.MAX) > 0
+        stop_now = signalled()
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stop_now:
             save(run, args, step + 1)
             saved = step + 1
+            stop_now = signalled()  # one asked during the save: stop right after it
         if stop_now:
             break
+    if stop_now and done < args.steps:  # not "done": a scheduler or an `&&` chain must see an unfinished run
+        raise Stopped(f"stopped by {signal.Signals(stop_now).name} at step {done} of {args.steps} (saved); continue "
+                      f"with: {resume_hint(argv)}", 128 + stop_now)
     if rank == 0:
         rewards = [json.loads(line)["reward"] for line in open(metrics_path)]
         k = max(1, min(5, len(rewards) // 2))
@@ -1122,14 +1302,12 @@ def main(argv=None):
     code = 0
     try:
         train(args, argv)
-    except (ConfigError, lm.CheckpointError, sim.ProfileError, sim.SimulatorError) as e:
+    except (*USER_ERRORS, Stopped) as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun: one line, not one per rank
-            print(f"rlver: error: {e}", file=sys.stderr, flush=True)
-        code = 2
-    except KeyboardInterrupt:  # StopFlag's second signal: stop now, even with HTTP requests in flight
-        print("rlver: interrupted: stopped at once without saving; --resume continues from the last checkpoint",
-              file=sys.stderr, flush=True)
-        os._exit(130)  # not sys.exit: no waiting on daemon HTTP threads or a process group's teardown
+            print(f"rlver: {'error: ' if not isinstance(e, Stopped) else ''}{e}", file=sys.stderr, flush=True)
+        code = e.code if isinstance(e, Stopped) else 2
+    except KeyboardInterrupt:  # Ctrl-C before StopFlag is installed (setup): stop now
+        interrupted(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -116,6 +116,12 @@ def _profile_from_record(record, where, default_id):
     """One JSON object -> Profile. `where` = "file:line" for error messages."""
     if not isinstance(record, dict):
         raise ProfileError(f"{where}: expected a JSON object per line, got {type(record).__name__}")
+    for key, value in record.items():  # JSON may escape a lone surrogate (\ud800), which no UTF-8 text can hold
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ProfileError(f"{where}: field '{key}' holds invalid Unicode ({e.reason} {e.object[e.start:e.end]!a}"
+                               f"): fix that text in the file") from None
     public = "player" in record or "first_talk" in record   # the public layout is recognised by its keys
     table = PUBLIC_KEYS if public else OUR_KEYS
     missing = [" or ".join(keys) for name, keys in table
@@ -153,7 +159,7 @@ def load_profiles(path):
     path = Path(path)
     if not path.is_file():
         raise ProfileError(f"profile file not found: {path}")
-    profiles = []
+    profiles, lines_of = [], {}   # lines_of: profile id -> the line that defined it
     try:
         lines = path.read_text(encoding="utf-8").split("\n")
     except UnicodeDecodeError as e:
@@ -167,6 +173,11 @@ def load_profiles(path):
         except json.JSONDecodeError as e:
             raise ProfileError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
         profiles.append(_profile_from_record(record, where, default_id=f"{path.stem}-{lineno}"))
+        pid = profiles[-1].id   # ids key the eval table, transcripts and the leaderboard: one profile each
+        if pid in lines_of:
+            raise ProfileError(f"{path}: lines {lines_of[pid]} and {lineno} both have profile id {pid!r}: give "
+                               f"every profile its own id")
+        lines_of[pid] = lineno
     if not profiles:
         raise ProfileError(f"{path}: no profiles in file")
     return profiles

@@ -329,7 +329,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(uninterrupted, tiny_qwen2
     assert_same_metrics(resumed, uninterrupted[1], rel=1e-6, abs_=1e-9, what="SIGKILL + --resume")
 
 
-def test_sigterm_saves_exits_0_and_resume_continues(uninterrupted, tiny_qwen2, tmp_path):
+def test_sigterm_saves_exits_143_and_resume_continues(uninterrupted, tiny_qwen2, tmp_path):
     out = str(tmp_path / "terminated")
     args = ["--model", tiny_qwen2, "--out", out, *RESUME, "--save-every", "100"]  # no periodic checkpoint
     proc = start(args)
@@ -337,9 +337,11 @@ def test_sigterm_saves_exits_0_and_resume_continues(uninterrupted, tiny_qwen2, t
     wait_for(lambda: n_lines(metrics_path) >= 2, proc)  # well inside the training loop (handlers installed)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == 0, stderr[-3000:]
-    assert "finishing this step" in stdout and "Traceback" not in stderr
+    assert proc.returncode == 143, stderr[-3000:]  # not 0: a scheduler or an `&&` chain sees an unfinished run
+    assert "finishing this step" in stdout and "Traceback" not in stderr and "rlver: done." not in stdout
     done = n_lines(metrics_path)
+    assert stderr.strip().splitlines()[-1] == (f"rlver: stopped by SIGTERM at step {done} of 6 (saved); continue "
+                                               f"with: python rlver.py {' '.join(args)} --resume")
     assert checkpoints(out) == [done], "SIGTERM must checkpoint exactly the last finished step"
     assert 2 <= done < 6, f"the run was not stopped early ({done} steps)"
 
