@@ -1252,6 +1252,7 @@ def train(args, argv=None):
     stop, stop_now = StopFlag(), 0
     signalled = lambda: int(all_reduce(float(stop.signum), dist.ReduceOp.MAX))  # noqa: E731 (the signal, any rank)
     done = saved = start  # the last step whose update and metrics are complete; the last checkpointed step
+    warned = set()  # the COUNTS already warned about (cut replies, cut thoughts, wild changes)
     for step in range(start, args.steps):
         try:
             metrics, dialogues = train_step(run, args, step)
@@ -1262,8 +1263,10 @@ def train(args, argv=None):
                              [sim.transcript(d.episode, step=step + 1, policy_texts=d.policy_texts)
                               for d in dialogues[:args.log_samples]])
                 print(log_line(metrics, args.steps), flush=True)
-                for line in sim.count_warnings(metrics, f"step {step + 1}"):
-                    print(f"rlver: {line}", flush=True)
+                first = {k: metrics[k] for k in sim.COUNTS if metrics.get(k) and k not in warned}  # once a run
+                warned.update(first)
+                for line in sim.count_warnings(first, f"step {step + 1}"):
+                    print(f"rlver: {line} (warned once; every step's count is in metrics.jsonl)", flush=True)
             done = step + 1
             if args.eval_every and (step + 1) % args.eval_every == 0:
                 summary = evaluate_policy(run, args, step + 1)
