@@ -752,11 +752,16 @@ def build_official_opening(profile):
     return _official_reply_request(profile, p.opening_planning, profile.initial_emotion, p.opening_history, "")
 
 
-def parse_official_analysis(prompts, text):
-    """Their analysis parse -> (the {{planning}} text built from the sections, the change as written)."""
+def _text(text):
+    """A simulator answer as text (every parser's first check): ParseError for anything else (a JSON null...)."""
     if not isinstance(text, str):
         raise ParseError(f"expected text, got {type(text).__name__}")
-    text = text.replace("：", ":").replace("*", "")
+    return text
+
+
+def parse_official_analysis(prompts, text):
+    """Their analysis parse -> (the {{planning}} text built from the sections, the change as written)."""
+    text = _text(text).replace("：", ":").replace("*", "")
     sections = {}
     for h, after in zip(prompts.headers, prompts.headers[1:] + (None,)):
         part = text.split(h + ":")[-1]
@@ -771,9 +776,7 @@ def parse_official_analysis(prompts, text):
 
 def parse_official_reply(text):
     """Their reply parse: the text after the last 'Response:', stripped of newlines, [ ] and quotes."""
-    if not isinstance(text, str):
-        raise ParseError(f"expected text, got {type(text).__name__}")
-    return text.split("Response:")[-1].strip("\n").strip("[").strip("]").strip("\u201c").strip("\u201d")
+    return _text(text).split("Response:")[-1].strip("\n").strip("[").strip("]").strip("\u201c").strip("\u201d")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -799,12 +802,15 @@ _OPEN_REPLY = re.compile(r"<reply>(.*)\Z", re.IGNORECASE | re.DOTALL)   # trunca
 _INTEGER = re.compile(r"[+-]?\s*\d+")
 
 
+def _clean(text):
+    """Our parsers' input: text (_text) without a leading <think> block and without code-fence lines."""
+    text = re.sub(r"\A\s*<think>.*?</think>", "", _text(text), flags=re.IGNORECASE | re.DOTALL)
+    return re.sub(r"^\s*```[\w-]*\s*$", "", text, flags=re.MULTILINE)
+
+
 def parse_simulator_output(text):
     """Simulator text -> (thought: str, change: int, reply: str); raises ParseError naming the problem."""
-    if not isinstance(text, str):
-        raise ParseError(f"expected text, got {type(text).__name__}")
-    text = re.sub(r"\A\s*<think>.*?</think>", "", text, flags=re.IGNORECASE | re.DOTALL)
-    text = re.sub(r"^\s*```[\w-]*\s*$", "", text, flags=re.MULTILINE)   # drop code-fence lines
+    text = _clean(text)
     found = {tag: pattern.search(text) for tag, pattern in _SECTION.items()}
     if found["reply"] is None:
         found["reply"] = _OPEN_REPLY.search(text)
@@ -821,16 +827,9 @@ def parse_simulator_output(text):
     return thought, max(-MAX_ABS_CHANGE, min(MAX_ABS_CHANGE, change)), reply
 
 
-def _clean(text):
-    text = re.sub(r"\A\s*<think>.*?</think>", "", text, flags=re.IGNORECASE | re.DOTALL)
-    return re.sub(r"^\s*```[\w-]*\s*$", "", text, flags=re.MULTILINE)
-
-
 def parse_analysis_output(text):
     """Two-stage call 1 -> (thought, change); the change is NOT clamped here (the protocol clamps it).
     Same tolerances and rejections as parse_simulator_output; a <reply> is not needed."""
-    if not isinstance(text, str):
-        raise ParseError(f"expected text, got {type(text).__name__}")
     text = _clean(text)
     found = {tag: _SECTION[tag].search(text) for tag in ("thought", "change")}
     missing = [f"<{tag}>" for tag, m in found.items() if m is None]
@@ -846,8 +845,6 @@ def parse_analysis_output(text):
 def parse_reply_output(text):
     """Two-stage call 2 (and the opening request) -> the user's reply text: the <reply> section (a missing
     </reply> at the very end is tolerated); anything else in the output (a <thought> plan) is ignored."""
-    if not isinstance(text, str):
-        raise ParseError(f"expected text, got {type(text).__name__}")
     text = _clean(text)
     found = _SECTION["reply"].search(text) or _OPEN_REPLY.search(text)
     if found is None:
