@@ -636,8 +636,9 @@ def sum_over_ranks(t):
 def advantages(run, args, batch, rewards):
     """(B, T-1) advantages on the policy tokens; rewards (dialogues,), each row takes its dialogue's. GRPO: the
     group-relative advantage of the whole dialogue (computed per dialogue within its group; under
-    --think-history strip over all turn samples of the group, as the official think trainer) on each token. PPO: the dialogue's reward on each sample's last policy token, GAE per sample with
-    the critic's values, whitened over the policy tokens of all ranks."""
+    --think-history strip over all turn samples of the group, as the official think trainer) on each token.
+    PPO: the dialogue's reward on each sample's last policy token, GAE per sample with the critic's values,
+    whitened over the policy tokens of all ranks."""
     mask, dialogue = batch["mask"], batch["dialogue"]
     if args.algo == "grpo" and args.think_history == "strip":  # over every turn sample of a group (grpo.py)
         adv = grpo.sample_group_advantages(rewards[dialogue], dialogue // args.group_size, mask.any(1),
@@ -1245,7 +1246,6 @@ def train(args, argv=None):
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump({**vars(args), "world_size": dist.get_world_size(), "device": str(run.device),
                        "torch": torch.__version__}, f, indent=2)
-    if rank == 0:
         print(f"rlver: {args.algo} on {args.model} | {dist.get_world_size()} process(es) on {run.device} | "
               f"{len(run.profiles)} train profiles x {args.group_size} rollouts | simulator {args.simulator} "
               f"({args.mode}) | out {args.out}", flush=True)
