@@ -1212,10 +1212,9 @@ def rollout_bench(args, log=print):
                 for _ in range(args.repeats):
                     timing = {}
                     t0 = time.time()
-                    with torch.no_grad():
-                        dialogues = ro.rollout(model, tokenizer, profiles, backend, seeds=seeds, think=False,
-                                               max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
-                                               timing=timing, **switches)
+                    dialogues = ro.rollout(model, tokenizer, profiles, backend, seeds=seeds, think=False,
+                                           max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
+                                           timing=timing, **switches)  # (rollout runs under no_grad itself)
                     times.append(time.time() - t0)
                 ids = [d.ids for d in dialogues]
                 base = base or (ids, statistics.median(times))
