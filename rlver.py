@@ -1314,9 +1314,13 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if code:  # every file is written and closed; a thread may still hang on a dead simulator, and the
-        sys.stdout.flush()  # interpreter's teardown with it (and torch's threads) can abort the process
-        os._exit(code)  # ("terminate called without an active exception"): leave without that teardown
+    # Every file is written and closed. A thread may still hang on a dead simulator, and the interpreter's
+    # teardown with it and torch's threads can abort the process ("terminate called without an active
+    # exception", exit -6: seen after errors and, once in a full suite, after a finished torchrun run), so
+    # every run, finished or not, leaves without that teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
