@@ -16,40 +16,35 @@ from ppo import LOG_RATIO_CLAMP, aggregate, masked_mean, policy_loss
 K3_CLAMP = 10.0  # bound on the per-token k3 value, so one wild token cannot dominate the KL term
 
 
+def check_group_layout(groups):
+    """The layout the trainer makes and the advantage relies on: each group's rows are contiguous (rows i*G ..
+    (i+1)*G - 1 are the G rollouts of profile i; under strip, a dialogue's turn samples follow each other).
+    groups (S,) long. Raises ValueError naming the broken invariant."""
+    runs = 1 + int((groups[1:] != groups[:-1]).sum()) if groups.numel() else 0
+    if runs != groups.unique().numel():
+        raise ValueError(f"group layout broken: each group's rows must be contiguous, got group ids {groups.tolist()}")
+
+
 @torch.no_grad()
-def group_advantages(rewards, group_size, eps=1e-6, scale_by_std=True):
+def group_advantages(rewards, groups, valid=None, eps=1e-6, scale_by_std=True):
     """Group-relative advantage (GRPO, Shao et al. 2024, sec. 4.1.2): A_i = (r_i - mean(r)) / (std(r) + eps).
 
-    rewards (N,): rows i*G .. (i+1)*G - 1 are the G rollouts of profile i. std is the unbiased sample
-    std. scale_by_std=False gives A_i = r_i - mean(r) (Dr.GRPO, Liu et al. 2025: dividing by the std
-    up-weights groups that are nearly all-equal, i.e. too easy or too hard).
-    A group whose rewards are all equal carries no signal and gets EXACTLY zero advantage. That has to be
-    enforced: the float mean of equal values can differ from them by an ulp, and divided by a std of
-    ~1e-9 + eps the rounding error would turn into an advantage of order 1e-3.
-    """
-    if group_size < 1 or rewards.numel() % group_size:
-        raise ValueError(f"{rewards.numel()} rewards cannot be split into groups of {group_size}; "
-                         "pass rollouts_per_profile * num_profiles rewards")
-    return sample_group_advantages(rewards, torch.arange(rewards.numel()) // group_size, eps=eps,
-                                   scale_by_std=scale_by_std)
-
-
-@torch.no_grad()
-def sample_group_advantages(rewards, groups, valid=None, eps=1e-6, scale_by_std=True):
-    """The same advantage with the statistics over any grouping of samples: rewards (S,), groups (S,) the
-    group of each sample; valid (S,) bool, the samples that take part (others get 0).
-
-    --think-history strip trains each policy turn as its own sample carrying its dialogue's reward; the
-    official think trainer (verl's GRPO over the expanded batch) groups those turn samples by their prompt,
-    so mean and std run over ALL turn samples of a profile's group: a dialogue with more turns weighs more.
+    rewards (S,) one per row; groups (S,) long, the group id of each row; valid (S,) bool, the rows that take
+    part (others get 0, and are not checked). std is the unbiased sample std. scale_by_std=False gives
+    A_i = r_i - mean(r) (Dr.GRPO, Liu et al. 2025: the std up-weights nearly all-equal groups).
+    Under --think-history strip the rows are turn samples carrying their dialogue's reward, grouped by profile
+    as the official think trainer (verl's GRPO over the expanded batch) does: a dialogue with more turns weighs
+    more. A group whose rewards are all equal gets EXACTLY zero: the float mean of equal values can be an ulp
+    off, which divided by a std of ~1e-9 + eps would become an advantage of order 1e-3.
     """
     rewards = rewards.float()
     valid = torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid.to(rewards.device)
     groups = groups.to(rewards.device)
+    check_group_layout(groups[valid])
     advantages = torch.zeros_like(rewards)  # (S,)
     for g in groups[valid].unique():
         rows = valid & (groups == g)
-        r = rewards[rows]  # (n,) the group's samples
+        r = rewards[rows]  # (n,) the group's rows
         a = r - r.mean()
         if scale_by_std and r.numel() > 1:
             a = a / (r.std(unbiased=True) + eps)

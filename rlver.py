@@ -14,7 +14,7 @@ One training step, read top to bottom in train_step():
   4. score       log-probs of the sampled tokens under the current (old) and the reference policy, and for
                  PPO the critic's values: teacher-forced, micro-batched.
   5. advantages  GRPO: reward against its group of rollouts of the same profile (grpo.group_advantages; under
-                 --think-history strip over every turn sample of the group, grpo.sample_group_advantages).
+                 --think-history strip over every turn sample of the group).
                  PPO: GAE over policy tokens with the critic as baseline (ppo.compute_gae), whitened.
   6. update      clipped surrogate losses, several epochs of micro-batches with gradient accumulation,
                  normalised by the global token count, grad clipping, AdamW.
@@ -640,13 +640,11 @@ def advantages(run, args, batch, rewards):
     PPO: the dialogue's reward on each sample's last policy token, GAE per sample with the critic's values,
     whitened over the policy tokens of all ranks."""
     mask, dialogue = batch["mask"], batch["dialogue"]
-    if args.algo == "grpo" and args.think_history == "strip":  # over every turn sample of a group (grpo.py)
-        adv = grpo.sample_group_advantages(rewards[dialogue], dialogue // args.group_size, mask.any(1),
-                                           scale_by_std=not args.no_std)  # (samples,)
+    if args.algo == "grpo":  # dialogues i*G .. (i+1)*G-1 (their samples under strip) are profile i's group
+        valid = mask.any(1) if args.think_history == "strip" else None  # strip: padding samples take no part
+        adv = grpo.group_advantages(rewards[dialogue], dialogue // args.group_size, valid,
+                                    scale_by_std=not args.no_std)  # (samples,)
         return adv[:, None] * mask
-    if args.algo == "grpo":
-        group = grpo.group_advantages(rewards, args.group_size, scale_by_std=not args.no_std)  # (dialogues,)
-        return group[dialogue][:, None] * mask
     kl_coef = args.kl_coef if "ref_logprobs" in batch else 0.0
     token_rewards = ppo.token_rewards(rewards[dialogue], mask, batch.get("old_logprobs"), batch.get("ref_logprobs"),
                                       kl_coef)

@@ -7,13 +7,18 @@ import torch
 from grpo import group_advantages, grpo_loss, k3_kl
 
 
+def ids(n, group_size):
+    """The trainer's layout: rows i*G .. (i+1)*G - 1 are group i."""
+    return torch.arange(n) // group_size
+
+
 def test_group_advantages_hand_worked():
     rewards = torch.tensor([
         0.0, 1.0, 1.0, 0.0,  # group 0: mean 0.5; unbiased var (4 * 0.25) / 3 = 1/3 -> std 1/sqrt(3)
         0.3, 0.3, 0.3, 0.3,  # group 1: all equal -> exactly zero
         0.2, 0.6, 0.4, 0.4,  # group 2: mean 0.4; unbiased var (0.04 + 0.04) / 3 -> std 0.163299
     ])
-    adv = group_advantages(rewards, group_size=4)
+    adv = group_advantages(rewards, ids(12, 4))
     s3 = math.sqrt(3) / 2  # 0.5 / (1/sqrt(3)) = 0.866025
     s = 0.2 / math.sqrt(0.08 / 3)  # 0.2 / 0.163299 = 1.224745
     expected = torch.tensor([-s3, s3, s3, -s3, 0, 0, 0, 0, -s, s, 0, 0])
@@ -21,13 +26,13 @@ def test_group_advantages_hand_worked():
     assert torch.equal(adv[4:8], torch.zeros(4))
 
     # Dr.GRPO: no std division -> r - mean
-    adv = group_advantages(rewards, group_size=4, scale_by_std=False)
+    adv = group_advantages(rewards, ids(12, 4), scale_by_std=False)
     expected = torch.tensor([-0.5, 0.5, 0.5, -0.5, 0, 0, 0, 0, -0.2, 0.2, 0, 0])
     assert torch.allclose(adv, expected, atol=1e-6)
     assert torch.equal(adv[4:8], torch.zeros(4))
 
     # G = 3: [0, 0.5, 1] -> mean 0.5, unbiased std sqrt((0.25 + 0 + 0.25) / 2) = 0.5 -> [-1, 0, 1]
-    adv = group_advantages(torch.tensor([0.0, 0.5, 1.0]), group_size=3)
+    adv = group_advantages(torch.tensor([0.0, 0.5, 1.0]), ids(3, 3))
     assert torch.allclose(adv, torch.tensor([-1.0, 0.0, 1.0]), atol=1e-5)
 
 
@@ -36,9 +41,9 @@ def test_equal_group_is_exactly_zero_even_when_float_mean_is_off():
     # for every rollout, a spurious signal. The group must give exact zeros.
     rewards = torch.tensor([0.11, 0.11, 0.11])
     assert (rewards - rewards.mean()).abs().max() > 0  # the rounding this test guards against is real
-    assert torch.equal(group_advantages(rewards, group_size=3), torch.zeros(3))
-    assert torch.equal(group_advantages(rewards, group_size=3, scale_by_std=False), torch.zeros(3))
-    assert torch.equal(group_advantages(torch.tensor([0.7, 0.2]), group_size=1), torch.zeros(2))
+    assert torch.equal(group_advantages(rewards, ids(3, 3)), torch.zeros(3))
+    assert torch.equal(group_advantages(rewards, ids(3, 3), scale_by_std=False), torch.zeros(3))
+    assert torch.equal(group_advantages(torch.tensor([0.7, 0.2]), ids(2, 1)), torch.zeros(2))
 
 
 def test_near_equal_group_shows_eps():
@@ -49,13 +54,29 @@ def test_near_equal_group_shows_eps():
     rewards = torch.tensor([0.5, 0.5, 0.5, 0.5 + 2 ** -20])
     a = 2 ** -22 / (2 ** -21 + 1e-6)
     assert a == pytest.approx(0.161440, rel=1e-5)
-    torch.testing.assert_close(group_advantages(rewards, group_size=4), torch.tensor([-a, -a, -a, 3 * a]),
+    torch.testing.assert_close(group_advantages(rewards, ids(4, 4)), torch.tensor([-a, -a, -a, 3 * a]),
                                rtol=1e-6, atol=0)
 
 
-def test_group_size_must_divide():
-    with pytest.raises(ValueError, match="groups of 4"):
-        group_advantages(torch.zeros(6), group_size=4)
+def test_group_ids_two_groups_hand_worked_and_valid_rows():
+    # group 7 = rows 0-2 [0.2, 0.8, 0.5]: mean 0.5, unbiased std sqrt((0.09 + 0.09 + 0) / 2) = 0.3 -> [-1, 1, 0];
+    # group 3 = rows 3-4 [1, 0]: mean 0.5, std sqrt(0.5) -> +-0.5 / 0.707107 = +-0.707107. Any ids, any order of
+    # groups, groups of different sizes; row 5 is not valid: no part in any statistics, advantage 0.
+    rewards = torch.tensor([0.2, 0.8, 0.5, 1.0, 0.0, 9.0])
+    adv = group_advantages(rewards, torch.tensor([7, 7, 7, 3, 3, 7]), torch.tensor([1, 1, 1, 1, 1, 0]).bool())
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0, 0.0, 0.707107, -0.707107, 0.0]), rtol=0, atol=1e-5)
+    adv = group_advantages(rewards[:5], torch.tensor([7, 7, 7, 3, 3]), scale_by_std=False)
+    torch.testing.assert_close(adv, torch.tensor([-0.3, 0.3, 0.0, 0.5, -0.5]), rtol=0, atol=1e-6)
+
+
+def test_non_contiguous_group_layout_raises():
+    # a shuffled batch: group 0's rows are 0 and 2, group 1's 1 and 3 -- the layout the trainer never makes
+    with pytest.raises(ValueError, match="each group's rows must be contiguous"):
+        group_advantages(torch.tensor([0.0, 1.0, 1.0, 0.0]), torch.tensor([0, 1, 0, 1]))
+    with pytest.raises(ValueError, match="contiguous"):  # a valid row after an invalid one still counts
+        group_advantages(torch.zeros(3), torch.tensor([0, 1, 0]), torch.tensor([True, True, True]))
+    # an invalid row (strip mode's padding sample, dialogue 0) breaks no layout: it takes no part
+    group_advantages(torch.zeros(3), torch.tensor([0, 1, 0]), torch.tensor([True, True, False]))
 
 
 def test_k3_kl_known_value_nonnegative_and_clamped():
@@ -94,7 +115,7 @@ def make_batch(seed=0):
     old = -torch.rand(B, Tm1, generator=g)
     logprobs = (old + 0.3 * torch.randn(B, Tm1, generator=g)).requires_grad_(True)
     ref = old + 0.3 * torch.randn(B, Tm1, generator=g)
-    advantages = group_advantages(torch.tensor([0.2, 0.9, 0.5, 0.5]), group_size=2)  # (B,)
+    advantages = group_advantages(torch.tensor([0.2, 0.9, 0.5, 0.5]), ids(4, 2))  # (B,)
     assert torch.equal(advantages[2:], torch.zeros(2))  # the equal group [0.5, 0.5]
     return logprobs, old, ref, advantages[:, None].expand(B, Tm1), mask  # every token shares its rollout's A
 
