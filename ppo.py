@@ -1,21 +1,9 @@
-"""PPO for RLVER: critic, rewards per token, GAE, clipped policy and value losses.
+"""PPO for RLVER: critic, per-token rewards, GAE over policy tokens, clipped policy and value losses.
 
-One chapter, read top to bottom:
-  1. Critic         -- the LM backbone with a scalar value head, one value per target token.
-  2. token_rewards  -- the dialogue's reward (final emotion / 100) on the last policy token, plus an
-                       optional per-token k1 KL penalty against the reference model.
-  3. compute_gae    -- Generalised Advantage Estimation over POLICY tokens only: the user's turns in a
-                       multi-turn dialogue are skipped as if they were not there.
-  4. masked_mean / masked_whiten / aggregate -- statistics and loss reductions over valid tokens.
-  5. policy_loss    -- PPO-clip, with clip-higher (separate low/high ranges) and dual-clip.
-  6. value_loss     -- clipped value regression.
-
-Conventions. Every per-token tensor is (B, T-1) and aligned with the targets ids[:, 1:]: column t is
-about the token ids[:, t+1], predicted from ids[:, :t+1]. `mask` (B, T-1) marks the tokens the policy
-sampled (its <think> and its replies); system, user, template and padding tokens are 0.
-Log-probs must be computed at the SAMPLING temperature (logits / temperature before log-softmax), which
-is the caller's job: model.token_logprobs(model, ids, temperature=...). Otherwise the ratio pi/pi_old
-is measured against a distribution that never produced the samples.
+Per-token tensors are (B, T-1), aligned with the targets ids[:, 1:]: column t is about ids[:, t+1], predicted
+from ids[:, :t+1]. `mask` (B, T-1) marks the tokens the policy sampled (its <think> and replies); system, user,
+template and padding tokens are 0. Log-probs come from the caller at the SAMPLING temperature
+(model.token_logprobs(model, ids, temperature)), so pi/pi_old compares the distribution that drew the samples.
 """
 import copy
 
@@ -30,28 +18,19 @@ LOG_RATIO_CLAMP = 20.0  # clamp log(pi/pi_old) to +-20 before exp: exp(20) ~ 5e8
 
 
 def init_value_head(head: nn.Linear) -> nn.Linear:
-    """weight ~ Normal(0, 1/(D+1)), bias 0 (see Critic). Also used by rlver.py for a critic built on meta."""
+    """weight ~ Normal(0, std=1/(D+1)), bias 0 (OpenRLHF's choice): initial values ~N(0, 1/D), near 0 for
+    rewards in [0, 1]; not w = 0, which would give the backbone no gradient on the first update."""
     nn.init.normal_(head.weight, mean=0.0, std=1.0 / (head.in_features + 1))
     nn.init.zeros_(head.bias)
     return head
 
 
 class Critic(nn.Module):
-    """V(s_t): the policy's Transformer (deep copy, trained separately) with a scalar value head.
+    """V(s_t): a deep copy of the policy (RLVER initialises the critic from the actor) with a scalar value head.
 
-    The critic starts from the policy's weights (RLVER, like most RLHF PPO code, initialises the critic
-    from the actor). It only asks the copy for its final-norm hidden states, through forward() (so FSDP2's
-    forward hooks gather sharded weights), so the copy has no output head (lm_head = None): an untied head
-    would be dead weight, all-gathered in every forward and given AdamW state (545M parameters at 7B); a tied
-    one is the input embedding, which stays.
-
-    Value head init: weight ~ Normal(0, std=1/(D+1)), bias 0 (the OpenRLHF choice). The final-norm hidden states
-    have entries of order 1, so initial values are ~N(0, 1/D): close to zero, a neutral guess for rewards
-    in [0, 1]. We do not zero-init the weight: with w = 0 the backbone's gradient dL/dh = dL/dV * w is
-    exactly zero on the first update, so the backbone would only start learning after the head moved.
-
-    Build the critic BEFORE sharding the policy (deep-copying an FSDP-wrapped module is not supported);
-    shard both afterwards.
+    The copy is asked only for final-norm hidden states, through forward() (so FSDP2's hooks gather the
+    shards), so it has no output head: an untied one would be dead weight with AdamW state (545M at 7B).
+    Build it BEFORE sharding the policy (an FSDP-wrapped module cannot be deep-copied); shard both afterwards.
     """
 
     def __init__(self, policy_model: nn.Module):
@@ -65,9 +44,8 @@ class Critic(nn.Module):
         self.value_head = init_value_head(nn.Linear(hidden_size, 1, device=device, dtype=torch.float32))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        # the value of target position t (token ids[:, t+1]) is read from the hidden state at t, the state
-        # just before that token was sampled -- the same alignment as the log-probs, so like
-        # token_logprobs we run the (causal) backbone on ids[:, :-1]: the last token is only a target.
+        # the value of target t (ids[:, t+1]) reads the hidden state at t, as the log-probs do: ids[:, -1] is
+        # only a target
         hidden = self.backbone(ids[:, :-1], return_hidden=True)  # (B, T-1, D) final-norm hidden states
         hidden = hidden.to(self.value_head.weight.dtype)
         return self.value_head(hidden).squeeze(-1)  # (B, T-1)
@@ -79,14 +57,9 @@ class Critic(nn.Module):
 
 @torch.no_grad()
 def token_rewards(final_rewards, mask, logprobs=None, ref_logprobs=None, kl_coef=0.0):
-    """Per-token rewards (B, T-1): the outcome reward on the last policy token, minus an optional k1 KL.
-
-    final_rewards (B,) is the dialogue's reward, final emotion / 100. A row with no policy token has
-    nothing to credit and gets no reward (it also contributes nothing to any loss).
-
-    KL in the reward (Ziegler et al. 2019; Ouyang et al. 2022, eq. 2): r_t -= kl_coef * k1_t with the
-    k1 estimator k1_t = log pi(a_t|s_t) - log pi_ref(a_t|s_t) on every policy token.
-    """
+    """Per-token rewards (B, T-1): final_rewards (B,) (final emotion / 100) on each row's last policy token (a row
+    without one gets none), minus the KL penalty in the reward (Ouyang et al. 2022, eq. 2) on every policy token:
+    r_t -= kl_coef * k1_t, k1_t = log pi(a_t|s_t) - log pi_ref(a_t|s_t)."""
     mask = mask.bool()  # (B, T-1)
     B, Tm1 = mask.shape
     rewards = torch.zeros(B, Tm1, device=mask.device, dtype=torch.float32)  # (B, T-1)
@@ -115,12 +88,9 @@ def compute_gae(token_rewards, values, mask, gamma=1.0, lam=1.0):
         A_t     = delta_t + gamma * lam * A_{t+1}               (eq. 16, as a reverse recursion)
         returns = A_t + V_t                                     (the critic's regression target)
 
-    "t+1" is the NEXT POLICY token: in a multi-turn dialogue the user's turn between two replies is not
-    an action of the agent, so at a masked position we carry the next value and the running advantage
-    through unchanged (that position does not exist for the recursion). After the last policy token the
-    episode has ended: V = 0, A = 0. Rewards at masked positions are ignored (token_rewards puts none).
-    With gamma = lam = 1 (the usual choice for outcome rewards) A_t = (sum of later rewards) - V_t.
-    Returns (advantages, returns), both (B, T-1), zero / V at masked positions; both carry no gradient.
+    "t+1" is the NEXT POLICY token: the user's turn between two replies is no action of the agent, so a masked
+    position carries the next value and advantage through unchanged (its reward is ignored). After the last
+    policy token V = A = 0. Returns (advantages, returns), (B, T-1), 0 / V at masked positions.
     """
     mask = mask.bool()  # (B, T-1)
     rewards, values = token_rewards.float(), values.float()  # (B, T-1)
@@ -144,8 +114,8 @@ def compute_gae(token_rewards, values, mask, gamma=1.0, lam=1.0):
 
 
 def masked_mean(x, mask, dim=None, reduce=None):
-    """Mean of x over positions where mask is 1 (all dims, or along `dim`); 0 where nothing is valid.
-    reduce: sums a tensor across processes (rlver.sum_over_ranks), so the mean is over the global batch."""
+    """Mean of x where mask is 1 (all dims, or along `dim`); 0 where nothing is valid. reduce: sums a tensor
+    over processes (rlver.sum_over_ranks), for the mean over the global batch."""
     mask = mask.to(x.dtype)
     total = (x * mask).sum() if dim is None else (x * mask).sum(dim)
     count = mask.sum() if dim is None else mask.sum(dim)
@@ -165,33 +135,22 @@ def masked_var(x, mask, unbiased=True, reduce=None):
 
 
 def masked_whiten(x, mask, eps=1e-8, reduce=None):
-    """(x - mean) / std using statistics of the valid positions only; masked positions come out 0.
-
-    Padding and user tokens must not enter the statistics: their advantages are 0 and would pull the mean
-    toward 0 and shrink the std. reduce (see masked_mean): statistics over the valid tokens of every rank,
-    so the whitening does not depend on how the batch is split across processes.
-    """
+    """(x - mean) / std over the valid positions only (padding and user tokens would pull the mean to 0 and
+    shrink the std); masked positions come out 0. reduce (see masked_mean): statistics over every rank."""
     mask = mask.to(x.dtype)
     mean, var = masked_mean(x, mask, reduce=reduce), masked_var(x, mask, reduce=reduce)
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
-# Loss aggregation and the global normaliser.
-# "token-mean" = sum of per-token losses over the whole step / N, N = valid tokens of the GLOBAL batch
-# (every micro-batch on every rank). "seq-mean-token-mean" (the original GRPO, Shao et al. 2024, eq. 3)
-# = sum over sequences of (mean over that sequence's tokens) / S, S = number of non-empty sequences of
-# the global batch. Dividing each micro-batch by its OWN count instead weights tokens unequally whenever
-# micro-batches differ in length.
-# How the caller sets the scales, with K grad-accumulation micro-batches on each of W ranks:
-#   N_global = all_reduce(sum over the step's micro-batches of mask.sum())      (same for S_global)
-#   loss_scale_tokens = N_global / W,   loss_scale_seqs = S_global / W,
-# then calls backward() on each micro-batch loss WITHOUT dividing by K. DDP/FSDP averages gradients over
-# ranks (divides by W), so the final gradient is d/dtheta [sum of all per-token losses / N_global].
-# Single process, no accumulation: leave them None (the local counts, N = mask.sum()).
+# Loss aggregation. "token-mean" = sum of per-token losses of the step / N, N = valid tokens of the GLOBAL batch
+# (all micro-batches, all ranks); "seq-mean-token-mean" (the original GRPO, Shao et al. 2024, eq. 3) = sum of
+# per-sequence token means / S, S = non-empty sequences of the global batch. With W ranks the caller passes
+# loss_scale_tokens = N / W (loss_scale_seqs = S / W) and calls backward() on each micro-batch loss undivided;
+# FSDP's mean over ranks then gives d/dtheta [sum of all per-token losses / N]. None: the local counts.
 
 
 def aggregate(loss_per_token, mask, agg="token-mean", loss_scale_tokens=None, loss_scale_seqs=None):
-    """Reduce a (B, T-1) per-token loss to a scalar over valid tokens (see the note above)."""
+    """A (B, T-1) per-token loss reduced to a scalar over valid tokens (see the note above)."""
     mask = mask.to(loss_per_token.dtype)  # (B, T-1)
     if agg == "token-mean":
         n = mask.sum().clamp(min=1) if loss_scale_tokens is None else loss_scale_tokens
@@ -216,10 +175,8 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=0.2, clip_hig
         L_t     = max(-A_t * ratio_t,  -A_t * clip(ratio_t, 1 - clip_low, 1 + clip_high))
 
     Clip-higher (DAPO, Yu et al. 2025): clip_high > clip_low lets unlikely tokens with A > 0 grow more.
-    Dual-clip (Ye et al. 2020, eq. 5): for A < 0 the ratio is unbounded above, so one bad token can give
-    a huge loss; bound it: L_t = min(L_t, -dual_clip * A_t) = min(L_t, c * |A_t|), with c > 1 (e.g. 3).
-    Where a bound is active the loss is constant in logprobs: that token gets no gradient.
-    logprobs (B, T-1) carries the gradient; old_logprobs and advantages (B, T-1) are constants.
+    Dual-clip (Ye et al. 2020, eq. 5) bounds the loss of A < 0, unbounded in the ratio: L_t = min(L_t, c * |A_t|),
+    c = dual_clip > 1. Where a bound is active the token gets no gradient. Only logprobs (B, T-1) carries one.
     """
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 (e.g. 3), got {dual_clip}")
@@ -259,25 +216,19 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=0.2, clip_hig
 
 def value_loss(values, old_values, returns, mask, clip=0.2, agg="token-mean", loss_scale_tokens=None,
                loss_scale_seqs=None):
-    """Clipped value loss (the PPO2 baselines form; Schulman et al. 2017, sec. 5 uses plain MSE):
+    """Clipped value loss (the PPO2 baselines form), values (B, T-1) carrying the gradient:
 
         V_clip = V_old + clip(V - V_old, -clip, +clip)
         L_t    = 0.5 * max((V - R)^2, (V_clip - R)^2)
-
-    The critic cannot move a value further than `clip` from the value used to compute the advantages in
-    one update. clip=None gives 0.5 * (V - R)^2. values (B, T-1) carries the gradient.
     """
     mask = mask.bool()  # (B, T-1)
     values = values.float()
     old_values, returns = old_values.detach().float(), returns.detach().float()  # (B, T-1)
     error_unclipped = (values - returns) ** 2  # (B, T-1)
-    if clip is None:
-        loss_per_token, clipped = 0.5 * error_unclipped, torch.zeros_like(mask)
-    else:
-        values_clipped = old_values + (values - old_values).clamp(-clip, clip)  # (B, T-1)
-        error_clipped = (values_clipped - returns) ** 2  # (B, T-1)
-        loss_per_token = 0.5 * torch.maximum(error_unclipped, error_clipped)
-        clipped = error_clipped > error_unclipped
+    values_clipped = old_values + (values - old_values).clamp(-clip, clip)  # (B, T-1)
+    error_clipped = (values_clipped - returns) ** 2  # (B, T-1)
+    loss_per_token = 0.5 * torch.maximum(error_unclipped, error_clipped)
+    clipped = error_clipped > error_unclipped
     loss = aggregate(loss_per_token, mask, agg, loss_scale_tokens, loss_scale_seqs)
     with torch.no_grad():
         # explained variance = 1 - Var[R - V] / Var[R]: 1 is perfect, 0 is no better than a constant

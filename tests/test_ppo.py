@@ -218,7 +218,7 @@ def test_value_loss_clipping():
     assert loss == pytest.approx(0.08) and grad == pytest.approx(-0.4)
     loss, grad, _ = one_value(0.2)  # moved away from R: max(0.64, 0.49) -> 0.32, grad -0.8 (still pulled)
     assert loss == pytest.approx(0.32) and grad == pytest.approx(-0.8)
-    loss, grad, _ = one_value(0.9, clip=None)  # no clipping: 0.5 * 0.01
+    loss, grad, _ = one_value(0.9, clip=float("inf"))  # no clipping: 0.5 * 0.01
     assert loss == pytest.approx(0.005) and grad == pytest.approx(-0.1)
 
 
