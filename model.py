@@ -1,29 +1,11 @@
-"""
-The policy language model, in plain PyTorch.
-
-One file, one idea: a decoder-only transformer of the Llama family (Llama 3, Qwen2/2.5, Qwen3) that
-  1. loads a local Hugging Face checkpoint folder (config.json + *.safetensors, sharded or not),
-  2. scores token sequences (teacher-forced log-probs for the RL losses),
-  3. generates replies with a hand-written, preallocated (static) KV cache, and
-  4. saves itself back in the same HF layout, so transformers and vLLM can load what RLVER trained.
-
-Read top to bottom:
-  config           -> ModelConfig.from_hf reads config.json (old and new rope layouts); SHAPES: the published
-                      configs of the models RLVER trains (Qwen2.5 0.5B/1.5B/7B, Llama-3.1-8B, Qwen3-8B)
-  building blocks  -> RMSNorm, RoPE (incl. Llama-3 scaling), Attention (GQA, optional qkv bias / q-k norm), MLP
-  Transformer      -> forward() returns logits, hidden states, or per-token log-probs (optionally under
-                      torch.autocast: fp32 parameters, bf16 compute)
-  KV cache         -> KVCache: (B, H_kv, S, D) tensors written in place at the current positions
-  generate()       -> left-pad prompts, one prefill, then one-token decode steps
-  checkpoints      -> load_model / save_model / load_tokenizer
-  random weights   -> random_model (any config, straight onto a device: real sizes without a download),
-                      make_tiny_checkpoint / make_random_checkpoint (the HF layout + a tokenizer trained on the spot)
-
-Every module and parameter is named exactly as in the HF checkpoint (model.layers.0.self_attn.q_proj.weight,
-...), so loading and saving are a plain state_dict with no key renaming.
-"""
+"""The policy LM in plain PyTorch: a Llama-family decoder (Llama 3, Qwen2/2.5, Qwen3) that loads a local Hugging
+Face checkpoint, scores tokens (teacher-forced log-probs), generates with a preallocated KV cache and saves back in
+the HF layout. Read top to bottom: config and SHAPES (published configs), building blocks, Transformer, log-probs,
+KV cache / sampling / generate, checkpoints, random weights (a tiny checkpoint; real sizes). Parameters are named
+as in the HF checkpoint (model.layers.0.self_attn.q_proj.weight): loading and saving are a plain state_dict."""
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -34,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "qwen3")
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 class CheckpointError(ValueError):
@@ -68,54 +50,40 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
         model_type = hf.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        if model_type not in ARCHITECTURES:
             raise CheckpointError(
-                f"unsupported model_type {model_type!r}: rlver implements {', '.join(SUPPORTED_MODEL_TYPES)} "
+                f"unsupported model_type {model_type!r}: rlver implements {', '.join(ARCHITECTURES)} "
                 "(Qwen2/2.5, Llama 3.x, Qwen3); convert the model or pick one of those"
             )
         if hf.get("hidden_act", "silu") != "silu":
             raise CheckpointError(f"unsupported hidden_act {hf['hidden_act']!r}: only silu (SwiGLU) is implemented")
         if hf.get("use_sliding_window", False):
             raise CheckpointError("sliding-window attention is not implemented: set use_sliding_window=false")
-        # RoPE settings: transformers < 5 writes rope_theta + rope_scaling, transformers >= 5 writes rope_parameters.
+        # RoPE: transformers < 5 writes rope_theta + rope_scaling, transformers >= 5 rope_parameters
         rope = dict(hf.get("rope_parameters") or {})
         rope_theta = hf.get("rope_theta", rope.get("rope_theta", 10_000.0))
         rope_scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         if rope_scaling is not None:
             rope_type = rope_scaling.get("rope_type", rope_scaling.get("type"))
             if rope_type not in ("default", "linear", "llama3"):
-                raise CheckpointError(f"unsupported rope scaling {rope_type!r}: rlver implements default, linear, llama3")
+                raise CheckpointError(f"unsupported rope scaling {rope_type!r}: "
+                                      "rlver implements default, linear, llama3")
         n_heads = hf["num_attention_heads"]
         attention_bias = hf.get("attention_bias", False)
-        return cls(
-            model_type=model_type,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=n_heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or n_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta),
-            rope_scaling=rope_scaling,
-            tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            qkv_bias=True if model_type == "qwen2" else attention_bias,
-            o_bias=False if model_type == "qwen2" else attention_bias,
-            mlp_bias=hf.get("mlp_bias", False),
-            qk_norm=model_type == "qwen3",
-            hf=hf,
-        )
+        return cls(model_type=model_type, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+                   intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
+                   num_attention_heads=n_heads, num_key_value_heads=hf.get("num_key_value_heads") or n_heads,
+                   head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+                   rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(rope_theta), rope_scaling=rope_scaling,
+                   tie_word_embeddings=hf.get("tie_word_embeddings", False),
+                   qkv_bias=True if model_type == "qwen2" else attention_bias,
+                   o_bias=False if model_type == "qwen2" else attention_bias, mlp_bias=hf.get("mlp_bias", False),
+                   qk_norm=model_type == "qwen3", hf=hf)
 
 
-# The published configs of the models RLVER trains or compares, so real sizes can be built with random weights
-# (benchmark.py speed --shape NAME, rlver.py --model NAME) without downloading anything. Architecture keys as
-# in each model's config.json on the Hugging Face hub: the Instruct releases for Qwen2.5 (the 7B base differs
-# only in max_position_embeddings, 131072), Llama-3.1-8B-Instruct (Llama 3.1, i.e. with the llama3 RoPE
-# scaling), Qwen3-8B. Left out: keys our model ignores (sliding_window and max_window_layers, unused while
-# use_sliding_window is false; initializer_range; use_cache). Published sizes, which tests/test_model.py
-# checks our parameter counts against: 494M, 1.54B, 7.62B, 8.03B, 8.19B.
-# Note the vocabularies: Qwen2.5-7B pads its embedding to 152064 rows, the small Qwen2.5 and Qwen3 to 151936.
+# The published configs (config.json on the HF hub: Qwen2.5 Instruct, Llama-3.1-8B-Instruct, Qwen3-8B; keys our
+# model ignores left out), so real sizes build with random weights (benchmark.py --shape, rlver.py --model NAME).
+# Published sizes, which tests/test_model.py checks: 494M, 1.54B, 7.62B, 8.03B, 8.19B.
 LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
 QWEN25 = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", num_key_value_heads=2, hidden_act="silu",
@@ -144,7 +112,7 @@ SHAPES = {
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Building blocks
+# Building blocks and the model
 
 
 class RMSNorm(nn.Module):
@@ -156,8 +124,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # one fused op (fp32 math inside); under autocast x may be bf16 while the weight is fp32: cast the
-        # weight so the op stays fused and returns x's dtype (a no-op when the dtypes already agree)
+        # one fused op; the weight cast to x's dtype (bf16 x under autocast) so it stays fused and returns x's dtype
         return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
 
 
@@ -170,8 +137,7 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     if rope_type == "linear":  # position interpolation: positions / factor
         inv_freq = inv_freq / scaling["factor"]
     elif rope_type == "llama3":
-        # Llama 3.1 scaling: long wavelengths are divided by `factor`, short ones kept, the band in between
-        # interpolated smoothly between the two.
+        # Llama 3.1: long wavelengths divided by `factor`, short ones kept, the band between interpolated smoothly
         factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
         old_context = scaling["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv_freq
@@ -221,13 +187,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            # Static KV cache: write this step's keys/values at their slots, then attend over the slots the
-            # mask covers (the mask's last dim says how many: prefill and decode both pass (B, 1, T, S_used)).
+        if cache is not None:  # write this step's keys/values, attend over the slots the mask covers (its last dim)
             k, v = cache.update(self.layer_idx, cache_index, k, v, mask.shape[-1])  # (B, H_kv, S_used, D)
-        if mask is None:
-            # Without a mask the batch is right-padded training data: plain causal attention is exact for every
-            # real token (padding only ever sits after it), and lets SDPA pick the flash kernel.
+        if mask is None:  # right-padded training data: plain causal attention is exact for every real token (flash)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:  # prefill and decode: a mask over the cache
             y = grouped_attention(q, k, v, mask)
@@ -235,13 +197,10 @@ class Attention(nn.Module):
 
 
 def grouped_attention(q, k, v, mask):
-    """
-    Masked grouped-query attention with each query group folded into the sequence axis: q (B, H, T, D), H =
-    H_kv * G (query head h reads key/value head h // G), is viewed as (B, H_kv, G * T, D) and the mask
-    (B, 1, T, S) repeated to (B, 1, G * T, S), so SDPA sees H_kv heads and a plain mask. (A mask together with
-    enable_gqa=True leaves only CUDA's math kernel: fp32, K/V repeated per query head, G times the cache's
-    bytes; folded, the memory-efficient kernel reads K/V once.) k, v (B, H_kv, S, D). Returns (B, H, T, D).
-    """
+    """Masked grouped-query attention, each query group folded into the sequence axis: q (B, H, T, D), H = H_kv * G,
+    viewed as (B, H_kv, G * T, D), the mask (B, 1, T, S) repeated to (B, 1, G * T, S); k, v (B, H_kv, S, D). A mask
+    with enable_gqa=True leaves CUDA only the math kernel (fp32, K/V repeated per head); folded, the
+    memory-efficient kernel reads K/V once. Returns (B, H, T, D)."""
     B, H, T, D = q.shape
     G = H // k.shape[1]
     y = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], G * T, D), k, v, attn_mask=mask.repeat(1, 1, G, 1))
@@ -276,31 +235,21 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The model
-
-
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         # `model.*` and `lm_head` mirror the HF module tree so state_dict keys match the checkpoint files.
-        self.model = nn.ModuleDict(
-            dict(
-                embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
-                layers=nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers)),
-                norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
-            )
-        )
+        self.model = nn.ModuleDict(dict(embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+                                        layers=nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers)),
+                                        norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:  # small Qwen models share the input embedding with the output head
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.gradient_checkpointing = False
-        # Mixed precision for a plain (un-sharded) module: with autocast_dtype = torch.bfloat16 the parameters
-        # stay as they are (fp32 master weights, so AdamW's small updates are not rounded away) and forward()
-        # runs under torch.autocast, which feeds the matmuls bf16 copies. (Under FSDP2, the MixedPrecisionPolicy
-        # does the casting instead and this stays None.) None: compute in the parameters' dtype.
+        # bf16 compute over fp32 master weights for a plain (un-sharded) module: forward() runs under
+        # torch.autocast (AdamW's small updates are not rounded away). Under FSDP2 its MixedPrecisionPolicy casts.
         self.autocast_dtype = None
 
     def reset_rope(self, device):
@@ -309,44 +258,28 @@ class Transformer(nn.Module):
 
     def forward(self, ids, targets=None, temperature=1.0, positions=None, mask=None, cache=None, cache_index=None,
                 return_hidden=False, with_entropy=True):
-        """
-        ids (B, T) long. Everything goes through forward() so FSDP2's hooks gather the sharded weights.
-          return_hidden       -> final-norm hidden states (B, T, C)              (the critic's value head reads these)
-          targets (B, T)      -> (log p(targets | prefix), entropy), each (B, T) (teacher forcing, chunked;
-                                 entropy None unless with_entropy)
-          cache (KVCache)     -> next-token logits of the last position (B, V)   (generation)
-          otherwise           -> logits (B, T, V)
-        positions (B, T): RoPE positions (default 0..T-1). mask (B, 1, T, S) bool: True = may attend;
-        None = causal over a right-padded batch.
-        With autocast_dtype set, everything below runs under torch.autocast: linear layers and attention compute
-        in bf16 (logits come out bf16), the embedding and the residual stream stay fp32 (the sum of an fp32
-        and a bf16 tensor is fp32), log-probs are fp32 as always.
-        """
-        with compute_region(self):  # torch.autocast when autocast_dtype is set, else nothing
-            return self._forward(ids, targets, temperature, positions, mask, cache, cache_index, return_hidden,
-                                 with_entropy)
-
-    def _forward(self, ids, targets, temperature, positions, mask, cache, cache_index, return_hidden, with_entropy):
+        """ids (B, T) long -> logits (B, T, V); with return_hidden the final-norm hidden states (B, T, C) (the critic);
+        with targets (B, T) (log p(targets | prefix), entropy), each (B, T) (entropy None unless with_entropy); with
+        a cache the last position's logits (B, V). Everything goes through forward() so FSDP2's hooks gather the
+        shards. positions (B, T): RoPE positions (default 0..T-1). mask (B, 1, T, S) bool, True = may attend; None
+        = causal over a right-padded batch. Under autocast_dtype the embedding and residual stream stay fp32."""
         B, T = ids.shape
         if positions is None:
             positions = torch.arange(T, device=ids.device).expand(B, T)
-        x = self.model.embed_tokens(ids)  # (B, T, C)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # (B, 1, T, D)
-        for block in self.model.layers:
-            # activation checkpointing: training forwards only (grad on, no cache); generation (rollout,
-            # generate) runs under no_grad, and a cached forward always takes the plain branch
-            if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, mask, cache, cache_index)
-        x = self.model.norm(x)
-        if return_hidden:
-            return x
-        if targets is not None:
-            return chunked_logprobs(self.lm_head, x, targets, temperature, with_entropy=with_entropy)
-        if cache is not None:
-            return self.lm_head(x[:, -1])  # (B, V)
-        return self.lm_head(x)  # (B, T, V)
+        with compute_region(self):
+            x = self.model.embed_tokens(ids)  # (B, T, C)
+            cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # (B, 1, T, D)
+            for block in self.model.layers:
+                if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:  # training forwards
+                    x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+                else:
+                    x = block(x, cos, sin, mask, cache, cache_index)
+            x = self.model.norm(x)
+            if return_hidden:
+                return x
+            if targets is not None:
+                return chunked_logprobs(self.lm_head, x, targets, temperature, with_entropy=with_entropy)
+            return self.lm_head(x[:, -1] if cache is not None else x)  # (B, V) or (B, T, V)
 
 
 def _chunk_logprobs(lm_head, hidden, targets, temperature, with_entropy=True):
@@ -360,31 +293,20 @@ def _chunk_logprobs(lm_head, hidden, targets, temperature, with_entropy=True):
 
 
 def chunked_logprobs(lm_head, hidden, targets, temperature=1.0, chunk_size=512, with_entropy=True):
-    """
-    log p(target_t) under softmax(logits_t / temperature), and the entropy of that distribution, without
-    holding full fp32 (B, T, V) logits: T is cut into chunks, and under autograd each chunk is checkpointed
-    so backward recomputes its logits instead of keeping them (V is 152k for Qwen2.5).
-    hidden (B, T, C), targets (B, T) -> logprobs (B, T), entropy (B, T) (None unless with_entropy), fp32.
-    """
-    out_logprobs, out_entropy = [], []
-    for s in range(0, hidden.shape[1], chunk_size):
-        h, t = hidden[:, s:s + chunk_size], targets[:, s:s + chunk_size]
-        if torch.is_grad_enabled():
-            lp, ent = torch.utils.checkpoint.checkpoint(_chunk_logprobs, lm_head, h, t, temperature, with_entropy,
-                                                        use_reentrant=False)
-        else:
-            lp, ent = _chunk_logprobs(lm_head, h, t, temperature, with_entropy)
-        out_logprobs.append(lp)
-        out_entropy.append(ent)
-    return torch.cat(out_logprobs, 1), torch.cat(out_entropy, 1) if with_entropy else None
+    """log p(target_t) under softmax(logits_t / temperature) and its entropy, hidden (B, T, C), targets (B, T) ->
+    two (B, T) fp32 (entropy None unless with_entropy), never holding (B, T, V) fp32 logits (V is 152k for Qwen2.5):
+    T in chunks, each checkpointed under autograd so backward recomputes its logits."""
+    chunk = _chunk_logprobs
+    if torch.is_grad_enabled():
+        chunk = functools.partial(torch.utils.checkpoint.checkpoint, _chunk_logprobs, use_reentrant=False)
+    parts = [chunk(lm_head, hidden[:, s:s + chunk_size], targets[:, s:s + chunk_size], temperature, with_entropy)
+             for s in range(0, hidden.shape[1], chunk_size)]
+    return torch.cat([lp for lp, _ in parts], 1), torch.cat([e for _, e in parts], 1) if with_entropy else None
 
 
 def token_logprobs(model, ids, temperature=1.0, return_entropy=False):
-    """
-    Teacher-forced log-probs for training. Logits at positions [:, :-1] score ids[:, 1:], so the result is
-    (B, T-1): entry t is log p(ids[:, t+1] | ids[:, :t+1]) at the sampling temperature (PPO's ratio must
-    compare the same distribution the tokens were sampled from). ids must be right-padded.
-    """
+    """Teacher-forced log-probs (B, T-1) of right-padded ids (B, T) at the sampling temperature: logits at [:, :-1]
+    score ids[:, 1:], entry t is log p(ids[:, t+1] | ids[:, :t+1])."""
     logprobs, entropy = model(ids[:, :-1], targets=ids[:, 1:], temperature=temperature, with_entropy=return_entropy)
     return (logprobs, entropy) if return_entropy else logprobs
 
@@ -394,12 +316,8 @@ def token_logprobs(model, ids, temperature=1.0, return_entropy=False):
 
 
 class KVCache:
-    """
-    Preallocated keys/values, one (B, H_kv, S_max, D) pair per layer, written in place (as in gpt-fast).
-    A layer's pair is allocated at its first write (the prefill) in the dtype of the values written, i.e. the
-    compute dtype, whatever sets it: bf16 parameters, FSDP2's mixed precision, or autocast over fp32 parameters
-    (bf16 values; keys, rotated in fp32 there, are rounded to bf16 on the way in).
-    """
+    """Preallocated keys/values, one (B, H_kv, S_max, D) pair per layer, written in place (as in gpt-fast).
+    Allocated at a layer's first write in the dtype of the values written, i.e. the compute dtype."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device):
         self.shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -412,46 +330,33 @@ class KVCache:
         if self.k[layer] is None:
             self.k[layer] = torch.zeros(self.shape, device=self.device, dtype=v.dtype)
             self.v[layer] = torch.zeros(self.shape, device=self.device, dtype=v.dtype)
-        self.k[layer].index_copy_(2, index, k.to(v.dtype))
+        self.k[layer].index_copy_(2, index, k.to(v.dtype))  # (autocast rotates keys in fp32: rounded here)
         self.v[layer].index_copy_(2, index, v)
         return self.k[layer][:, :, :used], self.v[layer][:, :, :used]
 
 
-def mul32(x, c):
-    """(x * c) mod 2^32 for int64 tensors x < 2^32 and a 32-bit constant c, in two 16-bit halves of c so that no
-    product passes 2^63."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
-
-
-def fmix32(h):
-    """MurmurHash3's 32-bit finaliser (Appleby 2011): a bijection of [0, 2^32) whose every input bit flips about
-    half the output bits."""
-    h = h ^ (h >> 16)
-    h = mul32(h, 0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = mul32(h, 0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
 def keyed_uniform(keys):
-    """One U(0, 1) draw per row (B,) float64 that is a pure function of the row's key (B, 2) int64 = (seed,
-    draw index >= 0): a counter-based random stream (as Philox is), so each dialogue keeps its own seeded
-    stream while the whole batch draws in a few elementwise kernels instead of a launch per row."""
+    """One U(0, 1) draw per row (B,) float64, a pure function of the row's key (B, 2) int64 = (seed, draw index):
+    a counter-based stream per row (as Philox is), the whole batch drawn in a few elementwise kernels."""
+
+    def mul32(x, c):  # (x * c) mod 2^32 for int64 x < 2^32, in two 16-bit halves of c: no product passes 2^63
+        return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+    def fmix32(h):  # MurmurHash3's 32-bit finaliser (Appleby 2011): a bijection of [0, 2^32) mixing every bit
+        for shift, c in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+            h = mul32(h ^ (h >> shift), c)
+        return h ^ (h >> 16)
+
     lo, hi, draw = keys[:, 0] & 0xFFFFFFFF, (keys[:, 0] >> 32) & 0xFFFFFFFF, keys[:, 1] & 0xFFFFFFFF
     h = fmix32(fmix32(fmix32(lo) ^ hi) ^ draw)
     return (h.double() + 0.5) / 2**32  # in (0, 1)
 
 
 def sample(logits, temperature, top_p, generator):
-    """
-    Pick the next token from logits (B, V). temperature == 0: greedy. Else softmax(logits / temperature),
-    optionally truncated to the smallest set of tokens whose probability reaches top_p (nucleus sampling,
-    Holtzman et al. 2020). Returns tokens (B,) and their log-prob under softmax(logits / temperature), the
-    distribution the trainer recomputes (top-p truncation is a sampling device, not part of the policy).
-    generator: one torch.Generator for the batch; a list of B of them (a row's stream of its own: one draw
-    launch per row); or a (B, 2) tensor of stream keys (keyed_uniform: a stream per row, one launch per batch;
-    the rollout's choice on CUDA).
-    """
+    """The next token from logits (B, V): greedy at temperature 0, else softmax(logits / temperature) cut to the
+    smallest set whose probability reaches top_p (nucleus, Holtzman et al. 2020). Returns tokens (B,) and their
+    log-prob under softmax(logits / temperature), what the trainer recomputes. generator: a torch.Generator, a
+    list of B (a stream per row), or (B, 2) stream keys (keyed_uniform: a stream per row in one launch)."""
     logits = logits.float()
     if temperature == 0:
         tokens = logits.argmax(-1)
@@ -463,17 +368,15 @@ def sample(logits, temperature, top_p, generator):
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep tokens until the mass reaches top_p
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    if isinstance(generator, torch.Tensor):  # (B, 2) stream keys: one uniform per row, in one launch for the batch
-        # inverse-CDF sampling: the first token whose cumulative probability passes u * (total mass), u ~ U(0, 1)
+    if isinstance(generator, torch.Tensor):  # inverse CDF: the first token whose cumulative mass passes u * total
         cdf = probs.cumsum(-1)  # (B, V) (its last column is the mass top-p kept)
         u = (keyed_uniform(generator) * cdf[:, -1].double()).float()  # (B,)
         tokens = torch.searchsorted(cdf, u[:, None], right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
         return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
-    # Sampling as argmax(p / E) with E ~ Exp(1) draws from p (the exponential race, equivalent to the
-    # Gumbel-max trick) and needs no host sync. E = -log(U), U ~ Uniform[0, 1).
-    if isinstance(generator, (list, tuple)):  # one generator per row: a row's sample does not depend on
+    # argmax(p / E), E = -log(U) ~ Exp(1), draws from p (the exponential race, as Gumbel-max) with no host sync
+    if isinstance(generator, (list, tuple)):  # a row's sample does not depend on the other rows of its batch
         uniform = torch.stack([torch.rand(probs.shape[-1], device=probs.device, generator=g) for g in generator])
-    else:  # which other rows share its batch (reproducible across data-parallel layouts and resumes)
+    else:
         uniform = torch.rand(probs.shape, device=probs.device, generator=generator)
     tokens = (probs / -uniform.log()).argmax(-1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
@@ -484,18 +387,14 @@ _TWINS = weakref.WeakKeyDictionary()  # model -> (its plain twin, the twin torch
 
 
 @contextlib.contextmanager
-def compiled_decode(model):
-    """
-    The compiled one-token decode step of `model`, for one generation (model.generate, rollout.rollout): a
-    torch.compile'd plain Transformer, the model's twin, that shares the model's current weights in its compute
-    dtype. On the twin no FSDP2 hook breaks the graph at every block (the model is unsharded for the whole
-    generation: rlver.generation_mode, so its parameters are the full tensors), and the step runs with autocast
-    off, so no autocast cast of an fp32 weight is traced into the graph: under FSDP2 the shared tensors are the
-    unsharded bf16 copies themselves; with fp32 master weights and bf16 autocast (--no-fsdp on GPU) the twin
-    holds one bf16 copy of each weight for the generation; in fp32 (CPU) the very tensors. The twin is built and
-    compiled once per model; each generation re-points it at the latest weights and lets them go at the end.
-    On CUDA, mode="reduce-overhead" captures each static shape in a CUDA graph: one launch per token.
-    """
+def compiled_decode(model, enabled=True):
+    """The torch.compile'd one-token decode step of `model` for one generation (None unless enabled: decode
+    eagerly): a plain Transformer twin, compiled once, sharing the model's current weights in its compute dtype
+    until the generation ends. No FSDP2 hook breaks its graph per block, and autocast is off, so no weight cast
+    is traced. On CUDA, mode="reduce-overhead" captures each static shape in a CUDA graph: a launch per token."""
+    if not enabled:
+        yield None
+        return
     if model not in _TWINS:
         with torch.device("meta"):
             twin = Transformer(model.config)
@@ -525,10 +424,8 @@ def compiled_decode(model):
 
 
 def compute_region(model):
-    """The mixed-precision region for a whole generation (model.generate, rollout.rollout). With autocast_dtype
-    set (fp32 master weights, bf16 compute), one autocast region spans all the decode steps: autocast keeps the
-    bf16 copy it makes of each trainable fp32 weight until its outermost region ends, so the weights are cast
-    once per generation instead of at every step (forward()'s own region nests inside). Else a no-op."""
+    """torch.autocast when autocast_dtype is set, else a no-op. Around a whole generation (generate, rollout) it
+    makes autocast cast each fp32 weight once, not at every step; forward()'s own region nests inside."""
     dtype = getattr(model, "autocast_dtype", None)
     return torch.autocast(model.inv_freq.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
@@ -536,20 +433,10 @@ def compute_region(model):
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, eos_ids, temperature=1.0, top_p=1.0, generator=None, pad_id=0,
              compile=False):
-    """
-    Batched sampling for prompts of different lengths.
-      prompts: list of B token-id lists. Returns (new_ids, logprobs): per row the sampled ids up to and
-      including the first EOS (or max_new_tokens of them), and each id's log-prob (see sample()).
-      generator: a torch.Generator, or a list of B of them (one random stream per row).
-      compile: run the decode step through torch.compile (first call per shape compiles: slow once).
-    Layout: prompts are left-padded to length P so every row's next token lands in the same cache slot
-    P + t; RoPE positions count only real tokens, and the mask hides the padding slots.
-    """
-    with compute_region(model), compiled_decode(model) if compile else contextlib.nullcontext() as decode:
-        return _generate(model, prompts, max_new_tokens, eos_ids, temperature, top_p, generator, pad_id, decode)
-
-
-def _generate(model, prompts, max_new_tokens, eos_ids, temperature, top_p, generator, pad_id, compiled):
+    """Batched sampling for B prompts (token-id lists): per row the sampled ids up to and including the first EOS
+    (or max_new_tokens), and their log-probs (sample()). compile: the decode step through torch.compile. Prompts
+    are left-padded to length P so every row's token t lands in cache slot P + t; RoPE positions count real
+    tokens only, and the mask hides the padding slots."""
     device = model.inv_freq.device
     B, P = len(prompts), max(len(p) for p in prompts)
     S = P + max_new_tokens
@@ -561,42 +448,34 @@ def _generate(model, prompts, max_new_tokens, eos_ids, temperature, top_p, gener
     ids, real = ids.to(device), real.to(device)
     positions = (real[:, :P].long().cumsum(-1) - 1).clamp(min=0)  # (B, P)
     slots = torch.arange(S, device=device)  # cache slot numbers, (S,)
-    # Prefill mask (B, 1, P, P): causal and real keys only; each slot may also see itself, so padding rows
-    # never softmax over an empty set (that would make NaNs that leak through the cache).
+    # Prefill mask (B, 1, P, P): causal and real keys only; each slot also sees itself, so a padding row never
+    # softmaxes over an empty set (NaNs that would leak through the cache).
     causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
     mask = (causal & real[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)
     cache = KVCache(model.config, B, S, device)
-    logits = model(ids, positions=positions, mask=mask[:, None], cache=cache, cache_index=slots[:P])  # (B, V)
-
-    decode = compiled or model
     eos = torch.tensor(list(eos_ids), device=device)
-    next_pos = positions[:, -1] + 1  # (B,)
     out_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_logprobs = torch.zeros(B, max_new_tokens, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    for t in range(max_new_tokens):
-        tokens, logprobs = sample(logits, temperature, top_p, generator)
-        tokens = tokens.masked_fill(done, pad_id)  # finished rows keep emitting padding
-        out_ids[:, t], out_logprobs[:, t] = tokens, logprobs
-        done = done | torch.isin(tokens, eos)
-        if t == max_new_tokens - 1 or (t % SYNC_EVERY == SYNC_EVERY - 1 and bool(done.all())):
-            break  # (checking `done` costs a host sync, so only every SYNC_EVERY tokens)
-        slot = P + t  # decode: one token per row, written at cache slot P + t; attend to slots [0, P + t]
-        if compiled:  # static shapes: attend over all S slots, the ones not written yet masked out
-            step_mask = (real & (slots <= slot))[:, None, None, :]  # (B, 1, 1, S)
-        else:  # eager: attend over just the slots written so far
-            step_mask = real[:, None, None, :slot + 1]  # (B, 1, 1, slot + 1)
-        logits = decode(tokens[:, None], positions=next_pos[:, None], mask=step_mask, cache=cache,
-                        cache_index=slots[slot:slot + 1])
-        next_pos = next_pos + 1
-
+    with compute_region(model), compiled_decode(model, enabled=compile) as compiled:
+        logits = model(ids, positions=positions, mask=mask[:, None], cache=cache, cache_index=slots[:P])  # (B, V)
+        for t in range(max_new_tokens):
+            tokens, logprobs = sample(logits, temperature, top_p, generator)
+            tokens = tokens.masked_fill(done, pad_id)  # finished rows keep emitting padding
+            out_ids[:, t], out_logprobs[:, t] = tokens, logprobs
+            done = done | torch.isin(tokens, eos)
+            if t == max_new_tokens - 1 or (t % SYNC_EVERY == SYNC_EVERY - 1 and bool(done.all())):
+                break
+            slot = P + t  # decode: one token per row, written at cache slot P + t; attend to slots [0, P + t]
+            if compiled:  # static shapes: attend over all S slots, the ones not written yet masked out
+                step_mask = (real & (slots <= slot))[:, None, None, :]  # (B, 1, 1, S)
+            else:  # eager: attend over just the slots written so far
+                step_mask = real[:, None, None, :slot + 1]  # (B, 1, 1, slot + 1)
+            logits = (compiled or model)(tokens[:, None], positions=positions[:, -1:] + t + 1, mask=step_mask,
+                                         cache=cache, cache_index=slots[slot:slot + 1])
     out_ids, out_logprobs, eos = out_ids.tolist(), out_logprobs.tolist(), set(eos_ids)
-    new_ids, new_logprobs = [], []
-    for row_ids, row_lp in zip(out_ids, out_logprobs):
-        n = next((i + 1 for i, tok in enumerate(row_ids) if tok in eos), len(row_ids))
-        new_ids.append(row_ids[:n])
-        new_logprobs.append(row_lp[:n])
-    return new_ids, new_logprobs
+    ends = [next((i + 1 for i, tok in enumerate(row) if tok in eos), len(row)) for row in out_ids]  # through EOS
+    return [r[:n] for r, n in zip(out_ids, ends)], [r[:n] for r, n in zip(out_logprobs, ends)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -611,17 +490,17 @@ def read_config(path) -> ModelConfig:
         raise CheckpointError(f"{config_file} not found: a HF checkpoint folder needs config.json")
     try:
         with open(config_file) as f:
-            hf = json.load(f)
+            return ModelConfig.from_hf(json.load(f))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_file} is not valid JSON ({e})") from None
-    try:
-        return ModelConfig.from_hf(hf)
     except KeyError as e:
         raise CheckpointError(f"{config_file} lacks the key {e.args[0]!r}") from None
 
 
-def weight_files(path) -> list:
-    """The *.safetensors files of a checkpoint folder: the index's list when sharded, else model.safetensors."""
+def check_weights(path) -> list:
+    """The checkpoint's *.safetensors files (the index's list when sharded), each checked from its header alone:
+    8 bytes little-endian length N, N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}}, then
+    exactly the tensor bytes the header promises. CheckpointError otherwise."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
@@ -635,18 +514,6 @@ def weight_files(path) -> list:
     for f in files:
         if not os.path.isfile(f):
             raise CheckpointError(f"weight shard {f} listed in the index is missing")
-    return files
-
-
-def check_weights(path) -> list:
-    """
-    Read only the headers of a checkpoint's *.safetensors files (seconds, no tensor is loaded) and raise
-    CheckpointError on a truncated or corrupt file. A safetensors file is: 8 bytes little-endian header
-    length N, N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}}, then the tensor bytes; the
-    file must hold exactly the bytes the header promises. Returns the weight files.
-    """
-    files = weight_files(path)
-    for f in files:
         size = os.path.getsize(f)
         fix = f"re-download or re-save the checkpoint ({f} is {size} bytes)"
         with open(f, "rb") as fh:
@@ -667,7 +534,6 @@ def check_weights(path) -> list:
 def load_state_dict(path, dtype=None, device="cpu") -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
     state = {}
     for f in check_weights(path):
         try:
@@ -679,24 +545,20 @@ def load_state_dict(path, dtype=None, device="cpu") -> dict:
     return state
 
 
-def check_state_dict(model: Transformer, state: dict, path):
-    expected = set(model.state_dict().keys())
-    if model.config.tie_word_embeddings:
-        expected.discard("lm_head.weight")  # tied checkpoints store only the embedding
-        state.pop("lm_head.weight", None)
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        raise CheckpointError(f"weights in {path} do not match config.json: missing {sorted(missing)[:5]}, "
-                              f"unexpected {sorted(unexpected)[:5]}")
-
-
 def load_model(path, device="cpu", dtype=torch.float32) -> Transformer:
     """Build the model on the meta device (no memory), then adopt the checkpoint's tensors as parameters."""
     cfg = read_config(path)
     with torch.device("meta"):
         model = Transformer(cfg)
     state = load_state_dict(path, dtype, device)
-    check_state_dict(model, state, path)
+    expected = set(model.state_dict())
+    if cfg.tie_word_embeddings:  # tied checkpoints store only the embedding
+        expected.discard("lm_head.weight")
+        state.pop("lm_head.weight", None)
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise CheckpointError(f"weights in {path} do not match config.json: missing {sorted(missing)[:5]}, "
+                              f"unexpected {sorted(unexpected)[:5]}")
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -706,7 +568,6 @@ def load_model(path, device="cpu", dtype=torch.float32) -> Transformer:
 
 def load_tokenizer(path):
     from transformers import AutoTokenizer
-
     if not os.path.isdir(path):
         raise CheckpointError(f"tokenizer path {path!r} is not a directory")
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -718,11 +579,9 @@ def load_tokenizer(path):
 
 
 def stop_token_ids(tokenizer, model_path=None):
-    """
-    The ids that end an assistant turn: the tokenizer's EOS plus any eos_token_id in the checkpoint's
-    config.json / generation_config.json (Qwen2.5-Instruct stops on <|im_end|> and <|endoftext|>, Llama 3
-    on <|eot_id|> and <|end_of_text|>). model_path defaults to the folder the tokenizer was loaded from.
-    """
+    """The ids that end an assistant turn: the tokenizer's EOS plus the eos_token_id of config.json and
+    generation_config.json in model_path (default: the tokenizer's folder). Qwen2.5-Instruct stops on <|im_end|>
+    and <|endoftext|>, Llama 3 on <|eot_id|> and <|end_of_text|>."""
     ids = {tokenizer.eos_token_id}
     model_path = model_path or getattr(tokenizer, "name_or_path", None)
     for name in ("config.json", "generation_config.json"):
@@ -737,9 +596,8 @@ def stop_token_ids(tokenizer, model_path=None):
 def save_model(state_dict: dict, cfg: ModelConfig, path, tokenizer=None, max_shard_bytes=5 * 2**30):
     """Write config.json + safetensors (sharded with an index past max_shard_bytes), loadable by transformers.
     Floating tensors are stored in the dtype config.json declares (torch_dtype, or transformers 5's dtype; fp32
-    if neither): the trainer's fp32 master weights of a bf16 model are written back in bf16, as it came."""
+    if neither): fp32 master weights of a bf16 model go back in bf16."""
     from safetensors.torch import save_file
-
     os.makedirs(path, exist_ok=True)
     dtype = getattr(torch, str(cfg.hf.get("torch_dtype") or cfg.hf.get("dtype")), None)
     dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32  # none declared: fp32 loses nothing
@@ -773,7 +631,8 @@ def save_model(state_dict: dict, cfg: ModelConfig, path, tokenizer=None, max_sha
 
 
 # ----------------------------------------------------------------------------------------------------------
-# A tiny real checkpoint: random weights, a BPE tokenizer trained on the spot, a ChatML chat template.
+# Random weights: a tiny checkpoint (tests, the CPU demo) with a BPE tokenizer trained on the spot and a ChatML
+# template, and real architectures (SHAPES) for speed and memory runs at real sizes.
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -785,66 +644,46 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 THINK_TOKENS = ["<think>", "</think>"]  # added tokens that stay visible in decoded text, as in Qwen3
 
 
-def tokenizer_corpus(prompts_dir=None) -> list:
-    """Text to train the tiny tokenizer on: every file under prompts/ (profiles, templates, cue lists)."""
-    prompts_dir = prompts_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
+def train_tokenizer(vocab_size=1024):
+    """A byte-level BPE tokenizer (the scheme Qwen and Llama 3 use) trained on every file under prompts/."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers, AddedToken
+    from transformers import PreTrainedTokenizerFast
     texts = ["I hear you. That sounds really hard, and it makes sense that you feel this way. "
              "What happened next? How are you feeling right now? You are not alone."]
-    for root, _, files in os.walk(prompts_dir):
+    for root, _, files in os.walk(os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")):
         for name in sorted(files):
             with open(os.path.join(root, name), encoding="utf-8", errors="ignore") as f:
                 texts.extend(line for line in f.read().splitlines() if line.strip())
-    return texts
-
-
-def train_tokenizer(vocab_size=1024, texts=None):
-    """A byte-level BPE tokenizer (the scheme Qwen and Llama 3 use) trained on our own prompt text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers, AddedToken
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts or tokenizer_corpus(), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    chat_template=CHATML_TEMPLATE, model_max_length=32768)
 
 
 def tiny_hf_config(model_type, vocab_size, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                   intermediate_size=128, tie=None, rope_scaling=None, eos_token_id=None):
-    architectures = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-    hf = {
-        "architectures": [architectures[model_type]], "model_type": model_type, "vocab_size": vocab_size,
+                   intermediate_size=128, eos_token_id=None):
+    return {
+        "architectures": [ARCHITECTURES[model_type]], "model_type": model_type, "vocab_size": vocab_size,
         "hidden_size": hidden_size, "intermediate_size": intermediate_size, "num_hidden_layers": num_layers,
         "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads,
         "head_dim": hidden_size // num_heads, "hidden_act": "silu", "rms_norm_eps": 1e-6,
-        "rope_theta": 1_000_000.0 if model_type != "llama" else 500_000.0, "rope_scaling": rope_scaling,
-        "max_position_embeddings": 32768, "tie_word_embeddings": model_type != "llama" if tie is None else tie,
+        "rope_theta": 1_000_000.0 if model_type != "llama" else 500_000.0,
+        "rope_scaling": dict(LLAMA31_ROPE) if model_type == "llama" else None,
+        "max_position_embeddings": 32768, "tie_word_embeddings": model_type != "llama",
         "attention_bias": False, "use_sliding_window": False, "torch_dtype": "float32",
         "eos_token_id": eos_token_id, "bos_token_id": None, "pad_token_id": None,
     }
-    if model_type == "llama" and rope_scaling is None:
-        hf["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                              "original_max_position_embeddings": 8192}
-    return hf
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Random weights: the tiny checkpoints above (tests, the CPU demo) and real architectures (SHAPES) for speed and
-# memory measurements and smoke runs at real sizes. Norms and biases are randomised too, so tests notice if one
-# is ignored.
 
 
 @torch.no_grad()
 def randomize_(model: Transformer) -> Transformer:
-    """
-    Fill every parameter in place from the default random stream (seed it first): weights ~ N(0, 0.05^2) (a std
-    large enough that a tiny model's next-token distribution is not uniform), norm weights ~ 1 + N(0, 0.1^2),
-    biases ~ N(0, 0.1^2). named_parameters() lists a tied embedding/head once, so it is filled once.
-    """
+    """Every parameter refilled from the default random stream: weights ~ N(0, 0.05^2) (a tiny model's next token
+    is then not uniform), norm weights ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.1^2) (tests notice an ignored one)."""
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             p.normal_().mul_(0.1).add_(1.0)
@@ -856,11 +695,8 @@ def randomize_(model: Transformer) -> Transformer:
 
 
 def random_model(hf: dict, device="cpu", dtype=torch.float32, seed=0) -> Transformer:
-    """
-    A model of any HF config (e.g. SHAPES[name]) with random weights, made directly on `device` in `dtype`:
-    built on the meta device (no memory), given uninitialised storage there, then filled by randomize_. Only one
-    copy of the weights ever exists: Llama-3.1-8B in bf16 takes 16 GB, with no fp32 or CPU detour.
-    """
+    """A model of any HF config (e.g. SHAPES[name]) with random weights, made straight on `device` in `dtype` from
+    the meta device: one copy of the weights ever exists (Llama-3.1-8B in bf16: 16 GB, no fp32 or CPU detour)."""
     cfg = ModelConfig.from_hf(hf)
     with torch.device("meta"):
         model = Transformer(cfg).to(dtype)
@@ -872,34 +708,22 @@ def random_model(hf: dict, device="cpu", dtype=torch.float32, seed=0) -> Transfo
     return randomize_(model)
 
 
-def random_state_dict(cfg: ModelConfig, seed=0) -> dict:
-    """
-    The tiny checkpoints' weights: the module is built on the CPU with its default init, which consumes the
-    seeded stream before randomize_ draws (unlike random_model). These are the weights the tests' and the
-    demo's learning settings were tuned on, so the order of draws is kept as it is.
-    """
-    torch.manual_seed(seed)
-    return randomize_(Transformer(cfg)).state_dict()
-
-
 def make_tiny_checkpoint(path, model_type="qwen2", seed=0, vocab_size=1024, **config_kwargs):
     """Write a tiny random checkpoint in the exact HF layout of a real one (what tests and the CPU demo use)."""
     tokenizer = train_tokenizer(vocab_size)
     hf = tiny_hf_config(model_type, len(tokenizer), eos_token_id=tokenizer.eos_token_id, **config_kwargs)
     cfg = ModelConfig.from_hf(hf)
-    save_model(random_state_dict(cfg, seed), cfg, path, tokenizer)
+    # built on the CPU with its default init, which draws from the seeded stream before randomize_ (unlike
+    # random_model): the weights the tests' and the demo's learning settings were tuned on
+    torch.manual_seed(seed)
+    save_model(randomize_(Transformer(cfg)).state_dict(), cfg, path, tokenizer)
     return path
 
 
 def make_random_checkpoint(path, hf: dict, seed=0, dtype=torch.bfloat16):
-    """
-    A random-weight checkpoint of a real architecture (hf: a config such as SHAPES[name]), written by the same
-    save_model as the tiny one (bf16 on disk by default: 1 GB for qwen2.5-0.5b, 16 GB for the 8B models), with
-    the tiny trained tokenizer, so `rlver.py --model qwen2.5-0.5b` runs the whole pipeline at a real size
-    without a download. config.json is `hf` except for the special-token ids, which are the tokenizer's. The
-    tokenizer knows ~1k ids; the model still scores and samples over its full vocabulary, and sampled ids the
-    tokenizer does not know decode to nothing.
-    """
+    """A random-weight checkpoint of a real architecture (hf: e.g. SHAPES[name]; bf16 on disk by default: 1 GB for
+    qwen2.5-0.5b) with the tiny tokenizer, whose special-token ids replace hf's, so `rlver.py --model NAME` runs
+    at a real size without a download (sampled ids the ~1k-id tokenizer lacks decode to nothing)."""
     tokenizer = train_tokenizer()
     hf = dict(hf, eos_token_id=tokenizer.eos_token_id, bos_token_id=None, pad_token_id=None,
               torch_dtype=str(dtype).removeprefix("torch."))
