@@ -1,8 +1,7 @@
 """The policy LM in plain PyTorch: a Llama-family decoder (Llama 3, Qwen2/2.5, Qwen3) that loads a local Hugging
 Face checkpoint, scores tokens (teacher-forced log-probs), generates with a preallocated KV cache and saves back in
-the HF layout. Read top to bottom: config and SHAPES (published configs), building blocks, Transformer, log-probs,
-KV cache / sampling / generate, checkpoints, random weights (a tiny checkpoint; real sizes). Parameters are named
-as in the HF checkpoint (model.layers.0.self_attn.q_proj.weight): loading and saving are a plain state_dict."""
+the HF layout. Top to bottom: config, blocks and the Transformer, log-probs, KV cache / sampling / generate,
+checkpoints, random weights. Names as in HF (model.layers.0.self_attn.q_proj.weight): a plain state_dict."""
 
 import contextlib
 import functools
@@ -51,10 +50,8 @@ class ModelConfig:
     def from_hf(cls, hf: dict) -> "ModelConfig":
         model_type = hf.get("model_type")
         if model_type not in ARCHITECTURES:
-            raise CheckpointError(
-                f"unsupported model_type {model_type!r}: rlver implements {', '.join(ARCHITECTURES)} "
-                "(Qwen2/2.5, Llama 3.x, Qwen3); convert the model or pick one of those"
-            )
+            raise CheckpointError(f"unsupported model_type {model_type!r}: rlver implements {', '.join(ARCHITECTURES)}"
+                                  " (Qwen2/2.5, Llama 3.x, Qwen3); convert the model or pick one of those")
         if hf.get("hidden_act", "silu") != "silu":
             raise CheckpointError(f"unsupported hidden_act {hf['hidden_act']!r}: only silu (SwiGLU) is implemented")
         if hf.get("use_sliding_window", False):
@@ -81,9 +78,8 @@ class ModelConfig:
                    qk_norm=model_type == "qwen3", hf=hf)
 
 
-# The published configs (config.json on the HF hub: Qwen2.5 Instruct, Llama-3.1-8B-Instruct, Qwen3-8B; keys our
-# model ignores left out), so real sizes build with random weights (benchmark.py --shape, rlver.py --model NAME).
-# Published sizes, which tests/test_model.py checks: 494M, 1.54B, 7.62B, 8.03B, 8.19B.
+# The published configs (HF hub config.json of Qwen2.5 Instruct, Llama-3.1-8B-Instruct, Qwen3-8B, keys we ignore left
+# out) for random weights at real sizes; their published sizes (checked by tests): 494M, 1.54B, 7.62B, 8.03B, 8.19B.
 LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
 QWEN25 = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", num_key_value_heads=2, hidden_act="silu",
@@ -96,18 +92,16 @@ SHAPES = {
                          num_attention_heads=12, tie_word_embeddings=True),
     "qwen2.5-7b": dict(QWEN25, vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                        num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
-    "llama3-8b": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256,
-                      hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, hidden_act="silu", rms_norm_eps=1e-5, rope_theta=500_000.0,
-                      rope_scaling=LLAMA31_ROPE, max_position_embeddings=131072, tie_word_embeddings=False,
-                      attention_bias=False, mlp_bias=False, bos_token_id=128000,
-                      eos_token_id=[128001, 128008, 128009], torch_dtype="bfloat16"),
-    "qwen3-8b": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936,
-                     hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
-                     num_key_value_heads=8, head_dim=128, hidden_act="silu", rms_norm_eps=1e-6,
-                     rope_theta=1_000_000.0, rope_scaling=None, max_position_embeddings=40960,
-                     tie_word_embeddings=False, attention_bias=False, use_sliding_window=False,
-                     bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16"),
+    "llama3-8b": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=4096,
+                      intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                      hidden_act="silu", rms_norm_eps=1e-5, rope_theta=500_000.0, rope_scaling=LLAMA31_ROPE,
+                      max_position_embeddings=131072, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+                      bos_token_id=128000, eos_token_id=[128001, 128008, 128009], torch_dtype="bfloat16"),
+    "qwen3-8b": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=4096,
+                     intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=128, hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1_000_000.0, rope_scaling=None,
+                     max_position_embeddings=40960, tie_word_embeddings=False, attention_bias=False,
+                     use_sliding_window=False, bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16"),
 }
 
 
@@ -197,10 +191,8 @@ class Attention(nn.Module):
 
 
 def grouped_attention(q, k, v, mask):
-    """Masked grouped-query attention, each query group folded into the sequence axis: q (B, H, T, D), H = H_kv * G,
-    viewed as (B, H_kv, G * T, D), the mask (B, 1, T, S) repeated to (B, 1, G * T, S); k, v (B, H_kv, S, D). A mask
-    with enable_gqa=True leaves CUDA only the math kernel (fp32, K/V repeated per head); folded, the
-    memory-efficient kernel reads K/V once. Returns (B, H, T, D)."""
+    """Masked GQA, each query group folded into the sequence axis (a mask with enable_gqa=True leaves CUDA only the
+    math kernel): q (B, H_kv * G, T, D) as (B, H_kv, G * T, D), mask (B, 1, T, S), k, v (B, H_kv, S, D) -> q's shape."""
     B, H, T, D = q.shape
     G = H // k.shape[1]
     y = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], G * T, D), k, v, attn_mask=mask.repeat(1, 1, G, 1))
@@ -248,8 +240,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.gradient_checkpointing = False
-        # bf16 compute over fp32 master weights for a plain (un-sharded) module: forward() runs under
-        # torch.autocast (AdamW's small updates are not rounded away). Under FSDP2 its MixedPrecisionPolicy casts.
+        # bf16 compute over fp32 master weights of a plain module: forward() under torch.autocast (FSDP2: its policy)
         self.autocast_dtype = None
 
     def reset_rope(self, device):
@@ -260,9 +251,8 @@ class Transformer(nn.Module):
                 return_hidden=False, with_entropy=True):
         """ids (B, T) long -> logits (B, T, V); with return_hidden the final-norm hidden states (B, T, C) (the critic);
         with targets (B, T) (log p(targets | prefix), entropy), each (B, T) (entropy None unless with_entropy); with
-        a cache the last position's logits (B, V). Everything goes through forward() so FSDP2's hooks gather the
-        shards. positions (B, T): RoPE positions (default 0..T-1). mask (B, 1, T, S) bool, True = may attend; None
-        = causal over a right-padded batch. Under autocast_dtype the embedding and residual stream stay fp32."""
+        a cache the last position's logits (B, V). positions (B, T): RoPE positions (default 0..T-1). mask (B, 1, T,
+        S) bool, True = may attend; None = causal over a right-padded batch. (All via forward(): FSDP2's hooks.)"""
         B, T = ids.shape
         if positions is None:
             positions = torch.arange(T, device=ids.device).expand(B, T)
@@ -293,9 +283,8 @@ def _chunk_logprobs(lm_head, hidden, targets, temperature, with_entropy=True):
 
 
 def chunked_logprobs(lm_head, hidden, targets, temperature=1.0, chunk_size=512, with_entropy=True):
-    """log p(target_t) under softmax(logits_t / temperature) and its entropy, hidden (B, T, C), targets (B, T) ->
-    two (B, T) fp32 (entropy None unless with_entropy), never holding (B, T, V) fp32 logits (V is 152k for Qwen2.5):
-    T in chunks, each checkpointed under autograd so backward recomputes its logits."""
+    """log p(target_t) under softmax(logits_t / temperature) and its entropy, hidden (B, T, C), targets (B, T) -> two
+    (B, T) fp32 (entropy None unless with_entropy); T in chunks, checkpointed: no (B, T, V) fp32 logits are held."""
     chunk = _chunk_logprobs
     if torch.is_grad_enabled():
         chunk = functools.partial(torch.utils.checkpoint.checkpoint, _chunk_logprobs, use_reentrant=False)
@@ -316,22 +305,17 @@ def token_logprobs(model, ids, temperature=1.0, return_entropy=False):
 
 
 class KVCache:
-    """Preallocated keys/values, one (B, H_kv, S_max, D) pair per layer, written in place (as in gpt-fast).
-    Allocated at a layer's first write in the dtype of the values written, i.e. the compute dtype."""
+    """Preallocated keys/values, a (B, H_kv, S_max, D) pair per layer in the compute dtype, written in place."""
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device):
-        self.shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.device = device
-        self.k = [None] * cfg.num_hidden_layers
-        self.v = [None] * cfg.num_hidden_layers
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
 
     def update(self, layer, index, k, v, used):
         """Write k, v (B, H_kv, T, D) at slots `index` (T,) and return the first `used` slots."""
-        if self.k[layer] is None:
-            self.k[layer] = torch.zeros(self.shape, device=self.device, dtype=v.dtype)
-            self.v[layer] = torch.zeros(self.shape, device=self.device, dtype=v.dtype)
-        self.k[layer].index_copy_(2, index, k.to(v.dtype))  # (autocast rotates keys in fp32: rounded here)
-        self.v[layer].index_copy_(2, index, v)
+        self.k[layer].index_copy_(2, index, k.to(self.k[layer].dtype))  # (autocast rotates keys in fp32)
+        self.v[layer].index_copy_(2, index, v.to(self.v[layer].dtype))
         return self.k[layer][:, :, :used], self.v[layer][:, :, :used]
 
 
@@ -388,10 +372,9 @@ _TWINS = weakref.WeakKeyDictionary()  # model -> (its plain twin, the twin torch
 
 @contextlib.contextmanager
 def compiled_decode(model, enabled=True):
-    """The torch.compile'd one-token decode step of `model` for one generation (None unless enabled: decode
-    eagerly): a plain Transformer twin, compiled once, sharing the model's current weights in its compute dtype
-    until the generation ends. No FSDP2 hook breaks its graph per block, and autocast is off, so no weight cast
-    is traced. On CUDA, mode="reduce-overhead" captures each static shape in a CUDA graph: a launch per token."""
+    """The torch.compile'd decode step of `model` for one generation (None unless enabled): a plain Transformer twin,
+    compiled once, sharing the model's weights in its compute dtype until the generation ends, so no FSDP2 hook or
+    autocast cast enters the graph. On CUDA, "reduce-overhead" captures each shape in a CUDA graph."""
     if not enabled:
         yield None
         return
@@ -402,14 +385,12 @@ def compiled_decode(model, enabled=True):
         _TWINS[model] = twin, torch.compile(twin, mode=mode, dynamic=False)
     twin, step = _TWINS[model]
     dtype = model.autocast_dtype or model.model.embed_tokens.weight.dtype  # the compute dtype
-    sources, shared = dict(model.named_modules()), {}  # shared: one twin tensor per source tensor (tied weights)
-    for name, module in twin.named_modules():
-        for key, p in sources[name]._parameters.items():
-            if p is None:  # (a Linear without bias)
-                continue
-            if id(p) not in shared:
-                shared[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
-            module._parameters[key] = shared[id(p)]
+    shared = {}  # one twin tensor per source tensor (tied weights)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) not in shared:
+            shared[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+        module, _, key = name.rpartition(".")
+        twin.get_submodule(module)._parameters[key] = shared[id(p)]
     twin.inv_freq = model.inv_freq
 
     def decode(*args, **kwargs):
@@ -433,10 +414,9 @@ def compute_region(model):
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, eos_ids, temperature=1.0, top_p=1.0, generator=None, pad_id=0,
              compile=False):
-    """Batched sampling for B prompts (token-id lists): per row the sampled ids up to and including the first EOS
-    (or max_new_tokens), and their log-probs (sample()). compile: the decode step through torch.compile. Prompts
-    are left-padded to length P so every row's token t lands in cache slot P + t; RoPE positions count real
-    tokens only, and the mask hides the padding slots."""
+    """Per prompt (B token-id lists) the sampled ids through the first EOS (or max_new_tokens) and their log-probs
+    (sample()). compile: the decode step through torch.compile. Prompts are left-padded to length P so row token t
+    lands in cache slot P + t; RoPE positions count real tokens only, and the mask hides the padding slots."""
     device = model.inv_freq.device
     B, P = len(prompts), max(len(p) for p in prompts)
     S = P + max_new_tokens
@@ -448,11 +428,10 @@ def generate(model, prompts, max_new_tokens, eos_ids, temperature=1.0, top_p=1.0
     ids, real = ids.to(device), real.to(device)
     positions = (real[:, :P].long().cumsum(-1) - 1).clamp(min=0)  # (B, P)
     slots = torch.arange(S, device=device)  # cache slot numbers, (S,)
-    # Prefill mask (B, 1, P, P): causal and real keys only; each slot also sees itself, so a padding row never
-    # softmaxes over an empty set (NaNs that would leak through the cache).
+    # Prefill mask (B, 1, P, P): causal, real keys, and itself (an all-masked padding row would put NaN in the cache)
     causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
     mask = (causal & real[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)
-    cache = KVCache(model.config, B, S, device)
+    cache = KVCache(model.config, B, S, device, model.autocast_dtype or model.model.embed_tokens.weight.dtype)
     eos = torch.tensor(list(eos_ids), device=device)
     out_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_logprobs = torch.zeros(B, max_new_tokens, device=device)
@@ -498,9 +477,8 @@ def read_config(path) -> ModelConfig:
 
 
 def check_weights(path) -> list:
-    """The checkpoint's *.safetensors files (the index's list when sharded), each checked from its header alone:
-    8 bytes little-endian length N, N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}}, then
-    exactly the tensor bytes the header promises. CheckpointError otherwise."""
+    """The checkpoint's *.safetensors files (the index's list if sharded), each checked from its header alone: 8 bytes
+    little-endian length N, N bytes of JSON {name: {dtype, shape, data_offsets}}, then exactly the bytes promised."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
@@ -580,8 +558,7 @@ def load_tokenizer(path):
 
 def stop_token_ids(tokenizer, model_path=None):
     """The ids that end an assistant turn: the tokenizer's EOS plus the eos_token_id of config.json and
-    generation_config.json in model_path (default: the tokenizer's folder). Qwen2.5-Instruct stops on <|im_end|>
-    and <|endoftext|>, Llama 3 on <|eot_id|> and <|end_of_text|>."""
+    generation_config.json in model_path (default: the tokenizer's folder), e.g. Llama 3's <|eot_id|>."""
     ids = {tokenizer.eos_token_id}
     model_path = model_path or getattr(tokenizer, "name_or_path", None)
     for name in ("config.json", "generation_config.json"):
@@ -594,9 +571,8 @@ def stop_token_ids(tokenizer, model_path=None):
 
 
 def save_model(state_dict: dict, cfg: ModelConfig, path, tokenizer=None, max_shard_bytes=5 * 2**30):
-    """Write config.json + safetensors (sharded with an index past max_shard_bytes), loadable by transformers.
-    Floating tensors are stored in the dtype config.json declares (torch_dtype, or transformers 5's dtype; fp32
-    if neither): fp32 master weights of a bf16 model go back in bf16."""
+    """Write config.json + safetensors (sharded with an index past max_shard_bytes), loadable by transformers, floats
+    in the dtype config.json declares (torch_dtype or dtype; else fp32): a bf16 model's fp32 master weights in bf16."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     dtype = getattr(torch, str(cfg.hf.get("torch_dtype") or cfg.hf.get("dtype")), None)
@@ -631,15 +607,11 @@ def save_model(state_dict: dict, cfg: ModelConfig, path, tokenizer=None, max_sha
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Random weights: a tiny checkpoint (tests, the CPU demo) with a BPE tokenizer trained on the spot and a ChatML
-# template, and real architectures (SHAPES) for speed and memory runs at real sizes.
+# Random weights: a tiny checkpoint (tests, the CPU demo) with a tokenizer trained on the spot; real sizes (SHAPES)
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+CHATML_TEMPLATE = ("{% for message in messages %}"
+                   "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+                   "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 THINK_TOKENS = ["<think>", "</think>"]  # added tokens that stay visible in decoded text, as in Qwen3
 
@@ -667,17 +639,14 @@ def train_tokenizer(vocab_size=1024):
 
 def tiny_hf_config(model_type, vocab_size, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                    intermediate_size=128, eos_token_id=None):
-    return {
-        "architectures": [ARCHITECTURES[model_type]], "model_type": model_type, "vocab_size": vocab_size,
-        "hidden_size": hidden_size, "intermediate_size": intermediate_size, "num_hidden_layers": num_layers,
-        "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads,
-        "head_dim": hidden_size // num_heads, "hidden_act": "silu", "rms_norm_eps": 1e-6,
-        "rope_theta": 1_000_000.0 if model_type != "llama" else 500_000.0,
-        "rope_scaling": dict(LLAMA31_ROPE) if model_type == "llama" else None,
-        "max_position_embeddings": 32768, "tie_word_embeddings": model_type != "llama",
-        "attention_bias": False, "use_sliding_window": False, "torch_dtype": "float32",
-        "eos_token_id": eos_token_id, "bos_token_id": None, "pad_token_id": None,
-    }
+    llama = model_type == "llama"
+    return {"architectures": [ARCHITECTURES[model_type]], "model_type": model_type, "vocab_size": vocab_size,
+            "hidden_size": hidden_size, "intermediate_size": intermediate_size, "num_hidden_layers": num_layers,
+            "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads, "head_dim": hidden_size // num_heads,
+            "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 500_000.0 if llama else 1_000_000.0,
+            "rope_scaling": dict(LLAMA31_ROPE) if llama else None, "max_position_embeddings": 32768,
+            "tie_word_embeddings": not llama, "attention_bias": False, "use_sliding_window": False,
+            "torch_dtype": "float32", "eos_token_id": eos_token_id, "bos_token_id": None, "pad_token_id": None}
 
 
 @torch.no_grad()
@@ -721,9 +690,8 @@ def make_tiny_checkpoint(path, model_type="qwen2", seed=0, vocab_size=1024, **co
 
 
 def make_random_checkpoint(path, hf: dict, seed=0, dtype=torch.bfloat16):
-    """A random-weight checkpoint of a real architecture (hf: e.g. SHAPES[name]; bf16 on disk by default: 1 GB for
-    qwen2.5-0.5b) with the tiny tokenizer, whose special-token ids replace hf's, so `rlver.py --model NAME` runs
-    at a real size without a download (sampled ids the ~1k-id tokenizer lacks decode to nothing)."""
+    """A random checkpoint of a real architecture (hf: e.g. SHAPES[name]) with the tiny tokenizer and its special ids,
+    so `rlver.py --model NAME` runs at a real size without a download (ids it lacks decode to nothing)."""
     tokenizer = train_tokenizer()
     hf = dict(hf, eos_token_id=tokenizer.eos_token_id, bos_token_id=None, pad_token_id=None,
               torch_dtype=str(dtype).removeprefix("torch."))
