@@ -20,9 +20,12 @@ def check_group_layout(groups):
     """The layout the trainer makes and the advantage relies on: each group's rows are contiguous (rows i*G ..
     (i+1)*G - 1 are the G rollouts of profile i; under strip, a dialogue's turn samples follow each other).
     groups (S,) long. Raises ValueError naming the broken invariant."""
-    runs = 1 + int((groups[1:] != groups[:-1]).sum()) if groups.numel() else 0
-    if runs != groups.unique().numel():
-        raise ValueError(f"group layout broken: each group's rows must be contiguous, got group ids {groups.tolist()}")
+    run_starts = torch.ones_like(groups, dtype=torch.bool)  # (S,) a row whose group differs from the row before
+    run_starts[1:] = groups[1:] != groups[:-1]
+    ids, runs = groups[run_starts].unique(return_counts=True)  # the runs of consecutive rows of each group
+    if (runs > 1).any():
+        raise ValueError(f"group layout broken: each group's rows must be contiguous, but the rows of group "
+                         f"{ids[runs > 1][0].item()} come in {runs[runs > 1][0].item()} separate runs")
 
 
 @torch.no_grad()
