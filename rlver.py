@@ -640,11 +640,14 @@ def advantages(run, args, batch, rewards):
     PPO: the dialogue's reward on each sample's last policy token, GAE per sample with the critic's values,
     whitened over the policy tokens of all ranks."""
     mask, dialogue = batch["mask"], batch["dialogue"]
-    if args.algo == "grpo":  # dialogues i*G .. (i+1)*G-1 (their samples under strip) are profile i's group
-        valid = mask.any(1) if args.think_history == "strip" else None  # strip: padding samples take no part
-        adv = grpo.group_advantages(rewards[dialogue], dialogue // args.group_size, valid,
+    if args.algo == "grpo" and args.think_history == "strip":  # over every turn sample of a group (grpo.py)
+        adv = grpo.group_advantages(rewards[dialogue], dialogue // args.group_size, mask.any(1),
                                     scale_by_std=not args.no_std)  # (samples,)
         return adv[:, None] * mask
+    if args.algo == "grpo":  # dialogues i*G .. (i+1)*G-1 are profile i's group
+        groups = torch.arange(len(rewards), device=rewards.device) // args.group_size  # (dialogues,)
+        group = grpo.group_advantages(rewards, groups, scale_by_std=not args.no_std)  # (dialogues,)
+        return group[dialogue][:, None] * mask
     kl_coef = args.kl_coef if "ref_logprobs" in batch else 0.0
     token_rewards = ppo.token_rewards(rewards[dialogue], mask, batch.get("old_logprobs"), batch.get("ref_logprobs"),
                                       kl_coef)
