@@ -1,21 +1,10 @@
 """
-The simulated user: RLVER's environment and the source of its verifiable emotion reward.
-
-RLVER (arXiv 2507.03112) trains a dialogue agent against a simulated user built from a profile: a persona, a
-scenario, a hidden intention (what the user truly needs) and an opening message. It is SAGE's "sentient agent"
-(arXiv 2505.02847): it carries an emotion in [0, 100]; after every agent reply it (i) reasons how the reply
-changes its emotion, (ii) says how it feels now, (iii) decides how to answer, and writes an integer change and
-its reply. The CODE applies the change, emotion <- clamp(emotion + change, 0, 100), under the rules of a
-PROTOCOL (section 2). The reward, final emotion / 100, is "verifiable": arithmetic over the parsed output.
-
-  1. profiles        Profile, load_profiles (our JSONL and the public RLVER/SAGE layout), builtin_profiles
-  2. protocols       PROTOCOLS and the rules they drive (final_outcome, dialogue_end, reward, trajectory);
-                     Episode, prepare_profiles, visible_reply, check_parse_health, transcript
-  3. prompts         build_request / build_reply_request / build_opening_request (prompts/, and *_zh.txt);
-                     3b: load_official_prompts, the authors' prompts read from the user's checkout
-  4. output format   the parsers, ours and the official ones, over shared helpers
-  5. the turn loop   simulate_turn
-  6. backends        RulesBackend, OpenAIBackend, LocalModelBackend, make_backend
+The simulated user of RLVER (arXiv 2507.03112), SAGE's "sentient agent" (arXiv 2505.02847), built from a
+profile: it carries an emotion in [0, 100]; after every agent reply it (i) reasons how the reply changes its
+emotion, (ii) says how it feels now, (iii) decides how to answer, and writes an integer change and its reply.
+The CODE applies the change, emotion <- clamp(emotion + change, 0, 100), under a PROTOCOL; the reward, final
+emotion / 100, is "verifiable": arithmetic over the parsed output. Sections: 1 profiles; 2 protocols and the
+rules they drive, episodes; 3 prompts (3b: the authors'); 4 parsers; 5 the turn loop; 6 backends.
 
 Every backend is a callable `backend(requests: list[list[dict]]) -> list[str]`: a batch of chat message
 lists in, one completion text per request out. All of them must answer in the same format, so a single
@@ -82,8 +71,7 @@ class Profile:
     prompts: "OfficialPrompts" = None   # the authors' prompts (section 3b); None: ours
 
 
-# (our field, accepted keys in order of preference): our layout with aliases, and the public RLVER/SAGE
-# release (Chinese text; main_cha + cha_group become the traits; RLVER's training rows have no first_talk).
+# (our field, its keys by preference): our layout, and the public RLVER/SAGE one (main_cha + cha_group: traits)
 OUR_KEYS = [("persona", ("persona",)), ("scenario", ("scenario", "background")),
             ("hidden_intention", ("hidden_intention",)), ("opening", ("opening", "topic"))]
 PUBLIC_KEYS = [("persona", ("player",)), ("scenario", ("scene",)), ("hidden_intention", ("task",)),
@@ -165,13 +153,11 @@ def builtin_profiles(split="train"):
 
 # ----------------------------------------------------------------------------------------------------
 # 2. Protocols and episodes. A protocol is the whole rule set of one dialogue game; PROTOCOLS is its only
-# definition, and the rules below (and apply_change, simulate_turn) read it. In every protocol the code caps
-# emotion at 100 and floors it at 0: RLVER floors its reward at 0 and stops at <= 0, SAGE stops below 10 with
-# changes of at most 10, so the floor changes no reward, score or ending.
+# definition. The code caps emotion at 100 and floors it at 0 in all: RLVER floors its reward at 0 and stops at
+# <= 0, SAGE stops below 10 with changes of at most 10, so the floor changes no reward, score or ending.
 
 @dataclass(frozen=True)
 class Protocol:
-    name: str
     initial_emotion: int   # start for a profile without its own initial_emotion
     max_change: int        # a change is clamped to [-max_change, max_change]; None: no clamp
     success_at: int        # a final emotion >= success_at counts as "success" (SAGE's Success)
@@ -182,14 +168,12 @@ class Protocol:
     ends_at_success: bool = True   # reaching success_at ends the dialogue
 
 
-GOODBYE_ZH = ("再见", "拜拜")   # SAGE / RLVER end a dialogue when the user's reply contains one of these
+# rlver: RLVER's training simulator (hard_player_simulator_dsv3.py), whose max_turns=8 counts the rounds after
+# the first; sage: SAGE's test_npc.py loop, whose 10th agent reply is never shown to the simulator
 PROTOCOLS = {
-    "classic": Protocol("classic", 50, 30, 100, 1, (), 8, 1),   # ours
-    # RLVER's training simulator (hard_player_simulator_dsv3.py): plays on at 100 (the user says goodbye);
-    # its max_turns=8 counts the rounds after the first: 9 scored replies
-    "rlver": Protocol("rlver", 30, None, 100, 1, GOODBYE_ZH, 9, 2, ends_at_success=False),
-    # SAGE's test_npc.py loop: its 10th agent reply is never shown to the simulator and changes no number
-    "sage": Protocol("sage", 40, 10, 100, 10, GOODBYE_ZH, 9, 2),
+    "classic": Protocol(50, 30, 100, 1, (), 8, 1),   # ours
+    "rlver": Protocol(30, None, 100, 1, ("再见", "拜拜"), 9, 2, ends_at_success=False),
+    "sage": Protocol(40, 10, 100, 10, ("再见", "拜拜"), 9, 2),
 }
 
 
@@ -203,11 +187,7 @@ def final_outcome(emotion, protocol):
     """How a finished dialogue counts in the scores, from its final emotion alone, whatever ended it:
     "failure" below the protocol's failure line, "success" at its success line, else None."""
     P = protocol_of(protocol)
-    if emotion < P.failure_below:
-        return "failure"
-    if emotion >= P.success_at:
-        return "success"
-    return None
+    return "failure" if emotion < P.failure_below else "success" if emotion >= P.success_at else None
 
 
 def dialogue_end(emotion, turns, max_turns, user_text, protocol):
@@ -229,8 +209,7 @@ def detect_lang(profile):
     return "zh" if cjk > letters / 4 else "en"
 
 
-def band(emotion):
-    """SAGE's coarse emotion band the reply stage sees instead of the number."""
+def band(emotion):   # SAGE's coarse emotion band, what the reply stage sees instead of the number
     return next(b for b, low in (("S", 100), ("A", 70), ("B", 40), ("C", 10), ("F", -10**9)) if emotion >= low)
 
 
@@ -248,19 +227,17 @@ class Episode:
     changes_out_of_range: int = 0   # unclamped changes (rlver) outside -100..100: the simulator misread its scale
 
 
-def reward(episode):
-    """RLVER's verifiable reward: final emotion / 100, in [0, 1] (the emotion is floored at 0)."""
+def reward(episode):   # RLVER's verifiable reward: final emotion / 100, in [0, 1] (the emotion is floored at 0)
     return episode.emotion / 100
 
 
-def trajectory(episode):
-    """Emotion before the first reply and after every turn: [e_0, e_1, ..., e_final]."""
+def trajectory(episode):   # emotion before the first reply and after every turn: [e_0, e_1, ..., e_final]
     return [episode.profile.initial_emotion] + [turn["emotion"] for turn in episode.turns]
 
 
 def resolve_profile(profile, protocol=None, lang=None, initial_emotion=None):
-    """The profile as played: its protocol, its language (forced, else detected), and its start emotion
-    (the profile's own, else initial_emotion, else the protocol's)."""
+    """The profile as played: its protocol, language (forced, else detected) and start emotion (its own, else
+    initial_emotion, else the protocol's)."""
     protocol = protocol or profile.protocol
     start = next(e for e in (profile.initial_emotion, initial_emotion, protocol_of(protocol).initial_emotion)
                  if e is not None)
@@ -279,9 +256,8 @@ def new_episode(profile):
 
 def prepare_profiles(profiles, backend=None, *, protocol=None, mode="vanilla", lang=None,
                      initial_emotion=None, retries=2, log=print):
-    """The profiles as played (resolve_profile; protocol None: each profile's own), with an opening written
-    by the simulator at the start emotion for every profile without one (as RLVER's trainer does): one
-    batched request, strict parse, retries; a canned line (with a warning) if it still fails."""
+    """The profiles as played (resolve_profile), each without an opening given one written by the simulator
+    (as RLVER's trainer does): one batched request, retries, then a canned line with a warning."""
     played = [resolve_profile(p, protocol, lang, initial_emotion) for p in profiles]
     todo = [i for i, p in enumerate(played) if not p.opening]
     if todo:
@@ -318,18 +294,15 @@ COUNTS = ("truncated_replies", "cut_thoughts", "changes_out_of_range")   # per-e
 def count_warnings(counts, where):
     """Warning lines for the COUNTS of a batch of episodes ({name: total}); trainer and eval print them."""
     why = {"truncated_replies": "policy replies were cut at --max-new-tokens (raise it: the user read a cut reply)",
-           "cut_thoughts": "dialogues ended because a --think reply was cut before </think> (raise "
-                           "--max-new-tokens)",
+           "cut_thoughts": "dialogues ended because a --think reply was cut before </think> (raise --max-new-tokens)",
            "changes_out_of_range": "simulator changes were outside -100..100 (applied unclamped, as RLVER's "
                                    "trainer does): the simulator misreads its scale"}
     return [f"warning: {where}: {counts[k]:g} {why[k]}" for k in COUNTS if counts.get(k)]
 
 
 def check_parse_health(episodes, max_rate, where, warn=None, sum_ranks=None):
-    """The one rule for unparseable simulator answers (scored change 0: judged by nobody): warn(line), if
-    given, gets one of them; past `max_rate` of the simulator turns no score or update can rest on the
-    simulator: SimulatorError naming the share and the fix. sum_ranks(n): n summed over the ranks that share
-    the batch. Returns (unparseable turns, simulator turns)."""
+    """The one rule for unparseable simulator answers (scored change 0): warn(line) gets one; past max_rate of
+    the turns, SimulatorError. sum_ranks(n): n summed over the ranks sharing the batch. -> (failed, turns)"""
     bad = [t["thought"] for ep in episodes for t in ep.turns if t.get("parse_failed")]
     failed, total = len(bad), sum(len(ep.turns) for ep in episodes)
     if sum_ranks:
@@ -338,16 +311,14 @@ def check_parse_health(episodes, max_rate, where, warn=None, sum_ranks=None):
         warn(f"warning: {where}: {failed}/{total} simulator turns were unparseable (scored change 0, the policy "
              f"saw a fallback user line); e.g. {bad[0][:300]}")
     if failed > max_rate * total:
-        raise SimulatorError(f"{where}: {failed}/{total} simulator turns were unparseable (more than "
-                             f"--max-parse-failure-rate {max_rate:g}): the simulator does not follow the output "
-                             f"format of its protocol (see prompts/), so no score or update can rest on it; fix "
-                             f"its model or prompt")
+        raise SimulatorError(f"{where}: {failed}/{total} simulator turns were unparseable (more than --max-parse-"
+                             f"failure-rate {max_rate:g}): the simulator does not follow the output format of its "
+                             f"protocol (see prompts/), so no score or update can rest on it; fix its model or prompt")
     return failed, total
 
 
 def transcript(episode, **extra):
-    """One JSON record per dialogue, enough to read it back and re-score it (the trainer's samples.jsonl and
-    the evaluation's transcripts.jsonl). extra: e.g. step=, seed=, policy_texts=."""
+    """One JSON record per dialogue, enough to read it back and re-score it. extra: e.g. step=, seed=."""
     return {**extra, "profile_id": episode.profile.id, "initial_emotion": episode.profile.initial_emotion,
             "final_emotion": episode.emotion, "reward": reward(episode), "end_reason": episode.end_reason,
             "protocol": episode.profile.protocol, "lang": episode.profile.lang,
@@ -368,20 +339,24 @@ def load_prompt(name, lang="en"):
 
 
 def _fill(template, values, brace=("{", "}")):
-    """str.replace of each placeholder in turn (not str.format: profile text may hold braces; a filled-in
-    value is never re-scanned for earlier names). brace ("{{", "}}"): the official templates."""
+    """str.replace of each placeholder in turn (not str.format: profile text may hold braces). brace ("{{", "}}"):
+    the official templates."""
     for name, value in values:
         template = template.replace(brace[0] + name + brace[1], str(value))
     return template
 
 
-def _dialogue(episode):
-    """The dialogue so far from the user's side, one "Speaker: text" line per message."""
-    me, other = SPEAKERS[episode.profile.lang]
-    lines = [f"{me}: {episode.profile.opening}"]
+def _messages(episode):   # the dialogue so far as (role, text)
+    messages = [("user", episode.profile.opening)]
     for t in episode.turns:
-        lines += [f"{other}: {t['agent'] or EMPTY_REPLY}", f"{me}: {t['user']}"]
-    return "\n".join(lines)
+        messages += [("assistant", t["agent"]), ("user", t["user"])]
+    return messages
+
+
+def _dialogue(episode):   # the dialogue so far from the user's side, one "Speaker: text" line per message
+    me, other = SPEAKERS[episode.profile.lang]
+    return "\n".join(f"{me}: {text}" if role == "user" else f"{other}: {text or EMPTY_REPLY}"
+                     for role, text in _messages(episode))
 
 
 def _our_request(profile, mode, one_call, template, **values):
@@ -400,14 +375,12 @@ def _our_request(profile, mode, one_call, template, **values):
 
 
 def build_request(episode, agent_reply, mode="vanilla", step="turn"):
-    """The request for one turn: step 'turn' the one-call protocol (thought, change and reply), 'analysis' the
-    first two-stage call (thought and change), from the dialogue, the agent's latest reply (its visible part)
-    and the current emotion. The authors' analysis sees the whole dialogue in one place (SAGE), or all but
-    its last two messages and then those two (RLVER)."""
+    """The request for one turn from the dialogue, the agent's latest (visible) reply and the emotion: step
+    'turn' the one-call protocol, 'analysis' the first two-stage call (thought and change)."""
     if episode.profile.lang is None:   # an Episode built by hand, not by new_episode
         episode.profile = resolve_profile(episode.profile)
     p = episode.profile.prompts
-    if p:   # the authors' prompts: two calls, so only the analysis comes here
+    if p:   # the authors' analysis: SAGE's sees the whole dialogue, RLVER's all but the last two messages, then those
         emotion = episode.profile.initial_emotion if p.start_emotion_quirk else episode.emotion
         earlier, last_two, whole = _official_history(episode, agent_reply)
         return _official_request(episode.profile, p.analysis, [("emotion", emotion)],
@@ -439,17 +412,12 @@ def build_opening_request(profile, mode="vanilla"):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3b. The official prompts, read at run time from the user's checkout of the authors' repository
-# (--official-prompts DIR: its root, or its SAGE/ or RLVER/ folder; none of their text is in this repository),
-# filled and parsed as their code does, so a score is comparable. The simulator file holds target_prompt (a
-# table by purpose in RLVER) and two templates, the analysis (planning_reply) and the reply (player_reply);
-# RLVER's does not parse as a whole (a mis-indented stub), so its statements are cut from the text and parsed
-# one by one. Each call is one user message; {{dialog_history}} is their JSON history of the dialogue, for
-# SAGE's analysis all of it, else all but the last two messages, which fill {{new_history}}. {{planning}} is
-# built from the analysis sections by their code's expression; the reply sees the band Emotion-S/A/B/C/F.
-# Against the paper: RLVER's trainer never stores the emotion its analysis reads (every analysis sees the
-# start 30): we send the live number unless --official-quirks. SAGE reads a `target` key its profiles lack:
-# we send the intended target text.
+# 3b. The official prompts, read at run time from the user's checkout of the authors' repository (none of
+# their text is in this one), filled and parsed as their code does, so a score is comparable. A simulator file
+# holds target_prompt and two templates, the analysis (planning_reply) and the reply (player_reply); RLVER's
+# does not parse as a whole (a mis-indented stub), so its _STATEMENTS are parsed one by one. Against the paper:
+# RLVER's analysis always sees the start emotion 30 (we send the live one unless --official-quirks); SAGE reads
+# a `target` key its profiles lack (we send the intended target text).
 
 RLVER_ROLLOUT = "code/verl/workers/rollout/vllm_rollout/"
 OFFICIAL_SIMULATOR = {"sage": ("SAGE", "simulator_response.py"),
@@ -460,13 +428,11 @@ OFFICIAL_POLICY = {("sage", False): ("SAGE", "npc_response.py", "role_system"), 
                    ("rlver", True): ("RLVER", RLVER_ROLLOUT + "system_prompt.py", "system_prompt_train_think")}
 OFFICIAL_PROFILES = ("SAGE", "profile/simulator_profile_withfirsttalk.jsonl")   # eval's default under sage
 OFFICIAL_ROLES = {"user": "你", "assistant": "NPC"}   # the speakers in their JSON history
-# what is read of a file that does not parse: template literals, the target table, the {{planning}} and
-# {{dialog_history}} replacements and the opening planning line (each starts a line)
+# read of a file that does not parse: templates, targets, {{planning}} / {{dialog_history}}, the opening line
 _STATEMENTS = re.compile(r'^[ \t]*((?:template|role_system|system_prompt_train_\w+) = (?P<q>"""|\'\'\').*?(?P=q)'
                          r'|target_prompt = \{.*?^[ \t]*\}[ \t]*$'
                          r'|\S[^\n]*\.replace\("\{\{(?:planning|dialog_history)\}\}"[^\n]*'
                          r'|planning\[.analyse.\] = [^\n]*)', re.MULTILINE | re.DOTALL)
-_DIFFERS = "this checkout differs from the layout rlver reads"
 
 
 @dataclass
@@ -489,8 +455,9 @@ def _sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _python_nodes(path):
-    """Every ast node of a Python file in source order (of its _STATEMENTS if it does not parse as a whole)."""
+def _read_python(path):
+    """A Python file's literal assignments {name or key as in planning['analyse']: [values]} and .replace
+    calls {placeholder: [second argument nodes]}, in source order (of its _STATEMENTS if it does not parse)."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -505,28 +472,19 @@ def _python_nodes(path):
                 trees.append(ast.increment_lineno(ast.parse(m.group(1)), text.count("\n", 0, m.start(1))))
             except SyntaxError:
                 pass
-    nodes = [n for tree in trees for n in ast.walk(tree) if hasattr(n, "lineno")]
-    return sorted(nodes, key=lambda n: (n.lineno, n.col_offset))
-
-
-def _assigned(nodes, name, kind=str):
-    """The literal values of type `kind` assigned to `name` (a variable, or a key as in planning['analyse'])."""
-    values = []
-    for n in nodes:
-        targets = [t.id if isinstance(t, ast.Name) else getattr(getattr(t, "slice", None), "value", None)
-                   for t in getattr(n, "targets", [])]
-        if isinstance(n, ast.Assign) and name in targets:
-            try:
-                values.append(ast.literal_eval(n.value))
-            except ValueError:
-                pass   # not a literal (e.g. planning["analyse"] = reply.split(...))
-    return [v for v in values if isinstance(v, kind)]
-
-
-def _replace_args(nodes, placeholder):
-    """The second arguments of every `.replace(placeholder, X)` call, as ast nodes."""
-    return [n.args[1] for n in nodes if isinstance(n, ast.Call) and getattr(n.func, "attr", None) == "replace"
-            and len(n.args) == 2 and getattr(n.args[0], "value", None) == placeholder]
+    assigned, replaced = {}, {}
+    for n in sorted((n for tree in trees for n in ast.walk(tree) if hasattr(n, "lineno")),
+                    key=lambda n: (n.lineno, n.col_offset)):
+        if isinstance(n, ast.Assign):
+            for t in n.targets:
+                name = t.id if isinstance(t, ast.Name) else getattr(getattr(t, "slice", None), "value", None)
+                try:
+                    assigned.setdefault(name, []).append(ast.literal_eval(n.value))
+                except (ValueError, TypeError, RecursionError):
+                    pass   # not a literal (e.g. planning["analyse"] = reply.split(...))
+        elif isinstance(n, ast.Call) and getattr(n.func, "attr", None) == "replace" and len(n.args) == 2:
+            replaced.setdefault(getattr(n.args[0], "value", None), []).append(n.args[1])
+    return assigned, replaced
 
 
 def _terms(node, path):
@@ -541,16 +499,16 @@ def _terms(node, path):
                        f"({ast.dump(node)[:80]})")
 
 
-def _first(values, path, what):
-    if not values:
-        raise ProfileError(f"--official-prompts: {path} has no {what}: {_DIFFERS} (README, 'Official prompts'); "
-                           f"use an unmodified checkout")
-    return values[0]
-
-
 def _check(ok, path, problem):
     if not ok:
-        raise ProfileError(f"--official-prompts: {path}: {problem}: {_DIFFERS}; use an unmodified checkout")
+        raise ProfileError(f"--official-prompts: {path}: {problem}: this checkout differs from the layout rlver "
+                           f"reads (README, 'Official prompts'); use an unmodified checkout")
+
+
+def _first(values, path, what, kind=str):
+    values = [v for v in values if isinstance(v, kind)]
+    _check(values, path, f"has no {what}")
+    return values[0]
 
 
 def official_root(path):
@@ -564,13 +522,13 @@ def official_root(path):
 
 def _simulator_prompts(path):
     """Their simulator file -> the OfficialPrompts fields it holds, each checked."""
-    nodes = _python_nodes(path)
-    templates = _assigned(nodes, "template")
+    assigned, replaced = _read_python(path)
+    templates = [t for t in assigned.get("template", []) if isinstance(t, str)]
     _check(len(templates) >= 2, path, f"{len(templates)} template literal(s), expected two (analysis, reply)")
     analysis, reply = templates[:2]
-    target = _first(_assigned(nodes, "target_prompt", (str, dict)), path, "target_prompt")
+    target = _first(assigned.get("target_prompt", []), path, "target_prompt", (str, dict))
     if isinstance(target, dict):   # RLVER: a table by purpose; its trainer plays "eq" (heart-to-heart talk)
-        target = _first([t for t in [target.get("eq")] if isinstance(t, str)], path, 'target_prompt["eq"]')
+        target = _first([target.get("eq")], path, 'target_prompt["eq"]')
     for what, text, names in (("analysis template", analysis, ("emotion", "dialog_history", "target")),
                               ("reply template", reply, ("emotion", "dialog_history", "new_history", "planning",
                                                          "target"))):
@@ -579,14 +537,14 @@ def _simulator_prompts(path):
     headers = tuple(re.findall(r"^(\w+):[ \t]*$", analysis, re.MULTILINE))
     _check(headers and headers[-1] == "Change" and "Response:" in reply, path,
            "the analysis output format must end in 'Change:' and the reply's hold 'Response:'")
-    planning = [b for b in _replace_args(nodes, "{{planning}}") if isinstance(b, ast.BinOp)]
-    planning = _terms(_first(planning, path, "{{planning}} expression over the analysis sections"), path)
+    planning = _terms(_first(replaced.get("{{planning}}", []), path,
+                             "{{planning}} expression over the analysis sections", ast.BinOp), path)
     unknown = [k for kind, k in planning if kind == "section" and k.lower() not in map(str.lower, headers)]
     _check(not unknown, path, f"{{{{planning}}}} reads section(s) {unknown} that the analysis format "
                               f"{list(headers)} lacks")
-    history = [a.value for a in _replace_args(nodes, "{{dialog_history}}") if isinstance(getattr(a, "value", 0), str)]
+    history = [getattr(a, "value", None) for a in replaced.get("{{dialog_history}}", [])]
     return dict(target=target, analysis=analysis, reply=reply, headers=headers, planning=planning,
-                opening_planning=_first(_assigned(nodes, "analyse"), path, "opening planning line"),
+                opening_planning=_first(assigned.get("analyse", []), path, "opening planning line"),
                 opening_history=_first(history, path, "opening text for {{dialog_history}}"))
 
 
@@ -607,7 +565,7 @@ def load_official_prompts(path, protocol, think, quirks=False, simulator="an LLM
     p_folder, p_name, variable = OFFICIAL_POLICY[protocol, bool(think)]
     sim_path, policy_path = root / folder / name, root / p_folder / p_name
     found = _simulator_prompts(sim_path)
-    return OfficialPrompts(source=folder, policy=_first(_assigned(_python_nodes(policy_path), variable),
+    return OfficialPrompts(source=folder, policy=_first(_read_python(policy_path)[0].get(variable, []),
                                                         policy_path, variable),
                            policy_source=f"{p_folder}/{p_name}:{variable}", start_emotion_quirk=bool(quirks),
                            files={str(p.relative_to(root)): _sha256(p) for p in (sim_path, policy_path)}, **found)
@@ -632,32 +590,20 @@ def _official_request(profile, template, first, history, new_history=None):
 
 
 def _official_history(episode, agent_reply):
-    """Their JSON history of the dialogue and the latest agent reply: (all but the last two, the last two,
-    the whole)."""
-    messages = [("user", episode.profile.opening)]
-    for t in episode.turns:
-        messages += [("assistant", t["agent"]), ("user", t["user"])]
-    messages = [{"role": OFFICIAL_ROLES[r], "content": c} for r, c in messages + [("assistant", agent_reply)]]
+    """Their JSON history of the dialogue and the latest agent reply: (all but the last two, those, the whole)."""
+    messages = [{"role": OFFICIAL_ROLES[r], "content": c} for r, c in _messages(episode) + [("assistant", agent_reply)]]
     return [json.dumps(part, ensure_ascii=False, indent=2) for part in (messages[:-2], messages[-2:], messages)]
 
 
 # ----------------------------------------------------------------------------------------------------
 # 4. The output format. Strict, so the reward is verifiable:
-#
-#     <thought>
-#     (i) how the reply changes my emotion ... (ii) how I feel now ... (iii) how I will answer ...
-#     </thought>
+#     <thought>(i) how the reply changes my emotion (ii) how I feel now (iii) how I will answer</thought>
 #     <change>+6</change>
-#     <reply>
-#     what the user says next
-#     </reply>
-#
-# Tolerated: whitespace anywhere, tag case (<Change>), a sign on the change ("+6", "- 3", "−3"), code fences
-# around the whole answer, text before/after/between the sections, a leading <think>...</think> block
-# (reasoning models), and a missing </reply> at the very end (truncated generation).
-# Rejected (ParseError): a missing section, a change that is not a plain integer ("5.5", "five",
-# "+5 points"), an empty reply. Every parser, ours and the official ones, starts with _text; ours read the
-# sections through _tagged.
+#     <reply>what the user says next</reply>
+# Tolerated: whitespace anywhere, tag case (<Change>), a sign on the change ("+6", "- 3", "−3"), code fences,
+# text around the sections, a leading <think>...</think> block, a missing </reply> at the very end (truncated).
+# Rejected (ParseError): a missing section, a change that is not a plain integer ("5.5", "five", "+5 points"),
+# an empty reply. Every parser, ours and the official ones, starts with _text; ours read through _tagged.
 
 _SECTION = {tag: re.compile(rf"<{tag}>(.*?)</{tag}>", re.IGNORECASE | re.DOTALL)
             for tag in ("thought", "change", "reply")}
@@ -665,17 +611,15 @@ _OPEN_REPLY = re.compile(r"<reply>(.*)\Z", re.IGNORECASE | re.DOTALL)   # trunca
 _INTEGER = re.compile(r"[+-]?\s*\d+")
 
 
-def _text(text):
-    """A simulator answer as text: ParseError for anything else (a JSON null...)."""
+def _text(text):   # every parser's first check (a JSON null is no answer)
     if not isinstance(text, str):
         raise ParseError(f"expected text, got {type(text).__name__}")
     return text
 
 
 def _tagged(text, tags):
-    """The stripped <tag> sections of an answer, in the order of `tags`, after dropping a leading <think>
-    block and code-fence lines; a last <reply> may lack </reply>. ParseError naming every missing section,
-    a change that is not a plain integer (returned as an int), or an empty reply."""
+    """The stripped <tag> sections of an answer (without a leading <think> block and code-fence lines), the
+    change as an int; ParseError naming every missing section, a change not a plain integer, an empty reply."""
     text = re.sub(r"\A\s*<think>.*?</think>", "", _text(text), flags=re.IGNORECASE | re.DOTALL)
     text = re.sub(r"^\s*```[\w-]*\s*$", "", text, flags=re.MULTILINE)
     found = {tag: _SECTION[tag].search(text) or (_OPEN_REPLY.search(text) if tag == "reply" else None)
@@ -710,15 +654,13 @@ def parse_reply_output(text):
     return _tagged(text, ("reply",))[0]
 
 
-def _strip(text, chars=("\n", "[", "]")):
-    """Their cleaning of a section: text.strip(c) for each c in turn."""
+def _strip(text, chars=("\n", "[", "]")):   # their cleaning of a section: text.strip(c) for each c in turn
     return functools.reduce(str.strip, chars, text)
 
 
 def parse_official_analysis(prompts, text):
-    """Their analysis parse -> (the {{planning}} text built from the sections, the change as written).
-    After '：' -> ':' and '*' dropped, section H = text.split("H:")[-1].split("<next header>:\n")[0], _strip-ed
-    (RLVER also folds blank lines); the change is the first signed integer of the Change section."""
+    """Their analysis parse -> ({{planning}} built from the sections, the first signed integer of Change).
+    Section H = text.split("H:")[-1].split("<next header>:\n")[0], _strip-ed (RLVER folds blank lines too)."""
     text = _text(text).replace("：", ":").replace("*", "")
     sections = {}
     for h, after in zip(prompts.headers, prompts.headers[1:] + (None,)):

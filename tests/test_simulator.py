@@ -261,7 +261,7 @@ def test_rules_backend_rejects_foreign_requests():
 
 def test_outcome_and_end_follow_the_protocols_lines(monkeypatch):
     # a game of our own: start 50, success at 80, failure below 20, 5 turns
-    monkeypatch.setitem(S.PROTOCOLS, "lenient", S.Protocol("lenient", 50, 10, 80, 20, (), 5, 1))
+    monkeypatch.setitem(S.PROTOCOLS, "lenient", S.Protocol(50, 10, 80, 20, (), 5, 1))
     assert [S.final_outcome(e, "lenient") for e in (19, 20, 79, 80, 95)] == ["failure", None, None, "success",
                                                                               "success"]
     assert [S.dialogue_end(e, 2, 5, "", "lenient") for e in (19, 79, 80)] == ["failure", None, "success"]
