@@ -30,7 +30,7 @@ from pathlib import Path
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 MODES = ("vanilla", "challenging")   # the forgiving and the demanding environment (paper: moderate trains best)
-MAX_ABS_CHANGE = 30                  # our one-call parser clamps a change to [-30, 30] (the templates say so)
+MAX_ABS_CHANGE = 30                  # classic's clamp on a change, [-30, 30] (its parser and templates say so)
 FALLBACK_REPLY = "Sorry, I lost my train of thought. What were you saying?"  # when the simulator fails
 FALLBACK_REPLY_ZH = "抱歉，我刚才走神了。你刚才说什么？"
 FALLBACK_OPENING = {"en": "I've had a rough few weeks and I need to talk to someone.",
@@ -171,7 +171,7 @@ class Protocol:
 # rlver: RLVER's training simulator (hard_player_simulator_dsv3.py), whose max_turns=8 counts the rounds after
 # the first; sage: SAGE's test_npc.py loop, whose 10th agent reply is never shown to the simulator
 PROTOCOLS = {
-    "classic": Protocol(50, 30, 100, 1, (), 8, 1),   # ours
+    "classic": Protocol(50, MAX_ABS_CHANGE, 100, 1, (), 8, 1),   # ours
     "rlver": Protocol(30, None, 100, 1, ("再见", "拜拜"), 9, 2, ends_at_success=False),
     "sage": Protocol(40, 10, 100, 10, ("再见", "拜拜"), 9, 2),
 }
@@ -529,10 +529,9 @@ def _simulator_prompts(path):
     target = _first(assigned.get("target_prompt", []), path, "target_prompt", (str, dict))
     if isinstance(target, dict):   # RLVER: a table by purpose; its trainer plays "eq" (heart-to-heart talk)
         target = _first([target.get("eq")], path, 'target_prompt["eq"]')
-    for what, text, names in (("analysis template", analysis, ("emotion", "dialog_history", "target")),
-                              ("reply template", reply, ("emotion", "dialog_history", "new_history", "planning",
-                                                         "target"))):
-        missing = [f"{{{{{n}}}}}" for n in names if f"{{{{{n}}}}}" not in text]
+    for what, text, names in (("analysis template", analysis, "emotion dialog_history target"),
+                              ("reply template", reply, "emotion dialog_history new_history planning target")):
+        missing = [f"{{{{{n}}}}}" for n in names.split() if f"{{{{{n}}}}}" not in text]
         _check(not missing, path, f"the {what} lacks {', '.join(missing)}")
     headers = tuple(re.findall(r"^(\w+):[ \t]*$", analysis, re.MULTILINE))
     _check(headers and headers[-1] == "Change" and "Response:" in reply, path,
