@@ -288,16 +288,17 @@ def thought_cut(text):
     return "<think>" in (text or "") and "</think>" not in text
 
 
-COUNTS = ("truncated_replies", "cut_thoughts", "changes_out_of_range")   # per-episode counts worth a warning
+COUNT_WARNINGS = {   # the per-episode counts worth a warning -> what it means
+    "truncated_replies": "policy replies were cut at --max-new-tokens (raise it: the user read a cut reply)",
+    "cut_thoughts": "dialogues ended because a --think reply was cut before </think> (raise --max-new-tokens)",
+    "changes_out_of_range": "simulator changes were outside -100..100 (applied unclamped, as RLVER's trainer does): "
+                            "the simulator misreads its scale"}
+COUNTS = tuple(COUNT_WARNINGS)
 
 
 def count_warnings(counts, where):
     """Warning lines for the COUNTS of a batch of episodes ({name: total}); trainer and eval print them."""
-    why = {"truncated_replies": "policy replies were cut at --max-new-tokens (raise it: the user read a cut reply)",
-           "cut_thoughts": "dialogues ended because a --think reply was cut before </think> (raise --max-new-tokens)",
-           "changes_out_of_range": "simulator changes were outside -100..100 (applied unclamped, as RLVER's "
-                                   "trainer does): the simulator misreads its scale"}
-    return [f"warning: {where}: {counts[k]:g} {why[k]}" for k in COUNTS if counts.get(k)]
+    return [f"warning: {where}: {counts[k]:g} {COUNT_WARNINGS[k]}" for k in COUNTS if counts.get(k)]
 
 
 def check_parse_health(episodes, max_rate, where, warn=None, sum_ranks=None):
@@ -377,8 +378,6 @@ def _our_request(profile, mode, one_call, template, **values):
 def build_request(episode, agent_reply, mode="vanilla", step="turn"):
     """The request for one turn from the dialogue, the agent's latest (visible) reply and the emotion: step
     'turn' the one-call protocol, 'analysis' the first two-stage call (thought and change)."""
-    if episode.profile.lang is None:   # an Episode built by hand, not by new_episode
-        episode.profile = resolve_profile(episode.profile)
     p = episode.profile.prompts
     if p:   # the authors' analysis: SAGE's sees the whole dialogue, RLVER's all but the last two messages, then those
         emotion = episode.profile.initial_emotion if p.start_emotion_quirk else episode.emotion
@@ -412,12 +411,10 @@ def build_opening_request(profile, mode="vanilla"):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3b. The official prompts, read at run time from the user's checkout of the authors' repository (none of
-# their text is in this one), filled and parsed as their code does, so a score is comparable. A simulator file
-# holds target_prompt and two templates, the analysis (planning_reply) and the reply (player_reply); RLVER's
-# does not parse as a whole (a mis-indented stub), so its _STATEMENTS are parsed one by one. Against the paper:
-# RLVER's analysis always sees the start emotion 30 (we send the live one unless --official-quirks); SAGE reads
-# a `target` key its profiles lack (we send the intended target text).
+# 3b. The authors' prompts, read at run time from the user's checkout (none of their text is in this repository),
+# filled and parsed as their code does. A simulator file holds target_prompt and two templates, the analysis
+# (planning_reply) and the reply (player_reply). Against the paper: RLVER's analysis always sees the start
+# emotion 30 (we send the live one unless --official-quirks); SAGE reads a `target` its profiles lack (we send it).
 
 RLVER_ROLLOUT = "code/verl/workers/rollout/vllm_rollout/"
 OFFICIAL_SIMULATOR = {"sage": ("SAGE", "simulator_response.py"),
