@@ -184,8 +184,7 @@ def protocol_of(name):
 
 
 def final_outcome(emotion, protocol):
-    """How a finished dialogue counts in the scores, from its final emotion alone, whatever ended it:
-    "failure" below the protocol's failure line, "success" at its success line, else None."""
+    """A finished dialogue's score outcome from its final emotion alone: "failure", "success" or None."""
     P = protocol_of(protocol)
     return "failure" if emotion < P.failure_below else "success" if emotion >= P.success_at else None
 
@@ -236,8 +235,7 @@ def trajectory(episode):   # emotion before the first reply and after every turn
 
 
 def resolve_profile(profile, protocol=None, lang=None, initial_emotion=None):
-    """The profile as played: its protocol, language (forced, else detected) and start emotion (its own, else
-    initial_emotion, else the protocol's)."""
+    """The profile as played: its protocol, language (else detected) and start emotion (else the protocol's)."""
     protocol = protocol or profile.protocol
     start = next(e for e in (profile.initial_emotion, initial_emotion, protocol_of(protocol).initial_emotion)
                  if e is not None)
@@ -330,8 +328,7 @@ def transcript(episode, **extra):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. Prompts: each turn the simulator gets [system: who you are + rules + format, user: the dialogue], or
-# with the authors' prompts (profile.prompts, section 3b) one user message filled as their code does.
+# 3. Prompts: [system: who you are + rules + format, user: the dialogue], or the authors' (section 3b)
 
 @functools.cache
 def load_prompt(name, lang="en"):
@@ -340,8 +337,7 @@ def load_prompt(name, lang="en"):
 
 
 def _fill(template, values, brace=("{", "}")):
-    """str.replace of each placeholder in turn (not str.format: profile text may hold braces). brace ("{{", "}}"):
-    the official templates."""
+    """str.replace of each placeholder in turn (profile text may hold braces); the official ones are {{name}}."""
     for name, value in values:
         template = template.replace(brace[0] + name + brace[1], str(value))
     return template
@@ -361,8 +357,7 @@ def _dialogue(episode):   # the dialogue so far from the user's side, one "Speak
 
 
 def _our_request(profile, mode, one_call, template, **values):
-    """[system: the mode template filled with the profile, user: `template` filled with `values`]. The
-    two-stage calls bring their own output format: for them the mode's one-call format section is cut off."""
+    """[system: the mode template with the profile (minus its one-call format section), user: `template`]."""
     if mode not in MODES:
         raise ValueError(f"unknown simulator mode {mode!r}: use one of {', '.join(MODES)}")
     system = _fill(load_prompt(f"simulator_{mode}.txt", profile.lang), [
@@ -390,8 +385,7 @@ def build_request(episode, agent_reply, mode="vanilla", step="turn"):
 
 
 def build_reply_request(episode, agent_reply, mode, analysis, emotion):
-    """The second two-stage call: the user's reply from the analysis and the band (never the number) of the
-    emotion after the code applied the change."""
+    """The second two-stage call: the reply from the analysis and the band (never the number) after the change."""
     if episode.profile.prompts:
         return _official_request(episode.profile, episode.profile.prompts.reply,
                                  [("planning", analysis), ("emotion", f"Emotion-{band(emotion)}")],
@@ -423,7 +417,6 @@ OFFICIAL_POLICY = {("sage", False): ("SAGE", "npc_response.py", "role_system"), 
                    ("sage", True): ("RLVER", RLVER_ROLLOUT + "system_prompt.py", "system_prompt_train_think"),
                    ("rlver", False): ("RLVER", RLVER_ROLLOUT + "system_prompt.py", "system_prompt_train_unthink"),
                    ("rlver", True): ("RLVER", RLVER_ROLLOUT + "system_prompt.py", "system_prompt_train_think")}
-OFFICIAL_PROFILES = ("SAGE", "profile/simulator_profile_withfirsttalk.jsonl")   # eval's default under sage
 OFFICIAL_ROLES = {"user": "你", "assistant": "NPC"}   # the speakers in their JSON history
 # read of a file that does not parse: templates, targets, {{planning}} / {{dialog_history}}, the opening line
 _STATEMENTS = re.compile(r'^[ \t]*((?:template|role_system|system_prompt_train_\w+) = (?P<q>"""|\'\'\').*?(?P=q)'
@@ -545,8 +538,7 @@ def _simulator_prompts(path):
 
 
 def load_official_prompts(path, protocol, think, quirks=False, simulator="an LLM"):
-    """The authors' simulator and policy prompts for `protocol` (sage or rlver), for an LLM simulator, from
-    the checkout at `path`; ProfileError naming the file and what is missing where it differs."""
+    """The authors' simulator and policy prompts for `protocol` from the checkout at `path` (or ProfileError)."""
     if simulator == "rules":
         raise ProfileError("--official-prompts needs an LLM simulator (--simulator URL or model folder): the rules "
                            "backend only reads our own templates")
@@ -569,7 +561,7 @@ def load_official_prompts(path, protocol, think, quirks=False, simulator="an LLM
 
 def official_profiles_path(path):
     """SAGE's scenario file in the checkout (eval's default profiles under --official-prompts, sage)."""
-    p = official_root(path) / OFFICIAL_PROFILES[0] / OFFICIAL_PROFILES[1]
+    p = official_root(path) / "SAGE/profile/simulator_profile_withfirsttalk.jsonl"
     if not p.is_file():
         raise ProfileError(f"--official-prompts: {p} not found: give --profiles, or a checkout that has SAGE's "
                            f"scenarios")
