@@ -79,11 +79,6 @@ class BenchmarkError(ValueError):
 # 1. Score arithmetic (pure functions of the episodes' emotions)
 
 
-def trajectory(episode):
-    """Emotion before the first reply and after every turn: [e_0, e_1, ..., e_final]."""
-    return [episode.profile.initial_emotion] + [turn["emotion"] for turn in episode.turns]
-
-
 def summarize(episodes):
     """The SAGE-style numbers over a list of finished simulator.Episodes (one per dialogue)."""
     if not episodes:
@@ -281,7 +276,7 @@ def report(episodes, out_dir=None, *, seeds=None, title="", config=None, max_tur
         with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2, ensure_ascii=False)
         max_turns = max_turns or summary["config"].get("max_turns") or max(len(ep.turns) for ep in episodes) or 1
-        write_svg(os.path.join(out_dir, "trajectories.svg"), [trajectory(ep) for ep in episodes], max_turns=max_turns,
+        write_svg(os.path.join(out_dir, "trajectories.svg"), list(map(sim.trajectory, episodes)), max_turns=max_turns,
                   title=f"{title + ' - ' if title else ''}Sentient-style score {summary['score']:.1f}",
                   subtitle=headline, labels=[f"{ep.profile.id} (seed {s})" for ep, s in zip(episodes, seeds)],
                   protocol=episodes[0].profile.protocol)
@@ -416,7 +411,7 @@ def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=None
         log(f"seed {seed}: score {summarize(played)['score']:.1f} in {time.time() - start:.1f}s")
         episodes += played
         episode_seeds += [seed] * len(played)
-    sim.check_parse_failures(*sim.parse_failure_stats(episodes), max_parse_failure_rate, "evaluation", warn=log)
+    sim.check_parse_health(episodes, max_parse_failure_rate, "evaluation", warn=log)
     return report(episodes, out_dir, seeds=episode_seeds, title=title, config=config, max_turns=max_turns, log=log)
 
 

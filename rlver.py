@@ -922,25 +922,22 @@ def load_checkpoint(run, path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Simulator health: unparseable simulator answers (simulator.check_parse_failures) are counted on every
+# Simulator health: unparseable simulator answers (simulator.check_parse_health) are counted on every
 # step's line, shown once, and stop the run past --max-parse-failure-rate.
 
 
 def check_parse_failures(args, episodes, where):
-    """simulator.check_parse_failures over the global batch: every rank decides alike (no rank is left
+    """simulator.check_parse_health over the global batch: every rank decides alike (no rank is left
     waiting); rank 0 shows one offending answer, once per run, with the simulator's key redacted. Returns
     (unparseable simulator turns, simulator turns) over every rank, for the step's metrics."""
-    failed, total, example = sim.parse_failure_stats(episodes)
-    failed, total = int(all_reduce(failed)), int(all_reduce(total))
-
     def warn_once(line):
         key = os.environ.get(args.simulator_key_env)
         if dist.get_rank() == 0 and not WARNED:
             WARNED.append(line)
             print(f"rlver: {line.replace(key, '***') if key else line}", flush=True)
 
-    sim.check_parse_failures(failed, total, example, args.max_parse_failure_rate, where, warn_once)
-    return failed, total
+    return sim.check_parse_health(episodes, args.max_parse_failure_rate, where, warn_once,
+                                  sum_ranks=lambda n: int(all_reduce(n)))
 
 
 WARNED = []  # the first unparseable answer is shown once per run
@@ -995,9 +992,8 @@ def evaluate_policy(run, args, step):
     gathered = [None] * world
     dist.all_gather_object(gathered, [d.episode for d in dialogues])  # every rank gets every episode
     episodes = [e for part in gathered for e in part]
-    failed, total, example = sim.parse_failure_stats(episodes)  # the gathered episodes: alike on every rank
-    sim.check_parse_failures(failed, total, example, args.max_parse_failure_rate, f"evaluation at step {step}",
-                             warn=(lambda line: print(f"rlver: {line}", flush=True)) if rank == 0 else None)
+    sim.check_parse_health(episodes, args.max_parse_failure_rate, f"evaluation at step {step}",  # alike on every rank
+                           warn=(lambda line: print(f"rlver: {line}", flush=True)) if rank == 0 else None)
     if rank != 0:
         return None
     provenance = benchmark.provenance(args, profiles, args.test_profiles, list(range(len(profiles))), 0.0)

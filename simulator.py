@@ -1,40 +1,10 @@
 """
-The simulated user: RLVER's environment and the source of its verifiable emotion reward.
-
-RLVER (Wang et al. 2025, arXiv 2507.03112) trains a dialogue agent against a simulated user built from
-a profile: a persona, a scenario, a hidden intention (what the user truly needs) and an opening message.
-The simulated user is the "sentient agent" of SAGE (arXiv 2505.02847): it carries an emotion score in
-[0, 100], and after every agent reply it
-
-    (i)   reasons about how the reply changes its emotion,
-    (ii)  describes how it feels now,
-    (iii) decides how to answer,
-
-then writes an integer emotion change and its reply. The CODE, not the simulator, adds the change:
-
-    emotion <- clamp(emotion + change, 0, 100)
-
-How the change is clamped, where the dialogue starts and ends (emotion lines, goodbye words, max turns; a
-turn = one agent reply + the user's answer) and whether the simulator answers in one call or two (analysis ->
-change, then the reply from that analysis and a coarse band) is the PROTOCOL (section 2: classic = ours,
-rlver = RLVER's training simulator, sage = SAGE's evaluation loop). The reward is final emotion / 100: it is
-"verifiable" because it is plain arithmetic over the simulator's parsed output.
-
-Reading order of this file:
-  1. profiles        Profile, load_profiles (our JSONL and the public RLVER/SAGE layout), builtin_profiles
-  2. protocols       PROTOCOLS, prepare_profiles (start emotion, language, openings the simulator writes)
-     episodes        Episode, new_episode, reward; the rules this file alone owns: visible_reply (what the
-                     user sees of a policy message), dialogue_end (how a dialogue ends), transcript (the
-                     JSON record of a dialogue)
-  3. prompts         build_request / build_reply_request / build_opening_request from the templates in
-                     prompts/ (English, and <name>_zh.txt in Chinese)
-     official        OfficialPrompts, load_official_prompts: the authors' prompts read from the user's
-                     checkout (--official-prompts), filled and parsed as their code does
-  4. output format   parse_simulator_output / format_simulator_output (the strict tagged format)
-  5. the turn loop   simulate_turn: one (or two, two-stage) batched backend calls per turn, parse, retry,
-                     apply_change
-  6. backends        RulesBackend (deterministic cue counting), OpenAIBackend (HTTP), LocalModelBackend,
-                     make_backend (from a CLI string)
+The simulated user of RLVER (arXiv 2507.03112), SAGE's "sentient agent" (arXiv 2505.02847), built from a
+profile: it carries an emotion in [0, 100]; after every agent reply it (i) reasons how the reply changes its
+emotion, (ii) says how it feels now, (iii) decides how to answer, and writes an integer change and its reply.
+The CODE applies the change, emotion <- clamp(emotion + change, 0, 100), under a PROTOCOL; the reward, final
+emotion / 100, is "verifiable": arithmetic over the parsed output. Sections: 1 profiles; 2 protocols and the
+rules they drive, episodes; 3 prompts (3b: the authors'); 4 parsers; 5 the turn loop; 6 backends.
 
 Every backend is a callable `backend(requests: list[list[dict]]) -> list[str]`: a batch of chat message
 lists in, one completion text per request out. All of them must answer in the same format, so a single
@@ -43,6 +13,7 @@ parser serves LLM simulators and the rules backend alike.
 import ast
 import datetime
 import email.utils
+import functools
 import hashlib
 import http.client
 import json
@@ -59,16 +30,14 @@ from pathlib import Path
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 MODES = ("vanilla", "challenging")   # the forgiving and the demanding environment (paper: moderate trains best)
-MAX_ABS_CHANGE = 30                  # a parsed change is clamped to [-30, 30]: no single reply moves the user
-                                     # by more than ~a third of the scale (the templates say so too)
+MAX_ABS_CHANGE = 30                  # classic's clamp on a change, [-30, 30] (its parser and templates say so)
 FALLBACK_REPLY = "Sorry, I lost my train of thought. What were you saying?"  # when the simulator fails
 FALLBACK_REPLY_ZH = "抱歉，我刚才走神了。你刚才说什么？"
 FALLBACK_OPENING = {"en": "I've had a rough few weeks and I need to talk to someone.",
                     "zh": "最近心里有点堵，想找个人说说。"}
 EMPTY_REPLY = "(the supporter sent an empty message)"  # shown to the simulator for an empty agent reply
 LANGS = ("en", "zh")
-# What the simulator's user-side prompt calls the two speakers, per language
-SPEAKERS = {"en": ("You", "Supporter"), "zh": ("你", "倾诉对象")}
+SPEAKERS = {"en": ("You", "Supporter"), "zh": ("你", "倾诉对象")}   # the two speakers in the user-side dialogue
 FORMAT_HEADERS = ("## Output format", "## 输出格式")   # where a mode template's one-call format section starts
 
 
@@ -93,23 +62,20 @@ class Profile:
     persona: str            # who the user is: name, age, job, temperament, speaking style
     scenario: str           # the background story that brought them here
     hidden_intention: str   # what they truly need; the agent never sees it, the simulator never says it
-    opening: str            # the user's first message; "" = the simulator writes one (open_episodes)
-    initial_emotion: int = None   # None = the protocol's default (PROTOCOLS[...].initial_emotion)
+    opening: str            # the user's first message; "" = the simulator writes one (prepare_profiles)
+    initial_emotion: int = None   # None = the protocol's start
     traits: list = field(default_factory=list)   # personality words, e.g. ["avoidant", "guarded"]
     lang: str = None        # "en" / "zh": which templates the simulator and the policy get (None: detect_lang)
-    protocol: str = "classic"   # the dialogue rules this user plays by (PROTOCOLS; set by prepare_profiles)
+    protocol: str = "classic"   # the dialogue rules this user plays by (PROTOCOLS); the one default protocol
     opening_written: bool = False   # True: the simulator wrote the opening (the profile had none)
-    prompts: "OfficialPrompts" = None   # the authors' prompts read from the user's checkout (section 3b); None: ours
+    prompts: "OfficialPrompts" = None   # the authors' prompts (section 3b); None: ours
 
 
-# Our layout, and aliases: (our field, accepted keys in order of preference).
+# (our field, its keys by preference): our layout, and the public RLVER/SAGE one (main_cha + cha_group: traits)
 OUR_KEYS = [("persona", ("persona",)), ("scenario", ("scenario", "background")),
             ("hidden_intention", ("hidden_intention",)), ("opening", ("opening", "topic"))]
-# The public RLVER/SAGE release (Chinese text): player->persona, scene->scenario, task->hidden_intention,
-# first_talk->opening, main_cha + cha_group -> traits.
 PUBLIC_KEYS = [("persona", ("player",)), ("scenario", ("scene",)), ("hidden_intention", ("task",)),
                ("opening", ("first_talk",))]
-OPTIONAL = {"opening"}   # RLVER's train_profile.jsonl has no first_talk: the simulator writes the opening
 
 
 def _profile_from_record(record, where, default_id):
@@ -124,34 +90,30 @@ def _profile_from_record(record, where, default_id):
                                f"): fix that text in the file") from None
     public = "player" in record or "first_talk" in record   # the public layout is recognised by its keys
     table = PUBLIC_KEYS if public else OUR_KEYS
-    missing = [" or ".join(keys) for name, keys in table
-               if not any(k in record for k in keys) and not (public and name in OPTIONAL)]
+    key_of = {name: next((k for k in keys if k in record), None) for name, keys in table}
+    missing = [" or ".join(keys) for name, keys in table if key_of[name] is None and not (public and name == "opening")]
     if missing:
-        layout = "public RLVER" if public else "rlver"
-        raise ProfileError(f"{where}: profile is missing key(s) {', '.join(missing)} ({layout} layout; "
-                           f"expected {[k[0] for _, k in table]})")
+        raise ProfileError(f"{where}: profile is missing key(s) {', '.join(missing)} "
+                           f"({'public RLVER' if public else 'rlver'} layout; expected {[k[0] for _, k in table]})")
     fields = {}
     for name, keys in table:
-        if public and name in OPTIONAL and not any(k in record for k in keys):
-            fields[name] = ""                                   # written later by the simulator
-            continue
-        value = next(record[k] for k in keys if k in record)
-        if not isinstance(value, str) or not value.strip():
+        value = record[key_of[name]] if key_of[name] else ""   # "": an opening the simulator writes later
+        if key_of[name] and (not isinstance(value, str) or not value.strip()):
             raise ProfileError(f"{where}: '{keys[0]}' must be a non-empty string")
         fields[name] = value.strip()
-    emotion = record.get("initial_emotion")   # absent: the protocol's start (RLVER training 30, SAGE 40)
+    emotion = record.get("initial_emotion")   # absent: the protocol's start
     if isinstance(emotion, float) and emotion.is_integer():
         emotion = int(emotion)
     if emotion is not None and (isinstance(emotion, bool) or not isinstance(emotion, int) or not 1 <= emotion <= 99):
         raise ProfileError(f"{where}: initial_emotion must be an integer in 1..99, got {emotion!r}")
     if public:
         group = record.get("cha_group") or []
-        traits = ([record["main_cha"]] if record.get("main_cha") else []) + \
-                 (list(group) if isinstance(group, list) else [group])
+        traits = [record["main_cha"]] if record.get("main_cha") else []
+        traits += group if isinstance(group, list) else [group]
     else:
-        traits = list(record.get("traits") or [])
-    return Profile(id=str(record.get("id", default_id)), initial_emotion=emotion,
-                   traits=[str(t) for t in traits], **fields)
+        traits = record.get("traits") or []
+    return Profile(id=str(record.get("id", default_id)), initial_emotion=emotion, traits=[str(t) for t in traits],
+                   **fields)
 
 
 def load_profiles(path):
@@ -159,25 +121,24 @@ def load_profiles(path):
     path = Path(path)
     if not path.is_file():
         raise ProfileError(f"profile file not found: {path}")
-    profiles, lines_of = [], {}   # lines_of: profile id -> the line that defined it
     try:
         lines = path.read_text(encoding="utf-8").split("\n")
     except UnicodeDecodeError as e:
         raise ProfileError(f"{path}: not UTF-8 text (byte {e.start}): re-save the file as UTF-8") from None
+    profiles, line_of = [], {}   # line_of: profile id -> the line that defined it
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        where = f"{path}:{lineno}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ProfileError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        profiles.append(_profile_from_record(record, where, default_id=f"{path.stem}-{lineno}"))
-        pid = profiles[-1].id   # ids key the eval table, transcripts and the leaderboard: one profile each
-        if pid in lines_of:
-            raise ProfileError(f"{path}: lines {lines_of[pid]} and {lineno} both have profile id {pid!r}: give "
-                               f"every profile its own id")
-        lines_of[pid] = lineno
+            raise ProfileError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        profile = _profile_from_record(record, f"{path}:{lineno}", default_id=f"{path.stem}-{lineno}")
+        if profile.id in line_of:   # ids key the eval table, transcripts and the leaderboard
+            raise ProfileError(f"{path}: lines {line_of[profile.id]} and {lineno} both have profile id "
+                               f"{profile.id!r}: give every profile its own id")
+        line_of[profile.id] = lineno
+        profiles.append(profile)
     if not profiles:
         raise ProfileError(f"{path}: no profiles in file")
     return profiles
@@ -191,38 +152,28 @@ def builtin_profiles(split="train"):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Protocols and episodes. A protocol is the whole rule set of one dialogue game; this table is its only
-# definition (rollout.py, benchmark.py and rlver.py just name one).
-#
-#   classic  ours: start 50, change clamped to +-30, ends at 0 / 100 / max turns, one call per user turn
-#   rlver    RLVER's training simulator (hard_player_simulator_dsv3.py): start 30, no clamp on the change,
-#            ends on a goodbye word or emotion <= 0 (no stop at 100), up to 9 scored policy replies
-#            (official max_turns=8 counts rounds after the first), two calls per user turn
-#   sage     SAGE's test_npc.py loop: start 40, change clamped to +-10, ends on a goodbye word (checked
-#            first), emotion >= 100 (success) or < 10 (failure); the user opens with first_talk, the agent
-#            replies at most 10 times of which at most 9 are scored: the 10th reply is never shown to the
-#            simulator and cannot change any number, so we stop after the 9th scored reply. Two calls.
-# In every protocol the code caps emotion at 100 and floors it at 0. RLVER lets it go negative but floors the
-# reward at 0 and stops at <= 0, and SAGE stops below 10 with changes of at most 10, so the floor changes no
-# reward, score or ending.
+# 2. Protocols and episodes. A protocol is the whole rule set of one dialogue game; PROTOCOLS is its only
+# definition. The code caps emotion at 100 and floors it at 0 in all: RLVER floors its reward at 0 and stops at
+# <= 0, SAGE stops below 10 with changes of at most 10, so the floor changes no reward, score or ending.
 
 @dataclass(frozen=True)
 class Protocol:
-    name: str
     initial_emotion: int   # start for a profile without its own initial_emotion
     max_change: int        # a change is clamped to [-max_change, max_change]; None: no clamp
-    success_at: int        # emotion >= success_at ends the dialogue as "success"; None: never stops there
-    failure_below: int     # emotion < failure_below ends it as "failure"
+    success_at: int        # a final emotion >= success_at counts as "success" (SAGE's Success)
+    failure_below: int     # a final emotion < failure_below counts as "failure" and ends the dialogue
     goodbye: tuple         # substrings of the user's reply that end it ("goodbye"), checked first
     max_turns: int         # scored policy replies by default (a turn = one policy reply + its evaluation)
     stages: int            # 1: one call writes thought + change + reply; 2: analysis -> change, then reply
+    ends_at_success: bool = True   # reaching success_at ends the dialogue
 
 
-GOODBYE_ZH = ("再见", "拜拜")   # SAGE / RLVER end a dialogue when the user's reply contains one of these
+# rlver: RLVER's training simulator (hard_player_simulator_dsv3.py), whose max_turns=8 counts the rounds after
+# the first; sage: SAGE's test_npc.py loop, whose 10th agent reply is never shown to the simulator
 PROTOCOLS = {
-    "classic": Protocol("classic", 50, 30, 100, 1, (), 8, 1),
-    "rlver": Protocol("rlver", 30, None, None, 1, GOODBYE_ZH, 9, 2),
-    "sage": Protocol("sage", 40, 10, 100, 10, GOODBYE_ZH, 9, 2),
+    "classic": Protocol(50, MAX_ABS_CHANGE, 100, 1, (), 8, 1),   # ours
+    "rlver": Protocol(30, None, 100, 1, ("再见", "拜拜"), 9, 2, ends_at_success=False),
+    "sage": Protocol(40, 10, 100, 10, ("再见", "拜拜"), 9, 2),
 }
 
 
@@ -230,6 +181,23 @@ def protocol_of(name):
     if name not in PROTOCOLS:
         raise ValueError(f"unknown protocol {name!r}: use one of {', '.join(PROTOCOLS)}")
     return PROTOCOLS[name]
+
+
+def final_outcome(emotion, protocol):
+    """A finished dialogue's score outcome from its final emotion alone: "failure", "success" or None."""
+    P = protocol_of(protocol)
+    return "failure" if emotion < P.failure_below else "success" if emotion >= P.success_at else None
+
+
+def dialogue_end(emotion, turns, max_turns, user_text, protocol):
+    """Why a dialogue ends now, None while it goes on. In SAGE's order (test_npc.py): a goodbye word in the
+    user's reply; the failure line; the success line (where the protocol ends there); max_turns replies."""
+    if any(word in (user_text or "") for word in protocol_of(protocol).goodbye):
+        return "goodbye"
+    outcome = final_outcome(emotion, protocol)
+    if outcome == "failure" or (outcome == "success" and protocol_of(protocol).ends_at_success):
+        return outcome
+    return "max_turns" if turns >= max_turns else None
 
 
 def detect_lang(profile):
@@ -240,9 +208,7 @@ def detect_lang(profile):
     return "zh" if cjk > letters / 4 else "en"
 
 
-def band(emotion):
-    """SAGE's coarse emotion band the reply stage sees instead of the number: S >= 100, A >= 70, B >= 40,
-    C >= 10, else F."""
+def band(emotion):   # SAGE's coarse emotion band, what the reply stage sees instead of the number
     return next(b for b, low in (("S", 100), ("A", 70), ("B", 40), ("C", 10), ("F", -10**9)) if emotion >= low)
 
 
@@ -253,16 +219,23 @@ class Episode:
     messages: list            # the dialogue from the AGENT's point of view (user/assistant roles, no system)
     turns: list               # per turn: {turn, agent, thought, change, emotion, user, parse_failed}
     done: bool = False
-    end_reason: str = None    # dialogue_end's "success" / "failure" / "goodbye" / "max_turns", or "max_context"
+    end_reason: str = None    # dialogue_end's reason, or "thought_cut" / "max_context"
     parse_failures: int = 0   # turns whose simulator output stayed unparseable after the retries
     truncated_replies: int = 0   # policy replies cut at the max-new-tokens cap (set by rollout.rollout)
     cut_thoughts: int = 0     # 1 when the policy's reply ended inside its <think> (the dialogue ended there)
     changes_out_of_range: int = 0   # unclamped changes (rlver) outside -100..100: the simulator misread its scale
 
 
+def reward(episode):   # RLVER's verifiable reward: final emotion / 100, in [0, 1] (the emotion is floored at 0)
+    return episode.emotion / 100
+
+
+def trajectory(episode):   # emotion before the first reply and after every turn: [e_0, e_1, ..., e_final]
+    return [episode.profile.initial_emotion] + [turn["emotion"] for turn in episode.turns]
+
+
 def resolve_profile(profile, protocol=None, lang=None, initial_emotion=None):
-    """The profile as played: its protocol, its language (forced, else detected), and its start emotion
-    (the profile's own value, else initial_emotion, else the protocol's default)."""
+    """The profile as played: its protocol, language (else detected) and start emotion (else the protocol's)."""
     protocol = protocol or profile.protocol
     start = next(e for e in (profile.initial_emotion, initial_emotion, protocol_of(protocol).initial_emotion)
                  if e is not None)
@@ -271,8 +244,7 @@ def resolve_profile(profile, protocol=None, lang=None, initial_emotion=None):
 
 
 def new_episode(profile):
-    """The user speaks first: the dialogue starts with the profile's opening message (prepare_profiles
-    writes one for a profile that has none)."""
+    """The user speaks first: the dialogue starts with the profile's opening message."""
     if not profile.opening:
         raise ValueError(f"profile {profile.id} has no opening line: run simulator.prepare_profiles first")
     profile = resolve_profile(profile)
@@ -280,12 +252,10 @@ def new_episode(profile):
                    messages=[{"role": "user", "content": profile.opening}], turns=[])
 
 
-def prepare_profiles(profiles, backend=None, *, protocol="classic", mode="vanilla", lang=None,
+def prepare_profiles(profiles, backend=None, *, protocol=None, mode="vanilla", lang=None,
                      initial_emotion=None, retries=2, log=print):
-    """The profiles as played under a protocol (resolve_profile), with an opening line written by the
-    simulator for every profile without one: one batched request (build_opening_request), strict parse,
-    retries; a canned line (with a warning) if it still fails. RLVER's trainer does the same: its
-    training profiles have no first_talk and the simulator opens at the protocol's start emotion."""
+    """The profiles as played (resolve_profile), each without an opening given one written by the simulator
+    (as RLVER's trainer does): one batched request, retries, then a canned line with a warning."""
     played = [resolve_profile(p, protocol, lang, initial_emotion) for p in profiles]
     todo = [i for i, p in enumerate(played) if not p.opening]
     if todo:
@@ -303,97 +273,51 @@ def prepare_profiles(profiles, backend=None, *, protocol="classic", mode="vanill
     return played
 
 
-def final_outcome(emotion, protocol="classic"):
-    """How a finished dialogue counts in the scores, from its final emotion alone (SAGE's Success = final
-    emotion >= 100, Failure = final emotion below the failure line, whatever ended the dialogue)."""
-    P = protocol_of(protocol)
-    if emotion < P.failure_below:
-        return "failure"
-    if emotion >= 100:
-        return "success"
-    return None
-
-
-def reward(episode):
-    """RLVER's verifiable reward: final emotion / 100, in [0, 1]."""
-    return episode.emotion / 100
-
-
 def visible_reply(text):
-    """What the user gets to see of a policy message (the one owner of this rule). A think-then-say policy
-    writes <think>...</think> first and only the text after </think> reaches the user; an unclosed <think>
-    means the policy never got to its reply, so the user sees nothing. (Applied in every template mode: a
-    thought never reaches the user.)"""
+    """What the user sees of a policy message: the text after </think>; nothing if <think> never closed."""
     text = (text or "").strip()
     if "</think>" in text:
         return text.rsplit("</think>", 1)[1].strip()
-    if "<think>" in text:
-        return ""
-    return text
+    return "" if "<think>" in text else text
 
 
 def thought_cut(text):
-    """A think-then-say message cut before </think> (at the reply cap): there is no reply to show. The
-    dialogue ends there (simulate_turn, end_reason "thought_cut", the reward the emotion reached so far)
-    rather than showing the user an empty message, and it is counted (Episode.cut_thoughts)."""
+    """A think-then-say message cut before </think>: no reply to show, so the dialogue ends there."""
     return "<think>" in (text or "") and "</think>" not in text
 
 
-COUNTS = ("truncated_replies", "cut_thoughts", "changes_out_of_range")   # per-episode counts worth a warning
+COUNT_WARNINGS = {   # the per-episode counts worth a warning -> what it means
+    "truncated_replies": "policy replies were cut at --max-new-tokens (raise it: the user read a cut reply)",
+    "cut_thoughts": "dialogues ended because a --think reply was cut before </think> (raise --max-new-tokens)",
+    "changes_out_of_range": "simulator changes were outside -100..100 (applied unclamped, as RLVER's trainer does): "
+                            "the simulator misreads its scale"}
+COUNTS = tuple(COUNT_WARNINGS)
 
 
 def count_warnings(counts, where):
     """Warning lines for the COUNTS of a batch of episodes ({name: total}); trainer and eval print them."""
-    why = {"truncated_replies": "policy replies were cut at --max-new-tokens (raise it: the user read a cut reply)",
-           "cut_thoughts": "dialogues ended because a --think reply was cut before </think> (raise "
-                           "--max-new-tokens)",
-           "changes_out_of_range": "simulator changes were outside -100..100 (applied unclamped, as RLVER's "
-                                   "trainer does): the simulator misreads its scale"}
-    return [f"warning: {where}: {counts[k]:g} {why[k]}" for k in COUNTS if counts.get(k)]
+    return [f"warning: {where}: {counts[k]:g} {COUNT_WARNINGS[k]}" for k in COUNTS if counts.get(k)]
 
 
-def dialogue_end(emotion, turns, max_turns, user_text="", protocol="classic"):
-    """How a dialogue ends (the one owner of this rule): None while it goes on. In the protocol's order
-    (SAGE test_npc.py): a goodbye word in the user's reply ("goodbye"); emotion below the failure line, the
-    user gives up and leaves ("failure"); emotion at the success line, the user feels fully supported
-    ("success"); else after max_turns scored replies."""
-    P = protocol_of(protocol)
-    if any(word in (user_text or "") for word in P.goodbye):
-        return "goodbye"
-    if emotion < P.failure_below:
-        return "failure"
-    if P.success_at is not None and emotion >= P.success_at:
-        return "success"
-    if turns >= max_turns:
-        return "max_turns"
-    return None
-
-
-def parse_failure_stats(episodes):
-    """(turns whose simulator answer stayed unparseable, all simulator turns, the first such turn's note or
-    None). Trainer and benchmark stop on a high share: such turns are scored change 0, not judged."""
-    failed = [t for ep in episodes for t in ep.turns if t.get("parse_failed")]
-    return len(failed), sum(len(ep.turns) for ep in episodes), (failed[0]["thought"] if failed else None)
-
-
-def check_parse_failures(failed, total, example, max_rate, where, warn=None):
-    """The one rule for unparseable simulator answers (scored change 0: judged by nobody). A few are noise;
-    past `max_rate` of the turns the simulator plainly ignores its format and a score or a gradient would
-    measure nothing, so this raises SimulatorError naming the share and the fix. warn(line), if given, gets
-    one offending answer (the trainer shows it once per run)."""
-    if failed and warn and example:
+def check_parse_health(episodes, max_rate, where, warn=None, sum_ranks=None):
+    """The one rule for unparseable simulator answers (scored change 0): warn(line) gets one; past max_rate of
+    the turns, SimulatorError. sum_ranks(n): n summed over the ranks sharing the batch. -> (failed, turns)"""
+    bad = [t["thought"] for ep in episodes for t in ep.turns if t.get("parse_failed")]
+    failed, total = len(bad), sum(len(ep.turns) for ep in episodes)
+    if sum_ranks:
+        failed, total = sum_ranks(failed), sum_ranks(total)
+    if bad and warn:
         warn(f"warning: {where}: {failed}/{total} simulator turns were unparseable (scored change 0, the policy "
-             f"saw a fallback user line); e.g. {example[:300]}")
+             f"saw a fallback user line); e.g. {bad[0][:300]}")
     if failed > max_rate * total:
-        raise SimulatorError(f"{where}: {failed}/{total} simulator turns were unparseable (more than "
-                             f"--max-parse-failure-rate {max_rate:g}): the simulator does not follow the output "
-                             f"format of its protocol (see prompts/), so no score or update can rest on it; fix "
-                             f"its model or prompt")
+        raise SimulatorError(f"{where}: {failed}/{total} simulator turns were unparseable (more than --max-parse-"
+                             f"failure-rate {max_rate:g}): the simulator does not follow the output format of its "
+                             f"protocol (see prompts/), so no score or update can rest on it; fix its model or prompt")
+    return failed, total
 
 
 def transcript(episode, **extra):
-    """One JSON record per dialogue, everything needed to read it back and to re-score it (the trainer's
-    samples.jsonl and the evaluation's transcripts.jsonl). extra: e.g. step=, seed=, policy_texts=."""
+    """One JSON record per dialogue, enough to read it back and re-score it. extra: e.g. step=, seed=."""
     return {**extra, "profile_id": episode.profile.id, "initial_emotion": episode.profile.initial_emotion,
             "final_emotion": episode.emotion, "reward": reward(episode), "end_reason": episode.end_reason,
             "protocol": episode.profile.protocol, "lang": episode.profile.lang,
@@ -404,119 +328,87 @@ def transcript(episode, **extra):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. Prompts: each turn the simulator gets [system: who you are + rules + format, user: the dialogue]
+# 3. Prompts: [system: who you are + rules + format, user: the dialogue], or the authors' (section 3b)
 
-_PROMPT_CACHE = {}
-
-
+@functools.cache
 def load_prompt(name, lang="en"):
-    """Text of prompts/<name>, or of its Chinese version <stem>_zh.txt for lang 'zh' (cached)."""
-    if lang == "zh":
-        name = name[:-len(".txt")] + "_zh.txt"
-    if name not in _PROMPT_CACHE:
-        _PROMPT_CACHE[name] = (PROMPTS_DIR / name).read_text(encoding="utf-8")
-    return _PROMPT_CACHE[name]
+    """Text of prompts/<name>, or of its Chinese version <stem>_zh.txt for lang 'zh'."""
+    return (PROMPTS_DIR / (name[:-len(".txt")] + "_zh.txt" if lang == "zh" else name)).read_text(encoding="utf-8")
 
 
-def _fill(template, **values):
-    # plain replace, not str.format: profile text may contain braces
-    for key, value in values.items():
-        template = template.replace("{" + key + "}", str(value))
+def _fill(template, values, brace=("{", "}")):
+    """str.replace of each placeholder in turn (profile text may hold braces); the official ones are {{name}}."""
+    for name, value in values:
+        template = template.replace(brace[0] + name + brace[1], str(value))
     return template
 
 
-def _system(profile, mode, one_call):
-    """The mode template filled with the profile. The two-stage steps bring their own output format, so
-    for them the template's one-call format section is cut off."""
+def _messages(episode):   # the dialogue so far as (role, text)
+    messages = [("user", episode.profile.opening)]
+    for t in episode.turns:
+        messages += [("assistant", t["agent"]), ("user", t["user"])]
+    return messages
+
+
+def _dialogue(episode):   # the dialogue so far from the user's side, one "Speaker: text" line per message
+    me, other = SPEAKERS[episode.profile.lang]
+    return "\n".join(f"{me}: {text}" if role == "user" else f"{other}: {text or EMPTY_REPLY}"
+                     for role, text in _messages(episode))
+
+
+def _our_request(profile, mode, one_call, template, **values):
+    """[system: the mode template with the profile (minus its one-call format section), user: `template`]."""
     if mode not in MODES:
         raise ValueError(f"unknown simulator mode {mode!r}: use one of {', '.join(MODES)}")
-    text = _fill(load_prompt(f"simulator_{mode}.txt", profile.lang), persona=profile.persona,
-                 scenario=profile.scenario, traits=", ".join(profile.traits) or "(not specified)",
-                 hidden_intention=profile.hidden_intention)
+    system = _fill(load_prompt(f"simulator_{mode}.txt", profile.lang), [
+        ("persona", profile.persona), ("scenario", profile.scenario),
+        ("traits", ", ".join(profile.traits) or "(not specified)"), ("hidden_intention", profile.hidden_intention)])
     if not one_call:
         for header in FORMAT_HEADERS:
-            text = text.split(header)[0].rstrip() + "\n"
-    return text
-
-
-def _dialogue(episode):
-    """The dialogue so far from the user's side, one "Speaker: text" line per message."""
-    me, other = SPEAKERS[episode.profile.lang]
-    lines = [f"{me}: {episode.profile.opening}"]
-    for t in episode.turns:
-        lines += [f"{other}: {t['agent'] or EMPTY_REPLY}", f"{me}: {t['user']}"]
-    return "\n".join(lines)
+            system = system.split(header)[0].rstrip() + "\n"
+    return [{"role": "system", "content": system},
+            {"role": "user", "content": _fill(load_prompt(template, profile.lang), values.items())}]
 
 
 def build_request(episode, agent_reply, mode="vanilla", step="turn"):
-    """The chat request for one turn. The system message is the mode's template filled with the profile;
-    the user message holds the dialogue so far (from the user's side), the agent's latest reply (only its
-    visible part) and the current emotion. step 'turn': the one-call protocol (thought, change and reply at
-    once); 'analysis': the first of the two-stage calls (thought and change only)."""
-    if episode.profile.lang is None:   # an Episode built by hand, not by new_episode
-        episode.profile = resolve_profile(episode.profile)
-    if episode.profile.prompts:   # the authors' prompts (section 3b): two calls, so only the analysis comes here
-        return build_official_analysis(episode, agent_reply)
-    lang = episode.profile.lang
+    """The request for one turn from the dialogue, the agent's latest (visible) reply and the emotion: step
+    'turn' the one-call protocol, 'analysis' the first two-stage call (thought and change)."""
+    p = episode.profile.prompts
+    if p:   # the authors' analysis: SAGE's sees the whole dialogue, RLVER's all but the last two messages, then those
+        emotion = episode.profile.initial_emotion if p.start_emotion_quirk else episode.emotion
+        earlier, last_two, whole = _official_history(episode, agent_reply)
+        return _official_request(episode.profile, p.analysis, [("emotion", emotion)],
+                                 *([whole] if p.source == "SAGE" else [earlier, last_two]))
     template = {"turn": "simulator_turn.txt", "analysis": "simulator_analysis.txt"}[step]
-    user = _fill(load_prompt(template, lang), dialogue=_dialogue(episode),
-                 agent_reply=agent_reply or EMPTY_REPLY, emotion=episode.emotion)
-    return [{"role": "system", "content": _system(episode.profile, mode, step == "turn")},
-            {"role": "user", "content": user}]
+    return _our_request(episode.profile, mode, step == "turn", template, dialogue=_dialogue(episode),
+                        agent_reply=agent_reply or EMPTY_REPLY, emotion=episode.emotion)
 
 
 def build_reply_request(episode, agent_reply, mode, analysis, emotion):
-    """The second two-stage call (SAGE / RLVER): the user's reply, written from the first call's analysis
-    and the coarse band of the emotion AFTER the code applied the change (never the number)."""
+    """The second two-stage call: the reply from the analysis and the band (never the number) after the change."""
     if episode.profile.prompts:
-        return build_official_reply(episode, agent_reply, analysis, emotion)
-    user = _fill(load_prompt("simulator_reply.txt", episode.profile.lang), dialogue=_dialogue(episode),
-                 agent_reply=agent_reply or EMPTY_REPLY, analysis=analysis, band=band(emotion))
-    return [{"role": "system", "content": _system(episode.profile, mode, False)},
-            {"role": "user", "content": user}]
+        return _official_request(episode.profile, episode.profile.prompts.reply,
+                                 [("planning", analysis), ("emotion", f"Emotion-{band(emotion)}")],
+                                 *_official_history(episode, agent_reply)[:2])
+    return _our_request(episode.profile, mode, False, "simulator_reply.txt", dialogue=_dialogue(episode),
+                        agent_reply=agent_reply or EMPTY_REPLY, analysis=analysis, band=band(emotion))
 
 
 def build_opening_request(profile, mode="vanilla"):
-    """The simulator's own request for the user's first line (a profile without first_talk), written at the
-    start emotion's band, as RLVER's trainer does."""
-    if profile.prompts:
-        return build_official_opening(profile)
-    user = _fill(load_prompt("simulator_opening.txt", profile.lang), band=band(profile.initial_emotion))
-    return [{"role": "system", "content": _system(profile, mode, False)}, {"role": "user", "content": user}]
+    """The request for the user's first line (a profile without one), at the start emotion's band."""
+    p = profile.prompts
+    if p:   # their reply template with their opening planning line and history text
+        return _official_request(profile, p.reply, [("planning", p.opening_planning),
+                                                    ("emotion", f"Emotion-{band(profile.initial_emotion)}")],
+                                 p.opening_history, "")
+    return _our_request(profile, mode, False, "simulator_opening.txt", band=band(profile.initial_emotion))
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3b. The official prompts, read at run time from the user's own checkout of the authors' repository
-# (--official-prompts DIR: the checkout root, or its SAGE/ or RLVER/ folder). None of their text is in this
-# repository: we read it, fill it and parse the answers as their code does, so a score is comparable.
-#
-#   sage   SAGE/simulator_response.py: target_prompt (the purpose of the talk), planning_reply's template (the
-#          analysis call) and player_reply's (the reply call); SAGE/npc_response.py: the agent's system prompt
-#          (role_system); SAGE/profile/simulator_profile_withfirsttalk.jsonl: the 100 scenarios
-#   rlver  RLVER/code/verl/workers/rollout/vllm_rollout/hard_player_simulator_dsv3.py: target_prompt["eq"] and
-#          the same two templates (its analysis asks for a Reason section); system_prompt.py beside it: the
-#          policy's think / no-think prompts (a --think run under sage takes the think prompt from there too)
-# Python files are read with `ast`. RLVER's simulator file does not parse as a whole (a stub function is
-# mis-indented), so the statements we need are cut from its text and each parsed alone (_python_nodes).
-#
-# Their protocol as their code plays it; each call is ONE user message (no system message):
-#   analysis  {{emotion}} the number, {{simulator_role}} / {{player_type}} the profile's player,
-#             {{simulator_scene}} / {{player_topic}} its scene, {{target}} the target text, {{dialog_history}}
-#             json.dumps([{role: 你 | NPC, content}], ensure_ascii=False, indent=2) of the whole dialogue
-#             (sage) or of all but its last two messages, which fill {{new_history}} (rlver)
-#   parsed    '：' -> ':', '*' dropped; section H = text.split("H:")[-1].split("<next header>:\n")[0], stripped of
-#             newlines and [ ] (rlver also folds blank lines); the change is the first signed integer of the
-#             last section (Change); none: the call is asked again
-#   reply     {{planning}} built from the analysis sections by their code's expression (read from their file),
-#             {{emotion}} the band name Emotion-S/A/B/C/F after the change, {{dialog_history}} all but the last
-#             two messages, {{new_history}} those two; the reply is the text after the last "Response:",
-#             stripped of newlines, [ ] and quotes
-#   opening   (a profile without first_talk) the reply template with their opening planning line and opening
-#             history text, {{new_history}} empty, at the start emotion's band
-# Their code against the paper: RLVER's trainer never stores the emotion back into the state its analysis
-# reads, so every analysis sees the start emotion 30 (only the reply call's band is live); we send the live
-# number unless --official-quirks. SAGE's planning_reply looks up a `target` key its profiles lack (its code
-# would stop there); we send the intended target text.
+# 3b. The authors' prompts, read at run time from the user's checkout (none of their text is in this repository),
+# filled and parsed as their code does. A simulator file holds target_prompt and two templates, the analysis
+# (planning_reply) and the reply (player_reply). Against the paper: RLVER's analysis always sees the start
+# emotion 30 (we send the live one unless --official-quirks); SAGE reads a `target` its profiles lack (we send it).
 
 RLVER_ROLLOUT = "code/verl/workers/rollout/vllm_rollout/"
 OFFICIAL_SIMULATOR = {"sage": ("SAGE", "simulator_response.py"),
@@ -525,23 +417,21 @@ OFFICIAL_POLICY = {("sage", False): ("SAGE", "npc_response.py", "role_system"), 
                    ("sage", True): ("RLVER", RLVER_ROLLOUT + "system_prompt.py", "system_prompt_train_think"),
                    ("rlver", False): ("RLVER", RLVER_ROLLOUT + "system_prompt.py", "system_prompt_train_unthink"),
                    ("rlver", True): ("RLVER", RLVER_ROLLOUT + "system_prompt.py", "system_prompt_train_think")}
-OFFICIAL_PROFILES = ("SAGE", "profile/simulator_profile_withfirsttalk.jsonl")   # eval's default under sage
 OFFICIAL_ROLES = {"user": "你", "assistant": "NPC"}   # the speakers in their JSON history
-# the statements of a file that does not parse as a whole: template literals, the target table, the
-# {{planning}} / {{dialog_history}} replacements and the opening planning line (each starts a line)
+# read of a file that does not parse: templates, targets, {{planning}} / {{dialog_history}}, the opening line
 _STATEMENTS = re.compile(r'^[ \t]*((?:template|role_system|system_prompt_train_\w+) = (?P<q>"""|\'\'\').*?(?P=q)'
                          r'|target_prompt = \{.*?^[ \t]*\}[ \t]*$'
-                         r'|\S[^\n]*\.replace\("\{\{(?:planning|dialog_history)\}\}"[^\n]*|planning\[.analyse.\] = [^\n]*)',
-                         re.MULTILINE | re.DOTALL)
+                         r'|\S[^\n]*\.replace\("\{\{(?:planning|dialog_history)\}\}"[^\n]*'
+                         r'|planning\[.analyse.\] = [^\n]*)', re.MULTILINE | re.DOTALL)
 
 
 @dataclass
 class OfficialPrompts:
     source: str              # "SAGE" or "RLVER": whose simulator prompts
     target: str              # the purpose-of-the-talk text ({{target}})
-    analysis: str            # the analysis call's template (planning_reply)
-    reply: str               # the reply call's template (player_reply)
-    headers: tuple           # the analysis sections in order, as its output format lists them; the change last
+    analysis: str            # the analysis call's template
+    reply: str               # the reply call's template
+    headers: tuple           # the analysis sections in order, as its output format lists them; Change last
     planning: list           # how {{planning}} is built: [("text", s) | ("section", key)], from their code
     opening_planning: str    # {{planning}} of the opening request
     opening_history: str     # {{dialog_history}} of the opening request
@@ -555,9 +445,9 @@ def _sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _python_nodes(path):
-    """Every ast node of a Python file in source order; a file that does not parse as a whole is read
-    statement by statement (_STATEMENTS), each parsed alone at its own line."""
+def _read_python(path):
+    """A Python file's literal assignments {name or key as in planning['analyse']: [values]} and .replace
+    calls {placeholder: [second argument nodes]}, in source order (of its _STATEMENTS if it does not parse)."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -569,58 +459,46 @@ def _python_nodes(path):
         trees = []
         for m in _STATEMENTS.finditer(text):
             try:
-                tree = ast.parse(m.group(1))
+                trees.append(ast.increment_lineno(ast.parse(m.group(1)), text.count("\n", 0, m.start(1))))
             except SyntaxError:
-                continue
-            trees.append(ast.increment_lineno(tree, text.count("\n", 0, m.start(1))))
-    nodes = [n for tree in trees for n in ast.walk(tree) if hasattr(n, "lineno")]
-    return sorted(nodes, key=lambda n: (n.lineno, n.col_offset))
+                pass
+    assigned, replaced = {}, {}
+    for n in sorted((n for tree in trees for n in ast.walk(tree) if hasattr(n, "lineno")),
+                    key=lambda n: (n.lineno, n.col_offset)):
+        if isinstance(n, ast.Assign):
+            for t in n.targets:
+                name = t.id if isinstance(t, ast.Name) else getattr(getattr(t, "slice", None), "value", None)
+                try:
+                    assigned.setdefault(name, []).append(ast.literal_eval(n.value))
+                except (ValueError, TypeError, RecursionError):
+                    pass   # not a literal (e.g. planning["analyse"] = reply.split(...))
+        elif isinstance(n, ast.Call) and getattr(n.func, "attr", None) == "replace" and len(n.args) == 2:
+            replaced.setdefault(getattr(n.args[0], "value", None), []).append(n.args[1])
+    return assigned, replaced
 
 
-def _assigned(nodes, name):
-    """The literal values assigned to `name` (a variable, or a subscript key such as planning['analyse'])."""
-    values = []
-    for n in nodes:
-        keys = [t.id if isinstance(t, ast.Name) else getattr(t.slice, "value", None)
-                for t in getattr(n, "targets", []) if isinstance(t, (ast.Name, ast.Subscript))]
-        if isinstance(n, ast.Assign) and name in keys:
-            try:
-                values.append(ast.literal_eval(n.value))
-            except ValueError:
-                pass   # not a literal (e.g. planning["analyse"] = reply.split(...))
-    return values
-
-
-def _replace_args(nodes, placeholder):
-    """The second arguments of every `.replace(placeholder, X)` call, as ast nodes."""
-    return [n.args[1] for n in nodes if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
-            and n.func.attr == "replace" and len(n.args) == 2 and getattr(n.args[0], "value", None) == placeholder]
-
-
-def _terms(node):
+def _terms(node, path):
     """Their {{planning}} expression "..." + planning['key'] + ... -> [("text", s) | ("section", key)]."""
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
-        return _terms(node.left) + _terms(node.right)
+        return _terms(node.left, path) + _terms(node.right, path)
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         return [("text", node.value)]
     if isinstance(node, ast.Subscript) and isinstance(getattr(node.slice, "value", None), str):
         return [("section", node.slice.value)]
-    raise ValueError(ast.dump(node)[:80])
+    raise ProfileError(f"--official-prompts: {path}: unexpected term in the {{{{planning}}}} expression "
+                       f"({ast.dump(node)[:80]})")
+
+
+def _check(ok, path, problem):
+    if not ok:
+        raise ProfileError(f"--official-prompts: {path}: {problem}: this checkout differs from the layout rlver "
+                           f"reads (README, 'Official prompts'); use an unmodified checkout")
 
 
 def _first(values, path, what, kind=str):
-    found = [v for v in values if isinstance(v, kind)]
-    if not found:
-        raise ProfileError(f"--official-prompts: {path} has no {what}: this checkout differs from the layout "
-                           f"rlver reads (README, 'Official prompts'); use an unmodified checkout")
-    return found[0]
-
-
-def _need_placeholders(text, names, path, what):
-    missing = [f"{{{{{n}}}}}" for n in names if f"{{{{{n}}}}}" not in text]
-    if missing:
-        raise ProfileError(f"--official-prompts: {path}: the {what} lacks {', '.join(missing)}: this checkout "
-                           f"differs from the layout rlver reads; use an unmodified checkout")
+    values = [v for v in values if isinstance(v, kind)]
+    _check(values, path, f"has no {what}")
+    return values[0]
 
 
 def official_root(path):
@@ -632,10 +510,35 @@ def official_root(path):
     return path.parent if path.name in ("SAGE", "RLVER") else path
 
 
+def _simulator_prompts(path):
+    """Their simulator file -> the OfficialPrompts fields it holds, each checked."""
+    assigned, replaced = _read_python(path)
+    templates = [t for t in assigned.get("template", []) if isinstance(t, str)]
+    _check(len(templates) >= 2, path, f"{len(templates)} template literal(s), expected two (analysis, reply)")
+    analysis, reply = templates[:2]
+    target = _first(assigned.get("target_prompt", []), path, "target_prompt", (str, dict))
+    if isinstance(target, dict):   # RLVER: a table by purpose; its trainer plays "eq" (heart-to-heart talk)
+        target = _first([target.get("eq")], path, 'target_prompt["eq"]')
+    for what, text, names in (("analysis template", analysis, "emotion dialog_history target"),
+                              ("reply template", reply, "emotion dialog_history new_history planning target")):
+        missing = [f"{{{{{n}}}}}" for n in names.split() if f"{{{{{n}}}}}" not in text]
+        _check(not missing, path, f"the {what} lacks {', '.join(missing)}")
+    headers = tuple(re.findall(r"^(\w+):[ \t]*$", analysis, re.MULTILINE))
+    _check(headers and headers[-1] == "Change" and "Response:" in reply, path,
+           "the analysis output format must end in 'Change:' and the reply's hold 'Response:'")
+    planning = _terms(_first(replaced.get("{{planning}}", []), path,
+                             "{{planning}} expression over the analysis sections", ast.BinOp), path)
+    unknown = [k for kind, k in planning if kind == "section" and k.lower() not in map(str.lower, headers)]
+    _check(not unknown, path, f"{{{{planning}}}} reads section(s) {unknown} that the analysis format "
+                              f"{list(headers)} lacks")
+    history = [getattr(a, "value", None) for a in replaced.get("{{dialog_history}}", [])]
+    return dict(target=target, analysis=analysis, reply=reply, headers=headers, planning=planning,
+                opening_planning=_first(assigned.get("analyse", []), path, "opening planning line"),
+                opening_history=_first(history, path, "opening text for {{dialog_history}}"))
+
+
 def load_official_prompts(path, protocol, think, quirks=False, simulator="an LLM"):
-    """The authors' simulator and policy prompts for `protocol` (sage or rlver), read from the checkout at
-    `path` (see the notes above). A file or template that is not where their layout has it raises
-    ProfileError naming the file and what is missing. They are written for an LLM: never for the rules backend."""
+    """The authors' simulator and policy prompts for `protocol` from the checkout at `path` (or ProfileError)."""
     if simulator == "rules":
         raise ProfileError("--official-prompts needs an LLM simulator (--simulator URL or model folder): the rules "
                            "backend only reads our own templates")
@@ -647,125 +550,110 @@ def load_official_prompts(path, protocol, think, quirks=False, simulator="an LLM
                            "emotion); SAGE has no such quirk: drop the flag or use --protocol rlver")
     root = official_root(path)
     folder, name = OFFICIAL_SIMULATOR[protocol]
-    sim_path = root / folder / name
-    nodes = _python_nodes(sim_path)
-    templates = [t for t in _assigned(nodes, "template") if isinstance(t, str)]
-    if len(templates) < 2:
-        raise ProfileError(f"--official-prompts: {sim_path} has {len(templates)} template literal(s), expected "
-                           f"two (the analysis and the reply): this checkout differs from the layout rlver reads")
-    analysis, reply = templates[:2]
-    target = _first(_assigned(nodes, "target_prompt"), sim_path, "target_prompt", (str, dict))
-    if isinstance(target, dict):   # RLVER: a table by purpose; its trainer plays "eq" (heart-to-heart talk)
-        target = _first([target.get("eq")], sim_path, 'target_prompt["eq"]')
-    _need_placeholders(analysis, ("emotion", "dialog_history", "target"), sim_path, "analysis template")
-    _need_placeholders(reply, ("emotion", "dialog_history", "new_history", "planning", "target"), sim_path,
-                       "reply template")
-    headers = tuple(re.findall(r"^(\w+):[ \t]*$", analysis, re.MULTILINE))
-    if not headers or headers[-1] != "Change" or "Response:" not in reply:
-        raise ProfileError(f"--official-prompts: {sim_path}: the analysis output format must end in 'Change:' and "
-                           f"the reply's hold 'Response:': this checkout differs from the layout rlver reads")
-    try:
-        planning = _terms(_first(_replace_args(nodes, "{{planning}}"), sim_path,
-                                 "{{planning}} expression over the analysis sections", ast.BinOp))
-    except ValueError as e:
-        raise ProfileError(f"--official-prompts: {sim_path}: unexpected term in the {{{{planning}}}} expression "
-                           f"({e})") from None
-    unknown = [k for kind, k in planning if kind == "section" and k.lower() not in map(str.lower, headers)]
-    if unknown:
-        raise ProfileError(f"--official-prompts: {sim_path}: {{{{planning}}}} reads section(s) {unknown} that "
-                           f"the analysis format {list(headers)} lacks")
-    opening_history = _first([getattr(a, "value", None) for a in _replace_args(nodes, "{{dialog_history}}")],
-                             sim_path, "opening text for {{dialog_history}}")
     p_folder, p_name, variable = OFFICIAL_POLICY[protocol, bool(think)]
-    policy_path = root / p_folder / p_name
-    policy = _first(_assigned(_python_nodes(policy_path), variable), policy_path, variable)
-    files = {str(p.relative_to(root)): _sha256(p) for p in (sim_path, policy_path)}
-    return OfficialPrompts(folder, target, analysis, reply, headers, planning,
-                           _first(_assigned(nodes, "analyse"), sim_path, "opening planning line"), opening_history,
-                           policy, f"{p_folder}/{p_name}:{variable}", files, bool(quirks))
+    sim_path, policy_path = root / folder / name, root / p_folder / p_name
+    found = _simulator_prompts(sim_path)
+    return OfficialPrompts(source=folder, policy=_first(_read_python(policy_path)[0].get(variable, []),
+                                                        policy_path, variable),
+                           policy_source=f"{p_folder}/{p_name}:{variable}", start_emotion_quirk=bool(quirks),
+                           files={str(p.relative_to(root)): _sha256(p) for p in (sim_path, policy_path)}, **found)
 
 
 def official_profiles_path(path):
     """SAGE's scenario file in the checkout (eval's default profiles under --official-prompts, sage)."""
-    p = official_root(path) / OFFICIAL_PROFILES[0] / OFFICIAL_PROFILES[1]
+    p = official_root(path) / "SAGE/profile/simulator_profile_withfirsttalk.jsonl"
     if not p.is_file():
         raise ProfileError(f"--official-prompts: {p} not found: give --profiles, or a checkout that has SAGE's "
                            f"scenarios")
     return p
 
 
-def _official_history(episode, agent_reply=None):
-    """The dialogue as their JSON history: the user's opening, then the turns, then the latest agent reply."""
-    messages = [("user", episode.profile.opening)]
-    for t in episode.turns:
-        messages += [("assistant", t["agent"]), ("user", t["user"])]
-    if agent_reply is not None:
-        messages.append(("assistant", agent_reply))
-    return [{"role": OFFICIAL_ROLES[r], "content": c} for r, c in messages]
-
-
-def _dump(messages):
-    return json.dumps(messages, ensure_ascii=False, indent=2)
-
-
-def _fill_official(template, values):
-    """Their str.replace of {{name}} placeholders, in the given order (later values are never re-scanned for
-    earlier names: the dialogue, filled last, may contain braces)."""
-    for name, value in values:
-        template = template.replace("{{" + name + "}}", str(value))
-    return template
-
-
-def _profile_values(prompts, profile):
-    return [("target", prompts.target), ("simulator_role", profile.persona), ("player_type", profile.persona),
-            ("simulator_scene", profile.scenario), ("player_topic", profile.scenario)]
-
-
-def build_official_analysis(episode, agent_reply):
-    """Their analysis call (planning_reply) as one user message."""
-    prompts, history = episode.profile.prompts, _official_history(episode, agent_reply)
-    emotion = episode.profile.initial_emotion if prompts.start_emotion_quirk else episode.emotion
-    if prompts.source == "SAGE":   # the whole dialogue in one place
-        recent = [("dialog_history", _dump(history))]
-    else:                          # all but the last two messages, then those two
-        recent = [("dialog_history", _dump(history[:-2])), ("new_history", _dump(history[-2:]))]
-    text = _fill_official(prompts.analysis, [("emotion", emotion)] + _profile_values(prompts, episode.profile) + recent)
-    return [{"role": "user", "content": text}]
-
-
-def _official_reply_request(profile, planning, emotion, dialog_history, new_history):
-    text = _fill_official(profile.prompts.reply, [("planning", planning), ("emotion", f"Emotion-{band(emotion)}")]
-                          + _profile_values(profile.prompts, profile)
-                          + [("dialog_history", dialog_history), ("new_history", new_history)])
-    return [{"role": "user", "content": text}]
-
-
-def build_official_reply(episode, agent_reply, planning, emotion):
-    """Their reply call (player_reply): the planning text from the analysis, the band after the change."""
-    history = _official_history(episode, agent_reply)
-    return _official_reply_request(episode.profile, planning, emotion, _dump(history[:-2]), _dump(history[-2:]))
-
-
-def build_official_opening(profile):
-    """Their request for a first line (a profile without first_talk), at the start emotion's band."""
+def _official_request(profile, template, first, history, new_history=None):
+    """One user message: their template filled in their order, the dialogue last (it may hold braces)."""
     p = profile.prompts
-    return _official_reply_request(profile, p.opening_planning, profile.initial_emotion, p.opening_history, "")
+    values = first + [("target", p.target), ("simulator_role", profile.persona), ("player_type", profile.persona),
+                      ("simulator_scene", profile.scenario), ("player_topic", profile.scenario)]
+    values += [("dialog_history", history)] + ([("new_history", new_history)] if new_history is not None else [])
+    return [{"role": "user", "content": _fill(template, values, brace=("{{", "}}"))}]
 
 
-def _text(text):
-    """A simulator answer as text (every parser's first check): ParseError for anything else (a JSON null...)."""
+def _official_history(episode, agent_reply):
+    """Their JSON history of the dialogue and the latest agent reply: (all but the last two, those, the whole)."""
+    messages = [{"role": OFFICIAL_ROLES[r], "content": c} for r, c in _messages(episode) + [("assistant", agent_reply)]]
+    return [json.dumps(part, ensure_ascii=False, indent=2) for part in (messages[:-2], messages[-2:], messages)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. The output format. Strict, so the reward is verifiable:
+#     <thought>(i) how the reply changes my emotion (ii) how I feel now (iii) how I will answer</thought>
+#     <change>+6</change>
+#     <reply>what the user says next</reply>
+# Tolerated: whitespace anywhere, tag case (<Change>), a sign on the change ("+6", "- 3", "−3"), code fences,
+# text around the sections, a leading <think>...</think> block, a missing </reply> at the very end (truncated).
+# Rejected (ParseError): a missing section, a change that is not a plain integer ("5.5", "five", "+5 points"),
+# an empty reply. Every parser, ours and the official ones, starts with _text; ours read through _tagged.
+
+_SECTION = {tag: re.compile(rf"<{tag}>(.*?)</{tag}>", re.IGNORECASE | re.DOTALL)
+            for tag in ("thought", "change", "reply")}
+_OPEN_REPLY = re.compile(r"<reply>(.*)\Z", re.IGNORECASE | re.DOTALL)   # truncated: no </reply>
+_INTEGER = re.compile(r"[+-]?\s*\d+")
+
+
+def _text(text):   # every parser's first check (a JSON null is no answer)
     if not isinstance(text, str):
         raise ParseError(f"expected text, got {type(text).__name__}")
     return text
 
 
+def _tagged(text, tags):
+    """The stripped <tag> sections of an answer (without a leading <think> block and code-fence lines), the
+    change as an int; ParseError naming every missing section, a change not a plain integer, an empty reply."""
+    text = re.sub(r"\A\s*<think>.*?</think>", "", _text(text), flags=re.IGNORECASE | re.DOTALL)
+    text = re.sub(r"^\s*```[\w-]*\s*$", "", text, flags=re.MULTILINE)
+    found = {tag: _SECTION[tag].search(text) or (_OPEN_REPLY.search(text) if tag == "reply" else None)
+             for tag in tags}
+    missing = [f"<{tag}>" for tag, m in found.items() if m is None]
+    if missing:
+        raise ParseError(f"missing section(s) {', '.join(missing)}")
+    sections = {tag: m.group(1).strip() for tag, m in found.items()}
+    if "change" in sections:
+        change = sections["change"].replace("\u2212", "-")   # unicode minus
+        if not _INTEGER.fullmatch(change):
+            raise ParseError(f"<change> must be an integer, got {change[:40]!r}")
+        sections["change"] = int(re.sub(r"\s", "", change))
+    if sections.get("reply") == "":
+        raise ParseError("empty <reply>")
+    return [sections[tag] for tag in tags]
+
+
+def parse_simulator_output(text):
+    """One-call answer -> (thought: str, change: int clamped to +-MAX_ABS_CHANGE, reply: str)."""
+    thought, change, reply = _tagged(text, ("thought", "change", "reply"))
+    return thought, max(-MAX_ABS_CHANGE, min(MAX_ABS_CHANGE, change)), reply
+
+
+def parse_analysis_output(text):
+    """Two-stage call 1 -> (thought, change); the change is NOT clamped here (the protocol clamps it)."""
+    return tuple(_tagged(text, ("thought", "change")))
+
+
+def parse_reply_output(text):
+    """Two-stage call 2 (and the opening request) -> the <reply> text; anything else (a plan) is ignored."""
+    return _tagged(text, ("reply",))[0]
+
+
+def _strip(text, chars=("\n", "[", "]")):   # their cleaning of a section: text.strip(c) for each c in turn
+    return functools.reduce(str.strip, chars, text)
+
+
 def parse_official_analysis(prompts, text):
-    """Their analysis parse -> (the {{planning}} text built from the sections, the change as written)."""
+    """Their analysis parse -> ({{planning}} built from the sections, the first signed integer of Change).
+    Section H = text.split("H:")[-1].split("<next header>:\n")[0], _strip-ed (RLVER folds blank lines too)."""
     text = _text(text).replace("：", ":").replace("*", "")
     sections = {}
     for h, after in zip(prompts.headers, prompts.headers[1:] + (None,)):
         part = text.split(h + ":")[-1]
-        part = (part.split(after + ":\n")[0] if after else part).strip("\n").strip("[").strip("]")
+        part = _strip(part.split(after + ":\n")[0] if after else part)
         sections[h.lower()] = part.replace("\n\n", "\n") if prompts.source == "RLVER" else part
     change = re.findall(r"[+-]?\d+", sections["change"])
     if not change:
@@ -775,84 +663,8 @@ def parse_official_analysis(prompts, text):
 
 
 def parse_official_reply(text):
-    """Their reply parse: the text after the last 'Response:', stripped of newlines, [ ] and quotes."""
-    return _text(text).split("Response:")[-1].strip("\n").strip("[").strip("]").strip("\u201c").strip("\u201d")
-
-
-# ----------------------------------------------------------------------------------------------------
-# 4. The output format. Strict, so the reward is verifiable:
-#
-#     <thought>
-#     (i) how the reply changes my emotion ... (ii) how I feel now ... (iii) how I will answer ...
-#     </thought>
-#     <change>+6</change>
-#     <reply>
-#     what the user says next
-#     </reply>
-#
-# Tolerated: whitespace anywhere, tag case (<Change>), a sign on the change ("+6", "- 3", "−3"), code fences
-# around the whole answer, text before/after/between the sections, a leading <think>...</think> block
-# (reasoning models), and a missing </reply> at the very end (truncated generation).
-# Rejected (ParseError): a missing section, a change that is not a plain integer ("5.5", "five",
-# "+5 points"), an empty reply. The change is then clamped to [-MAX_ABS_CHANGE, MAX_ABS_CHANGE].
-
-_SECTION = {tag: re.compile(rf"<{tag}>(.*?)</{tag}>", re.IGNORECASE | re.DOTALL)
-            for tag in ("thought", "change", "reply")}
-_OPEN_REPLY = re.compile(r"<reply>(.*)\Z", re.IGNORECASE | re.DOTALL)   # truncated: no </reply>
-_INTEGER = re.compile(r"[+-]?\s*\d+")
-
-
-def _clean(text):
-    """Our parsers' input: text (_text) without a leading <think> block and without code-fence lines."""
-    text = re.sub(r"\A\s*<think>.*?</think>", "", _text(text), flags=re.IGNORECASE | re.DOTALL)
-    return re.sub(r"^\s*```[\w-]*\s*$", "", text, flags=re.MULTILINE)
-
-
-def parse_simulator_output(text):
-    """Simulator text -> (thought: str, change: int, reply: str); raises ParseError naming the problem."""
-    text = _clean(text)
-    found = {tag: pattern.search(text) for tag, pattern in _SECTION.items()}
-    if found["reply"] is None:
-        found["reply"] = _OPEN_REPLY.search(text)
-    missing = [f"<{tag}>" for tag, m in found.items() if m is None]
-    if missing:
-        raise ParseError(f"missing section(s) {', '.join(missing)}")
-    thought, change, reply = (found[tag].group(1).strip() for tag in ("thought", "change", "reply"))
-    change = change.replace("\u2212", "-")   # unicode minus
-    if not _INTEGER.fullmatch(change):
-        raise ParseError(f"<change> must be an integer, got {change[:40]!r}")
-    if not reply:
-        raise ParseError("empty <reply>")
-    change = int(change.replace(" ", ""))
-    return thought, max(-MAX_ABS_CHANGE, min(MAX_ABS_CHANGE, change)), reply
-
-
-def parse_analysis_output(text):
-    """Two-stage call 1 -> (thought, change); the change is NOT clamped here (the protocol clamps it).
-    Same tolerances and rejections as parse_simulator_output; a <reply> is not needed."""
-    text = _clean(text)
-    found = {tag: _SECTION[tag].search(text) for tag in ("thought", "change")}
-    missing = [f"<{tag}>" for tag, m in found.items() if m is None]
-    if missing:
-        raise ParseError(f"missing section(s) {', '.join(missing)}")
-    thought, change = (found[tag].group(1).strip() for tag in ("thought", "change"))
-    change = change.replace("\u2212", "-")
-    if not _INTEGER.fullmatch(change):
-        raise ParseError(f"<change> must be an integer, got {change[:40]!r}")
-    return thought, int(change.replace(" ", ""))
-
-
-def parse_reply_output(text):
-    """Two-stage call 2 (and the opening request) -> the user's reply text: the <reply> section (a missing
-    </reply> at the very end is tolerated); anything else in the output (a <thought> plan) is ignored."""
-    text = _clean(text)
-    found = _SECTION["reply"].search(text) or _OPEN_REPLY.search(text)
-    if found is None:
-        raise ParseError("missing section(s) <reply>")
-    reply = found.group(1).strip()
-    if not reply:
-        raise ParseError("empty <reply>")
-    return reply
+    """Their reply parse: the text after the last 'Response:', _strip-ed and stripped of quotes."""
+    return _strip(_text(text).split("Response:")[-1], ("\n", "[", "]", "\u201c", "\u201d"))
 
 
 def format_simulator_output(thought, change, reply):

@@ -28,7 +28,7 @@ def episode(final_emotion, emotions, pid="p", initial=50):
                           initial_emotion=initial)
     turns = [{"turn": i + 1, "agent": "a", "thought": "t", "change": 0, "emotion": e, "user": "u",
               "parse_failed": False} for i, e in enumerate(emotions)]
-    end = sim.dialogue_end(final_emotion, len(emotions), max_turns=len(emotions))
+    end = sim.dialogue_end(final_emotion, len(emotions), len(emotions), "", "classic")
     return sim.Episode(profile=profile, emotion=final_emotion, messages=[], turns=turns, done=True, end_reason=end)
 
 
@@ -45,7 +45,7 @@ def test_score_on_known_trajectories():
     assert s["success_rate"] == pytest.approx(1 / 3) and s["failure_rate"] == pytest.approx(1 / 3)
     assert s["mean_turns"] == pytest.approx((3 + 2 + 8) / 3)
     assert s["dialogues"] == 3
-    assert benchmark.trajectory(episodes[1]) == [50, 30, 0]
+    assert sim.trajectory(episodes[1]) == [50, 30, 0]
     # only the bounds count: 99 is not a success and 1 is not a failure
     near = benchmark.summarize([episode(99, [99]), episode(1, [1])])
     assert (near["score"], near["success_rate"], near["failure_rate"]) == (50.0, 0.0, 0.0)

@@ -257,6 +257,35 @@ def test_rules_backend_rejects_foreign_requests():
 
 
 # ----------------------------------------------------------------------------------------------------
+# The rules a Protocol drives
+
+def test_outcome_and_end_follow_the_protocols_lines(monkeypatch):
+    # a game of our own: start 50, success at 80, failure below 20, 5 turns
+    monkeypatch.setitem(S.PROTOCOLS, "lenient", S.Protocol(50, 10, 80, 20, (), 5, 1))
+    assert [S.final_outcome(e, "lenient") for e in (19, 20, 79, 80, 95)] == ["failure", None, None, "success",
+                                                                              "success"]
+    assert [S.dialogue_end(e, 2, 5, "", "lenient") for e in (19, 79, 80)] == ["failure", None, "success"]
+    assert S.dialogue_end(79, 5, 5, "", "lenient") == "max_turns"
+    # rlver counts 100 as a success but plays on (its user says goodbye)
+    assert S.final_outcome(100, "rlver") == "success" and S.dialogue_end(100, 3, 9, "嗯", "rlver") is None
+    assert S.dialogue_end(100, 3, 9, "好的，再见", "rlver") == "goodbye"
+
+
+def test_parse_health_counts_warns_and_stops():
+    profile_ = S.Profile("p", "x", "x", "x", "hi", initial_emotion=50)
+    turns = [{"parse_failed": k == 1, "thought": f"note {k}"} for k in range(4)]   # 1 of 4 unparseable
+    episodes = [S.Episode(profile_, 50, [], turns[:2]), S.Episode(profile_, 50, [], turns[2:])]
+    lines = []
+    assert S.check_parse_health(episodes, 0.25, "step 1", lines.append) == (1, 4)
+    assert lines == ["warning: step 1: 1/4 simulator turns were unparseable (scored change 0, the policy saw a "
+                     "fallback user line); e.g. note 1"]
+    assert S.check_parse_health(episodes, 0.25, "step 1", sum_ranks=lambda n: 2 * n) == (2, 8)   # two alike ranks
+    with pytest.raises(SimulatorError, match=r"^step 1: 1/4 simulator turns were unparseable \(more than "
+                                             r"--max-parse-failure-rate 0.2\)"):
+        S.check_parse_health(episodes, 0.2, "step 1")
+
+
+# ----------------------------------------------------------------------------------------------------
 # Whole episodes with the rules backend
 
 def test_episode_reaches_100_with_warm_replies():
