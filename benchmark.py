@@ -1,32 +1,22 @@
 """
 benchmark.py: how good is a policy at empathetic dialogue, and how fast is our model code?
 
-    python benchmark.py eval  --policy runs/rlver/checkpoint --simulator rules --seeds 0,1,2
-    python benchmark.py eval  --policy http://localhost:8000/v1 --policy-model gpt-4o --simulator rules
-    python benchmark.py leaderboard runs/eval/transcripts.jsonl gpt-4.1_result.jsonl --versus gpt-4.1
+    python benchmark.py eval --policy runs/rlver/checkpoint --simulator rules --seeds 0,1,2
+    python benchmark.py eval --policy http://localhost:8000/v1 --policy-model gpt-4o --simulator rules
+    python benchmark.py leaderboard runs/eval gpt-4.1_result.jsonl --versus gpt-4.1
     python benchmark.py replay SAGE/dataset/*/*_result.jsonl --official-prompts digitalhuman   # no LLM
-    python benchmark.py speed --batch 8 --new-tokens 128 --device cuda --dtype bfloat16 --compile
+    python benchmark.py speed --device cuda --dtype bfloat16 --compile
     python benchmark.py rollout --latencies-ms 0,50,200
 
-`eval`: a SAGE-style benchmark (Sentient Agent as a Judge, arXiv 2505.02847; RLVER's "Sentient benchmark"). The
-rules are --protocol's (simulator.PROTOCOLS, the README's table: sage, the default, is SAGE's test loop; rlver
-RLVER's trainer; classic ours):
-  1. Every test profile becomes a simulated user with a persona, a scenario, a hidden intention, an opening and
-     an emotion on 0..100 (its initial_emotion, else the protocol's start: sage 40, rlver 30, classic 50).
-  2. The policy and that user talk for at most --max-turns scored replies. After each reply the simulator
-     writes an integer change; the CODE clamps it as the protocol says and applies it:
-         emotion <- clamp(emotion + change, 0, 100)
-  3. A dialogue ends as simulator.dialogue_end says (a goodbye word, success, failure, max turns, or a --think
-     reply cut before </think>).
-  4. score = mean over dialogues of the FINAL emotion; success = final 100; failure = below the protocol's
-     failure line (sage 10, else 1). With several seeds every profile is played once per seed; the spread is
-     the std of the per-seed scores.
-`leaderboard` ranks systems (our eval outputs, SAGE's published result files) when their provenance agrees.
-`replay` plays SAGE's published result files back through evaluate() with no LLM: the loop must reproduce the
-published emotion after every turn. `speed`: model.generate against transformers' generate on the same weights.
-`rollout`: the rollout engine against its ablations, with a simulated user on 127.0.0.1 behind HTTP.
-The speed and rollout benchmarks come last and import their heavy modules inside their functions: rlver.py
-imports this file for its periodic evaluation, the --out lock and the training curves.
+`eval` is SAGE's benchmark (Sentient Agent as a Judge, arXiv 2505.02847; RLVER's "Sentient benchmark") under
+--protocol's rules (simulator.PROTOCOLS): every test profile is a simulated user with an emotion in 0..100; after
+each policy reply the simulator writes an integer change, which the code clamps as the protocol says and applies,
+emotion <- clamp(emotion + change, 0, 100); the dialogue ends as simulator.dialogue_end says. score = mean FINAL
+emotion over the dialogues; success = final 100; failure = below the protocol's failure line. `leaderboard` ranks
+our eval outputs and SAGE's published result files when their provenance agrees; `replay` plays those files back
+through evaluate() with no LLM, which must reproduce every published emotion. `speed` and `rollout` (last, their
+heavy imports inside them: rlver.py imports this file for its evaluation, the --out lock and the curves) time
+model.generate against transformers and the rollout engine against its ablations.
 """
 
 import argparse
@@ -59,7 +49,7 @@ class BenchmarkError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 1. Evaluation: score arithmetic, the report files, evaluate()
+# 1. Evaluation: the score, the report files, evaluate()
 
 
 def trajectory(episode):
@@ -68,55 +58,42 @@ def trajectory(episode):
 
 
 def summarize(episodes):
-    """The SAGE-style numbers over a list of finished simulator.Episodes (one per dialogue)."""
+    """The SAGE-style numbers over finished simulator.Episodes (one per dialogue)."""
     if not episodes:
         raise ValueError("no dialogues to summarize")
-    n = len(episodes)
-    outcomes = [sim.final_outcome(ep.emotion, ep.profile.protocol) for ep in episodes]
-    return {
-        "score": sum(ep.emotion for ep in episodes) / n,  # mean final emotion, 0..100: the headline number
-        "success": outcomes.count("success"),
-        "failure": outcomes.count("failure"),
-        "success_rate": outcomes.count("success") / n,
-        "failure_rate": outcomes.count("failure") / n,
-        "mean_turns": sum(len(ep.turns) for ep in episodes) / n,
-        "dialogues": n,
-        **{k: sum(getattr(ep, k) for ep in episodes) for k in sim.COUNTS},  # cut replies, cut thoughts, ...
-    }
-
-
-def seed_spread(per_seed_scores):
-    """Mean and sample std (n-1) of the per-seed scores; std is 0.0 for a single seed."""
-    scores = list(per_seed_scores.values())
-    return statistics.mean(scores), statistics.stdev(scores) if len(scores) > 1 else 0.0
+    n, outcomes = len(episodes), [sim.final_outcome(ep.emotion, ep.profile.protocol) for ep in episodes]
+    return {"score": sum(ep.emotion for ep in episodes) / n,  # mean final emotion, 0..100: the headline number
+            "success": outcomes.count("success"), "failure": outcomes.count("failure"),
+            "success_rate": outcomes.count("success") / n, "failure_rate": outcomes.count("failure") / n,
+            "mean_turns": sum(len(ep.turns) for ep in episodes) / n, "dialogues": n,
+            **{k: sum(getattr(ep, k) for ep in episodes) for k in sim.COUNTS}}  # cut replies, cut thoughts, ...
 
 
 def profile_table(episodes):
-    """One row per profile over its seeds (in play order): final emotions, their mean, mean turns, outcomes."""
+    """One row per profile over its seeds: final emotions, their mean, mean turns, outcomes."""
     rows = {}
     for ep in episodes:
         rows.setdefault(ep.profile.id, []).append(ep)
     width = max(12, *(len(pid) for pid in rows))
     lines = [f"{'profile':<{width}}  {'final emotion per seed':<24} {'mean':>6} {'turns':>6}  outcomes"]
     for pid, eps in rows.items():
-        finals = " ".join(str(ep.emotion) for ep in eps)
         marks = "".join({"success": "S", "failure": "F", "goodbye": "G"}.get(ep.end_reason, ".") for ep in eps)
-        lines.append(f"{pid:<{width}}  {finals:<24} {statistics.mean(ep.emotion for ep in eps):>6.1f} "
+        lines.append(f"{pid:<{width}}  {' '.join(str(ep.emotion) for ep in eps):<24} "
+                     f"{statistics.mean(ep.emotion for ep in eps):>6.1f} "
                      f"{statistics.mean(len(ep.turns) for ep in eps):>6.1f}  {marks}")
-    lines.append("(outcomes per seed: S success (100), F failure (0; under sage below 10), G said goodbye, "
-                 ". ended at max turns)")
-    return "\n".join(lines)
+    return "\n".join(lines + ["(outcomes per seed: S success (100), F failure (0; under sage below 10), G said "
+                              "goodbye, . ended at max turns)"])
 
 
 def report(episodes, out_dir=None, *, seeds=None, title="", config=None, max_turns=None, log=print):
-    """Summarise finished episodes, print the per-profile table and (if out_dir) write transcripts.jsonl,
-    summary.json and trajectories.svg. seeds[i]: the seed of episodes[i] (default 0). evaluate() and rlver.py's
-    periodic evaluation call it. Returns the summary dict."""
+    """Summarise finished episodes (episodes[i] played with seeds[i], default 0), print the table, and write
+    transcripts.jsonl, summary.json and trajectories.svg into out_dir if given. Returns the summary."""
     seeds = list(seeds) if seeds is not None else [0] * len(episodes)
     summary = summarize(episodes)
     per_seed = {s: summarize([ep for ep, es in zip(episodes, seeds) if es == s])["score"] for s in dict.fromkeys(seeds)}
     summary["per_seed_scores"] = {str(s): score for s, score in per_seed.items()}
-    summary["seed_mean"], summary["seed_std"] = seed_spread(per_seed)
+    summary["seed_mean"] = statistics.mean(per_seed.values())
+    summary["seed_std"] = statistics.stdev(per_seed.values()) if len(per_seed) > 1 else 0.0  # sample std (n-1)
     summary["parse_failures"] = sum(ep.parse_failures for ep in episodes)
     summary["config"] = config or {}
     summary["provenance"] = summary["config"].get("provenance")
@@ -132,8 +109,8 @@ def report(episodes, out_dir=None, *, seeds=None, title="", config=None, max_tur
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "transcripts.jsonl"), "w", encoding="utf-8") as f:
             for ep, seed in zip(episodes, seeds):
-                record = sim.transcript(ep, seed=seed, provenance=summary["provenance"])
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                f.write(json.dumps(sim.transcript(ep, seed=seed, provenance=summary["provenance"]),
+                                   ensure_ascii=False) + "\n")
         with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2, ensure_ascii=False)
         max_turns = max_turns or summary["config"].get("max_turns") or max(len(ep.turns) for ep in episodes) or 1
@@ -148,12 +125,9 @@ def report(episodes, out_dir=None, *, seeds=None, title="", config=None, max_tur
 def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=None, mode="vanilla", think=False,
              max_new_tokens=2048, max_context=8192, temperature=0.0, out_dir=None, log=print, title="", config=None,
              protocol="sage", lang=None, initial_emotion=None, max_parse_failure_rate=0.0):
-    """
-    policy: a model.Transformer (with its tokenizer), played by rollout.rollout, the loop training uses; or a
-    chat client `client(requests) -> texts` (simulator.OpenAIBackend for an endpoint), played by
-    rollout.endpoint_rollout. backend: the simulated user (simulator.make_backend). Returns report()'s summary.
-    Refuses (nothing written) when more than max_parse_failure_rate of the simulator's turns were unparseable.
-    """
+    """Play every profile once per seed and report(). policy: a model.Transformer with its tokenizer (played by
+    rollout.rollout, training's loop) or a chat client `client(requests) -> texts` (rollout.endpoint_rollout);
+    backend: the simulated user. Refuses, writing nothing, above max_parse_failure_rate unparseable turns."""
     local = isinstance(policy, torch.nn.Module)
     max_turns = max_turns or sim.protocol_of(protocol).max_turns
     # the protocol's start emotion and language; openings written once, shared by every seed (as SAGE's first_talk)
@@ -185,11 +159,11 @@ def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=None
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 2. The eval command: checks before any work, provenance, one writer per --out
+# 2. The eval command: every check before any work, the provenance, one writer per --out
 
 
 def check_policy(args):
-    """Turn --policy into something that can answer, failing with one line before anything heavy is loaded."""
+    """--policy as something that can answer (an endpoint client, or a checked model folder), before loading."""
     if args.policy.startswith(("http://", "https://")):
         if not args.policy_model:
             raise BenchmarkError("--policy is an endpoint URL: name the model to query with --policy-model")
@@ -197,7 +171,8 @@ def check_policy(args):
                                    concurrency=args.concurrency, temperature=args.temperature,
                                    max_tokens=args.max_new_tokens, max_retries=args.retries, role="policy",
                                    timeout=args.policy_timeout, turn_deadline=args.policy_turn_deadline,
-                                   unreachable_hint=f"check that the server at {args.policy} is up and --policy is right")
+                                   unreachable_hint=f"check that the server at {args.policy} is up and --policy "
+                                                    f"is right")
         try:
             client.check()
         except sim.SimulatorError as e:
@@ -210,7 +185,7 @@ def check_policy(args):
     return args.policy
 
 
-def _text_sha256(text):
+def sha256(text):
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -221,8 +196,8 @@ def setting_label(args):
 
 
 def provenance(args, profiles, profiles_path, seeds, temperature):
-    """What makes a score comparable (summary.json and every transcript record): the rules, the simulator and
-    its prompts, the policy's prompt and decoding, the scenarios, the seeds. args: eval's or rlver.py's flags."""
+    """What makes a score comparable (summary.json, every transcript): rules, simulator and its prompts, the
+    policy's prompt and decoding, scenarios, seeds. args: eval's or rlver.py's flags (their names agree)."""
     official = profiles[0].prompts
     langs = sorted({args.lang or p.lang or sim.detect_lang(p) for p in profiles})
     policy = sorted({ro.system_prompt(args.think, lang, official) for lang in langs})
@@ -231,7 +206,7 @@ def provenance(args, profiles, profiles_path, seeds, temperature):
                                    "official_quirks": official.start_emotion_quirk} if official
                                   else {"source": "ours", "mode": args.mode}),
             "policy_prompt": {"source": official.policy_source if official else "ours (prompts/policy_system*.txt)",
-                              "sha256": [_text_sha256(t) for t in policy]},
+                              "sha256": [sha256(t) for t in policy]},
             "profiles": {"file": os.path.abspath(profiles_path) if profiles_path else "built-in test set",
                          "sha256": sim._sha256(profiles_path) if profiles_path else None, "count": len(profiles)},
             "decoding": {"temperature": temperature, "top_p": 1.0, "max_new_tokens": args.max_new_tokens},
@@ -239,8 +214,7 @@ def provenance(args, profiles, profiles_path, seeds, temperature):
 
 
 def blocking_file(out):
-    """The nearest existing path at or above `out` when it is a file (so no --out folder can be made there),
-    else None. rlver.py and eval check their --out with it before any work."""
+    """The nearest existing path at or above `out` if it is a file (no --out folder can be made there), else None."""
     parent = os.path.abspath(out)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -268,16 +242,16 @@ def take_lock(f, mode, out):
 
 
 def check_not_locked(out):
-    """The check of lock_out that writes nothing: another process holding --out's lock is named (BenchmarkError)."""
+    """lock_out's check without writing: a shared lock, dropped at once, names another holder."""
     if os.path.isfile(os.path.join(out, LOCK_FILE)):
         with open(os.path.join(out, LOCK_FILE), encoding="utf-8") as f:
-            take_lock(f, fcntl.LOCK_SH, out)  # (a shared lock, dropped at once: it only asks)
+            take_lock(f, fcntl.LOCK_SH, out)
 
 
 def lock_out(out, token=""):
-    """One writer per --out (rlver.py's runs and eval alike): an exclusive fcntl.flock on <out>/.lock, held until
-    this process ends; the OS drops it when the process dies, even by SIGKILL, so no lock goes stale. The file's
-    first line names the holder, the second holds `token` (rlver.py's ranks read it back)."""
+    """One writer per --out (rlver.py's runs and eval): an exclusive flock on <out>/.lock until this process ends;
+    the OS drops it when the process dies, even by SIGKILL. Line 1 names the holder, line 2 is `token` (for
+    rlver.py's ranks)."""
     os.makedirs(out, exist_ok=True)
     f = open(os.path.join(out, LOCK_FILE), "a+", encoding="utf-8")
     take_lock(f, fcntl.LOCK_EX, out)
@@ -294,8 +268,8 @@ EVAL_FILES = ("transcripts.jsonl", "summary.json", "trajectories.svg")  # what a
 def check_eval_out(args):
     """eval's --out: a folder without an earlier eval's files, unless --overwrite. Returns the earlier files."""
     if blocking_file(args.out):
-        raise BenchmarkError(f"--out {args.out}: {blocking_file(args.out)} is a file, not a folder: choose another "
-                             f"--out")
+        raise BenchmarkError(f"--out {args.out}: {blocking_file(args.out)} is a file, not a folder: choose "
+                             f"another --out")
     old = [name for name in EVAL_FILES if os.path.exists(os.path.join(args.out, name))]
     if old and not args.overwrite:
         raise BenchmarkError(f"--out {args.out} holds an earlier eval ({', '.join(old)}): replace it with "
@@ -304,7 +278,7 @@ def check_eval_out(args):
 
 
 def eval_command(args):
-    if not args.max_new_tokens < args.max_context:
+    if args.max_new_tokens >= args.max_context:
         raise BenchmarkError(f"--max-new-tokens {args.max_new_tokens} must be >= 1 and below --max-context "
                              f"{args.max_context}")
     check_eval_out(args)  # before anything is written
@@ -340,36 +314,26 @@ def eval_command(args):
                     title=f"{args.policy_model or os.path.basename(args.policy.rstrip('/'))} ({setting_label(args)})")
 
 
-def checked(convert, ok, rule):
-    """An argparse type= that converts the text and requires ok(value): the range check beside its flag."""
+def flag_type(convert, ok, rule):
+    """An argparse type= holding a flag's range check: convert the text, require ok(value), else '<text>: <rule>'."""
     def parse(text):
         try:
             value = convert(text)
         except ValueError:
             value = None
         if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"{text}: must be {rule}")
+            raise argparse.ArgumentTypeError(f"{text!r}: {rule}")
         return value
     return parse
 
 
-def comma_list(convert, what, distinct=False):
-    """An argparse type= for comma-separated values: at least one, all convertible (and distinct if asked)."""
-    def parse(text):
-        try:
-            values = [convert(s) for s in text.split(",") if s.strip()]
-        except ValueError:
-            values = []
-        if not values or (distinct and len(set(values)) < len(values)):
-            raise argparse.ArgumentTypeError(f"{text!r}: give {'distinct ' if distinct else ''}comma-separated "
-                                             f"{what}, e.g. 0,1,2")
-        return values
-    return parse
+def comma_separated(convert):
+    return lambda text: [convert(v) for v in text.split(",") if v.strip()]
 
 
-POSITIVE_INT = checked(int, lambda v: v >= 1, "at least 1")
-COUNT = checked(int, lambda v: v >= 0, "0 or more")
-SECONDS = checked(float, lambda v: v > 0, "> 0 seconds")
+POSITIVE = flag_type(int, lambda v: v >= 1, "must be at least 1")
+COUNT = flag_type(int, lambda v: v >= 0, "must be 0 or more")
+SECONDS = flag_type(float, lambda v: v > 0, "must be > 0 seconds")
 
 
 def eval_flags(commands):
@@ -395,61 +359,43 @@ def eval_flags(commands):
                    help="dialogue rules (simulator.PROTOCOLS): sage = SAGE's test loop (start 40, +-10, success 100, "
                         "failure < 10, goodbye, 9 scored replies, two-stage simulator); rlver = RLVER's training "
                         "simulator; classic = ours (start 50, +-30, one call)")
-    e.add_argument("--max-turns", type=POSITIVE_INT, default=None, help="scored replies (default: the protocol's)")
+    e.add_argument("--max-turns", type=POSITIVE, default=None, help="scored replies (default: the protocol's)")
     e.add_argument("--lang", choices=sim.LANGS, default=None, help="force the template language (default: per profile)")
-    e.add_argument("--initial-emotion", type=checked(int, lambda v: 1 <= v <= 99, "in 1..99"), default=None,
-                   help="start emotion for profiles without one (default: the protocol's: sage 40, rlver 30)")
-    e.add_argument("--seeds", type=comma_list(int, "integers", distinct=True), default="0",
-                   help="comma-separated: each profile is played once per seed")
+    e.add_argument("--initial-emotion", type=flag_type(int, lambda v: 1 <= v <= 99, "must be in 1..99"),
+                   help="start emotion for profiles without one (default: the protocol's)")
+    e.add_argument("--seeds", default="0", help="comma-separated: each profile is played once per seed",
+                   type=flag_type(comma_separated(int), lambda v: v and len(set(v)) == len(v),
+                                  "give distinct comma-separated integers, e.g. 0,1,2"))
     e.add_argument("--think", action=argparse.BooleanOptionalAction, default=False,
                    help="think-then-say system prompt (use it for policies trained with --think)")
-    e.add_argument("--max-new-tokens", type=POSITIVE_INT, default=2048, help="per policy turn (SAGE's practice: "
-                   "replies longer than 350 Chinese characters are common; a reply cut here is counted and warned)")
-    e.add_argument("--max-context", type=POSITIVE_INT, default=8192, help="a local policy's dialogue ends "
-                   "(max_context) before a turn could outgrow this many tokens")
+    e.add_argument("--max-new-tokens", type=POSITIVE, default=2048,
+                   help="per policy turn (SAGE's replies often pass 350 Chinese characters; a cut reply is warned)")
+    e.add_argument("--max-context", type=POSITIVE, default=8192,
+                   help="a local policy's dialogue ends before a turn could outgrow this many tokens")
     e.add_argument("--temperature", type=float, default=0.0, help="policy sampling temperature (0: greedy)")
-    e.add_argument("--concurrency", type=POSITIVE_INT, default=16, help="parallel requests to a policy endpoint")
+    e.add_argument("--concurrency", type=POSITIVE, default=16, help="parallel requests to a policy endpoint")
     e.add_argument("--retries", type=COUNT, default=4, help="retries per policy endpoint request")
     e.add_argument("--device", default="cpu")
     e.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    e.add_argument("--out", default="runs/eval", help="directory for transcripts.jsonl, summary.json, trajectories.svg")
+    e.add_argument("--out", default="runs/eval", help="folder for transcripts.jsonl, summary.json, trajectories.svg")
     e.add_argument("--overwrite", action="store_true", help="replace an earlier eval in --out (refused without it)")
-    e.add_argument("--max-parse-failure-rate", type=checked(float, lambda v: 0 <= v <= 1, "in [0, 1]"), default=0.0,
-                   help="refuse to score when more than this share of simulator turns stays unparseable after "
-                        "2 re-asks (default 0: SAGE never scores such a turn)")
-    e.add_argument("--policy-timeout", type=SECONDS, default=120.0, help="seconds per HTTP request to a policy endpoint")
+    e.add_argument("--max-parse-failure-rate", type=flag_type(float, lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+                   default=0.0, help="refuse to score above this share of simulator turns still unparseable after "
+                                     "2 re-asks (0: SAGE never scores such a turn)")
+    e.add_argument("--policy-timeout", type=SECONDS, default=120.0, help="seconds per policy endpoint request")
     e.add_argument("--policy-turn-deadline", type=SECONDS, default=600.0,
                    help="seconds for all policy endpoint answers of one turn")
-    e.add_argument("--simulator-timeout", type=SECONDS, default=120.0,
-                   help="seconds per HTTP request to a simulator endpoint")
+    e.add_argument("--simulator-timeout", type=SECONDS, default=120.0, help="seconds per simulator endpoint request")
     e.add_argument("--simulator-turn-deadline", type=SECONDS, default=600.0,
                    help="seconds for all simulator answers of one turn")
     e.set_defaults(func=eval_command)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. Leaderboard: systems side by side on the same scenarios, from our eval output and SAGE's result files
-#
-# A SAGE result file (SAGE/test_npc.py writes it) is JSONL, one record per scenario: "id", "emo_point" (the
-# final emotion) and "history", whose user turns carry "emotion-point". Ours is an eval's transcripts.jsonl.
-# SAGE's numbers: Score = mean final emotion, printed round-half-up to 1 decimal; Success = finals >= 100;
-# Failure = finals < 10 (our records use their own protocol's failure line).
-
-
-def _system_name(path):
-    base = os.path.basename(path)
-    if base == "transcripts.jsonl":   # an eval output directory: name it after the directory
-        return os.path.basename(os.path.dirname(os.path.abspath(path)))
-    stem = base.rsplit(".", 1)[0] if base.endswith(".jsonl") else base
-    return stem.removesuffix("_result")
-
-
-def _published_provenance(path):
-    """A SAGE published file's provenance: SAGE's loop and prompts, the simulator its folder names
-    (dataset/deepseek-v3-2024-1227_based_simulator/...)."""
-    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    simulator = folder[:-len("_based_simulator")] if folder.endswith("_based_simulator") else "unknown"
-    return {"protocol": "sage", "simulator": simulator, "simulator_prompts": {"source": "official SAGE"}}
+# 3. Leaderboard: systems side by side, from our eval outputs and SAGE's result files. A SAGE file (test_npc.py
+#    writes it) holds one record per scenario: "id", "emo_point" (the final emotion), "history" (user turns carry
+#    "emotion-point"). SAGE prints Score = mean final emotion rounded half up, Success = finals >= 100, Failure =
+#    finals < 10 (our records: their protocol's failure line).
 
 
 def _number(value):
@@ -458,13 +404,12 @@ def _number(value):
 
 
 def read_system(path):
-    """One results file (or an eval output directory) -> {"name", "dialogues": [(id, final, trajectory,
-    protocol)], "provenance", "records": the raw records}. BenchmarkError for a file in neither layout."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "transcripts.jsonl")
+    """A results file or eval folder -> {"name", "dialogues": [(id, final, trajectory, protocol)], "provenance",
+    "records"}; a SAGE file's simulator is named by its folder (dataset/<simulator>_based_simulator/)."""
+    path = os.path.join(path, "transcripts.jsonl") if os.path.isdir(path) else path
     if not os.path.isfile(path):
         raise BenchmarkError(f"no such results file {path}")
-    dialogues, records, provenance = [], [], None
+    dialogues, records, provenance, folder = [], [], None, os.path.basename(os.path.dirname(os.path.abspath(path)))
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -474,12 +419,15 @@ def read_system(path):
                 if "emo_point" in r:   # SAGE layout
                     traj = [t["emotion-point"] for t in r["history"] if t.get("role") == "user"]
                     dialogues.append((str(r["id"]), r["emo_point"], traj or [r["emo_point"]], "sage"))
-                    provenance = provenance or _published_provenance(path)
+                    provenance = provenance or {"protocol": "sage", "simulator_prompts": {"source": "official SAGE"},
+                                                "simulator": folder.removesuffix("_based_simulator")
+                                                if folder.endswith("_based_simulator") else "unknown"}
                 else:                  # our transcripts.jsonl
                     traj = [r["initial_emotion"]] + [t["emotion"] for t in r["turns"]]
                     dialogues.append((str(r["profile_id"]), r["final_emotion"], traj, r.get("protocol", "classic")))
-                    provenance = provenance or r.get("provenance") or {
-                        "protocol": dialogues[-1][3], "simulator": "unknown", "simulator_prompts": {"source": "unknown"}}
+                    unknown = {"protocol": dialogues[-1][3], "simulator": "unknown",
+                               "simulator_prompts": {"source": "unknown"}}   # (a file written before provenance)
+                    provenance = provenance or r.get("provenance") or unknown
             except (ValueError, KeyError, TypeError) as e:
                 raise BenchmarkError(f"{path}:{lineno} is neither a SAGE result record (id, emo_point, "
                                      f"history) nor one of our transcripts ({e!r})") from None
@@ -490,59 +438,45 @@ def read_system(path):
             records.append(r)
     if not dialogues:
         raise BenchmarkError(f"{path} has no records")
-    return {"name": _system_name(path), "dialogues": dialogues, "provenance": provenance, "records": records}
+    name = folder if os.path.basename(path) == "transcripts.jsonl" else os.path.basename(path).removesuffix(".jsonl")
+    return {"name": name.removesuffix("_result"), "dialogues": dialogues, "provenance": provenance, "records": records}
 
 
 def round_half_up(value, digits=1):
     """SAGE's printed Score: 61.25 -> 61.3 (Python's round and %.1f give 61.2)."""
-    q = decimal.Decimal(1).scaleb(-digits)
-    return float(decimal.Decimal(repr(value)).quantize(q, rounding=decimal.ROUND_HALF_UP))
+    return float(decimal.Decimal(repr(value)).quantize(decimal.Decimal(1).scaleb(-digits), decimal.ROUND_HALF_UP))
 
 
 COMPARABLE = ("protocol", "profiles", "simulator_prompts")   # rows that differ in one are not ranked together
 
 
-def provenance_fields(system):
-    """A leaderboard row's provenance: protocol, simulator, its prompts' source, the scenarios (count and a digest
-    of their ids, so two files of the same 100 SAGE scenarios agree) and our decoding."""
-    p, ids = system["provenance"], sorted({d[0] for d in system["dialogues"]})
-    decoding = p.get("decoding") or {}
-    return {"protocol": p["protocol"], "simulator": p["simulator"], "simulator_prompts": p["simulator_prompts"]["source"],
-            "profiles": f"{len(ids)} ids #{_text_sha256(chr(10).join(ids))[:8]}",
-            "decoding": (f"T={decoding['temperature']:g} max_new={decoding['max_new_tokens']}" if decoding else "-")}
-
-
 def leaderboard_rows(systems):
-    """Score / Success / Failure / dialogues and the provenance per system, best score first."""
+    """Score / Success / Failure / dialogues and the provenance shown (the scenarios as a count and a digest of
+    their ids, so two files of the same scenarios agree) per system, best score first."""
     rows = []
     for system in systems:
-        finals = [(final, protocol) for _, final, _, protocol in system["dialogues"]]
+        p, ids = system["provenance"], sorted({d[0] for d in system["dialogues"]})
+        finals, decoding = [(d[1], d[3]) for d in system["dialogues"]], p.get("decoding")
         rows.append({"name": system["name"], "score": round_half_up(sum(f for f, _ in finals) / len(finals)),
                      "success": sum(sim.final_outcome(f, p) == "success" for f, p in finals),
                      "failure": sum(sim.final_outcome(f, p) == "failure" for f, p in finals),
-                     "dialogues": len(finals), **provenance_fields(system)})
+                     "dialogues": len(finals), "protocol": p["protocol"], "simulator": p["simulator"],
+                     "simulator_prompts": p["simulator_prompts"]["source"],
+                     "profiles": f"{len(ids)} ids #{sha256(chr(10).join(ids))[:8]}",
+                     "decoding": f"T={decoding['temperature']:g} max_new={decoding['max_new_tokens']}"
+                     if decoding else "-"})
     return sorted(rows, key=lambda r: -r["score"])
 
 
-def mixed_fields(rows, allow_mixed):
-    """The COMPARABLE fields in which the rows differ; without allow_mixed any such field refuses the table."""
-    mixed = [k for k in COMPARABLE if len({r[k] for r in rows}) > 1]
-    if mixed and not allow_mixed:
-        values = ", ".join(f"{r['name']}: {r[mixed[0]]}" for r in rows)
-        raise BenchmarkError(f"the systems differ in {mixed[0]} ({values}): their scores are not comparable; "
-                             f"rank them anyway with --allow-mixed")
-    return mixed
-
-
 def versus(systems, name):
-    """Per-scenario wins / ties / losses of every other system against `name`, on the scenarios both played
-    (a scenario played several times, e.g. several seeds, counts with its mean final emotion)."""
-    def per_id(system):
-        finals = {}
-        for pid, final, _, _ in system["dialogues"]:
+    """Per-scenario wins / ties / losses of every other system against `name`, on the scenarios both played (a
+    scenario played several times, e.g. several seeds, counts with its mean final emotion)."""
+    by_name = {}
+    for s in systems:
+        finals = by_name.setdefault(s["name"], {})
+        for pid, final, _, _ in s["dialogues"]:
             finals.setdefault(pid, []).append(final)
-        return {pid: statistics.mean(v) for pid, v in finals.items()}
-    by_name = {s["name"]: per_id(s) for s in systems}
+    by_name = {n: {pid: statistics.mean(v) for pid, v in finals.items()} for n, finals in by_name.items()}
     name = next((n for n in by_name if n.lower() == name.lower()), name)   # as a README writes it: GPT-4.1
     if name not in by_name:
         raise BenchmarkError(f"--versus {name!r} is none of the systems {sorted(by_name)}")
@@ -552,7 +486,8 @@ def versus(systems, name):
             continue
         common = sorted(set(base) & set(finals))
         rows.append({"name": other, "versus": name, "scenarios": len(common),
-                     "wins": sum(finals[i] > base[i] for i in common), "ties": sum(finals[i] == base[i] for i in common),
+                     "wins": sum(finals[i] > base[i] for i in common),
+                     "ties": sum(finals[i] == base[i] for i in common),
                      "losses": sum(finals[i] < base[i] for i in common)})
     return rows
 
@@ -563,7 +498,11 @@ def leaderboard_command(args):
     if len(set(names)) != len(names):
         raise BenchmarkError(f"two files give the same system name ({names}); rename one")
     rows = leaderboard_rows(systems)
-    mixed = mixed_fields(rows, args.allow_mixed)
+    mixed = [k for k in COMPARABLE if len({r[k] for r in rows}) > 1]
+    if mixed and not args.allow_mixed:  # a ranking across a difference in rules or scenarios compares nothing
+        values = ", ".join(f"{r['name']}: {r[mixed[0]]}" for r in rows)
+        raise BenchmarkError(f"the systems differ in {mixed[0]} ({values}): their scores are not comparable; "
+                             f"rank them anyway with --allow-mixed")
     if mixed:
         print(f"WARNING: --allow-mixed: the systems differ in {', '.join(mixed)} (marked *): the scores are not "
               f"comparable", file=sys.stderr)
@@ -573,8 +512,8 @@ def leaderboard_command(args):
     if args.json:
         print(json.dumps(rows if not vs else {"leaderboard": rows, "versus": vs}, ensure_ascii=False))
         return rows
-    width = max(6, *(len(n) for n in names))
-    fields = ("protocol", "simulator", "simulator_prompts", "profiles", "decoding")
+    width, fields = max(6, *(len(n) for n in names)), ("protocol", "simulator", "simulator_prompts", "profiles",
+                                                       "decoding")
     print(f"{'system':<{width}}  {'Score':>6} {'Success':>8} {'Failure':>8} {'dialogues':>10}  " + " | ".join(fields))
     for r in rows:
         print(f"{r['name']:<{width}}  {r['score']:>6.1f} {r['success']:>8d} {r['failure']:>8d} {r['dialogues']:>10d}  "
@@ -586,54 +525,45 @@ def leaderboard_command(args):
 
 
 def leaderboard_flags(commands):
-    lb = commands.add_parser("leaderboard", help="side-by-side Score / Success / Failure of several systems",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    lb.add_argument("files", nargs="+", help="SAGE result JSONL files and/or our eval outputs (transcripts.jsonl or its dir)")
-    lb.add_argument("--json", action="store_true", help="print a JSON list of {name, score, success, failure, dialogues}")
+    lb = commands.add_parser("leaderboard", help="side-by-side Score / Success / Failure of several systems")
+    lb.add_argument("files", nargs="+", help="SAGE result JSONL files and/or our eval outputs (or their folders)")
+    lb.add_argument("--json", action="store_true", help="print the rows as JSON")
     lb.add_argument("--plot", default=None, help="write an SVG of each system's mean emotion per turn")
-    lb.add_argument("--versus", default=None, help="per-scenario wins / ties / losses against this system (its name "
-                    "as the table shows it; case does not matter, e.g. gpt-4.1 or GPT-4.1)")
+    lb.add_argument("--versus", default=None, help="per-scenario wins / ties / losses against this system (case-blind)")
     lb.add_argument("--allow-mixed", action="store_true", help="rank systems whose protocol, scenarios or simulator "
-                    "prompts differ (the differing fields marked *); without it such a table is refused")
+                    "prompts differ (marked *); refused without it")
     lb.set_defaults(func=leaderboard_command)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. Replay: SAGE's published result files played back through evaluate(), with no LLM
-#
-# A published record holds a whole dialogue: the agent's replies and, for every user turn after the opening,
-# the simulator's parsed analysis ("planning": its sections and the change), its "thinking", its reply
-# ("content") and the emotion after the turn ("emotion-point"). The policy sends the published agent replies;
-# the simulator answers every request with the published output written back in SAGE's raw format. The loop's
-# own clamp (+-10), cap (100), ending rules and parser must then give the published emotion after every turn.
+# 4. Replay: SAGE's published result files played back through evaluate(), with no LLM. A record holds the agent's
+#    replies and, per user turn after the opening, the simulator's parsed analysis ("planning", with its change),
+#    "thinking", reply ("content") and the emotion after it ("emotion-point"). The policy sends the published
+#    replies; the simulator answers with the published output in SAGE's raw format; the loop's own clamp, cap,
+#    ending rules and parser must then give the published emotion after every turn.
 
 
 def published_turns(record):
     """(the agent's replies, the user turns after the opening) of one SAGE result record."""
     history = record["history"]
-    return ([m["content"] for m in history if m["role"] == "assistant"],
-            [m for m in history if m["role"] == "user"][1:])
+    return [m["content"] for m in history if m["role"] == "assistant"], [m for m in history if m["role"] == "user"][1:]
 
 
 def replay_policy(profiles, records):
-    """policy(requests) -> texts: a chat whose opening is profile p's and that holds k agent replies gets the
-    published reply k + 1 of p's record; past the published dialogue, an empty reply."""
+    """policy(requests) -> texts: a chat opened as profile p's, holding k agent replies, gets p's published reply
+    k + 1 (past the published dialogue: an empty reply)."""
     replies = {p.opening: published_turns(records[p.id])[0] for p in profiles}
 
     def policy(requests):   # requests: rollout.policy_messages, [system, opening, assistant, user, ...]
-        texts = []
-        for messages in requests:
-            agents, k = replies[messages[1]["content"]], sum(m["role"] == "assistant" for m in messages)
-            texts.append(agents[k] if k < len(agents) else "")
-        return texts
+        asked = [(replies[m[1]["content"]], sum(x["role"] == "assistant" for x in m)) for m in requests]
+        return [agents[k] if k < len(agents) else "" for agents, k in asked]
     return policy
 
 
 def replay_simulator(prompts, profiles, records):
-    """backend(requests) -> texts: a request (one user message) is its scenario's (the one whose scene it holds)
-    k-th call of its kind (analysis: it starts as the analysis template does; else reply) and gets the published
-    user turn k as SAGE's simulator wrote it: the analysis sections under their headers (prompts.headers), the
-    reply as Thinking: / Response:. Past the published dialogue: change 0 and an empty reply."""
+    """backend(requests) -> texts: a request is the k-th call of its kind (analysis: it starts as the analysis
+    template does; else reply) of the scenario whose scene it holds, and gets that scenario's published user turn
+    k as SAGE's simulator wrote it (past the published dialogue: change 0, an empty reply)."""
     turns = {p.scenario: published_turns(records[p.id])[1] for p in profiles}
     analysis_start, calls = prompts.analysis.split("{{")[0], {}
     past_the_end = {"planning": {"change": 0}, "thinking": "", "content": ""}
@@ -641,31 +571,29 @@ def replay_simulator(prompts, profiles, records):
     def backend(requests):
         texts = []
         for (message,) in requests:
-            text = message["content"]
-            scenes = [s for s in turns if s in text]
+            scenes = [s for s in turns if s in message["content"]]
             if len(scenes) != 1:
                 raise sim.SimulatorError(f"replay: a simulator request holds {len(scenes)} of the scenarios' scenes")
-            kind = "analysis" if text.startswith(analysis_start) else "reply"
+            kind = "analysis" if message["content"].startswith(analysis_start) else "reply"
             k = calls[scenes[0], kind] = calls.get((scenes[0], kind), -1) + 1
             turn = turns[scenes[0]][k] if k < len(turns[scenes[0]]) else past_the_end
-            if kind == "analysis":
-                planning = {key.lower(): value for key, value in turn["planning"].items()}
-                texts.append("".join(f"{h}:\n{planning.get(h.lower(), '')}\n" for h in prompts.headers))
-            else:
-                texts.append(f"Thinking:\n{turn['thinking']}\nResponse:\n{turn['content']}")
+            planning = {key.lower(): value for key, value in turn["planning"].items()}  # under prompts.headers
+            analysis = "".join(f"{h}:\n{planning.get(h.lower(), '')}\n" for h in prompts.headers)
+            reply = f"Thinking:\n{turn['thinking']}\nResponse:\n{turn['content']}"
+            texts.append(analysis if kind == "analysis" else reply)
         return texts
     return backend
 
 
 def replay_differences(records, transcripts):
-    """One line per scenario whose replay (our transcript) differs from its published record: finals and turns
-    on both sides and the first turn where they part (turn 0: the start emotion), a turn being its emotion
-    after the change and the user's reply."""
+    """One line per scenario whose replay differs from its published record: both finals and lengths and the first
+    turn (its emotion and the user's reply; turn 0: the start emotion) where they part."""
     lines = []
     for ours in transcripts:
         record = records[ours["profile_id"]]
         users = published_turns(record)[1]
-        published = [(record["history"][0]["emotion-point"], None)] + [(u["emotion-point"], u["content"]) for u in users]
+        published = [(record["history"][0]["emotion-point"], None)] + [(u["emotion-point"], u["content"])
+                                                                       for u in users]
         replayed = [(ours["initial_emotion"], None)] + [(t["emotion"], t["user"]) for t in ours["turns"]]
         if published == replayed and record["emo_point"] == ours["final_emotion"]:
             continue
@@ -698,8 +626,7 @@ def published_records(path, records):
 
 
 def replay_file(path, prompts, profiles, log=print):
-    """Replay one published result file; print its published row, ours and every scenario that differs. Returns
-    True when every scenario reproduces."""
+    """Replay one published file; print its published row, ours and each scenario that differs. True: reproduced."""
     system = read_system(path)
     records = published_records(path, system["records"])
     played = [replace(p, prompts=prompts) for p in profiles if p.id in records]
@@ -738,12 +665,10 @@ def replay_command(args):
 
 
 def replay_flags(commands):
-    rp = commands.add_parser("replay", help="play SAGE's published result files back through the eval loop (no LLM): "
-                             "do the loop's rules and parser give the published emotions and Score?")
-    rp.add_argument("files", nargs="+", help="SAGE result JSONL files (SAGE/dataset/<simulator>_based_simulator/*.jsonl)")
-    rp.add_argument("--official-prompts", required=True, metavar="DIR",
-                    help="your checkout of the authors' digitalhuman repository (its root or SAGE/): the prompts "
-                         "and the scenarios the files were played on")
+    rp = commands.add_parser("replay", help="play SAGE's published result files back through the eval loop (no LLM)")
+    rp.add_argument("files", nargs="+", help="SAGE result files (SAGE/dataset/<simulator>_based_simulator/*.jsonl)")
+    rp.add_argument("--official-prompts", required=True, metavar="DIR", help="your checkout of the authors' "
+                    "digitalhuman repository (its root or SAGE/): the prompts and scenarios the files were played on")
     rp.set_defaults(func=replay_command)
 
 
@@ -753,7 +678,6 @@ def replay_flags(commands):
 
 OUTCOME_COLORS = {"success": "#1a9850", "failure": "#d73027", "max_turns": "#7b8794"}
 COLORS = ["#2166ac", "#d73027", "#1a9850", "#762a83", "#e08214", "#35978f", "#7b8794", "#c51b7d"]
-EMOTION_BOX = (64, 62, 630, 404)  # (left, top, right, bottom) of an emotion plot on 900 x 460; the legend right
 
 
 def _num(value):
@@ -763,14 +687,12 @@ def _num(value):
 
 def _scale(lo, hi, a, b):
     """The linear map sending data lo -> pixel a and hi -> pixel b; a zero-width range maps to the middle."""
-    if hi == lo:
-        return lambda v: (a + b) / 2
-    return lambda v: a + (v - lo) * (b - a) / (hi - lo)
+    return (lambda v: (a + b) / 2) if hi == lo else (lambda v: a + (v - lo) * (b - a) / (hi - lo))
 
 
 def nice_ticks(lo, hi, most=6, integer=False):
-    """Round tick values inside [lo, hi]: the finest step of 1, 2 or 5 x 10^k that gives at most `most`
-    ticks (integer=True: steps of at least 1, for training steps). A zero-width range gets the one tick lo."""
+    """Round ticks inside [lo, hi]: the finest step of 1, 2 or 5 x 10^k giving at most `most` (integer: steps of
+    at least 1). A zero-width range gets the one tick lo."""
     if hi <= lo:
         return [lo]
     magnitude = 10 ** math.floor(math.log10((hi - lo) / most))
@@ -800,9 +722,8 @@ def _svg_end(out, path):
 
 
 def draw_axes(out, box, xlim, ylim, xticks, yticks, xlabel, ylabel=None):
-    """Append one plot area's axes to `out`: a grid line and label per y tick, a tick and label per x tick, the
-    L-shaped frame, the x label and (optionally) a rotated y label. box = (left, top, right, bottom) pixels;
-    xlim/ylim = the data (lo, hi) mapped onto it (y grows up). Returns (x, y): the data -> pixel maps."""
+    """Append a plot area's grid, ticks, labels and frame to `out`. box = (left, top, right, bottom) pixels;
+    xlim/ylim = the data (lo, hi) mapped onto it, y growing up. Returns (x, y): the data -> pixel maps."""
     left, top, right, bottom = box
     x, y = _scale(*xlim, left, right), _scale(*ylim, bottom, top)
     for v in yticks:
@@ -820,24 +741,22 @@ def draw_axes(out, box, xlim, ylim, xticks, yticks, xlabel, ylabel=None):
     return x, y
 
 
-def _emotion_plot(title, subtitle, last_turn, xlabel, ylabel, legend):
-    """The canvas of an emotion (0..100) against turn (0..last_turn) plot with its legend right of the plot
-    area: legend = [(colour, line width, text)]. Returns (out, x, y)."""
-    out = _svg_start(900, 460, title, subtitle, x=EMOTION_BOX[0])
-    x, y = draw_axes(out, EMOTION_BOX, (0, last_turn), (0, 100), range(last_turn + 1), range(0, 101, 20), xlabel,
-                     ylabel)
-    right, top = EMOTION_BOX[2], EMOTION_BOX[1]
+def emotion_plot(title, subtitle, last_turn, xlabel, ylabel, legend):
+    """The canvas of emotion (0..100) against turn (0..last_turn), 900 x 460, with a legend right of the plot
+    area: legend = [(colour, line width, text)]. Returns (out, x, y) for the lines drawn inside."""
+    left, top, right, bottom = 64, 62, 630, 404
+    out = _svg_start(900, 460, title, subtitle, x=left)
+    x, y = draw_axes(out, (left, top, right, bottom), (0, last_turn), (0, 100), range(last_turn + 1),
+                     range(0, 101, 20), xlabel, ylabel)
     for j, (color, width, text) in enumerate(legend):
-        ly = top + 14 + 22 * j
-        out.append(f'<line x1="{right + 56}" y1="{ly}" x2="{right + 80}" y2="{ly}" stroke="{color}" '
-                   f'stroke-width="{width}"/>')
-        out.append(f'<text x="{right + 86}" y="{ly + 4}">{escape(text)}</text>')
+        out.append(f'<line x1="{right + 56}" y1="{top + 14 + 22 * j}" x2="{right + 80}" y2="{top + 14 + 22 * j}" '
+                   f'stroke="{color}" stroke-width="{width}"/>')
+        out.append(f'<text x="{right + 86}" y="{top + 18 + 22 * j}">{escape(text)}</text>')
     return out, x, y
 
 
 def mean_trajectory(trajectories):
-    """Mean emotion per turn over emotion lists; a dialogue that ended keeps its final emotion, so the mean
-    ends at the score."""
+    """Mean emotion per turn; a dialogue that ended keeps its final emotion, so the mean ends at the score."""
     longest = max(len(traj) for traj in trajectories)
     return [statistics.mean(traj[min(t, len(traj) - 1)] for traj in trajectories) for t in range(longest)]
 
@@ -847,29 +766,23 @@ def mean_per_turn(system):
     return mean_trajectory([traj for _, _, traj, _ in system["dialogues"]])
 
 
-def outcome_labels(protocol):
-    """Legend words of the three outcome colours under a protocol (its failure line: 0 classic/rlver, 10 sage)."""
-    below = sim.protocol_of(protocol).failure_below
-    return {"success": "success (reached 100)",
-            "failure": "failure (reached 0)" if below <= 1 else f"failure (ended below {below})",
-            "max_turns": "ended otherwise"}
-
-
 def write_svg(path, trajectories, *, max_turns, title, subtitle="", labels=None, protocol="classic"):
-    """An eval's trajectories.svg: emotion against turn, one thin line per dialogue coloured by how it ended,
-    the mean trajectory in bold. trajectories: [e_0, e_1, ...] lists. Returns the SVG text (written if path)."""
+    """An eval's trajectories.svg: one thin line per dialogue ([e_0, e_1, ...]) coloured by how it ended, and the
+    mean trajectory in bold. Returns the SVG text (written if path is set)."""
     outcomes = [sim.final_outcome(traj[-1], protocol) or "max_turns" for traj in trajectories]
-    names = outcome_labels(protocol)
-    legend = [(c, 1.5, f"{names[k]}: {outcomes.count(k)}") for k, c in OUTCOME_COLORS.items()]
-    out, x, y = _emotion_plot(title, subtitle, max_turns, "turn", "emotion (0 = leaves, 100 = fully supported)",
-                              legend + [("#111", 3.5, "mean (ended = final value)")])
+    below = sim.protocol_of(protocol).failure_below
+    words = {"success": "success (reached 100)", "failure": "failure (reached 0)" if below <= 1 else
+             f"failure (ended below {below})", "max_turns": "ended otherwise"}
+    legend = [(c, 1.5, f"{words[k]}: {outcomes.count(k)}") for k, c in OUTCOME_COLORS.items()]
+    out, x, y = emotion_plot(title, subtitle, max_turns, "turn", "emotion (0 = leaves, 100 = fully supported)",
+                             legend + [("#111", 3.5, "mean (ended = final value)")])
     for i, (traj, outcome) in enumerate(zip(trajectories, outcomes)):
         jitter = (i % 5 - 2) * 0.8  # < 1 px apart so identical dialogues do not hide behind each other
         points = " ".join(f"{x(t):.1f},{y(e) + jitter:.1f}" for t, e in enumerate(traj))
-        label = labels[i] if labels else f"dialogue {i}"
+        hover = f"{labels[i] if labels else f'dialogue {i}'}: final emotion {traj[-1]}"
         out.append(f'<polyline class="dialogue" points="{points}" fill="none" stroke-width="1.5" '
-                   f'stroke="{OUTCOME_COLORS[outcome]}" stroke-opacity="0.55">'
-                   f'<title>{escape(f"{label}: final emotion {traj[-1]}")}</title></polyline>')
+                   f'stroke="{OUTCOME_COLORS[outcome]}" stroke-opacity="0.55"><title>{escape(hover)}</title>'
+                   f'</polyline>')
     if trajectories:
         mean = mean_trajectory(trajectories)
         points = " ".join(f"{x(t):.1f},{y(e):.1f}" for t, e in enumerate(mean))
@@ -884,9 +797,9 @@ def write_leaderboard_svg(path, systems):
     settings = sorted({f"{s['provenance']['protocol']} protocol, simulator {s['provenance']['simulator']}"
                        for s in systems})
     legend = [(COLORS[j % len(COLORS)], 2.5, s["name"]) for j, s in enumerate(systems)]
-    out, x, y = _emotion_plot(f"mean emotion per turn ({'; '.join(settings)})", f"{len(systems)} systems",
-                              max(1, max(len(m) for m in means) - 1), "user turn", "mean emotion", legend)
-    for (color, _, name), mean in zip(legend, means):
+    out, x, y = emotion_plot(f"mean emotion per turn ({'; '.join(settings)})", f"{len(systems)} systems",
+                             max(1, max(len(m) for m in means) - 1), "user turn", "mean emotion", legend)
+    for mean, (color, _, name) in zip(means, legend):
         points = " ".join(f"{x(t):.1f},{y(e):.1f}" for t, e in enumerate(mean))
         out.append(f'<polyline class="system" points="{points}" fill="none" stroke="{color}" stroke-width="2.5">'
                    f'<title>{escape(name)}</title></polyline>')
@@ -901,35 +814,16 @@ CURVE_SERIES = [("reward", "mean reward", (0, 1), "#2166ac"),
                 ("kl_ref", "KL to the reference policy", None, "#e08214"),
                 ("entropy", "policy entropy", None, "#35978f"),
                 ("policy_tokens", "policy tokens per step", None, "#7b8794")]
-# Layout: panels in CURVE_COLUMNS columns, each PANEL_W x PANEL_H pixels, the first at (CURVE_LEFT, CURVE_TOP);
-# inside a panel the plot area spans x + 60 .. x + 420 and y + 30 .. y + 190 (the title sits above it).
+# Panels in CURVE_COLUMNS columns, each PANEL_W x PANEL_H pixels, the first at (CURVE_LEFT, CURVE_TOP); a panel's
+# plot area spans x + 60 .. x + 420 and y + 30 .. y + 190 (its title above).
 CURVE_COLUMNS, PANEL_W, PANEL_H, CURVE_LEFT, CURVE_TOP = 2, 450, 240, 30, 70
 
 
-def curve_points(rows, key):
-    """[(step, value)] of the rows that carry both a step and a plottable `key`, in step order."""
-    return sorted((row["step"], row[key]) for row in rows if _number(row.get("step")) and _number(row.get(key)))
-
-
-def _y_range(values, fixed):
-    """A panel's y range: the fixed range widened to hold every value; or the data's own range, padded when
-    all values are equal so the line sits mid-panel."""
-    lo, hi = min(values), max(values)
-    if fixed:
-        return min(fixed[0], lo), max(fixed[1], hi)
-    if lo == hi:
-        pad = abs(lo) * 0.1 or 1.0
-        return lo - pad, hi + pad
-    return lo, hi
-
-
 def run_rows(out):
-    """A training run's metrics.jsonl rows (rlver.py --out), each with its evaluation's score
-    (eval/step_N/summary.json) where there is one: the input of write_curves."""
+    """A training run's metrics.jsonl rows, each with its evaluation's score (eval/step_N/summary.json) if any."""
     rows = []
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
+        for row in map(json.loads, f):
             summary = os.path.join(out, "eval", f"step_{row['step']}", "summary.json")
             if os.path.isfile(summary):
                 with open(summary) as g:
@@ -939,27 +833,28 @@ def run_rows(out):
 
 
 def write_curves(path, rows, title="training curves"):
-    """Small multiples of a training run: one panel per CURVE_SERIES key present in `rows` (metrics.jsonl's
-    dicts), the value against the step; all panels share the x range so they line up; the last value is in the
-    panel's title and marked with a dot (so a single step still shows). Returns the SVG text (written if path)."""
-    series = [(key, name, fixed, color, curve_points(rows, key)) for key, name, fixed, color in CURVE_SERIES]
+    """Small multiples: a panel per CURVE_SERIES key in `rows` (metrics.jsonl's dicts), value against step, all on
+    one x range so they line up; the last value in the title and as a dot. Returns the SVG text (written if path)."""
+    series = [(key, name, fixed, color, sorted((r["step"], r[key]) for r in rows
+                                               if _number(r.get("step")) and _number(r.get(key))))
+              for key, name, fixed, color in CURVE_SERIES]
     series = [s for s in series if s[-1]]
     steps = [row["step"] for row in rows if _number(row.get("step"))]
-    n_rows = max(1, math.ceil(len(series) / CURVE_COLUMNS))
+    n_rows = math.ceil(max(1, len(series)) / CURVE_COLUMNS)
     W, H = CURVE_LEFT * 2 + CURVE_COLUMNS * PANEL_W, CURVE_TOP + n_rows * PANEL_H
-    subtitle = (f"{len(steps)} metrics rows, steps {_num(min(steps))}..{_num(max(steps))}" if steps
-                else "no metrics rows with a step yet")
-    out = _svg_start(W, H, title, subtitle, x=CURVE_LEFT)
+    out = _svg_start(W, H, title, f"{len(steps)} metrics rows, steps {_num(min(steps))}..{_num(max(steps))}" if steps
+                     else "no metrics rows with a step yet", x=CURVE_LEFT)
     xlim = (min(steps), max(steps)) if steps else (0, 1)
     for i, (key, name, fixed, color, points) in enumerate(series):
-        px = CURVE_LEFT + (i % CURVE_COLUMNS) * PANEL_W
-        py = CURVE_TOP + (i // CURVE_COLUMNS) * PANEL_H
-        box = (px + 60, py + 30, px + 420, py + 190)
-        ylim = _y_range([v for _, v in points], fixed)
+        px, py = CURVE_LEFT + (i % CURVE_COLUMNS) * PANEL_W, CURVE_TOP + (i // CURVE_COLUMNS) * PANEL_H
+        lo, hi = min(v for _, v in points), max(v for _, v in points)
+        pad = 0 if fixed or lo < hi else abs(lo) * 0.1 or 1.0  # a constant series sits mid-panel
+        ylim = (min(fixed[0], lo), max(fixed[1], hi)) if fixed else (lo - pad, hi + pad)
         out.append(f'<g class="panel" data-series="{key}">')
-        out.append(f'<text x="{box[0]}" y="{py + 18}" font-weight="bold">{escape(name)}: last '
+        out.append(f'<text x="{px + 60}" y="{py + 18}" font-weight="bold">{escape(name)}: last '
                    f'{_num(points[-1][1])} at step {_num(points[-1][0])}</text>')
-        x, y = draw_axes(out, box, xlim, ylim, nice_ticks(*xlim, integer=True), nice_ticks(*ylim), "step")
+        x, y = draw_axes(out, (px + 60, py + 30, px + 420, py + 190), xlim, ylim, nice_ticks(*xlim, integer=True),
+                         nice_ticks(*ylim), "step")
         coords = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in points)
         out.append(f'<polyline class="series" points="{coords}" fill="none" stroke="{color}" stroke-width="2"/>')
         out.append(f'<circle cx="{x(points[-1][0]):.1f}" cy="{y(points[-1][1]):.1f}" r="3" fill="{color}"/>')
@@ -968,60 +863,50 @@ def write_curves(path, rows, title="training curves"):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 6. Speed and rollout benchmarks. Their heavy imports (transformers, http.server) stay inside the functions.
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+# 6. Speed and rollout benchmarks; their heavy imports (transformers, http.server) stay inside the functions.
 
 
 def run_times(fn, device, warmup, repeats):
-    """Wall times of fn() over `repeats` runs after `warmup` untimed runs. Returns (times, last output)."""
+    """Wall times of fn() over `repeats` runs after `warmup` untimed ones. Returns (times, last output)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        sync(device)
+        sync()
         start = time.perf_counter()
         result = fn()
-        sync(device)
+        sync()
         times.append(time.perf_counter() - start)
     return times, result
 
 
 def spread(values, digits=3):
-    """min/median/max of a list of numbers, as printed."""
+    """min/median/max, as printed."""
     return "/".join(f"{v:.{digits}f}" for v in (min(values), statistics.median(values), max(values)))
 
 
-def speed_models(args, device, dtype, tmp):
-    """model.py's model and transformers' of the same checkpoint: --model, or a fresh random one."""
+def speed(args, log=print):
+    """Greedy decode tokens/s of model.generate (eager; compiled with --compile) against transformers' generate on
+    the same checkpoint (--model, or a fresh random one) and prompts, then one training step's time."""
     import transformers
 
-    transformers.logging.set_verbosity_error()
-    path = args.model or make_tiny_checkpoint(os.path.join(tmp, "model"), "qwen2", vocab_size=1024,
-                                              hidden_size=args.hidden, num_layers=args.layers, num_heads=4,
-                                              num_kv_heads=2, intermediate_size=768)
-    read_config(path)  # one-line error for a bad --model before anything heavy
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    hf_model.generation_config.eos_token_id = None  # never stop early: every row makes exactly N tokens
-    return load_model(path, device=device, dtype=dtype), hf_model
-
-
-def speed(args, log=print):
-    """Greedy decode tokens/s of model.generate (eager, and compiled with --compile) against transformers'
-    generate on the same weights and prompts, then the time of one training step."""
     from model import generate
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    B, P, N = args.batch, args.prompt_len, args.new_tokens
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchmarkError("--device cuda but torch sees no CUDA device: use --device cpu")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    transformers.logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as tmp:
-        model, hf_model = speed_models(args, device, dtype, tmp)
-    B, P, N = args.batch, args.prompt_len, args.new_tokens
+        path = args.model or make_tiny_checkpoint(os.path.join(tmp, "model"), "qwen2", vocab_size=1024,
+                                                  hidden_size=args.hidden, num_layers=args.layers, num_heads=4,
+                                                  num_kv_heads=2, intermediate_size=768)
+        read_config(path)  # one-line error for a bad --model before anything heavy
+        model = load_model(path, device=device, dtype=dtype)
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    hf_model.generation_config.eos_token_id = None  # never stop early: every row makes exactly N tokens
     prompt_ids = torch.randint(0, model.config.vocab_size, (B, P), generator=torch.Generator().manual_seed(0))
     prompts, prompt_ids = prompt_ids.tolist(), prompt_ids.to(device)  # (B, P), equal lengths: no padding
     log(f"speed: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params (hidden {model.config.hidden_size}, "
@@ -1043,27 +928,20 @@ def speed(args, log=print):
         same = sum(a == b for row, base in zip(ids, base_ids) for a, b in zip(row, base)) / (B * N)
         lines.append(f"{name:<22} {statistics.median(times):>8.3f} {spread([B * N / t for t in times], 1):>26} "
                      f"{hf_seconds / statistics.median(times):>15.2f}x {same:>12.1%}")
-    log("\n".join(lines))
-    log("(vs transformers = tokens/s / transformers' tokens/s in this run; same tokens = share of greedy tokens "
-        "equal to model.py's; with --compile the untimed warm-up call compiles)")
+    log("\n".join(lines) + "\n(vs transformers = tokens/s / transformers' tokens/s in this run; same tokens = share "
+        "of greedy tokens equal to model.py's; with --compile the untimed warm-up call compiles)")
     del hf_model, runs  # free transformers' memory before the gradients and AdamW state
     return {name: times for name, (times, _) in results.items()} | {"train": train_step_speed(args, model, log)}
 
 
 def train_step_speed(args, model, log):
     """One policy-gradient step as rlver trains (fp32 master weights, --dtype compute by autocast, AdamW) on random
-    tokens: loss = -mean over the "sampled" tokens of advantage * log p(token), the REINFORCE core of PPO/GRPO.
-    Skipped, saying so, when a GPU lacks the 16 bytes per parameter of weights, gradients and AdamW moments."""
+    tokens: loss = -mean over the "sampled" tokens of advantage * log p(token), the REINFORCE core of PPO/GRPO."""
     from model import token_logprobs
 
-    device, (B, P) = model.inv_freq.device, (args.batch, args.prompt_len)
-    T, params = P + args.new_tokens, sum(p.numel() for p in model.parameters())
-    if device.type == "cuda" and 16 * params > 0.9 * torch.cuda.mem_get_info(device)[0]:
-        log(f"training step: skipped, fp32 weights, gradients and AdamW moments need {16 * params / 1e9:.1f} GB")
-        return None
-    if args.dtype != "float32":
-        model.float()
-        model.autocast_dtype = DTYPES[args.dtype]
+    device, (B, P), T = model.inv_freq.device, (args.batch, args.prompt_len), args.prompt_len + args.new_tokens
+    model.float()  # fp32 master weights; bf16 compute by autocast (model.Transformer.autocast_dtype)
+    model.autocast_dtype = None if args.dtype == "float32" else DTYPES[args.dtype]
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (B, T), generator=g).to(device)  # (B, T)
     mask = torch.zeros(B, T - 1, device=device)  # (B, T-1): the tokens the policy "sampled"
@@ -1082,9 +960,9 @@ def train_step_speed(args, model, log):
 
 
 def serve_simulator(latency_s, port_queue):
-    """A stdlib OpenAI-compatible chat endpoint on 127.0.0.1 that answers as simulator.RulesBackend after
-    sleeping latency_s (a real LLM simulator's seconds per answer). Runs in its own process, as a real server
-    would, so it does not compete with the rollout for the GIL; puts its port on port_queue, serves until killed."""
+    """An OpenAI-compatible chat endpoint on 127.0.0.1 answering as simulator.RulesBackend after latency_s (a real
+    LLM simulator's seconds per answer), in its own process so it does not compete for the rollout's GIL; puts
+    its port on port_queue, then serves until terminated."""
     import http.server
 
     rules = sim.RulesBackend()
@@ -1119,17 +997,6 @@ def serve_simulator(latency_s, port_queue):
     server.serve_forever(poll_interval=0.05)
 
 
-def start_simulator_server(latency_s):
-    """serve_simulator in a child process. Returns (url, process)."""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    port_queue = ctx.Queue()
-    process = ctx.Process(target=serve_simulator, args=(latency_s, port_queue), daemon=True)
-    process.start()
-    return f"http://127.0.0.1:{port_queue.get(timeout=60)}/v1", process
-
-
 ENGINE_VARIANTS = {  # name -> rollout.rollout's ablation switches (kv reuse off, overlap off, both)
     "engine": dict(kv_reuse=True, overlap=True),
     "no-overlap": dict(kv_reuse=True, overlap=False),
@@ -1140,7 +1007,7 @@ ENGINE_VARIANTS = {  # name -> rollout.rollout's ablation switches (kv reuse off
 
 def rollout_variants(model, tokenizer, profiles, backend, args, latency):
     """Every ENGINE_VARIANTS entry, args.repeats times, on the same dialogues: one row per variant."""
-    seeds, rows, base = [ro.rollout_seed(0, 0, j) for j in range(len(profiles))], [], None
+    seeds, rows = [ro.rollout_seed(0, 0, j) for j in range(len(profiles))], []
     for name, switches in ENGINE_VARIANTS.items():
         times, timing = [], {}
         for _ in range(args.repeats):
@@ -1150,18 +1017,19 @@ def rollout_variants(model, tokenizer, profiles, backend, args, latency):
                                    max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
                                    timing=timing, **switches)
             times.append(time.time() - t0)
-        ids = [d.ids for d in dialogues]
-        base = base or ids
-        rows.append(dict(latency_ms=latency, variant=name, seconds=times, timing=timing, same=ids == base))
+        rows.append(dict(latency_ms=latency, variant=name, seconds=times, timing=timing,
+                         ids=[d.ids for d in dialogues]))
     for r in rows:  # vs lockstep: the last variant's median wall time / this one's
         r["speedup"] = statistics.median(rows[-1]["seconds"]) / statistics.median(r["seconds"])
+        r["same"] = r["ids"] == rows[0]["ids"]
     return rows
 
 
 def rollout_bench(args, log=print):
     """rollout.rollout against its ablations at each simulator latency, on a model whose replies vary in length."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    import multiprocessing
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or make_tiny_checkpoint(os.path.join(tmp, "model"), "qwen2", hidden_size=args.hidden,
                                                   num_layers=args.layers)
@@ -1176,9 +1044,12 @@ def rollout_bench(args, log=print):
     log(f"rollout: {len(profiles)} dialogues ({args.profiles} profiles x group {args.group_size}), "
         f"{args.max_turns} turns x <= {args.max_new_tokens} tokens, hidden {model.config.hidden_size} x "
         f"{model.config.num_hidden_layers} layers, {torch.get_num_threads()} threads, {args.repeats} repeats")
-    rows = []
+    rows, ctx = [], multiprocessing.get_context("spawn")
     for latency in args.latencies_ms:
-        url, server = start_simulator_server(latency / 1000)
+        port_queue = ctx.Queue()
+        server = ctx.Process(target=serve_simulator, args=(latency / 1000, port_queue), daemon=True)
+        server.start()
+        url = f"http://127.0.0.1:{port_queue.get(timeout=60)}/v1"
         backend = sim.OpenAIBackend(url, model="rules", concurrency=len(profiles))
         try:
             rows += rollout_variants(model, tokenizer, profiles, backend, args, latency)
@@ -1190,49 +1061,47 @@ def rollout_bench(args, log=print):
     for r in rows:
         t = r["timing"]
         lines.append(f"{r['latency_ms']:>9.0f}ms {r['variant']:<20} {spread(r['seconds'], 2):>22}  "
-                     f"{t['prefill_tokens'] / t['conversation_tokens']:>12.2f} "
-                     f"{t['decode_steps']:>12} {t['active_rows'] / max(t['decode_steps'], 1):>9.1f} "
-                     f"{t['simulator']:>10.2f} {r['speedup']:>10.2f}x {'yes' if r['same'] else 'NO':>8}")
-    log("\n".join(lines))
-    log("(prefill/conv = tokens fed by prefill / tokens in the finished conversations; vs lockstep = median wall "
-        "time of 'lockstep re-prefill' / this variant's, same latency; same ids = every dialogue's tokens equal "
-        "the engine's; the last run's counters)")
+                     f"{t['prefill_tokens'] / t['conversation_tokens']:>12.2f} {t['decode_steps']:>12} "
+                     f"{t['active_rows'] / max(t['decode_steps'], 1):>9.1f} {t['simulator']:>10.2f} "
+                     f"{r['speedup']:>10.2f}x {'yes' if r['same'] else 'NO':>8}")
+    log("\n".join(lines) + "\n(prefill/conv = tokens fed by prefill / tokens in the finished conversations; vs "
+        "lockstep = median wall time of 'lockstep re-prefill' / this variant's; same ids = every dialogue's tokens "
+        "equal the engine's; the last run's counters)")
     return rows
 
 
-def speed_flags(commands):
-    s = commands.add_parser("speed", help="generation tokens/s against transformers, and a training step's time",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def benchmark_flags(commands, name, help, func):
+    """A speed or rollout subcommand with the flags both have: the model, repeats and threads."""
+    s = commands.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("--model", default=None, help="local HF model folder; default: a fresh random checkpoint")
-    s.add_argument("--hidden", type=POSITIVE_INT, default=256, help="hidden size of the fresh checkpoint")
-    s.add_argument("--layers", type=POSITIVE_INT, default=4, help="layers of the fresh checkpoint")
-    s.add_argument("--batch", type=POSITIVE_INT, default=8)
-    s.add_argument("--prompt-len", type=POSITIVE_INT, default=32)
-    s.add_argument("--new-tokens", type=POSITIVE_INT, default=128)
+    s.add_argument("--hidden", type=POSITIVE, default=256, help="hidden size of the fresh checkpoint")
+    s.add_argument("--layers", type=POSITIVE, default=4, help="layers of the fresh checkpoint")
+    s.add_argument("--repeats", type=POSITIVE, default=3, help="timed runs (min/median/max)")
+    s.add_argument("--threads", type=COUNT, default=0, help="torch.set_num_threads (0: torch's default)")
+    s.set_defaults(func=func)
+    return s
+
+
+def speed_flags(commands):
+    s = benchmark_flags(commands, "speed", "generation tokens/s against transformers, a training step", speed)
+    s.add_argument("--batch", type=POSITIVE, default=8)
+    s.add_argument("--prompt-len", type=POSITIVE, default=32)
+    s.add_argument("--new-tokens", type=POSITIVE, default=128)
     s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     s.add_argument("--dtype", choices=list(DTYPES), default="float32")
     s.add_argument("--compile", action="store_true", help="also time model.generate(compile=True)")
-    s.add_argument("--repeats", type=POSITIVE_INT, default=3, help="timed runs (min/median/max)")
-    s.add_argument("--threads", type=COUNT, default=0, help="torch.set_num_threads (0: torch's default)")
-    s.set_defaults(func=speed)
 
 
 def rollout_flags(commands):
-    r = commands.add_parser("rollout", help="the rollout engine against its ablations, HTTP simulator latencies",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    r.add_argument("--model", default=None, help="local HF model folder; default: a fresh random checkpoint")
-    r.add_argument("--hidden", type=POSITIVE_INT, default=256, help="hidden size of the fresh checkpoint")
-    r.add_argument("--layers", type=POSITIVE_INT, default=4, help="layers of the fresh checkpoint")
-    r.add_argument("--profiles", type=POSITIVE_INT, default=4)
-    r.add_argument("--group-size", type=POSITIVE_INT, default=4)
-    r.add_argument("--max-turns", type=POSITIVE_INT, default=8)
-    r.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64)
+    r = benchmark_flags(commands, "rollout", "the rollout engine against its ablations, HTTP simulator latencies",
+                        rollout_bench)
+    r.add_argument("--profiles", type=POSITIVE, default=4)
+    r.add_argument("--group-size", type=POSITIVE, default=4)
+    r.add_argument("--max-turns", type=POSITIVE, default=8)
+    r.add_argument("--max-new-tokens", type=POSITIVE, default=64)
     r.add_argument("--eos-bias", type=float, default=3.5, help="added to the EOS logit: replies of varied length")
-    r.add_argument("--latencies-ms", type=comma_list(float, "milliseconds"), default="0,50,200",
-                   help="simulator answer delays to measure")
-    r.add_argument("--repeats", type=POSITIVE_INT, default=3, help="runs per variant and latency (min/median/max)")
-    r.add_argument("--threads", type=COUNT, default=0, help="torch.set_num_threads (0: torch's default)")
-    r.set_defaults(func=rollout_bench)
+    r.add_argument("--latencies-ms", default="0,50,200", help="simulator answer delays to measure",
+                   type=flag_type(comma_separated(float), bool, "give comma-separated milliseconds, e.g. 0,50,200"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1245,16 +1114,12 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def get_args(argv=None):
+def main(argv=None):
     p = Parser(description="RLVER evaluation (SAGE-style), leaderboard, replay, speed and rollout benchmarks.")
     commands = p.add_subparsers(dest="command", required=True)
     for flags in (eval_flags, leaderboard_flags, replay_flags, speed_flags, rollout_flags):
         flags(commands)
-    return p.parse_args(argv)
-
-
-def main(argv=None):
-    args = get_args(argv)
+    args = p.parse_args(argv)
     try:
         args.func(args)
     except (BenchmarkError, CheckpointError, sim.ProfileError, sim.SimulatorError) as e:
