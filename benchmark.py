@@ -39,7 +39,8 @@ import torch
 
 import rollout as ro
 import simulator as sim
-from model import CheckpointError, check_weights, load_model, load_tokenizer, make_tiny_checkpoint, read_config
+from model import (CheckpointError, check_weights, generate, load_model, load_tokenizer, make_tiny_checkpoint,
+                   read_config, token_logprobs)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -426,7 +427,7 @@ def read_system(path):
                     traj = [r["initial_emotion"]] + [t["emotion"] for t in r["turns"]]
                     dialogues.append((str(r["profile_id"]), r["final_emotion"], traj, r.get("protocol", "classic")))
                     unknown = {"protocol": dialogues[-1][3], "simulator": "unknown",
-                               "simulator_prompts": {"source": "unknown"}}   # (a file written before provenance)
+                               "simulator_prompts": {"source": "unknown"}}   # (a transcript without provenance)
                     provenance = provenance or r.get("provenance") or unknown
             except (ValueError, KeyError, TypeError) as e:
                 raise BenchmarkError(f"{path}:{lineno} is neither a SAGE result record (id, emo_point, "
@@ -455,13 +456,13 @@ def leaderboard_rows(systems):
     their ids, so two files of the same scenarios agree) per system, best score first."""
     rows = []
     for system in systems:
-        p, ids = system["provenance"], sorted({d[0] for d in system["dialogues"]})
-        finals, decoding = [(d[1], d[3]) for d in system["dialogues"]], p.get("decoding")
+        prov, ids = system["provenance"], sorted({d[0] for d in system["dialogues"]})
+        finals, decoding = [(d[1], d[3]) for d in system["dialogues"]], prov.get("decoding")
         rows.append({"name": system["name"], "score": round_half_up(sum(f for f, _ in finals) / len(finals)),
                      "success": sum(sim.final_outcome(f, p) == "success" for f, p in finals),
                      "failure": sum(sim.final_outcome(f, p) == "failure" for f, p in finals),
-                     "dialogues": len(finals), "protocol": p["protocol"], "simulator": p["simulator"],
-                     "simulator_prompts": p["simulator_prompts"]["source"],
+                     "dialogues": len(finals), "protocol": prov["protocol"], "simulator": prov["simulator"],
+                     "simulator_prompts": prov["simulator_prompts"]["source"],
                      "profiles": f"{len(ids)} ids #{sha256(chr(10).join(ids))[:8]}",
                      "decoding": f"T={decoding['temperature']:g} max_new={decoding['max_new_tokens']}"
                      if decoding else "-"})
@@ -891,8 +892,6 @@ def speed(args, log=print):
     the same checkpoint (--model, or a fresh random one) and prompts, then one training step's time."""
     import transformers
 
-    from model import generate
-
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     B, P, N = args.batch, args.prompt_len, args.new_tokens
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -937,8 +936,6 @@ def speed(args, log=print):
 def train_step_speed(args, model, log):
     """One policy-gradient step as rlver trains (fp32 master weights, --dtype compute by autocast, AdamW) on random
     tokens: loss = -mean over the "sampled" tokens of advantage * log p(token), the REINFORCE core of PPO/GRPO."""
-    from model import token_logprobs
-
     device, (B, P), T = model.inv_freq.device, (args.batch, args.prompt_len), args.prompt_len + args.new_tokens
     model.float()  # fp32 master weights; bf16 compute by autocast (model.Transformer.autocast_dtype)
     model.autocast_dtype = None if args.dtype == "float32" else DTYPES[args.dtype]
