@@ -898,6 +898,7 @@ def speed(args, log=print):
         raise BenchmarkError("--device cuda but torch sees no CUDA device: use --device cpu")
     torch.set_num_threads(args.threads or torch.get_num_threads())
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or make_tiny_checkpoint(os.path.join(tmp, "model"), "qwen2", vocab_size=1024,
                                                   hidden_size=args.hidden, num_layers=args.layers, num_heads=4,
