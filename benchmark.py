@@ -8,15 +8,12 @@ benchmark.py: how good is a policy at empathetic dialogue, and how fast is our m
     python benchmark.py speed --device cuda --dtype bfloat16 --compile
     python benchmark.py rollout --latencies-ms 0,50,200
 
-`eval` is SAGE's benchmark (Sentient Agent as a Judge, arXiv 2505.02847; RLVER's "Sentient benchmark") under
---protocol's rules (simulator.PROTOCOLS): every test profile is a simulated user with an emotion in 0..100; after
-each policy reply the simulator writes an integer change, which the code clamps as the protocol says and applies,
-emotion <- clamp(emotion + change, 0, 100); the dialogue ends as simulator.dialogue_end says. score = mean FINAL
-emotion over the dialogues; success = final 100; failure = below the protocol's failure line. `leaderboard` ranks
-our eval outputs and SAGE's published result files when their provenance agrees; `replay` plays those files back
-through evaluate() with no LLM, which must reproduce every published emotion. `speed` and `rollout` (last, their
-heavy imports inside them: rlver.py imports this file for its evaluation, the --out lock and the curves) time
-model.generate against transformers and the rollout engine against its ablations.
+`eval`: SAGE's benchmark (Sentient Agent as a Judge, arXiv 2505.02847; RLVER's "Sentient benchmark") under
+--protocol's rules (simulator.PROTOCOLS): after each policy reply the simulator writes an integer change, which the
+code clamps as the protocol says and applies, emotion <- clamp(emotion + change, 0, 100), until
+simulator.dialogue_end; score = mean FINAL emotion. `leaderboard` ranks eval outputs and SAGE's result files of agreeing provenance; `replay` plays those files
+back through evaluate() with no LLM. `speed` and `rollout` come last, their heavy imports inside them (rlver.py
+imports this file for its evaluation, the --out lock and the curves).
 """
 
 import argparse
@@ -87,8 +84,8 @@ def profile_table(episodes):
 
 
 def report(episodes, out_dir=None, *, seeds=None, title="", config=None, max_turns=None, log=print):
-    """Summarise finished episodes (episodes[i] played with seeds[i], default 0), print the table, and write
-    transcripts.jsonl, summary.json and trajectories.svg into out_dir if given. Returns the summary."""
+    """Summarise episodes (episodes[i] played with seeds[i], default 0), print the table, write transcripts.jsonl,
+    summary.json and trajectories.svg into out_dir if given. Returns the summary."""
     seeds = list(seeds) if seeds is not None else [0] * len(episodes)
     summary = summarize(episodes)
     per_seed = {s: summarize([ep for ep, es in zip(episodes, seeds) if es == s])["score"] for s in dict.fromkeys(seeds)}
@@ -250,9 +247,8 @@ def check_not_locked(out):
 
 
 def lock_out(out, token=""):
-    """One writer per --out (rlver.py's runs and eval): an exclusive flock on <out>/.lock until this process ends;
-    the OS drops it when the process dies, even by SIGKILL. Line 1 names the holder, line 2 is `token` (for
-    rlver.py's ranks)."""
+    """One writer per --out (rlver.py and eval): an exclusive flock on <out>/.lock that the OS drops when this process
+    dies, even by SIGKILL. Line 1 names the holder, line 2 is `token` (rlver.py's ranks read it)."""
     os.makedirs(out, exist_ok=True)
     f = open(os.path.join(out, LOCK_FILE), "a+", encoding="utf-8")
     take_lock(f, fcntl.LOCK_EX, out)
@@ -393,10 +389,9 @@ def eval_flags(commands):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. Leaderboard: systems side by side, from our eval outputs and SAGE's result files. A SAGE file (test_npc.py
-#    writes it) holds one record per scenario: "id", "emo_point" (the final emotion), "history" (user turns carry
-#    "emotion-point"). SAGE prints Score = mean final emotion rounded half up, Success = finals >= 100, Failure =
-#    finals < 10 (our records: their protocol's failure line).
+# 3. Leaderboard. A SAGE result file (test_npc.py's) has a record per scenario: "id", "emo_point" (the final
+#    emotion), "history" (user turns carry "emotion-point"). SAGE prints Score = mean final emotion rounded half up,
+#    Success = finals >= 100, Failure = finals < 10 (our records: their protocol's failure line).
 
 
 def _number(value):
@@ -537,11 +532,10 @@ def leaderboard_flags(commands):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. Replay: SAGE's published result files played back through evaluate(), with no LLM. A record holds the agent's
-#    replies and, per user turn after the opening, the simulator's parsed analysis ("planning", with its change),
-#    "thinking", reply ("content") and the emotion after it ("emotion-point"). The policy sends the published
-#    replies; the simulator answers with the published output in SAGE's raw format; the loop's own clamp, cap,
-#    ending rules and parser must then give the published emotion after every turn.
+# 4. Replay: a published record holds the agent's replies and, per user turn after the opening, the simulator's
+#    parsed analysis ("planning", with its change), "thinking", reply ("content") and "emotion-point". The policy
+#    sends the published replies, the simulator answers with the published output in SAGE's raw format: the loop's
+#    clamp, cap, ending rules and parser must then give the published emotion after every turn.
 
 
 def published_turns(record):
@@ -958,9 +952,8 @@ def train_step_speed(args, model, log):
 
 
 def serve_simulator(latency_s, port_queue):
-    """An OpenAI-compatible chat endpoint on 127.0.0.1 answering as simulator.RulesBackend after latency_s (a real
-    LLM simulator's seconds per answer), in its own process so it does not compete for the rollout's GIL; puts
-    its port on port_queue, then serves until terminated."""
+    """An OpenAI-compatible chat endpoint on 127.0.0.1 answering as simulator.RulesBackend after latency_s, in its
+    own process (no competing for the rollout's GIL); puts its port on port_queue, serves until terminated."""
     import http.server
 
     rules = sim.RulesBackend()
