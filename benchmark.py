@@ -11,9 +11,10 @@ benchmark.py: how good is a policy at empathetic dialogue, and how fast is our m
 `eval`: SAGE's benchmark (Sentient Agent as a Judge, arXiv 2505.02847; RLVER's "Sentient benchmark") under
 --protocol's rules (simulator.PROTOCOLS): after each policy reply the simulator writes an integer change, which the
 code clamps as the protocol says and applies, emotion <- clamp(emotion + change, 0, 100), until
-simulator.dialogue_end; score = mean FINAL emotion. `leaderboard` ranks eval outputs and SAGE's result files of agreeing provenance; `replay` plays those files
-back through evaluate() with no LLM. `speed` and `rollout` come last, their heavy imports inside them (rlver.py
-imports this file for its evaluation, the --out lock and the curves).
+simulator.dialogue_end; score = mean FINAL emotion. `leaderboard` ranks eval outputs and SAGE's result files of
+agreeing provenance; `replay` plays those files back through evaluate() with no LLM. `speed` and `rollout` come
+last, their heavy imports inside them (rlver.py imports this file for its evaluation, the --out lock and the
+curves).
 """
 
 import argparse
