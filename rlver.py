@@ -310,12 +310,10 @@ def evaluate_policy(run, args, step):
     rank, world, profiles = dist.get_rank(), dist.get_world_size(), run.test_profiles
     lo, hi = rank * len(profiles) // world, (rank + 1) * len(profiles) // world
     dialogues = play(run, args, profiles[lo:hi], 1, seeds=list(range(lo, hi)), temperature=0.0)
+    check_parse_failures(args, [d.episode for d in dialogues], f"evaluation at step {step}")
     gathered = [None] * world
-    dist.all_gather_object(gathered, [d.episode for d in dialogues])  # every rank gets every episode
+    dist.all_gather_object(gathered, [d.episode for d in dialogues])
     episodes = [e for part in gathered for e in part]
-    failed, total, example = sim.parse_failure_stats(episodes)  # the gathered episodes: alike on every rank
-    sim.check_parse_failures(failed, total, example, args.max_parse_failure_rate, f"evaluation at step {step}",
-                             warn=(lambda line: print(f"rlver: {line}", flush=True)) if rank == 0 else None)
     if rank == 0:
         provenance = benchmark.provenance(args, profiles, args.test_profiles, list(range(len(profiles))), 0.0)
         s = benchmark.report(episodes, os.path.join(args.out, "eval", f"step_{step}"),
@@ -547,10 +545,10 @@ def validate_model(args, profiles):
     cfg = lm.read_config(args.model)  # raises CheckpointError with the fix
     lm.check_weights(args.model)  # a truncated or corrupt *.safetensors, found in milliseconds
     tokenizer = lm.load_tokenizer(args.model)
-    prompts = [[{"role": "system", "content": ro.system_prompt(args.think, p.lang, p.prompts)},
-                {"role": "user", "content": p.opening or ""}] for p in (sim.resolve_profile(p, args.protocol)
-                                                                        for p in profiles)]
-    longest = max(len(tokenizer.encode(ro.render(tokenizer, m, True), add_special_tokens=False)) for m in prompts)
+    profiles = [sim.resolve_profile(p, args.protocol) for p in profiles]
+    longest = max(len(tokenizer.encode(ro.render(tokenizer, [
+        {"role": "system", "content": ro.system_prompt(args.think, p.lang, p.prompts)},
+        {"role": "user", "content": p.opening or ""}], True), add_special_tokens=False)) for p in profiles)
     if longest + args.max_new_tokens > args.max_context:
         raise ConfigError(f"--max-context {args.max_context} leaves no room for a turn: the longest opening prompt "
                           f"is {longest} tokens plus --max-new-tokens {args.max_new_tokens}; give --max-context "
