@@ -640,7 +640,9 @@ def test_resume_survives_a_kill_between_done_and_rename(uninterrupted, tiny_qwen
 def test_overwrite_replaces_an_earlier_run(tiny_qwen2, tmp_path):
     out = tmp_path / "old"
     earlier_run(out)
-    run_cli(["--model", tiny_qwen2, "--out", str(out), *FAST, "--steps", "1", "--overwrite"])
+    # (the demanding simulated user and a tighter clip: every trainer flag has a run in the suite)
+    run_cli(["--model", tiny_qwen2, "--out", str(out), *FAST, "--steps", "1", "--overwrite", "--mode", "challenging",
+             "--clip-ratio", "0.1"])
     assert checkpoints(out) == [1]  # the old step_2 is gone, not kept as "the latest" model
     assert [m["step"] for m in metrics(str(out))] == [1] and "reward_std" in metrics(str(out))[0]
     assert {json.loads(line)["step"] for line in open(out / "samples.jsonl")} == {1}
