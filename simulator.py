@@ -10,6 +10,7 @@ Every backend is a callable `backend(requests: list[list[dict]]) -> list[str]`: 
 lists in, one completion text per request out. All of them must answer in the same format, so a single
 parser serves LLM simulators and the rules backend alike.
 """
+import argparse
 import ast
 import datetime
 import email.utils
@@ -1204,3 +1205,48 @@ def make_backend(spec, *, model_name=None, api_key_env="OPENAI_API_KEY", device=
         return LocalModelBackend(load_model(spec, device=device), load_tokenizer(spec), **kwargs)
     raise ValueError(f"unknown simulator {spec!r}: use 'rules', an http(s):// URL of an OpenAI-compatible "
                      f"server, or a local model folder")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Command-line flags shared by rlver.py and benchmark.py eval: same names, same meanings
+
+
+def in_range(low, high=math.inf, kind=float, above=False):
+    """An argparse type: a finite `kind` in [low, high] (above: > low); else argparse's line naming the flag."""
+    rule = f"in [{low}, {high}]" if high < math.inf else f"> {low}" if above else f">= {low}"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text}: not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{value}: give a finite number")
+        if not low <= value <= high or (above and value == low):
+            raise argparse.ArgumentTypeError(f"{value}: must be {rule}")
+        return value
+    return parse
+
+
+def add_simulator_flags(add, protocol, max_parse_failure_rate):
+    """The simulated user's flags (add: a parser's add_argument), with the defaults where the CLIs differ:
+    training plays --protocol rlver and stops past 0.5 unparseable turns, eval plays sage and refuses any."""
+    add("--simulator", default="rules", help="'rules', an OpenAI-compatible URL, or a local model folder")
+    add("--simulator-model", default=None, help="model name sent to an OpenAI-compatible simulator endpoint "
+        "(default: the first model the endpoint lists)")
+    add("--simulator-key-env", default="OPENAI_API_KEY", help="env var holding the simulator endpoint's API key")
+    add("--mode", choices=MODES, default="vanilla", help="simulated-user environment: vanilla or challenging")
+    add("--protocol", choices=list(PROTOCOLS), default=protocol, help="dialogue rules (simulator.PROTOCOLS): rlver "
+        "= RLVER's training simulator (start 30, two-stage, goodbye ends); sage = SAGE's test loop; classic = ours")
+    add("--official-prompts", default=None, metavar="DIR", help="play the authors' own simulator and policy "
+        "prompts, read from your checkout of their digitalhuman repository (its root, SAGE/ or RLVER/)")
+    add("--official-quirks", action="store_true", help="with --official-prompts under rlver: every analysis call "
+        "sees the start emotion, as the official trainer's code does (the paper: the live emotion)")
+    add("--max-turns", type=in_range(1, kind=int), default=None,
+        help="scored policy replies per dialogue (default: the protocol's; rlver 9 = official max_turns 8)")
+    add("--simulator-timeout", type=in_range(0, above=True), default=120.0,
+        help="seconds per HTTP request to a simulator endpoint")
+    add("--simulator-turn-deadline", type=in_range(0, above=True), default=600.0,
+        help="seconds for all simulator answers of one turn; past it the run stops")
+    add("--max-parse-failure-rate", type=in_range(0, 1), default=max_parse_failure_rate, help="stop when more "
+        "than this share of the simulator's turns (a training step's, an eval's) stays unparseable")

@@ -296,6 +296,9 @@ def test_eval_plays_sages_prompts_from_the_checkout(checkout, tmp_path, capsys):
 def test_two_training_steps_play_rlvers_prompts_from_a_file_that_is_not_python(checkout, tiny_qwen2, tmp_path):
     with pytest.raises(SyntaxError):
         compile((checkout / ROLLOUT / "hard_player_simulator_dsv3.py").read_text(), "sim", "exec")
+    two_test_profiles = tmp_path / "two-test-profiles.jsonl"  # the periodic eval plays every test profile
+    sage = (checkout / "SAGE/profile/simulator_profile_withfirsttalk.jsonl").read_text().splitlines(keepends=True)
+    two_test_profiles.write_text("".join(sage[:2]))
     server = OfficialSimulator("RLVER", change="+5")
     try:
         r = cli("rlver.py", "--model", tiny_qwen2, "--out", str(tmp_path / "run"), "--steps", "2",
@@ -303,7 +306,7 @@ def test_two_training_steps_play_rlvers_prompts_from_a_file_that_is_not_python(c
                 "--micro-batch", "4", "--save-every", "100", "--no-fsdp", "--simulator", server.url,
                 "--simulator-model", "sim-model", "--official-prompts", str(checkout),
                 "--train-profiles", str(checkout / "RLVER/data/train_profile.jsonl"), "--eval-every", "2",
-                "--eval-profiles", "2", "--test-profiles", str(checkout / "SAGE/profile/simulator_profile_withfirsttalk.jsonl"))
+                "--test-profiles", str(two_test_profiles))
     finally:
         server.close()
     assert r.returncode == 0, r.stderr[-3000:]

@@ -49,10 +49,10 @@ TIMEOUT = 300  # seconds per subprocess: generous for a loaded CI box; a hang fa
 # These tests were tuned on our classic rules and optimiser settings (which differ from the official defaults,
 # see README): CLASSIC pins them.
 CLASSIC = ["--protocol", "classic", "--kl-coef", "1e-3", "--entropy-coef", "0", "--weight-decay", "0",
-           "--value-clip", "0.2", "--warmup-ratio", "0", "--critic-warmup-ratio", "0"]
+           "--value-clip", "0.2", "--warmup-ratio", "0"]
 LEARN = ["--profiles-per-step", "8", "--group-size", "4", "--max-turns", "3", "--max-new-tokens", "24",
          "--micro-batch", "16", "--no-think", "--save-every", "100", *CLASSIC]
-GRPO_LEARN = ["--algo", "grpo", "--lr", "5e-2", "--steps", "10", "--eval-every", "5", "--eval-profiles", "5"]
+GRPO_LEARN = ["--algo", "grpo", "--lr", "5e-2", "--steps", "10", "--eval-every", "5"]
 # PPO learns more slowly: its critic starts random, so early advantages are mostly noise. Four optimizer
 # steps per rollout batch (--mini-batches 4, same compute as one) and a critic as fast as the policy help.
 PPO_LEARN = ["--algo", "ppo", "--lr", "2e-2", "--critic-lr", "2e-2", "--mini-batches", "4", "--steps", "16"]
@@ -152,7 +152,11 @@ def flat_profiles(tmp_path_factory):
 @pytest.fixture(scope="module")
 def grpo_fsdp(tiny_qwen2, flat_profiles, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("grpo_fsdp"))
-    run_cli(["--model", tiny_qwen2, "--out", out, "--train-profiles", flat_profiles, *LEARN, *GRPO_LEARN], nproc=2)
+    tests = os.path.join(out, "five-test-profiles.jsonl")  # the periodic eval plays every --test-profiles profile
+    with open(os.path.join(ROOT, "prompts", "profiles_test.jsonl")) as src, open(tests, "w") as dst:
+        dst.writelines([line for line in src if line.strip()][:5])
+    run_cli(["--model", tiny_qwen2, "--out", out, "--train-profiles", flat_profiles, "--test-profiles", tests, *LEARN,
+             *GRPO_LEARN], nproc=2)
     return out
 
 
@@ -183,7 +187,7 @@ def test_grpo_torchrun_reward_rises(grpo_fsdp):
 
 
 def test_torchrun_periodic_eval_plays_every_test_profile_in_order(grpo_fsdp):
-    # --eval-every 5 --eval-profiles 5: the ranks play 2 and 3 of the test profiles greedily, rank 0 reports
+    # --eval-every 5, 5 test profiles: the ranks play 2 and 3 of them greedily, rank 0 reports
     test_ids = [p.id for p in sim.builtin_profiles("test")[:5]]
     for step in (5, 10):
         with open(os.path.join(grpo_fsdp, "eval", f"step_{step}", "transcripts.jsonl")) as f:
@@ -286,9 +290,9 @@ def test_think_history_strip_fsdp_equals_single_process(algo, tiny_qwen2, tmp_pa
 # 3. Kill and resume (single process, PPO: policy + critic, two optimizers, two LR schedules)
 
 # 8 dialogues per step in 2 micro-batches per optimizer step, 2 optimizer steps per training step (a shuffled
-# split), and a warmup so the LR schedules' state matters too.
+# split), and a warmup (3 of the 6 steps) so the LR schedules' state matters too.
 RESUME = [*SMALL, "--algo", "ppo", "--group-size", "2", "--micro-batch", "2", "--mini-batches", "2",
-          "--lr", "1e-2", "--critic-lr", "1e-2", "--warmup-steps", "3", "--steps", "6"]
+          "--lr", "1e-2", "--critic-lr", "1e-2", "--warmup-ratio", "0.5", "--steps", "6"]
 
 
 @pytest.fixture(scope="module")
@@ -469,6 +473,10 @@ ERRORS = {
                           "--max-context 16 leaves no room", None),
     "negative eval-every": (lambda d, tiny: ["--model", tiny, "--eval-every", "-1"], "--eval-every -1: must be >= 0",
                             None),
+    "warmup of a whole run": (lambda d, tiny: ["--model", tiny, "--warmup-ratio", "0.02,1"],
+                              "--warmup-ratio 0.02,1: give one or two fractions of --steps in [0, 1)", None),
+    "parse-failure rate above 1": (lambda d, tiny: ["--model", tiny, "--max-parse-failure-rate", "2"],
+                                   "--max-parse-failure-rate 2.0: must be in [0, 1]", None),
     "fresh run into an old out": (lambda d, tiny: ["--model", tiny], "holds an earlier run", earlier_run),
     "resume with another algo": (lambda d, tiny: ["--model", tiny, "--resume", "--algo", "ppo", "--group-size", "1",
                                                   "--profiles-per-step", "32"],
@@ -527,7 +535,8 @@ FAST = [*SMALL, "--group-size", "2", "--micro-batch", "8", "--save-every", "100"
 
 
 def endpoint(server):
-    return ["--simulator", server.url, "--simulator-model", "sim-model", "--simulator-key-env", "RLVER_TEST_KEY"]
+    return ["--simulator", server.url, "--simulator-model", "sim-model", "--simulator-key-env", "RLVER_TEST_KEY",
+            "--simulator-timeout", "60"]
 
 
 def test_unparseable_simulator_stops_the_run_with_the_last_step_saved(simulator_server, tiny_qwen2, tmp_path):
@@ -631,7 +640,9 @@ def test_resume_survives_a_kill_between_done_and_rename(uninterrupted, tiny_qwen
 def test_overwrite_replaces_an_earlier_run(tiny_qwen2, tmp_path):
     out = tmp_path / "old"
     earlier_run(out)
-    run_cli(["--model", tiny_qwen2, "--out", str(out), *FAST, "--steps", "1", "--overwrite"])
+    # (the demanding simulated user and a tighter clip: every trainer flag has a run in the suite)
+    run_cli(["--model", tiny_qwen2, "--out", str(out), *FAST, "--steps", "1", "--overwrite", "--mode", "challenging",
+             "--clip-ratio", "0.1"])
     assert checkpoints(out) == [1]  # the old step_2 is gone, not kept as "the latest" model
     assert [m["step"] for m in metrics(str(out))] == [1] and "reward_std" in metrics(str(out))[0]
     assert {json.loads(line)["step"] for line in open(out / "samples.jsonl")} == {1}
@@ -642,7 +653,8 @@ def test_help_shows_every_default():
     p = run_cli(["--help"])
     text = " ".join(p.stdout.split())
     assert "4 for grpo, 1 for ppo" in text and "(default: None)" not in text
-    assert "Demo mode" in text and "--lr 0.01" in text and "--steps 30" in text and "--threads" in text
+    assert "Demo mode" in text and "--lr 0.01" in text and "--steps 30" in text and "OMP_NUM_THREADS" in text
+    assert "--max-parse-failure-rate" in text and "(default: rlver)" in text  # the simulator's flags (simulator.py)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -818,7 +830,7 @@ def test_first_optimizer_step_at_a_temperature_has_ratio_1(algo, tiny_qwen2, tmp
             assert errors[1] < errors[0], errors
         # only the first mini-batch of the update's seeded shuffle keeps its policy tokens, so the step's
         # token-weighted metrics are those of the first optimizer step
-        order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(rlver.shuffle_seed(args.seed, 0, 0)))
+        order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(rlver.shuffle_seed(args.seed, 0)))
         batch["mask"][order.tensor_split(2)[1]] = False
         first = rlver.update(run, batch, args, 0)
     assert first["ratio_mean"] == pytest.approx(1.0, abs=1e-6), first
@@ -869,7 +881,7 @@ def test_update_without_scoring_pass_equals_the_scored_update(algo, tiny_qwen2, 
         for scored in (True, False):
             r = copy.deepcopy(run)
             scoring_args = copy.copy(args)
-            scoring_args.epochs = 2 if scored else 1  # two epochs: the scoring pass of the current path
+            scoring_args.mini_batches = 2 if scored else 1  # two mini-batches: the scoring pass of the current path
             batch = rlver.score_rollouts(r, scoring_args, samples)
             assert ("old_logprobs" in batch) == scored
             batch["advantages"] = rlver.advantages(r, args, batch, rewards)
@@ -893,17 +905,17 @@ def test_update_without_scoring_pass_equals_the_scored_update(algo, tiny_qwen2, 
 # --think-history strip: one sample per policy turn, each carrying its dialogue's reward / advantage
 
 
-def test_strip_samples_take_their_dialogues_group_advantage():
-    # dialogues 0, 1 form one group (rewards 0.2, 0.6: advantages -/+ 0.2 / std, std = 0.2 * sqrt(2));
-    # dialogue 0 has two turn samples, dialogue 1 one
+@pytest.mark.parametrize("flags,a", [([], 0.2 / (0.2 * 2 ** 0.5 + 1e-6)), (["--no-std"], 0.2)])
+def test_strip_samples_take_their_dialogues_group_advantage(flags, a):
+    # dialogues 0, 1 form one group (rewards 0.2, 0.6: advantages -/+ 0.2 / std, std = 0.2 * sqrt(2); with
+    # --no-std, Dr.GRPO, -/+ 0.2); dialogue 0 has two turn samples, dialogue 1 one
     S = ro.Sample
     samples = [S([1, 5, 6], [False, True, True], 0), S([1, 5, 6, 7, 8], [False, False, False, True, True], 0),
                S([1, 9, 9, 9], [False, True, True, True], 1)]
     ids, mask = ro.collate(samples, 0, "cpu")
     batch = {"ids": ids, "mask": mask, "dialogue": torch.tensor([0, 0, 1])}
-    args = rlver.get_args(["--algo", "grpo", "--group-size", "2"])
+    args = rlver.get_args(["--algo", "grpo", "--group-size", "2", *flags])
     adv = rlver.advantages(None, args, batch, torch.tensor([0.2, 0.6]))
-    a = 0.2 / (0.2 * 2 ** 0.5 + 1e-6)
     want = torch.tensor([[-a, -a, 0, 0], [0, 0, -a, -a], [a, a, a, 0]])
     torch.testing.assert_close(adv, want.float(), rtol=1e-5, atol=1e-6)
 
@@ -919,7 +931,7 @@ def test_training_step_against_numbers_worked_from_its_dialogues(algo, history, 
     # (gamma = lambda = 1, the reward on each sample's last token), so the token mean of the returns is
     # sum_d r_d n_d / N. The independent reference of the single process that the FSDP comparisons use.
     argv = tiny_run(tiny_qwen2, tmp_path, algo, "--max-turns", "3", "--max-new-tokens", "12", "--think",
-                    "--think-history", history, "--no-overlap", "--micro-batch", "4")
+                    "--think-history", history, "--micro-batch", "4")
     with in_process(argv, monkeypatch) as (run, args):
         eos = torch.arange(run.policy.config.vocab_size) == run.tokenizer.eos_token_id  # (V,)
         # +4 on the EOS logit: turns and dialogues of different lengths, so token weights show
