@@ -193,7 +193,7 @@ def provenance(args, profiles, profiles_path, seeds, temperature):
     """What makes a score comparable (summary.json, every transcript): rules, simulator and its prompts, the
     policy's prompt and decoding, scenarios, seeds. args: eval's or rlver.py's flags (their names agree)."""
     official = profiles[0].prompts
-    langs = sorted({args.lang or p.lang or sim.detect_lang(p) for p in profiles})
+    langs = sorted({p.lang or sim.detect_lang(p) for p in profiles})
     policy = sorted({ro.system_prompt(args.think, lang, official) for lang in langs})
     return {"protocol": args.protocol, "simulator": args.simulator_model or args.simulator,
             "simulator_prompts": ({"source": f"official {official.source}", "files": official.files,
