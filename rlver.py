@@ -573,7 +573,8 @@ def play(run, args, profiles, group, seeds, temperature, timing=None):
                                    max_new_tokens=args.max_new_tokens, temperature=temperature, top_p=args.top_p,
                                    mode=args.mode, max_context=args.max_context, eos_ids=run.eos_ids,
                                    timing=timing, log=log, kv_reuse=not args.no_kv_reuse,
-                                   overlap=not args.no_overlap, compile=args.compile)
+                                   overlap=not args.no_overlap, compile=args.compile,
+                                   turn_deadline=args.simulator_turn_deadline)
         except sim.SimulatorError as e:
             error = str(e)
     errors = [None] * dist.get_world_size()
@@ -1147,9 +1148,7 @@ def make_simulator(args, device):
     """The simulated user's backend (simulator.make_backend), reachability checked."""
     client = {}  # the HTTP client's knobs, for an endpoint simulator
     if args.simulator.startswith(("http://", "https://")):
-        client = dict(timeout=args.simulator_timeout, turn_deadline=args.simulator_turn_deadline,
-                      max_retries=args.simulator_retries,
-                      log=(lambda line: print(line, flush=True)) if dist.get_rank() == 0 else (lambda line: None))
+        client = dict(timeout=args.simulator_timeout, max_retries=args.simulator_retries)
     try:
         backend = sim.make_backend(args.simulator, model_name=args.simulator_model,
                                    api_key_env=args.simulator_key_env, device=device, **client)

@@ -23,8 +23,6 @@ depend on the batch it shares, on the rank it runs on, or on a resume; its token
 """
 
 import contextlib
-import queue
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -118,6 +116,8 @@ class Dialogue:
     context: list = None  # what the policy sees now: `ids` itself (keep), or ids with earlier thoughts cut (strip)
     samples: list = field(default_factory=list)  # training samples: one per dialogue (keep) or per turn (strip)
     reply: list = field(default_factory=list)  # ids sampled in the current turn
+    length: int = 0  # ids of `context` in the dialogue's cache slot
+    turn_start: int = 0  # len(context) when the current turn began
 
 
 def rollout_seed(seed, step, index):
@@ -247,193 +247,205 @@ def decode_one_token(model, cache, slots, tokens, lengths, pad_id, compiled=None
     return forward_slots(step, cache, slice(lo, hi), span_tokens, span_positions, used)[index]
 
 
-def simulator_worker(jobs, answers, backend, mode, max_turns):
-    """A daemon thread: play the simulated user's turn of one dialogue at a time (simulate_turn with a
-    one-episode list: the rules backend is deterministic per request, so batching cannot change an answer)."""
-    while (job := jobs.get()) is not None:
-        i, episode, text = job
-        try:
-            answers.put((i, sim.simulate_turn([episode], [text], backend, mode=mode, max_turns=max_turns)[0], None))
-        except BaseException as e:  # handed to the engine's thread, which raises it
-            answers.put((i, None, e))
+@dataclass
+class EngineConfig:
+    """The engine's knobs (rollout's keyword arguments)."""
+    think: bool = True
+    think_history: str = "keep"  # keep: thoughts stay, one sample per dialogue; strip: they leave, one per turn
+    max_turns: int = 8
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0: greedy (evaluation)
+    top_p: float = 1.0
+    mode: str = "vanilla"
+    max_context: int = 4096
+    eos_ids: list = None  # default: model.stop_token_ids
+    kv_reuse: bool = True  # ablation off: re-prefill the whole context every turn
+    overlap: bool = True  # ablation off: lockstep turns (every open dialogue decodes, then the simulator answers)
+    compile: bool = False  # the decode step through torch.compile (model.compiled_decode)
+    turn_deadline: float = 600.0  # seconds a dialogue's simulated turn may take (simulator.Turns)
+    progress_every: float = 15.0  # seconds between progress lines while slow
 
 
-@torch.no_grad()  # the rollout builds no autograd graph: its cache and logits carry no history
-def rollout(model, tokenizer, profiles, backend, *, seeds, think=True, think_history="keep", max_turns=8,
-            max_new_tokens=256, temperature=1.0, top_p=1.0, mode="vanilla", max_context=4096, eos_ids=None,
-            timing=None, log=None, slow_turn_s=10.0, kv_reuse=True, overlap=True, compile=False):
+TIMING = ("generate", "simulator", "tokens", "prefill_tokens", "decode_steps", "active_rows", "conversation_tokens")
+
+
+class Engine:
     """
-    Run one dialogue per profile to the end (see the engine notes above). Per dialogue and turn:
-      policy:    prefill the ids new since its last forward, then decode its reply (policy_mask True)
-      simulator: its reply goes to the simulated user at once; the user's emotion moves, it answers or ends
-      carry:     the template ids of the user's answer (policy_mask False) join the context
-    seeds: one random seed per dialogue (rollout_seed); each row samples from its own generator, one draw
-    per sampled token, so a dialogue's tokens do not depend on batch composition, timing or rank.
-    temperature 0 decodes greedily (evaluation). think_history: keep (every thought stays in the context,
-    one training sample per dialogue) or strip (earlier thoughts leave the context, one sample per turn).
-    Ablations for measurement: kv_reuse=False re-prefills the whole context every turn; overlap=False
-    plays lockstep turns (every open dialogue decodes, then the simulator answers all of them).
-    compile: the decode step through torch.compile (model.compiled_decode), a few static shapes per rollout.
-    timing (dict) gains: generate / simulator (seconds generating / waiting on the simulator), tokens
-    (sampled), prefill_tokens, decode_steps, active_rows (summed over decode steps), conversation_tokens.
-    log: called with a progress line every slow_turn_s seconds of a slow rollout. Returns the Dialogues.
+    One rollout's state: the dialogues (each with its slot's length and turn start), their cache, the slots
+    in each phase and the simulated turns in flight. A slot moves: ready (to prefill) -> generating (decode)
+    -> held (its reply done) -> at the simulator (self.turns) -> ready again, or finished. run() loops over
+    the phases, each a method that can be driven alone.
     """
-    timing = timing if timing is not None else {}
-    for key in ("generate", "simulator", "tokens", "prefill_tokens", "decode_steps", "active_rows",
-                "conversation_tokens"):
-        timing.setdefault(key, 0)
-    eos_ids = eos_ids or lm.stop_token_ids(tokenizer)
-    eos, pad_id = set(eos_ids), tokenizer.pad_token_id
-    device = model.inv_freq.device
-    dtype = getattr(model, "autocast_dtype", None) or model.model.embed_tokens.weight.dtype  # the compute dtype
-    dialogues = [start_dialogue(p, tokenizer, think, s, device) for p, s in zip(profiles, seeds, strict=True)]
-    if think_history == "strip":
-        for d in dialogues:
-            d.context = list(d.ids)
-    cache = SlotCache(model.config, len(dialogues), max_context, device, dtype)
-    length = [0] * len(dialogues)  # ids of d.context in slot i's cache
-    turn_start = [0] * len(dialogues)  # len(d.context) when the current turn began
 
-    jobs, answers = queue.Queue(), queue.Queue()
-    workers = [threading.Thread(target=simulator_worker, args=(jobs, answers, backend, mode, max_turns), daemon=True)
-               for _ in range(max(1, getattr(backend, "concurrency", 1)))]
-    for w in workers:
-        w.start()
+    def __init__(self, model, tokenizer, backend, dialogues, cfg, timing, log=None):
+        self.model, self.tokenizer, self.dialogues, self.cfg, self.timing, self.log = (
+            model, tokenizer, dialogues, cfg, timing, log)
+        self.eos, self.pad_id = set(cfg.eos_ids or lm.stop_token_ids(tokenizer)), tokenizer.pad_token_id
+        self.device = model.inv_freq.device
+        dtype = getattr(model, "autocast_dtype", None) or model.model.embed_tokens.weight.dtype  # the compute dtype
+        self.cache = SlotCache(model.config, len(dialogues), cfg.max_context, self.device, dtype)
+        self.turns = sim.Turns(backend, cfg.turn_deadline, cfg.progress_every, log)
+        self.generating, self.logits = [], None  # slots decoding now, and their next-token logits (b, V)
+        self.held = []  # slots whose reply waits for the lockstep turn to end (overlap off)
+        self.decode_step = None  # model.compiled_decode's step under compile, else None (eager)
+        self.ready = [i for i in range(len(dialogues)) if self.begin_turn(i)]  # slots to prefill
 
-    def finish(i):
-        d = dialogues[i]
-        if think_history == "keep":
+    def finish(self, i):
+        d = self.dialogues[i]
+        if self.cfg.think_history == "keep":
             d.samples = [Sample(d.ids, d.policy_mask, i)]
 
-    def begin_turn(i):
+    def begin_turn(self, i):
         """The dialogue starts a turn, or ends here when the turn could outgrow max_context."""
-        d = dialogues[i]
-        if len(d.context) + max_new_tokens > max_context:
+        d = self.dialogues[i]
+        if len(d.context) + self.cfg.max_new_tokens > self.cfg.max_context:
             d.truncated = d.episode.done = True  # the reward is the emotion reached so far
             d.episode.end_reason = "max_context"
-            finish(i)
+            self.finish(i)
             return False
-        if not kv_reuse:
-            length[i] = 0  # ablation: forget the cache, re-prefill the whole context
-        turn_start[i] = len(d.context)
-        d.reply = []
+        if not self.cfg.kv_reuse:
+            d.length = 0  # ablation: forget the cache, re-prefill the whole context
+        d.turn_start, d.reply = len(d.context), []
         return True
 
-    def end_turn(i):
+    def end_turn(self, i):
         """The reply is complete: record it, and (strip) its training sample."""
-        d = dialogues[i]
-        d.policy_texts.append(tokenizer.decode(d.reply, skip_special_tokens=True))
-        if think_history == "strip":
-            d.samples.append(Sample(d.context[:turn_start[i]] + d.reply,
-                                    [False] * turn_start[i] + [True] * len(d.reply), i))
+        d = self.dialogues[i]
+        d.policy_texts.append(self.tokenizer.decode(d.reply, skip_special_tokens=True))
+        if self.cfg.think_history == "strip":
+            d.samples.append(Sample(d.context[:d.turn_start] + d.reply,
+                                    [False] * d.turn_start + [True] * len(d.reply), i))
 
-    def carry(i, user_text):
-        """The user's answer is back: close the turn in the context, or end the dialogue."""
-        d = dialogues[i]
-        if user_text is None:  # the simulator ended this dialogue
-            return finish(i)
-        reply = d.reply
-        stop_text = tokenizer.convert_ids_to_tokens(reply[-1]) if reply and reply[-1] in eos else None
-        turn = user_turn_ids(tokenizer, user_text, stop_text, think)
+    def carry(self, i, user_text):
+        """The user's answer is back: close the turn in the context and begin the next, or end the dialogue
+        (user_text None). Returns whether the dialogue goes on."""
+        d = self.dialogues[i]
+        if user_text is None:
+            return self.finish(i)
+        stop_text = self.tokenizer.convert_ids_to_tokens(d.reply[-1]) if d.reply and d.reply[-1] in self.eos else None
+        turn = user_turn_ids(self.tokenizer, user_text, stop_text, self.cfg.think)
         d.ids += turn
         d.policy_mask += [False] * len(turn)
-        if think_history == "strip":  # roll the slot back to the turn's start; keep only the visible part
-            d.context[turn_start[i]:] = visible_ids(reply, tokenizer) + turn
-            length[i] = min(length[i], turn_start[i])
-        return begin_turn(i)
+        if self.cfg.think_history == "strip":  # roll the slot back to the turn's start; keep the visible part
+            d.context[d.turn_start:] = visible_ids(d.reply, self.tokenizer) + turn
+            d.length = min(d.length, d.turn_start)
+        return self.begin_turn(i)
 
-    generating, logits = [], None  # slots decoding now, and their next-token logits (len(generating), V)
-    ready = [i for i in range(len(dialogues)) if begin_turn(i)]  # slots to prefill before they generate
-    held, outstanding = [], 0  # replies waiting for the lockstep turn to end (overlap=False); at the simulator
+    def prefill_ready(self):
+        """Each ready slot is fed only what is new since its last forward, then joins the decode batch."""
+        new_ids = [self.dialogues[i].context[self.dialogues[i].length:] for i in self.ready]
+        logits = prefill(self.model, self.cache, self.ready, new_ids, [self.dialogues[i].length for i in self.ready],
+                         self.pad_id)
+        for i, x in zip(self.ready, new_ids):
+            self.dialogues[i].length += len(x)
+        self.timing["prefill_tokens"] += sum(map(len, new_ids))
+        self.generating += self.ready
+        self.ready = []
+        self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
 
-    def prefill_ready():
-        """prefill: each ready slot is fed only what is new since its last forward, then joins the batch."""
-        nonlocal logits
-        new_ids = [dialogues[i].context[length[i]:] for i in ready]
-        new_logits = prefill(model, cache, ready, new_ids, [length[i] for i in ready], pad_id)
-        for i, x in zip(ready, new_ids):
-            length[i] += len(x)
-        timing["prefill_tokens"] += sum(map(len, new_ids))
-        generating.extend(ready)
-        ready.clear()
-        logits = new_logits if logits is None else torch.cat([logits, new_logits])
-
-    def sample_and_decode():
-        """Each generating slot samples its next token (its own generator); a slot whose turn stops (stop id
-        or max_new_tokens) leaves the batch, its reply held for the simulator; the rest decode one token."""
-        nonlocal logits
-        streams = [dialogues[i].generator for i in generating]  # CPU: a draw per row from its generator
-        if device.type == "cuda":  # a key per row, (its seed, len(ids): a new index at every draw); one launch
-            streams = torch.tensor([[g.initial_seed(), len(dialogues[i].ids)] for g, i in zip(streams, generating)],
-                                   device=device)
-        tokens, _ = lm.sample(logits, temperature, top_p, streams)
+    def sample_and_decode(self):
+        """Each generating slot samples its next token (its own stream); a slot whose turn stops (stop id or
+        max_new_tokens) leaves the batch, its reply held for the simulator; the rest decode one token."""
+        ds = [self.dialogues[i] for i in self.generating]
+        streams = [d.generator for d in ds]  # CPU: a draw per row from its generator
+        if self.device.type == "cuda":  # a key per row, (its seed, len(ids): a new index at every draw); one launch
+            streams = torch.tensor([[d.generator.initial_seed(), len(d.ids)] for d in ds], device=self.device)
+        tokens, _ = lm.sample(self.logits, self.cfg.temperature, self.cfg.top_p, streams)
         going = []
-        for r, (i, tok) in enumerate(zip(generating, tokens.tolist())):
-            d = dialogues[i]
+        for r, (i, d, tok) in enumerate(zip(self.generating, ds, tokens.tolist())):
             d.reply.append(tok)
             d.ids.append(tok)
             d.policy_mask.append(True)
             if d.context is not d.ids:
                 d.context.append(tok)
-            if tok in eos or len(d.reply) == max_new_tokens:
-                d.episode.truncated_replies += tok not in eos  # cut at the cap (counted, warned by the callers)
-                end_turn(i)
-                held.append(i)
+            if tok in self.eos or len(d.reply) == self.cfg.max_new_tokens:
+                d.episode.truncated_replies += tok not in self.eos  # cut at the cap (counted, warned by callers)
+                self.end_turn(i)
+                self.held.append(i)
             else:
                 going.append(r)
-        timing["tokens"] += len(generating)
-        generating[:] = [generating[r] for r in going]
-        logits = None
-        if generating:  # decode: feed each continuing slot its sampled token
-            logits = decode_one_token(model, cache, generating, tokens[going], length, pad_id, decode_model)
-            for i in generating:
-                length[i] += 1
-            timing["decode_steps"] += 1
-            timing["active_rows"] += len(generating)
+        self.timing["tokens"] += len(self.generating)
+        self.generating, self.logits = [self.generating[r] for r in going], None
+        if self.generating:  # decode: feed each continuing slot its sampled token
+            lengths = {i: self.dialogues[i].length for i in self.generating}
+            self.logits = decode_one_token(self.model, self.cache, self.generating, tokens[going], lengths,
+                                           self.pad_id, self.decode_step)
+            for i in self.generating:
+                self.dialogues[i].length += 1
+            self.timing["decode_steps"] += 1
+            self.timing["active_rows"] += len(self.generating)
 
-    def hand_over():
-        """Held replies go to the simulator's workers (lockstep: only once every reply of the turn ended)."""
-        nonlocal outstanding
-        if overlap or not generating:
-            for i in held:
-                jobs.put((i, dialogues[i].episode, dialogues[i].policy_texts[-1]))
-            outstanding += len(held)
-            held.clear()
+    def hand_over(self):
+        """Held replies go to the simulated users (lockstep: only once every reply of the turn ended)."""
+        if self.cfg.overlap or not self.generating:
+            for i in self.held:
+                d = self.dialogues[i]
+                self.turns.start(i, sim.user_turn(d.episode, d.policy_texts[-1], self.cfg.mode, self.cfg.max_turns))
+            self.held = []
 
-    def collect_answers():
+    def collect_answers(self):
         """Carry the answers that are back; wait for one when nothing can run (lockstep: for all of them)."""
-        nonlocal outstanding
-        while outstanding and (not answers.empty() or not (generating or ready) or (not overlap and not generating)):
-            i, user_text, error = answers.get()
-            outstanding -= 1
-            if error is not None:
-                raise error
-            if carry(i, user_text):
-                ready.append(i)
+        lockstep = not self.cfg.overlap and not self.generating
+        while self.turns.pending or self.turns.ended:
+            for i, user_text in self.turns.collect(wait=lockstep or not (self.generating or self.ready)):
+                if self.carry(i, user_text):
+                    self.ready.append(i)
+            if not lockstep:
+                return
 
-    last_log = started = time.time()
-    try:
+    def busy(self):
+        return bool(self.generating or self.ready or self.held or self.turns.pending or self.turns.ended)
+
+    def run(self):
+        """The phases in turn until every dialogue ended; a progress line every progress_every seconds."""
+        started = last_line = time.time()
         # one mixed-precision region for every eager forward of the rollout (the compiled step turns it off)
-        compiled = lm.compiled_decode(model) if compile else contextlib.nullcontext()
-        with lm.compute_region(model), compiled as decode_model:
-            while generating or ready or held or outstanding:
-                t0 = time.time()
-                if ready:
-                    prefill_ready()
-                if generating:
-                    sample_and_decode()
-                timing["generate"] += time.time() - t0
-                hand_over()
-                t0 = time.time()
-                collect_answers()
-                timing["simulator"] += time.time() - t0
-                if log and time.time() - last_log > slow_turn_s:
-                    last_log = time.time()
-                    log(f"  rollout: {sum(d.episode.done for d in dialogues)}/{len(dialogues)} dialogues done, "
-                        f"{len(generating)} generating, {timing['tokens']} tokens, {last_log - started:.0f}s")
-    finally:
-        for _ in workers:
-            jobs.put(None)
+        compiled = lm.compiled_decode(self.model) if self.cfg.compile else contextlib.nullcontext()
+        try:
+            with lm.compute_region(self.model), compiled as self.decode_step:
+                while self.busy():
+                    t0 = time.time()
+                    if self.ready:
+                        self.prefill_ready()
+                    if self.generating:
+                        self.sample_and_decode()
+                    t1 = time.time()
+                    self.collect_answers()  # (the answers to earlier hand-overs: a reply handed over now waits a step)
+                    self.hand_over()
+                    self.timing["generate"] += t1 - t0
+                    self.timing["simulator"] += time.time() - t1
+                    if self.log and time.time() - last_line > self.cfg.progress_every:
+                        last_line = time.time()
+                        self.log(f"  rollout: {sum(d.episode.done for d in self.dialogues)}/{len(self.dialogues)} "
+                                 f"dialogues done, {len(self.generating)} generating, {self.timing['tokens']} "
+                                 f"tokens, {last_line - started:.0f}s")
+        finally:
+            self.turns.close()
+
+
+@torch.no_grad()  # the rollout builds no autograd graph: its cache and logits carry no history
+def rollout(model, tokenizer, profiles, backend, *, seeds, timing=None, log=None, **knobs):
+    """
+    Run one dialogue per profile to the end (the Engine; knobs: EngineConfig's fields). Per dialogue and turn:
+      policy:    prefill the ids new since its last forward, then decode its reply (policy_mask True)
+      simulator: its reply goes to the simulated user at once; the user's emotion moves, it answers or ends
+      carry:     the template ids of the user's answer (policy_mask False) join the context
+    seeds: one random seed per dialogue (rollout_seed); each row samples from its own generator, one draw
+    per sampled token, so a dialogue's tokens do not depend on batch composition, timing or rank.
+    timing (dict) gains: generate / simulator (seconds generating / handing over and waiting), tokens
+    (sampled), prefill_tokens, decode_steps, active_rows (summed over decode steps), conversation_tokens.
+    log: progress lines of a slow rollout. Returns the Dialogues.
+    """
+    cfg = EngineConfig(**knobs)
+    timing = timing if timing is not None else {}
+    for key in TIMING:
+        timing.setdefault(key, 0)
+    device = model.inv_freq.device
+    dialogues = [start_dialogue(p, tokenizer, cfg.think, s, device) for p, s in zip(profiles, seeds, strict=True)]
+    if cfg.think_history == "strip":
+        for d in dialogues:
+            d.context = list(d.ids)
+    Engine(model, tokenizer, backend, dialogues, cfg, timing, log).run()
     timing["conversation_tokens"] += sum(len(d.ids) for d in dialogues)
     return dialogues
 
@@ -459,12 +471,13 @@ def collate(dialogues, pad_id, device):
 # Text-level rollout: a policy behind an OpenAI-compatible endpoint
 
 
-def endpoint_rollout(policy_client, profiles, backend, *, think, mode="vanilla", max_turns=8, log=print):
+def endpoint_rollout(policy_client, profiles, backend, *, think, mode="vanilla", max_turns=8, log=print,
+                     turn_deadline=600.0, policy_turn_deadline=600.0, progress_every=15.0):
     """
     The same conversation for a policy we only reach over HTTP. Per turn: each open dialogue's chat
-    (policy_messages) goes to the endpoint, all at once; simulator.simulate_turn scores the replies and
-    writes the users' answers. policy_client(requests) -> texts, e.g. simulator.OpenAIBackend(role="policy").
-    Returns the finished simulator.Episodes.
+    (policy_messages) goes to policy_client (a backend, e.g. simulator.OpenAIBackend(role="policy")), all at
+    once; simulator.simulate_turn scores the replies and writes the users' answers. turn_deadline,
+    policy_turn_deadline: the seconds each side's turn may take (simulator.Turns). Returns the Episodes.
     """
     episodes = [sim.new_episode(p) for p in profiles]
     start = time.time()
@@ -472,8 +485,10 @@ def endpoint_rollout(policy_client, profiles, backend, *, think, mode="vanilla",
         active = [ep for ep in episodes if not ep.done]
         if not active:
             break
-        texts = policy_client([policy_messages(ep, think) for ep in active])  # one text per open dialogue
-        sim.simulate_turn(active, texts, backend, mode=mode, max_turns=max_turns)
+        asks = [sim.ask(sim.Request(policy_messages(ep, think)), str, 0) for ep in active]
+        texts = [text for text, _ in sim.play_turns(policy_client, asks, policy_turn_deadline, progress_every, log)]
+        sim.simulate_turn(active, texts, backend, mode=mode, max_turns=max_turns, turn_deadline=turn_deadline,
+                          progress_every=progress_every, log=log)
         mean_emotion = sum(ep.emotion for ep in active) / len(active)
         log(f"  turn {turn}/{max_turns}: {len(active)} open dialogues, mean emotion {mean_emotion:.1f}, "
             f"{time.time() - start:.1f}s")
