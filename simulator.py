@@ -868,25 +868,24 @@ def format_simulator_output(thought, change, reply):
 # ----------------------------------------------------------------------------------------------------
 # 5. The turn loop
 #
-# The backend contract: backend.submit(request) -> concurrent.futures.Future[str]. A Request carries the chat
-# messages (what an LLM answers) and the turn's fields (what RulesBackend reads). One dialogue's simulated turn
-# is a generator, user_turn: it yields its requests and is sent their answers. Turns drives many of them over
-# one backend and is the one place that waits on a backend; the threads belong to the backends alone.
+# The backend contract: backend.submit(request) -> concurrent.futures.Future[str]. One dialogue's simulated
+# turn is a generator, user_turn, that yields its Requests and is sent their answers; Turns drives many of
+# them over one backend and is the only code that waits on one. The threads belong to the backends alone.
 
 POLL_S = 0.25   # how often a waiting Turns wakes up (Ctrl-C, the deadline, progress lines)
 
 
 @dataclass
 class Request:
-    messages: list            # the chat, sent as it is by LLM backends
+    messages: list            # the chat, which LLM backends send as it is
     stage: str = "chat"       # the simulated user's "turn", "analysis", "reply" or "opening"; "chat": a policy's
-    mode: str = "vanilla"
+    mode: str = "vanilla"     # the fields below are what RulesBackend reads instead of the messages
     lang: str = "en"
     need: str = ""            # the profile's hidden intention
     emotion: int = 0          # the user's emotion when the turn began
     reply: str = ""           # what the user sees of the agent's reply (visible_reply)
     change: int = 0           # the reply stage: the change the analysis wrote
-    official: bool = False    # the authors' prompts (section 3b): written for an LLM
+    official: bool = False    # the authors' prompts (section 3b), written for an LLM
 
 
 def _request(episode, messages, stage, mode, shown="", change=0):
@@ -896,7 +895,7 @@ def _request(episode, messages, stage, mode, shown="", change=0):
 
 
 def completed(fn, *args):
-    """A Future that already holds fn(*args), or its exception: the answer of a backend that answers at once."""
+    """A Future already holding fn(*args), or its exception."""
     future = concurrent.futures.Future()
     try:
         future.set_result(fn(*args))
@@ -927,8 +926,8 @@ def apply_change(emotion, change, protocol):
 
 
 def user_turn(episode, agent_reply, mode="vanilla", max_turns=8, retries=2):
-    """The simulated user's answer to one agent reply, as its protocol plays it (a generator over Requests:
-    drive it with Turns). The user sees only visible_reply(agent_reply); the agent's side keeps it all.
+    """The simulated user's answer to one agent reply, as the episode's protocol plays it (a generator of
+    Requests, see ask). The user sees only visible_reply(agent_reply); the agent's side keeps it all.
       one call   one request writes thought, change and reply (parse_simulator_output)
       two stage  the analysis writes thought and change (parse_analysis_output); the code applies the change;
                  the reply is written from that analysis and the new band (parse_reply_output)
@@ -941,8 +940,7 @@ def user_turn(episode, agent_reply, mode="vanilla", max_turns=8, retries=2):
         episode.messages.append({"role": "assistant", "content": agent_reply.strip()})
         episode.cut_thoughts, episode.done, episode.end_reason = 1, True, "thought_cut"
         return None
-    shown = visible_reply(agent_reply)   # the user never sees <think>
-    prompts = episode.profile.prompts    # the authors' prompts and parsers (section 3b), or ours
+    shown, prompts = visible_reply(agent_reply), episode.profile.prompts   # prompts: the authors' (3b), or None
     if protocol_of(episode.profile.protocol).stages == 1:
         request = _request(episode, build_request(episode, shown, mode), "turn", mode, shown)
         parsed, error = yield from ask(request, parse_simulator_output, retries)
@@ -960,8 +958,7 @@ def user_turn(episode, agent_reply, mode="vanilla", max_turns=8, retries=2):
 
 
 def _record_turn(episode, agent_reply, shown, analysis, error, user_reply, reply_error, max_turns):
-    """The turn's answers into the episode: the change applied by the code, the messages, the turn record,
-    the end of the dialogue. Returns the user's message, or None when the dialogue ended."""
+    """The turn into the episode: the change applied by the code, the messages, the turn record, the end."""
     protocol = episode.profile.protocol
     failed = analysis is None or user_reply is None
     thought, change = analysis or (f"(unparseable simulator output: {error})", 0)
@@ -982,17 +979,17 @@ def _record_turn(episode, agent_reply, shown, analysis, error, user_reply, reply
 
 class Turns:
     """
-    The simulated turns in flight over one backend: each a generator (user_turn, ask) whose current request
-    is at the backend, by key. start() begins a turn; collect() sends the answers that are back to their
-    turns and returns the turns that ended. While collect waits: a turn older than turn_deadline seconds
-    (every re-ask and both stages included) raises SimulatorError naming the backend, how many requests
-    were answered and the --<role>-turn-deadline flag; every progress_every seconds a line goes to log.
+    The turns in flight over one backend, by key: each a generator (user_turn, ask) whose current request is
+    at the backend. start() begins one; collect() hands the answers that are back to their turns and returns
+    the (key, result) of those that ended. While it waits, a turn older than turn_deadline seconds (re-asks
+    and both stages included) raises SimulatorError naming the backend and --<role>-turn-deadline, and a
+    progress line goes to log every progress_every seconds.
     """
 
     def __init__(self, backend, turn_deadline=600.0, progress_every=15.0, log=None):
         self.backend, self.turn_deadline, self.progress_every, self.log = backend, turn_deadline, progress_every, log
         self.pending = {}     # key -> (turn, the future of its current request, when the turn began)
-        self.ended = []       # (key, result) of the turns that ended, not yet collected
+        self.ended = []       # (key, result) not yet collected
         self.asked = self.answered = 0
 
     def start(self, key, turn):
@@ -1009,36 +1006,31 @@ class Turns:
 
     def collect(self, wait):
         """[(key, result)] of the turns that ended; wait: block until one has (while any is in flight)."""
-        last_line = time.monotonic()
+        last_line, role = time.monotonic(), self.backend.role
         while True:
-            for key, (turn, future, began) in list(self.pending.items()):
-                if future.done():
-                    del self.pending[key]
-                    self.answered += 1
-                    self._send(key, turn, future.result(), began)   # (a backend's error is raised here)
+            done = [(key, turn, future, began) for key, (turn, future, began) in self.pending.items() if future.done()]
+            for key, turn, future, began in done:
+                del self.pending[key]
+                self.answered += 1
+                self._send(key, turn, future.result(), began)   # (a backend's error is raised here)
+            if done:
+                continue   # (a backend that answers at once may have answered the next request already)
             if self.ended or not wait or not self.pending:
                 ended, self.ended = self.ended, []
                 return ended
             now, began = time.monotonic(), min(b for _, _, b in self.pending.values())
             if now - began >= self.turn_deadline:
-                raise SimulatorError(self._late())
+                raise SimulatorError(f"{self.backend.where}: only {self.answered}/{self.asked} requests answered "
+                                     f"within the turn deadline of {self.turn_deadline:g} s (re-asks and stages "
+                                     f"included); the {role} is overloaded or stuck, or raise --{role}-turn-deadline")
             if self.log and self.progress_every and now - last_line >= self.progress_every:
-                self.log(f"{self._role}: {self.answered}/{self.asked} answered, {now - began:.0f} s")
+                self.log(f"{role}: {self.answered}/{self.asked} answered, {now - began:.0f} s")
                 last_line = now
             futures = [f for _, f, _ in self.pending.values()]
             concurrent.futures.wait(futures, min(POLL_S, self.turn_deadline - (now - began)), "FIRST_COMPLETED")
 
-    @property
-    def _role(self):
-        return getattr(self.backend, "role", "simulator")
-
-    def _late(self):
-        return (f"{getattr(self.backend, 'where', repr(self.backend))}: only {self.answered}/{self.asked} requests "
-                f"answered within the turn deadline of {self.turn_deadline:g} s (re-asks and stages included); "
-                f"the {self._role} is overloaded or stuck, or raise --{self._role}-turn-deadline")
-
     def close(self):
-        """Abandon the requests still in flight (an error, Ctrl-C): a backend skips those it has not sent."""
+        """Abandon the requests in flight (an error, Ctrl-C): a backend skips those it has not sent yet."""
         for _, future, _ in self.pending.values():
             future.cancel()
         self.pending.clear()
@@ -1059,10 +1051,8 @@ def play_turns(backend, turns, turn_deadline=600.0, progress_every=15.0, log=Non
 
 
 def simulate_turn(episodes, agent_replies, backend, mode="vanilla", max_turns=8, retries=2, **wait):
-    """Advance every unfinished episode by one turn (user_turn for each, all in flight at once; wait: Turns'
-    turn_deadline, progress_every, log). agent_replies[i] is the agent's whole message for episodes[i]
-    (ignored where that episode is done). Returns the user's new message per episode, or None where the
-    episode is done (or now finished)."""
+    """Every unfinished episode one turn on (user_turn for each, all in flight at once; wait: Turns' knobs).
+    Returns the user's new message per episode, or None where the episode is (now) done."""
     if mode not in MODES:
         raise ValueError(f"unknown simulator mode {mode!r}: use one of {', '.join(MODES)}")
     if len(agent_replies) != len(episodes):
@@ -1074,26 +1064,34 @@ def simulate_turn(episodes, agent_replies, backend, mode="vanilla", max_turns=8,
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6a. RulesBackend: a deterministic simulated user without an LLM.
-#
-# It reads the request's turn fields (the agent's visible reply, the emotion, the hidden intention, the mode),
-# scores the reply by counting cue words from prompts/rules_cues.json, and writes its answer in the same
-# tagged format as an LLM would. Scoring (per turn, vanilla / challenging):
-#   base drift                                   0 / -2
-#   warmth cues  (understand, feel, sorry, you, hard, makes sense, ...)   +1 each, up to +6 / +4
-#   questions    ("?", what, how)                                        +1 each, up to +3 / +2
-#   lecturing    (should, must, need to, have to, obviously, ...)        -1 / -2 each, down to -4 / -8
-#   dismissive   (just, whatever, calm down, at least, cheer up, ...)    -2 / -4 each, down to -6 / -12
-#   hidden need  (cues of the need named in hidden_intention, e.g. fault/blame for "not your fault")
-#                                                +3 for the first hit, +1 per further hit, up to +5 / +4
-#   fewer than 3 words -3 / -5; more than 120 words -2 / -3
-#   change = clamp(sum, -10..+10 / -15..+8)
-# Each distinct cue counts at most twice per reply. Counting single common words makes the reward GRADED:
-# even the token soup of a tiny random policy hits a cue now and then, so rollouts differ in reward and
-# producing more cue words measurably raises the emotion; for real English it ranks validation and open
-# questions above lecturing and dismissal. The user's answer is picked from short canned lines by the
-# size of the change, with a hash of the request's messages choosing among variants (deterministic, no RNG).
-# The two-stage reply is written from the analysis' change (the request's `change`).
+# 6. Backends. Each has role and where (for error messages), check() (fails fast before heavy work) and submit.
+
+class Backend:
+    """A backend that answers at once, in the caller's thread: answer(request) -> text."""
+    role, where = "simulator", "the simulator"
+
+    def check(self):
+        pass
+
+    def submit(self, request):
+        return completed(self.answer, request)
+
+
+class Scripted(Backend):
+    """Answers each request with answer(messages): a replayed or scripted user or policy (replay, tests)."""
+
+    def __init__(self, answer):
+        self.answer = lambda request: answer(request.messages)
+
+
+# 6a. RulesBackend: a deterministic simulated user without an LLM. It reads the request's turn fields (the
+# agent's visible reply, the emotion, the hidden intention, the mode), never its text; it counts cue words of
+# prompts/rules_cues.json (whose _doc gives the scoring: warmth, questions and the hidden need up, lecturing,
+# dismissal and brush-offs down, clamped per mode) and answers in the tagged format an LLM would. Counting
+# common words makes the reward GRADED: even the token soup of a tiny random policy hits a cue now and then,
+# so rollouts differ in reward, and for real English it ranks validation and open questions above lecturing
+# and dismissal. The user's line is a canned one for the size of the change, a hash of the request's messages
+# choosing among variants (deterministic, no RNG); the two-stage reply follows the analysis' change.
 
 def _cue_pattern(cue):
     """Regex for one cue: whole words ("you" matches "you're", not "youth"); "feel*" is a prefix; a cue
@@ -1110,14 +1108,8 @@ def _bucket(change, emotion):
             else "worse" if change < 0 else "flat" if change == 0 else "better" if change < 5 else "much_better")
 
 
-PLANS = {"leave": "I will end the conversation.", "helped": "I will thank them.",
-         "much_worse": "I will pull back and say less.", "worse": "I will hold back a little.",
-         "flat": "I will keep it short and see if they get it.", "better": "I will open up a little more.",
-         "much_better": "I will tell them more."}
-
-
-class RulesBackend:
-    role, where = "simulator", "the rules simulator"
+class RulesBackend(Backend):
+    where = "the rules simulator"
 
     def __init__(self, cues_path=PROMPTS_DIR / "rules_cues.json"):
         try:
@@ -1128,14 +1120,8 @@ class RulesBackend:
         except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
             raise SimulatorError(f"cannot load rules cue file {cues_path}: {e!r}") from None
 
-    def check(self):
-        pass   # nothing to reach: the cue table was loaded and validated in __init__
-
     def __repr__(self):
         return "RulesBackend()"
-
-    def submit(self, request):
-        return completed(self.answer, request)
 
     def _count(self, patterns, text):
         cap = self.table["per_cue_cap"]
@@ -1169,21 +1155,19 @@ class RulesBackend:
         return max(low, min(high, points)), hits
 
 
+
     def answer(self, request):
-        """The rules user's answer to one request, from its turn fields (the messages only feed the hash)."""
         if request.official or request.mode not in MODES or request.stage not in ("turn", "analysis", "reply",
                                                                                   "opening"):
             raise SimulatorError("RulesBackend only understands requests made by simulator.build_request "
                                  "from the templates in prompts/")
         system, turn = request.messages[0]["content"], request.messages[-1]["content"]
         pick = hashlib.sha256((system + "\0" + turn).encode("utf-8")).digest()[0]
-        if request.stage == "opening":   # a canned first line, picked by the hash
+        if request.stage == "opening":
             lines = self.table["openings"][request.lang]
             return f"<reply>\n{lines[pick % len(lines)]}\n</reply>"
-        if request.stage == "reply":
-            change = request.change
-        else:
-            change, hits = self.score(request.reply, request.need, request.mode)
+        change, hits = (request.change, None) if request.stage == "reply" else self.score(request.reply, request.need,
+                                                                                          request.mode)
         emotion = max(0, min(100, request.emotion + change))
         bucket = _bucket(change, emotion)
         variants = self.table["replies" if request.lang == "en" else "replies_zh"][bucket]
@@ -1195,27 +1179,22 @@ class RulesBackend:
                f"{hits['lecturing']} lecturing and {hits['dismissive']} dismissive cues, and {touched}; "
                f"my emotion changes by {change:+d}.")
         feeling = next(text for bound, text in self.table["feelings"] if emotion <= bound)
-        thought = f"{why} (ii) I feel {feeling} ({emotion}/100). (iii) {PLANS[bucket]}"
-        if request.stage == "analysis":   # (the mark: what a reader of the analysis sees the rules decided)
+        thought = f"{why} (ii) I feel {feeling} ({emotion}/100). (iii) {self.table['plans'][bucket]}"
+        if request.stage == "analysis":   # (the mark shows a reader what the rules decided)
             return (f"<thought>\n{thought} [change {change:+d}, emotion {emotion}]\n</thought>\n"
                     f"<change>{change:+d}</change>")
         return format_simulator_output(thought, change, variants[pick % len(variants)])
 
 
-# ----------------------------------------------------------------------------------------------------
 # 6b. OpenAIBackend: any OpenAI-compatible /chat/completions server (vLLM, SGLang, llama.cpp, OpenAI, ...),
-# stdlib only. Built to survive a real cluster: overloaded servers, rate limits, and servers that hang.
-#
-#   - `concurrency` DAEMON worker threads, started at the first request, serve every request of the backend's
-#     life from one queue. Not a concurrent.futures.ThreadPoolExecutor: it joins its workers at interpreter
-#     exit, so one request stuck on a silent server would hold up Ctrl-C and process exit for up to timeout
-#     x attempts. Daemon threads are simply dropped when the process ends.
-#   - Each request is retried on 408/429/5xx, timeouts, resets and unreadable 200 bodies: the wait before a
-#     retry is the server's Retry-After when it sends one (seconds or an HTTP date), else exponential
-#     backoff (backoff, 2*backoff, 4*backoff, ...); every wait is capped at max_wait. Other 4xx answers are
-#     the user's mistake (bad model name, bad key) and fail at once. A cancelled request (Turns.close) is
-#     not sent, nor tried again.
-#   - The API key is read from an environment variable, sent as "Authorization: Bearer ...", and redacted
+# stdlib only, built for overloaded servers, rate limits and servers that hang:
+#   - `concurrency` DAEMON worker threads serve every request of the backend's life from one queue (not a
+#     ThreadPoolExecutor: it joins its workers at exit, so a request stuck on a silent server would hold up
+#     Ctrl-C and process exit). A cancelled request (Turns.close) is not sent, nor tried again.
+#   - Retried on 408/429/5xx, timeouts, resets and unreadable 200 bodies, after the server's Retry-After
+#     (seconds or an HTTP date) or else backoff, 2*backoff, 4*backoff, ..., each wait capped at max_wait.
+#     Other 4xx answers are the user's mistake (model name, key) and fail at once.
+#   - The API key comes from an environment variable, goes as "Authorization: Bearer ...", and is redacted
 #     from every message.
 
 def _retryable(status):
@@ -1245,27 +1224,19 @@ def retry_after_seconds(value, now=None):
 
 def _settle(future, fn):
     """future gets fn()'s result or exception, unless it was cancelled meanwhile."""
-    try:
-        outcome = fn()
-    except Exception as e:
-        with contextlib.suppress(concurrent.futures.InvalidStateError):
-            future.set_exception(e)
-        return
     with contextlib.suppress(concurrent.futures.InvalidStateError):
+        try:
+            outcome = fn()
+        except Exception as e:
+            return future.set_exception(e)
         future.set_result(outcome)
 
 
-class OpenAIBackend:
+class OpenAIBackend(Backend):
     """
-    submit(request) -> Future of the completion text, for an OpenAI-compatible endpoint; check() fails fast
-    if it is unreachable. Knobs (the trainer and benchmark.py pass them through from their flags):
-      concurrency=16      requests in flight at once (the worker threads)
-      timeout=120.0       seconds per HTTP request (socket connect / each wait for data); a timeout is retried
-      max_retries=4       further attempts per request after the first (on 408/429/5xx, timeouts, resets)
-      backoff=1.0         wait before the first retry, doubled each retry, unless the server sends Retry-After
-      max_wait=60.0       cap on any single wait between attempts, a server's Retry-After included
-      role, unreachable_hint  word the errors: benchmark.py uses this client for a policy endpoint too
-    The turn deadline and progress lines are Turns'.
+    Knobs (the trainer and benchmark.py pass them from their flags): concurrency (requests in flight), timeout
+    (seconds per HTTP request, retried), max_retries (attempts after the first), backoff and max_wait (above),
+    temperature, max_tokens; role and unreachable_hint word the errors (benchmark.py's policy endpoint).
     """
 
     def __init__(self, url, model=None, api_key_env="OPENAI_API_KEY", concurrency=16, timeout=120.0,
@@ -1285,8 +1256,7 @@ class OpenAIBackend:
         self.base, self.url, self.where = url, url + "/chat/completions", f"{role} endpoint {url}/chat/completions"
         self.model, self.api_key_env = model, api_key_env
         self.concurrency, self.timeout, self.max_retries = concurrency, timeout, max_retries
-        self.backoff, self.max_wait = backoff, max_wait
-        self.temperature, self.max_tokens = temperature, max_tokens
+        self.backoff, self.max_wait, self.temperature, self.max_tokens = backoff, max_wait, temperature, max_tokens
         self._api_key = os.environ.get(api_key_env) or None   # no key is fine for local servers
         self._todo, self._workers = queue.SimpleQueue(), []   # (future, messages) for the worker threads
 
@@ -1323,7 +1293,8 @@ class OpenAIBackend:
         except ValueError:
             return                          # reachable, answered something that is not JSON
         if self.model is None:
-            self.model = _first_model_id(listing)
+            with contextlib.suppress(KeyError, IndexError, TypeError):
+                self.model = listing["data"][0]["id"]
 
     def submit(self, request):
         if self.model is None:   # check() asks the server which model it serves (vLLM needs the name)
@@ -1376,22 +1347,13 @@ class OpenAIBackend:
                              f"{self._redact(last_error)}")
 
 
-def _first_model_id(listing):
-    try:
-        return listing["data"][0]["id"]
-    except (KeyError, IndexError, TypeError):
-        return "default"
+# 6c. LocalModelBackend: an LLM simulator in this process (model.py's generate). One daemon worker takes every
+# request pending at that moment (up to batch_size) into one generate call, then the next batch. Rendered with
+# the chat template and sampled with the backend's own seeded torch.Generator, so no global random state is
+# touched (which requests share a batch depends on timing, so with temperature > 0 an answer does too).
 
-
-# ----------------------------------------------------------------------------------------------------
-# 6c. LocalModelBackend: an LLM simulator in this process, through model.py's generate(). One daemon worker
-# thread takes every request pending at that moment (up to batch_size) and answers them in one generate call,
-# then the next batch. Each request is rendered with the tokenizer's chat template (add_generation_prompt=True)
-# and sampled with the backend's own seeded torch.Generator, without touching global random state (which
-# requests share a batch depends on timing, so with temperature > 0 an answer does too).
-
-class LocalModelBackend:
-    role, where = "simulator", "the local simulator model"
+class LocalModelBackend(Backend):
+    where = "the local simulator model"
 
     def __init__(self, model, tokenizer, max_new_tokens=512, temperature=0.7, top_p=1.0, seed=0, batch_size=16):
         import torch
@@ -1403,9 +1365,6 @@ class LocalModelBackend:
         self.eos_ids = stop_token_ids(tokenizer)   # EOS + the checkpoint's configured stop ids
         self._todo = queue.SimpleQueue()   # (future, messages)
         threading.Thread(target=self._work, name="simulator-model", daemon=True).start()
-
-    def check(self):
-        pass   # the model is already loaded
 
     def __repr__(self):
         return f"LocalModelBackend(max_new_tokens={self.max_new_tokens}, temperature={self.temperature})"
@@ -1421,13 +1380,12 @@ class LocalModelBackend:
             while len(batch) < self.batch_size and not self._todo.empty():
                 batch.append(self._todo.get())
             batch = [(f, m) for f, m in batch if not f.cancelled()]
-            if batch:
-                texts = completed(self.generate, [m for _, m in batch])   # (its error goes to every request)
-                for k, (future, _) in enumerate(batch):
-                    _settle(future, lambda: texts.result()[k])
+            texts = completed(self.generate, [m for _, m in batch])   # (an error goes to every request)
+            for k, (future, _) in enumerate(batch):
+                _settle(future, lambda: texts.result()[k])
 
     def generate(self, requests):
-        """Completion texts for chat requests (lists of messages), one generate call."""
+        """Completion texts for chat requests (lists of messages), in one generate call."""
         import torch
         from model import generate
         prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(
@@ -1439,27 +1397,9 @@ class LocalModelBackend:
         return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
 
 
-class Scripted:
-    """A backend that answers each request at once with answer(messages): a replayed or scripted simulated
-    user or policy (benchmark.py replay, tests)."""
-    role, where = "simulator", "a scripted backend"
-
-    def __init__(self, answer):
-        self.answer = answer
-
-    def check(self):
-        pass
-
-    def submit(self, request):
-        return completed(self.answer, request.messages)
-
-
-# ----------------------------------------------------------------------------------------------------
-# 6d. From a CLI string to a backend
-
 def make_backend(spec, *, model_name=None, api_key_env="OPENAI_API_KEY", device="cpu", **kwargs):
-    """'rules' -> RulesBackend; 'http(s)://...' -> OpenAIBackend; a local model folder -> LocalModelBackend.
-    Extra keyword arguments go to the backend's constructor."""
+    """6d. From a CLI string: 'rules' -> RulesBackend; 'http(s)://...' -> OpenAIBackend; a local model folder ->
+    LocalModelBackend. Extra keyword arguments go to the backend's constructor."""
     spec = str(spec)
     if spec == "rules":
         return RulesBackend(**kwargs)
