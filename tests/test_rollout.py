@@ -407,7 +407,7 @@ def test_compiled_decode_compiles_once_per_dialogue_count_and_bucket(tiny_qwen2,
     profiles = sim.builtin_profiles("train")
     counters.clear()
     compiles, buckets = [], []
-    for n, seeds in ((4, [0, 1, 2, 3]), (4, [0, 1, 2, 3]), (2, [5, 6])):
+    for n, seeds in ((4, [0, 1, 2, 3]), (4, [0, 1, 2, 3]), (2, [7, 8])):
         kw = dict(think=False, max_turns=2, max_new_tokens=8, seeds=seeds, max_context=399)
         ds = ro.rollout(model, tok, profiles[:n], sim.RulesBackend(), compile=True, **kw)
         compiles.append(counters["stats"]["unique_graphs"])
