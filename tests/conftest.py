@@ -56,8 +56,8 @@ def one_thread():
 MODE_LINE = re.compile(r"^(?:Environment|环境): (\w+)\s*$", re.MULTILINE)
 HIDDEN = re.compile(r"^## (?:What you truly need|你真正的需求)[^\n]*\n(.*?)(?=^## |\Z)", re.MULTILINE | re.DOTALL)
 STEP_LINE = re.compile(r"^(?:Step|步骤): (\w+)\s*$", re.MULTILINE)
-TURN = re.compile(r"^## (?:The supporter's latest reply|倾诉对象最新的回复)\n(.*)\n## (?:Your current emotion|你当前的情绪)"
-                  r"\n(\d+)", re.MULTILINE | re.DOTALL)
+TURN = re.compile(r"^## (?:The supporter's latest reply|倾诉对象最新的回复)\n(.*)\n"
+                  r"## (?:Your current emotion|你当前的情绪)\n(\d+)", re.MULTILINE | re.DOTALL)
 RULES_MARK = re.compile(r"\[change ([+-]\d+), emotion (\d+)\]")   # in the rules' own analysis text
 
 

@@ -418,3 +418,24 @@ def test_compiled_decode_compiles_once_per_dialogue_count_and_bucket(tiny_qwen2,
     assert compiles == [2, 2, 4]  # the second rollout (new cache, same shapes) compiles nothing
     eager = ro.rollout(model, tok, profiles[:2], sim.RulesBackend(), **kw)
     assert [record(d) for d in ds] == [record(d) for d in eager]  # the bucketed step samples the same tokens
+
+
+def test_engine_phases_alone_prefill_then_decode(tiny_qwen2, one_thread):
+    # the engine's phases driven one at a time: prefill_ready feeds each slot its prompt, sample_and_decode
+    # samples a token per slot and feeds it; the logits after each phase equal a plain forward of the same ids
+    tok, model = lm.load_tokenizer(tiny_qwen2), lm.load_model(tiny_qwen2)
+    dialogues = [ro.start_dialogue(p, tok, False, s, "cpu") for p, s in zip(sim.builtin_profiles("train")[:3], [1, 2])]
+    cfg = ro.EngineConfig(think=False, max_new_tokens=4)
+    engine = ro.Engine(model, tok, sim.RulesBackend(), dialogues, cfg, {key: 0 for key in ro.TIMING})
+    assert engine.ready == [0, 1] and [d.turn_start for d in dialogues] == [len(d.ids) for d in dialogues]
+    with torch.no_grad():
+        engine.prefill_ready()
+        assert engine.generating == [0, 1] and [d.length for d in dialogues] == [len(d.ids) for d in dialogues]
+        want = torch.cat([model(torch.tensor([d.ids]))[:, -1] for d in dialogues])   # (2, V), no cache, no mask
+        torch.testing.assert_close(engine.logits, want, atol=1e-5, rtol=0)
+        engine.sample_and_decode()
+        assert [len(d.reply) for d in dialogues] == [1, 1] and engine.timing["decode_steps"] == 1
+        going = [dialogues[i] for i in engine.generating]   # (a slot that sampled EOS left the batch: held)
+        assert [d.length for d in going] == [len(d.ids) for d in going] and len(going) + len(engine.held) == 2
+        want = torch.cat([model(torch.tensor([d.ids]))[:, -1] for d in going])
+        torch.testing.assert_close(engine.logits, want, atol=1e-5, rtol=0)
