@@ -866,11 +866,8 @@ def format_simulator_output(thought, change, reply):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. The turn loop
-#
-# The backend contract: backend.submit(request) -> concurrent.futures.Future[str]. One dialogue's simulated
-# turn is a generator, user_turn, that yields its Requests and is sent their answers; Turns drives many of
-# them over one backend and is the only code that waits on one. The threads belong to the backends alone.
+# 5. The turn loop. One dialogue's simulated turn is a generator (user_turn) that yields Requests and is sent
+# their answers; Turns drives many over one backend (submit(request) -> Future) and alone waits on it.
 
 POLL_S = 0.25   # how often a waiting Turns wakes up (Ctrl-C, the deadline, progress lines)
 
@@ -890,8 +887,7 @@ class Request:
 
 def _request(episode, messages, stage, mode, shown="", change=0):
     p = episode.profile
-    return Request(messages, stage, mode, p.lang, p.hidden_intention, episode.emotion, shown, change,
-                   bool(p.prompts))
+    return Request(messages, stage, mode, p.lang, p.hidden_intention, episode.emotion, shown, change, bool(p.prompts))
 
 
 def completed(fn, *args):
@@ -926,14 +922,10 @@ def apply_change(emotion, change, protocol):
 
 
 def user_turn(episode, agent_reply, mode="vanilla", max_turns=8, retries=2):
-    """The simulated user's answer to one agent reply, as the episode's protocol plays it (a generator of
-    Requests, see ask). The user sees only visible_reply(agent_reply); the agent's side keeps it all.
-      one call   one request writes thought, change and reply (parse_simulator_output)
-      two stage  the analysis writes thought and change (parse_analysis_output); the code applies the change;
-                 the reply is written from that analysis and the new band (parse_reply_output)
-    An answer that does not parse is asked again up to `retries` times; a stage that still fails counts as
-    change 0 and/or a fallback reply (episode.parse_failures), so a flaky simulator never crashes a run.
-    Returns the user's new message, or None when the dialogue is (now) done."""
+    """The simulated user's answer to one agent reply (a generator of Requests, see ask), in one call (thought,
+    change, reply) or two (the analysis' thought and change; the code applies it; the reply from the analysis
+    and the new band). The user sees visible_reply(agent_reply). A stage that fails `retries` re-asks counts as
+    change 0 and/or a fallback reply (parse_failures). Returns the user's message, or None when the dialogue ends."""
     if episode.done:
         return None
     if thought_cut(agent_reply):   # no reply to show: the dialogue ends
@@ -978,13 +970,9 @@ def _record_turn(episode, agent_reply, shown, analysis, error, user_reply, reply
 
 
 class Turns:
-    """
-    The turns in flight over one backend, by key: each a generator (user_turn, ask) whose current request is
-    at the backend. start() begins one; collect() hands the answers that are back to their turns and returns
-    the (key, result) of those that ended. While it waits, a turn older than turn_deadline seconds (re-asks
-    and both stages included) raises SimulatorError naming the backend and --<role>-turn-deadline, and a
-    progress line goes to log every progress_every seconds.
-    """
+    """The turns in flight over one backend, by key, each a generator (user_turn, ask). While collect() waits, a
+    turn older than turn_deadline seconds (re-asks and stages included) raises SimulatorError, and a progress
+    line goes to log every progress_every seconds."""
 
     def __init__(self, backend, turn_deadline=600.0, progress_every=15.0, log=None):
         self.backend, self.turn_deadline, self.progress_every, self.log = backend, turn_deadline, progress_every, log
@@ -1051,10 +1039,7 @@ def play_turns(backend, turns, turn_deadline=600.0, progress_every=15.0, log=Non
 
 
 def simulate_turn(episodes, agent_replies, backend, mode="vanilla", max_turns=8, retries=2, **wait):
-    """Every unfinished episode one turn on (user_turn for each, all in flight at once; wait: Turns' knobs).
-    Returns the user's new message per episode, or None where the episode is (now) done."""
-    if mode not in MODES:
-        raise ValueError(f"unknown simulator mode {mode!r}: use one of {', '.join(MODES)}")
+    """Every unfinished episode one turn on, all in flight at once (wait: Turns' knobs). Returns user_turn's."""
     if len(agent_replies) != len(episodes):
         raise ValueError(f"got {len(agent_replies)} agent replies for {len(episodes)} episodes")
     if max_turns < 1 or retries < 0:
@@ -1064,7 +1049,7 @@ def simulate_turn(episodes, agent_replies, backend, mode="vanilla", max_turns=8,
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. Backends. Each has role and where (for error messages), check() (fails fast before heavy work) and submit.
+# 6. Backends: role and where (for errors), check() (fail fast before heavy work), submit(request) -> Future.
 
 class Backend:
     """A backend that answers at once, in the caller's thread: answer(request) -> text."""
@@ -1084,14 +1069,10 @@ class Scripted(Backend):
         self.answer = lambda request: answer(request.messages)
 
 
-# 6a. RulesBackend: a deterministic simulated user without an LLM. It reads the request's turn fields (the
-# agent's visible reply, the emotion, the hidden intention, the mode), never its text; it counts cue words of
-# prompts/rules_cues.json (whose _doc gives the scoring: warmth, questions and the hidden need up, lecturing,
-# dismissal and brush-offs down, clamped per mode) and answers in the tagged format an LLM would. Counting
-# common words makes the reward GRADED: even the token soup of a tiny random policy hits a cue now and then,
-# so rollouts differ in reward, and for real English it ranks validation and open questions above lecturing
-# and dismissal. The user's line is a canned one for the size of the change, a hash of the request's messages
-# choosing among variants (deterministic, no RNG); the two-stage reply follows the analysis' change.
+# 6a. RulesBackend: a deterministic user without an LLM. From the request's fields (never its text) it counts
+# the cue words of prompts/rules_cues.json (its _doc: the scoring) and answers in our tagged format. Counting
+# common words makes the reward GRADED: even a tiny random policy's token soup hits a cue now and then. The
+# user's line is canned for the size of the change, a hash of the messages picking the variant (no RNG).
 
 def _cue_pattern(cue):
     """Regex for one cue: whole words ("you" matches "you're", not "youth"); "feel*" is a prefix; a cue
@@ -1186,39 +1167,21 @@ class RulesBackend(Backend):
         return format_simulator_output(thought, change, variants[pick % len(variants)])
 
 
-# 6b. OpenAIBackend: any OpenAI-compatible /chat/completions server (vLLM, SGLang, llama.cpp, OpenAI, ...),
-# stdlib only, built for overloaded servers, rate limits and servers that hang:
-#   - `concurrency` DAEMON worker threads serve every request of the backend's life from one queue (not a
-#     ThreadPoolExecutor: it joins its workers at exit, so a request stuck on a silent server would hold up
-#     Ctrl-C and process exit). A cancelled request (Turns.close) is not sent, nor tried again.
-#   - Retried on 408/429/5xx, timeouts, resets and unreadable 200 bodies, after the server's Retry-After
-#     (seconds or an HTTP date) or else backoff, 2*backoff, 4*backoff, ..., each wait capped at max_wait.
-#     Other 4xx answers are the user's mistake (model name, key) and fail at once.
-#   - The API key comes from an environment variable, goes as "Authorization: Bearer ...", and is redacted
-#     from every message.
-
-def _retryable(status):
-    """HTTP statuses worth another attempt: the server is busy or broken, not our request."""
-    return status >= 500 or status in (408, 429)
-
+# 6b. OpenAIBackend: any OpenAI-compatible /chat/completions server, stdlib only. `concurrency` DAEMON threads
+# serve the backend's life from one queue (a ThreadPoolExecutor joins its workers at exit: a request stuck on
+# a silent server would hold up Ctrl-C). Retried on 408/429/5xx, timeouts, resets and unreadable bodies after
+# Retry-After, else backoff * 2^attempt, capped at max_wait; other 4xx fail at once. The key is redacted.
 
 def retry_after_seconds(value, now=None):
-    """A Retry-After header -> seconds to wait (>= 0), or None when absent or unreadable.
-    RFC 9110 allows delay-seconds ("120") or an HTTP date ("Wed, 21 Oct 2015 07:28:00 GMT")."""
-    value = (value or "").strip()
-    if not value:
-        return None
-    try:
+    """A Retry-After header (RFC 9110: delay-seconds "120" or an HTTP date) -> seconds to wait >= 0, or None."""
+    with contextlib.suppress(TypeError, ValueError):
         seconds = float(value)
         return max(0.0, seconds) if math.isfinite(seconds) else None
-    except ValueError:
-        pass
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
-    if when.tzinfo is None:                 # an HTTP date is GMT by definition
-        when = when.replace(tzinfo=datetime.timezone.utc)
+    when = when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)   # an HTTP date is GMT
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
@@ -1233,11 +1196,8 @@ def _settle(future, fn):
 
 
 class OpenAIBackend(Backend):
-    """
-    Knobs (the trainer and benchmark.py pass them from their flags): concurrency (requests in flight), timeout
-    (seconds per HTTP request, retried), max_retries (attempts after the first), backoff and max_wait (above),
-    temperature, max_tokens; role and unreachable_hint word the errors (benchmark.py's policy endpoint).
-    """
+    """concurrency: requests in flight; timeout: seconds per HTTP request (retried); max_retries: attempts after
+    the first; role, unreachable_hint: word the errors (benchmark.py's policy endpoint)."""
 
     def __init__(self, url, model=None, api_key_env="OPENAI_API_KEY", concurrency=16, timeout=120.0,
                  max_retries=4, backoff=1.0, max_wait=60.0, temperature=0.7, max_tokens=1024, role="simulator",
@@ -1333,7 +1293,7 @@ class OpenAIBackend(Backend):
                 except Exception:
                     body = ""
                 last_error = f"HTTP {e.code} {body}".strip()
-                if not _retryable(e.code):                            # our mistake: retrying will not help
+                if e.code < 500 and e.code not in (408, 429):   # not busy or broken: our mistake, no retry
                     hint = f"; check the API key in ${self.api_key_env}" if e.code in (401, 403) else ""
                     raise SimulatorError(f"{self.role} endpoint {self.url} refused the request "
                                          f"({self._redact(last_error)}){hint}") from None
@@ -1347,10 +1307,9 @@ class OpenAIBackend(Backend):
                              f"{self._redact(last_error)}")
 
 
-# 6c. LocalModelBackend: an LLM simulator in this process (model.py's generate). One daemon worker takes every
-# request pending at that moment (up to batch_size) into one generate call, then the next batch. Rendered with
-# the chat template and sampled with the backend's own seeded torch.Generator, so no global random state is
-# touched (which requests share a batch depends on timing, so with temperature > 0 an answer does too).
+# 6c. LocalModelBackend: an LLM simulator in this process. One daemon worker answers every request pending at
+# that moment (up to batch_size) in one model.generate call with its own seeded generator (which requests share
+# a batch depends on timing, so at temperature > 0 an answer does too).
 
 class LocalModelBackend(Backend):
     where = "the local simulator model"
