@@ -1128,9 +1128,9 @@ def train_speed(args, model, device, dtype, bandwidth, flops, log):
 
 def serve_simulator(latency_s, port_queue):
     """A stdlib OpenAI-compatible chat endpoint on 127.0.0.1 that answers in the simulator's format (a change
-    from the request's length) after sleeping latency_s (a stand-in for a real LLM simulator's seconds per answer). Runs in its own process
-    (as a real simulator server would), so it does not compete with the rollout for the GIL; puts its port
-    on port_queue, then serves until terminated."""
+    from the request's length) after sleeping latency_s (a stand-in for a real LLM simulator's seconds per
+    answer). Runs in its own process (as a real simulator server would), so it does not compete with the
+    rollout for the GIL; puts its port on port_queue, then serves until terminated."""
     import http.server
 
     class Handler(http.server.BaseHTTPRequestHandler):
