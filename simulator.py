@@ -1135,11 +1135,8 @@ class RulesBackend(Backend):
         low, high = rules["clamp"]
         return max(low, min(high, points)), hits
 
-
-
     def answer(self, request):
-        if request.official or request.mode not in MODES or request.stage not in ("turn", "analysis", "reply",
-                                                                                  "opening"):
+        if request.official or request.stage not in ("turn", "analysis", "reply", "opening"):
             raise SimulatorError("RulesBackend only understands requests made by simulator.build_request "
                                  "from the templates in prompts/")
         system, turn = request.messages[0]["content"], request.messages[-1]["content"]
@@ -1147,8 +1144,10 @@ class RulesBackend(Backend):
         if request.stage == "opening":
             lines = self.table["openings"][request.lang]
             return f"<reply>\n{lines[pick % len(lines)]}\n</reply>"
-        change, hits = (request.change, None) if request.stage == "reply" else self.score(request.reply, request.need,
-                                                                                          request.mode)
+        if request.stage == "reply":   # written from the analysis' change
+            change, hits = request.change, None
+        else:
+            change, hits = self.score(request.reply, request.need, request.mode)
         emotion = max(0, min(100, request.emotion + change))
         bucket = _bucket(change, emotion)
         variants = self.table["replies" if request.lang == "en" else "replies_zh"][bucket]
