@@ -890,14 +890,19 @@ def _request(episode, messages, stage, mode, shown="", change=0):
     return Request(messages, stage, mode, p.lang, p.hidden_intention, episode.emotion, shown, change, bool(p.prompts))
 
 
-def completed(fn, *args):
-    """A Future already holding fn(*args), or its exception."""
-    future = concurrent.futures.Future()
-    try:
-        future.set_result(fn(*args))
-    except Exception as e:
-        future.set_exception(e)
+def settle(future, fn, *args):
+    """future gets fn(*args) or its exception, unless it was cancelled meanwhile. Returns future."""
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        try:
+            future.set_result(fn(*args))
+        except Exception as e:
+            future.set_exception(e)
     return future
+
+
+def completed(fn, *args):
+    """A Future already holding fn(*args), or its exception: the answer of a backend that answers at once."""
+    return settle(concurrent.futures.Future(), fn, *args)
 
 
 def ask(request, parse, retries):
@@ -1184,16 +1189,6 @@ def retry_after_seconds(value, now=None):
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def _settle(future, fn):
-    """future gets fn()'s result or exception, unless it was cancelled meanwhile."""
-    with contextlib.suppress(concurrent.futures.InvalidStateError):
-        try:
-            outcome = fn()
-        except Exception as e:
-            return future.set_exception(e)
-        future.set_result(outcome)
-
-
 class OpenAIBackend(Backend):
     """concurrency: requests in flight; timeout: seconds per HTTP request (retried); max_retries: attempts after
     the first; role, unreachable_hint: word the errors (benchmark.py's policy endpoint)."""
@@ -1270,7 +1265,7 @@ class OpenAIBackend(Backend):
         while True:
             future, messages = self._todo.get()
             if not future.cancelled():
-                _settle(future, lambda: self._complete(messages, future))
+                settle(future, self._complete, messages, future)
 
     def _complete(self, messages, future):
         """One chat request -> completion text, with retries. Returns None early once `future` is cancelled."""
@@ -1340,7 +1335,7 @@ class LocalModelBackend(Backend):
             batch = [(f, m) for f, m in batch if not f.cancelled()]
             texts = completed(self.generate, [m for _, m in batch])   # (an error goes to every request)
             for k, (future, _) in enumerate(batch):
-                _settle(future, lambda: texts.result()[k])
+                settle(future, lambda: texts.result()[k])
 
     def generate(self, requests):
         """Completion texts for chat requests (lists of messages), in one generate call."""
