@@ -118,9 +118,10 @@ def report(episodes, out_dir=None, *, seeds=None, title="", config=None, max_tur
 
 def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=None, mode="vanilla", think=False,
              max_new_tokens=2048, max_context=8192, temperature=0.0, out_dir=None, log=print, title="", config=None,
-             protocol="sage", lang=None, initial_emotion=None, max_parse_failure_rate=0.0):
+             protocol="sage", lang=None, initial_emotion=None, max_parse_failure_rate=0.0, turn_deadline=600.0,
+             policy_turn_deadline=600.0):
     """Play every profile once per seed and report(). policy: a model.Transformer with its tokenizer (played by
-    rollout.rollout, training's loop) or a chat client `client(requests) -> texts` (rollout.endpoint_rollout);
+    rollout.rollout, training's loop) or a chat backend such as simulator.OpenAIBackend (rollout.endpoint_rollout);
     backend: the simulated user. Refuses, writing nothing, above max_parse_failure_rate unparseable turns."""
     local = isinstance(policy, torch.nn.Module)
     max_turns = max_turns or sim.protocol_of(protocol).max_turns
@@ -136,13 +137,14 @@ def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=None
         if local:  # each dialogue its own random stream, as in training (greedy at temperature 0)
             dialogues = ro.rollout(policy, tokenizer, profiles, backend, think=think, max_turns=max_turns,
                                    max_new_tokens=max_new_tokens, max_context=max_context, temperature=temperature,
-                                   mode=mode,
+                                   mode=mode, turn_deadline=turn_deadline,
                                    seeds=[ro.rollout_seed(seed, 0, i) for i in range(len(profiles))])
             played = [d.episode for d in dialogues]
         else:  # (an endpoint gets no seed: with temperature 0 the seeds repeat, above 0 they are not reproducible)
             try:
                 played = ro.endpoint_rollout(policy, profiles, backend, mode=mode, max_turns=max_turns, think=think,
-                                             log=log)
+                                             log=log, turn_deadline=turn_deadline,
+                                             policy_turn_deadline=policy_turn_deadline)
             except sim.SimulatorError as e:  # the client, made with role="policy", names the endpoint
                 raise BenchmarkError(str(e)) from None
         log(f"seed {seed}: score {summarize(played)['score']:.1f} in {time.time() - start:.1f}s")
@@ -164,7 +166,7 @@ def check_policy(args):
         client = sim.OpenAIBackend(args.policy, model=args.policy_model, api_key_env=args.policy_key_env,
                                    concurrency=args.concurrency, temperature=args.temperature,
                                    max_tokens=args.max_new_tokens, max_retries=args.retries, role="policy",
-                                   timeout=args.policy_timeout, turn_deadline=args.policy_turn_deadline,
+                                   timeout=args.policy_timeout,
                                    unreachable_hint=f"check that the server at {args.policy} is up and --policy "
                                                     f"is right")
         try:
@@ -286,7 +288,7 @@ def eval_command(args):
     try:  # (a local simulator model is loaded here: the policy was checked first, cheaply)
         client = {}  # the HTTP client's knobs, for an endpoint simulator
         if args.simulator.startswith(("http://", "https://")):
-            client = dict(timeout=args.simulator_timeout, turn_deadline=args.simulator_turn_deadline)
+            client = dict(timeout=args.simulator_timeout)
         backend = sim.make_backend(args.simulator, model_name=args.simulator_model,
                                    api_key_env=args.simulator_key_env, device=args.device, **client)
     except ValueError as e:  # unknown spec or malformed URL
@@ -304,6 +306,7 @@ def eval_command(args):
                     temperature=args.temperature,
                     out_dir=args.out, config=config, protocol=args.protocol, lang=args.lang,
                     initial_emotion=args.initial_emotion, max_parse_failure_rate=args.max_parse_failure_rate,
+                    turn_deadline=args.simulator_turn_deadline, policy_turn_deadline=args.policy_turn_deadline,
                     title=f"{args.policy_model or os.path.basename(args.policy.rstrip('/'))} ({setting_label(args)})")
 
 
@@ -548,7 +551,7 @@ def replay_policy(profiles, records):
     def policy(requests):   # requests: rollout.policy_messages, [system, opening, assistant, user, ...]
         asked = [(replies[m[1]["content"]], sum(x["role"] == "assistant" for x in m)) for m in requests]
         return [agents[k] if k < len(agents) else "" for agents, k in asked]
-    return policy
+    return sim.Scripted(lambda messages: policy([messages])[0])
 
 
 def replay_simulator(prompts, profiles, records):
@@ -573,7 +576,7 @@ def replay_simulator(prompts, profiles, records):
             reply = f"Thinking:\n{turn['thinking']}\nResponse:\n{turn['content']}"
             texts.append(analysis if kind == "analysis" else reply)
         return texts
-    return backend
+    return sim.Scripted(lambda messages: backend([messages])[0])
 
 
 def replay_differences(records, transcripts):
@@ -948,11 +951,11 @@ def train_step_speed(args, model, log):
 
 
 def serve_simulator(latency_s, port_queue):
-    """An OpenAI-compatible chat endpoint on 127.0.0.1 answering as simulator.RulesBackend after latency_s, in its
-    own process (no competing for the rollout's GIL); puts its port on port_queue, serves until terminated."""
+    """A stdlib OpenAI-compatible chat endpoint on 127.0.0.1 that answers in the simulator's format (a change
+    from the request's length) after sleeping latency_s (a stand-in for a real LLM simulator's seconds per
+    answer). Runs in its own process (as a real simulator server would), so it does not compete with the
+    rollout for the GIL; puts its port on port_queue, then serves until terminated."""
     import http.server
-
-    rules = sim.RulesBackend()
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args):
@@ -972,7 +975,8 @@ def serve_simulator(latency_s, port_queue):
         def do_POST(self):  # POST /v1/chat/completions
             payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             time.sleep(latency_s)
-            content = rules([payload["messages"]])[0]
+            change = len(payload["messages"][-1]["content"]) % 9 - 4  # (an LLM's answer; no prompt parsing)
+            content = sim.format_simulator_output("(a stand-in)", change, "I see. Go on.")
             self.send({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]})
 
     class Server(http.server.ThreadingHTTPServer):

@@ -217,7 +217,7 @@ def play(run, args, profiles, group, seeds, temperature, timing=None):
                               think_history=args.think_history, max_turns=args.max_turns,
                               max_new_tokens=args.max_new_tokens, temperature=temperature, mode=args.mode,
                               max_context=args.max_context, eos_ids=run.eos_ids, timing=timing, log=log,
-                              compile=args.compile)
+                              compile=args.compile, turn_deadline=args.simulator_turn_deadline)
     return together(rollout, sim.SimulatorError)
 
 
@@ -529,8 +529,7 @@ def make_simulator(args, device):
     """The simulated user's backend (simulator.make_backend), reachability checked."""
     client = {}  # the HTTP client's knobs, for an endpoint simulator
     if args.simulator.startswith(("http://", "https://")):
-        client = dict(timeout=args.simulator_timeout, turn_deadline=args.simulator_turn_deadline,
-                      log=(lambda line: print(line, flush=True)) if dist.get_rank() == 0 else (lambda line: None))
+        client = dict(timeout=args.simulator_timeout)
     try:
         backend = sim.make_backend(args.simulator, model_name=args.simulator_model,
                                    api_key_env=args.simulator_key_env, device=device, **client)

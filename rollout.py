@@ -1,30 +1,19 @@
 """
 rollout.py: the multi-turn engine. A policy talks with simulated users until each dialogue ends.
 
-RLVER's environment is a conversation, not a single prompt (Wang et al. 2025, arXiv 2507.03112, sec. 3):
-the policy replies, the simulated user (simulator.py) reasons about the reply, moves its emotion and answers,
-and so on for up to max_turns turns. Two loops play it:
-
-  rollout           token level, for a model in this process (training and local evaluation). The ids of
-                    every turn are carried exactly as sampled: the policy's reply ids (policy_mask True),
-                    then the chat template's ids that close the turn and add the user's answer (False).
-                    Nothing is re-tokenised, so training scores the very tokens that were sampled. An
-                    engine: each dialogue keeps its KV cache across turns (prefill only what is new) and
-                    decodes in a continuous batch while other dialogues wait on the simulator.
-  endpoint_rollout  text level, for a policy behind an OpenAI-compatible endpoint (benchmark.py eval).
-
-Both start from the same policy prompt (system_prompt + the user's opening line) and leave what the user
-sees, how the emotion moves and when the dialogue ends to simulator.simulate_turn.
-
-Randomness: every dialogue samples from its own stream seeded by rollout_seed(run seed, step, dialogue
-index): its torch.Generator on CPU, keys (seed, draw index) of model.keyed_uniform on CUDA. So its draws never
-depend on the batch it shares, on the rank it runs on, or on a resume; its tokens neither, exactly in fp32
-(bf16 GPU kernels may round a row's logits differently in another batch shape).
+RLVER's environment is a conversation (arXiv 2507.03112, sec. 3): the policy replies, the simulated user
+(simulator.py) moves its emotion and answers, for up to max_turns turns. Two loops play it:
+  rollout           token level, for a model in this process (training, local evaluation): every turn's ids
+                    are carried exactly as sampled (the reply: policy_mask True; the template around the
+                    user's answer: False), never re-tokenised; each dialogue keeps its KV cache across turns
+                    and decodes in a continuous batch while others wait on the simulator (Engine)
+  endpoint_rollout  text level, for a policy behind an OpenAI-compatible endpoint (benchmark.py eval)
+Randomness: each dialogue samples from its own stream seeded by rollout_seed(run seed, step, dialogue index)
+(a torch.Generator on CPU, model.keyed_uniform keys on CUDA), so its tokens never depend on the batch, the
+rank or a resume (exactly in fp32; bf16 kernels may round a row differently in another batch shape).
 """
 
 import contextlib
-import queue
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -38,8 +27,7 @@ import simulator as sim
 
 
 def system_prompt(think, lang="en", official=None):
-    """The policy's system prompt: plain, or think-then-say (<think>...</think> first, then the reply), in the
-    dialogue's language; or the authors' (official: simulator.OfficialPrompts, read for the run's --think)."""
+    """The policy's system prompt: plain or think-then-say, in `lang`; or the authors' (simulator.OfficialPrompts)."""
     if official:
         return official.policy
     return sim.load_prompt("policy_system_think.txt" if think else "policy_system.txt", lang).strip()
@@ -52,23 +40,17 @@ def policy_messages(episode, think):
 
 
 def render(tokenizer, messages, add_generation_prompt, think=None):
-    """The chat template's text. think (True/False) is passed as `enable_thinking`, which hybrid templates
-    (Qwen3) read: without it a Qwen3 model thinks even in --no-think runs. Templates that do not use the
-    variable ignore it (Jinja)."""
+    """The chat template's text; think goes as `enable_thinking` (else a Qwen3 model thinks in --no-think runs)."""
     kwargs = {} if think is None else {"enable_thinking": think}
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                          **kwargs)
 
 
 def user_turn_ids(tokenizer, user_text, stop_text=None, think=None):
-    """
-    The template tokens that close the policy's turn and add the user's next message, ready for the
-    policy's next reply: for ChatML "<|im_end|>\\n<|im_start|>user\\n{text}<|im_end|>\\n<|im_start|>assistant\\n".
-    Found generically by rendering a conversation with a marker as the last assistant message and taking
-    the text after it, so any chat template works. stop_text: the stop token the policy's turn ended with,
-    if any; when the template's turn-closing text is that very token it is already in the sequence and is
-    not added twice (Qwen2.5 may also stop on <|endoftext|>, after which <|im_end|> is still needed).
-    """
+    """The template ids that close the policy's turn and add the user's message, up to the next reply (ChatML:
+    "<|im_end|>\\n<|im_start|>user\\n{text}<|im_end|>\\n<|im_start|>assistant\\n"): the text after a marker
+    rendered as the last assistant message, so any template works. stop_text: the turn's stop token, not added
+    twice when the template closes the turn with it (after Qwen2.5's <|endoftext|>, <|im_end|> still follows)."""
     marker = "\u2063RLVER\u2063"
     messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
                 {"role": "assistant", "content": marker}, {"role": "user", "content": user_text}]
@@ -82,21 +64,11 @@ def user_turn_ids(tokenizer, user_text, stop_text=None, think=None):
 # ----------------------------------------------------------------------------------------------------------
 # Token-level rollout: the engine
 #
-# Each dialogue owns one row ("slot") of a KV cache preallocated for the whole rollout, (N, H_kv, S + 1, D),
-# S = max_context; the extra last column is a trash slot that padding tokens write to and no real token
-# ever attends to. A slot's cache holds the first `length[i]` ids of what the policy currently sees
-# (d.context), at cache positions 0.. (= RoPE positions: rows are never padded inside the cache).
-#
-#   prefill           feeds a slot only the ids new since its last forward (the end of its last reply and the
-#                     template around the user's answer; at the start the whole prompt), never the history
-#   decode_one_token  one token for each slot that is generating; a slot leaves the decode batch the moment
-#                     its turn stops (stop id or max_new_tokens)
-#   simulator         a stopped slot's reply goes at once to daemon worker threads (the backend's own
-#                     concurrency); when the answer comes back the slot prefills it and rejoins
-#
-# With --think-history strip a slot rolls its cache back to where the turn began and prefills only the
-# turn's visible part (the sampled ids after </think>) before the user's answer: the context of each later
-# turn is exactly what that turn's training sample holds.
+# Each dialogue owns a row ("slot") of a KV cache preallocated for the rollout, (N, H_kv, S + 1, D), S =
+# max_context, the last column a trash slot for padding. A slot holds the first `length` ids of d.context at
+# positions 0.. (= RoPE positions); a turn prefills only the ids new since its last forward. Under strip a slot
+# rolls back to the turn's start and prefills only the turn's visible part (the ids after </think>) before the
+# user's answer: each later turn's context is exactly what that turn's training sample holds.
 
 
 @dataclass
@@ -118,6 +90,8 @@ class Dialogue:
     context: list = None  # what the policy sees now: `ids` itself (keep), or ids with earlier thoughts cut (strip)
     samples: list = field(default_factory=list)  # training samples: one per dialogue (keep) or per turn (strip)
     reply: list = field(default_factory=list)  # ids sampled in the current turn
+    length: int = 0  # ids of `context` in the dialogue's cache slot
+    turn_start: int = 0  # len(context) when the current turn began
 
 
 def rollout_seed(seed, step, index):
@@ -125,21 +99,18 @@ def rollout_seed(seed, step, index):
     return (seed * 1_000_003 + step) * 100_003 + index
 
 
-def start_dialogue(profile, tokenizer, think, seed, device):
+def start_dialogue(profile, tokenizer, think, seed, device, strip=False):
     episode = sim.new_episode(profile)
     ids = tokenizer.encode(render(tokenizer, policy_messages(episode, think), add_generation_prompt=True, think=think),
                            add_special_tokens=False)
-    return Dialogue(episode=episode, ids=ids, policy_mask=[False] * len(ids), context=ids,
+    return Dialogue(episode=episode, ids=ids, policy_mask=[False] * len(ids), context=list(ids) if strip else ids,
                     generator=torch.Generator(device).manual_seed(seed))
 
 
 def visible_ids(reply, tokenizer):
-    """The ids of a sampled turn the next turns keep under --think-history strip: those after the token that
-    completes the last "</think>" of the decoded text, as sampled; a turn without </think> is kept whole (one
-    cut inside its thought ends the dialogue: simulator.thought_cut). Found in the text, never as a
-    token-id run: byte-level BPE merges '>' with the newlines after it (Qwen2.5: "</think>\n\n" is
-    [522, 26865, 1339], ">\n\n" one token), so the ids of "</think>" alone never occur in a sampled reply.
-    The shortest prefix whose text holds every closing tag is found by bisection (a few decodes per turn)."""
+    """The ids of a turn that later turns keep under strip: those after the token completing the text's last
+    "</think>" (none: all). Found in the text by bisection, never as an id run: byte-level BPE merges '>' with
+    the newlines after it (Qwen2.5: "</think>\n\n" is [522, 26865, 1339])."""
     closing = tokenizer.decode(reply).count("</think>")
     if not closing:
         return reply
@@ -154,13 +125,9 @@ def visible_ids(reply, tokenizer):
 
 
 class SlotCache:
-    """
-    The rollout's KV cache: one (N, H_kv, S + 1, D) pair per layer, a row per dialogue. Before each forward
-    the engine sets `rows`, the slots in this forward (a slice lo:hi: a view of the cache, no copy; or a
-    (b,) tensor: those rows gathered), and `positions` (b, T), where each new token is written. Same
-    update() contract as model.KVCache, so model.Attention uses it unchanged (cache_index is unused: each
-    row writes at its own positions).
-    """
+    """The rollout's KV cache: one (N, H_kv, S + 1, D) pair per layer. Before each forward the engine sets `rows`
+    (a slice lo:hi, a view; or a (b,) tensor, gathered) and `positions` (b, T) where the new tokens go. Same
+    update() contract as model.KVCache, so model.Attention uses it unchanged (cache_index is unused)."""
 
     def __init__(self, cfg, n_slots, max_len, device, dtype):
         shape = (n_slots, cfg.num_key_value_heads, max_len + 1, cfg.head_dim)  # + 1: the trash column
@@ -168,8 +135,7 @@ class SlotCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         for t in self.k + self.v:  # inputs the compiled decode step mutates: static, or CUDA graphs are skipped
             torch._dynamo.mark_static_address(t, guard=False)  # (no guard: a new rollout's cache compiles nothing)
-        self.trash = max_len
-        self.rows, self.positions = None, None
+        self.trash, self.rows, self.positions = max_len, None, None
 
     def update(self, layer, index, k, v, used):
         """Write k, v (b, H_kv, T, D) at (rows, positions); return the rows' first `used` slots (b, H_kv, used, D)."""
@@ -178,8 +144,7 @@ class SlotCache:
             rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (b, 1)
         else:
             kc, vc, rows = self.k[layer], self.v[layer], self.rows[:, None]
-        # advanced indices first: (b, T, H_kv, D); in the cache's dtype (under autocast k may come out of RoPE
-        # in fp32 while v is bf16)
+        # advanced indices first: (b, T, H_kv, D); in the cache's dtype (under autocast k may leave RoPE in fp32)
         kc[rows, :, self.positions] = k.transpose(1, 2).to(kc.dtype)
         vc[rows, :, self.positions] = v.transpose(1, 2).to(vc.dtype)
         if isinstance(self.rows, slice):
@@ -188,11 +153,8 @@ class SlotCache:
 
 
 def forward_slots(model, cache, rows, tokens, positions, used):
-    """
-    One forward of some slots. tokens, positions (b, T); rows: a slice or (b,) tensor of slots; used: cache
-    columns attended. A query at position p sees the keys at positions <= p of its own row: exactly its
-    history. Returns the next-token logits of each row's last column (b, V).
-    """
+    """One forward of some slots: tokens, positions (b, T); rows a slice or (b,) tensor; used: cache columns
+    attended. A query at position p sees its own row's keys at positions <= p. Returns logits (b, V)."""
     columns = torch.arange(used, device=tokens.device)
     mask = (columns <= positions[:, :, None])[:, None]  # (b, 1, T, used)
     cache.rows, cache.positions = rows, positions
@@ -200,11 +162,8 @@ def forward_slots(model, cache, rows, tokens, positions, used):
 
 
 def prefill(model, cache, slots, new_ids, starts, pad_id):
-    """
-    Feed each slot its new ids (ragged) in one forward: left-padded to the longest, so every row's last
-    real token is the last column; row i's ids go to positions starts[i]... and padding to the trash column.
-    Returns the next-token logits (b, V).
-    """
+    """Feed each slot its new ids (ragged) in one forward, left-padded so every row's last real token is the
+    last column; row i's ids go to positions starts[i]..., padding to the trash column. Returns logits (b, V)."""
     device = cache.k[0].device
     T = max(len(x) for x in new_ids)
     tokens = torch.full((len(slots), T), pad_id, dtype=torch.long)
@@ -218,20 +177,15 @@ def prefill(model, cache, slots, new_ids, starts, pad_id):
 
 
 def attended_columns(needed, total):
-    """The compiled decode step's attended cache columns: the smallest of four static lengths (total / 8, / 4,
-    / 2, total; total = max_context + 1) that holds `needed`, so a short context does not pay for max_context
-    and each length compiles once."""
+    """The compiled decode step's attended columns: the smallest of total / 8, / 4, / 2, total (= max_context + 1)
+    that holds `needed`, so a short context does not pay for max_context and each length compiles once."""
     return next(n for n in (total >> 3, total >> 2, total >> 1, total) if n >= needed)
 
 
 def decode_one_token(model, cache, slots, tokens, lengths, pad_id, compiled=None):
-    """
-    One token for each generating slot: tokens (b,) are written at the slots' current lengths. The step runs
-    over the span of slots lo:hi that holds them all (a view of the cache: no copy); idle slots inside the
-    span ride along with a pad token written to the trash column. Eager: attend to the columns used so far.
-    compiled (model.compiled_decode's step): static shapes, one per (dialogue count, attended_columns): the
-    span is every slot. Returns the next-token logits of the generating slots (b, V).
-    """
+    """One token for each generating slot, written at lengths[slot], over the span of slots lo:hi (a view, no copy;
+    idle slots in it write a pad to the trash column). compiled (model.compiled_decode's step): static shapes,
+    one per (dialogue count, attended_columns), the span every slot. Returns the slots' logits (b, V)."""
     device = tokens.device
     lo, hi = (0, cache.k[0].shape[0]) if compiled is not None else (min(slots), max(slots) + 1)
     # (b,) rows of the span and (b, 1) write positions, in one host-to-device copy
@@ -247,193 +201,180 @@ def decode_one_token(model, cache, slots, tokens, lengths, pad_id, compiled=None
     return forward_slots(step, cache, slice(lo, hi), span_tokens, span_positions, used)[index]
 
 
-def simulator_worker(jobs, answers, backend, mode, max_turns):
-    """A daemon thread: play the simulated user's turn of one dialogue at a time (simulate_turn with a
-    one-episode list: the rules backend is deterministic per request, so batching cannot change an answer)."""
-    while (job := jobs.get()) is not None:
-        i, episode, text = job
-        try:
-            answers.put((i, sim.simulate_turn([episode], [text], backend, mode=mode, max_turns=max_turns)[0], None))
-        except BaseException as e:  # handed to the engine's thread, which raises it
-            answers.put((i, None, e))
+@dataclass
+class EngineConfig:  # the engine's knobs: rollout's keyword arguments
+    think: bool = True
+    think_history: str = "keep"  # keep: thoughts stay, one sample per dialogue; strip: they leave, one per turn
+    max_turns: int = 8
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0: greedy (evaluation)
+    top_p: float = 1.0
+    mode: str = "vanilla"
+    max_context: int = 4096
+    eos_ids: list = None  # default: model.stop_token_ids
+    kv_reuse: bool = True  # ablation off: re-prefill the whole context every turn
+    overlap: bool = True  # ablation off: lockstep turns (every open dialogue decodes, then the simulator answers)
+    compile: bool = False  # the decode step through torch.compile (model.compiled_decode)
+    turn_deadline: float = 600.0  # seconds a dialogue's simulated turn may take (simulator.Turns)
+    progress_every: float = 15.0  # seconds between progress lines while slow
 
 
-@torch.no_grad()  # the rollout builds no autograd graph: its cache and logits carry no history
-def rollout(model, tokenizer, profiles, backend, *, seeds, think=True, think_history="keep", max_turns=8,
-            max_new_tokens=256, temperature=1.0, top_p=1.0, mode="vanilla", max_context=4096, eos_ids=None,
-            timing=None, log=None, slow_turn_s=10.0, kv_reuse=True, overlap=True, compile=False):
-    """
-    Run one dialogue per profile to the end (see the engine notes above). Per dialogue and turn:
-      policy:    prefill the ids new since its last forward, then decode its reply (policy_mask True)
-      simulator: its reply goes to the simulated user at once; the user's emotion moves, it answers or ends
-      carry:     the template ids of the user's answer (policy_mask False) join the context
-    seeds: one random seed per dialogue (rollout_seed); each row samples from its own generator, one draw
-    per sampled token, so a dialogue's tokens do not depend on batch composition, timing or rank.
-    temperature 0 decodes greedily (evaluation). think_history: keep (every thought stays in the context,
-    one training sample per dialogue) or strip (earlier thoughts leave the context, one sample per turn).
-    Ablations for measurement: kv_reuse=False re-prefills the whole context every turn; overlap=False
-    plays lockstep turns (every open dialogue decodes, then the simulator answers all of them).
-    compile: the decode step through torch.compile (model.compiled_decode), a few static shapes per rollout.
-    timing (dict) gains: generate / simulator (seconds generating / waiting on the simulator), tokens
-    (sampled), prefill_tokens, decode_steps, active_rows (summed over decode steps), conversation_tokens.
-    log: called with a progress line every slow_turn_s seconds of a slow rollout. Returns the Dialogues.
-    """
-    timing = timing if timing is not None else {}
-    for key in ("generate", "simulator", "tokens", "prefill_tokens", "decode_steps", "active_rows",
-                "conversation_tokens"):
-        timing.setdefault(key, 0)
-    eos_ids = eos_ids or lm.stop_token_ids(tokenizer)
-    eos, pad_id = set(eos_ids), tokenizer.pad_token_id
-    device = model.inv_freq.device
-    dtype = getattr(model, "autocast_dtype", None) or model.model.embed_tokens.weight.dtype  # the compute dtype
-    dialogues = [start_dialogue(p, tokenizer, think, s, device) for p, s in zip(profiles, seeds, strict=True)]
-    if think_history == "strip":
-        for d in dialogues:
-            d.context = list(d.ids)
-    cache = SlotCache(model.config, len(dialogues), max_context, device, dtype)
-    length = [0] * len(dialogues)  # ids of d.context in slot i's cache
-    turn_start = [0] * len(dialogues)  # len(d.context) when the current turn began
+TIMING = ("generate", "simulator", "tokens", "prefill_tokens", "decode_steps", "active_rows", "conversation_tokens")
 
-    jobs, answers = queue.Queue(), queue.Queue()
-    workers = [threading.Thread(target=simulator_worker, args=(jobs, answers, backend, mode, max_turns), daemon=True)
-               for _ in range(max(1, getattr(backend, "concurrency", 1)))]
-    for w in workers:
-        w.start()
 
-    def finish(i):
-        d = dialogues[i]
-        if think_history == "keep":
+class Engine:
+    """One rollout's state; a slot goes ready (to prefill) -> generating -> held (reply done) -> at the simulator
+    (self.turns) -> ready again, or finished. run() loops over the phases, each a method."""
+
+    def __init__(self, model, tokenizer, backend, dialogues, cfg, timing, log=None):
+        self.model, self.tokenizer, self.dialogues, self.cfg, self.timing = model, tokenizer, dialogues, cfg, timing
+        self.log = log
+        self.eos, self.pad_id = set(cfg.eos_ids or lm.stop_token_ids(tokenizer)), tokenizer.pad_token_id
+        self.device = model.inv_freq.device
+        dtype = getattr(model, "autocast_dtype", None) or model.model.embed_tokens.weight.dtype  # the compute dtype
+        self.cache = SlotCache(model.config, len(dialogues), cfg.max_context, self.device, dtype)
+        self.turns = sim.Turns(backend, cfg.turn_deadline, cfg.progress_every, log)
+        self.generating, self.logits = [], None  # slots decoding now, and their next-token logits (b, V)
+        self.held = []  # slots whose reply waits for the lockstep turn to end (overlap off)
+        self.decode_step = None  # model.compiled_decode's step under compile, else None (eager)
+        self.ready = [i for i in range(len(dialogues)) if self.begin_turn(i)]  # slots to prefill
+
+    def finish(self, i):   # (strip: the turns' samples are made as they end)
+        d = self.dialogues[i]
+        if self.cfg.think_history == "keep":
             d.samples = [Sample(d.ids, d.policy_mask, i)]
 
-    def begin_turn(i):
+    def begin_turn(self, i):
         """The dialogue starts a turn, or ends here when the turn could outgrow max_context."""
-        d = dialogues[i]
-        if len(d.context) + max_new_tokens > max_context:
+        d = self.dialogues[i]
+        if len(d.context) + self.cfg.max_new_tokens > self.cfg.max_context:
             d.truncated = d.episode.done = True  # the reward is the emotion reached so far
             d.episode.end_reason = "max_context"
-            finish(i)
+            self.finish(i)
             return False
-        if not kv_reuse:
-            length[i] = 0  # ablation: forget the cache, re-prefill the whole context
-        turn_start[i] = len(d.context)
-        d.reply = []
+        if not self.cfg.kv_reuse:
+            d.length = 0  # ablation: forget the cache, re-prefill the whole context
+        d.turn_start, d.reply = len(d.context), []
         return True
 
-    def end_turn(i):
+    def end_turn(self, i):
         """The reply is complete: record it, and (strip) its training sample."""
-        d = dialogues[i]
-        d.policy_texts.append(tokenizer.decode(d.reply, skip_special_tokens=True))
-        if think_history == "strip":
-            d.samples.append(Sample(d.context[:turn_start[i]] + d.reply,
-                                    [False] * turn_start[i] + [True] * len(d.reply), i))
+        d = self.dialogues[i]
+        d.policy_texts.append(self.tokenizer.decode(d.reply, skip_special_tokens=True))
+        if self.cfg.think_history == "strip":
+            d.samples.append(Sample(d.context[:d.turn_start] + d.reply,
+                                    [False] * d.turn_start + [True] * len(d.reply), i))
 
-    def carry(i, user_text):
-        """The user's answer is back: close the turn in the context, or end the dialogue."""
-        d = dialogues[i]
-        if user_text is None:  # the simulator ended this dialogue
-            return finish(i)
-        reply = d.reply
-        stop_text = tokenizer.convert_ids_to_tokens(reply[-1]) if reply and reply[-1] in eos else None
-        turn = user_turn_ids(tokenizer, user_text, stop_text, think)
+    def carry(self, i, user_text):
+        """The user's answer (None: the dialogue ended) closes the turn; returns whether a next turn begins."""
+        d = self.dialogues[i]
+        if user_text is None:
+            return self.finish(i)
+        stop_text = self.tokenizer.convert_ids_to_tokens(d.reply[-1]) if d.reply and d.reply[-1] in self.eos else None
+        turn = user_turn_ids(self.tokenizer, user_text, stop_text, self.cfg.think)
         d.ids += turn
         d.policy_mask += [False] * len(turn)
-        if think_history == "strip":  # roll the slot back to the turn's start; keep only the visible part
-            d.context[turn_start[i]:] = visible_ids(reply, tokenizer) + turn
-            length[i] = min(length[i], turn_start[i])
-        return begin_turn(i)
+        if self.cfg.think_history == "strip":  # roll the slot back to the turn's start; keep the visible part
+            d.context[d.turn_start:] = visible_ids(d.reply, self.tokenizer) + turn
+            d.length = min(d.length, d.turn_start)
+        return self.begin_turn(i)
 
-    generating, logits = [], None  # slots decoding now, and their next-token logits (len(generating), V)
-    ready = [i for i in range(len(dialogues)) if begin_turn(i)]  # slots to prefill before they generate
-    held, outstanding = [], 0  # replies waiting for the lockstep turn to end (overlap=False); at the simulator
+    def prefill_ready(self):
+        """Each ready slot is fed only what is new since its last forward, then joins the decode batch."""
+        new_ids = [self.dialogues[i].context[self.dialogues[i].length:] for i in self.ready]
+        logits = prefill(self.model, self.cache, self.ready, new_ids, [self.dialogues[i].length for i in self.ready],
+                         self.pad_id)
+        for i, x in zip(self.ready, new_ids):
+            self.dialogues[i].length += len(x)
+        self.timing["prefill_tokens"] += sum(map(len, new_ids))
+        self.generating += self.ready
+        self.ready = []
+        self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
 
-    def prefill_ready():
-        """prefill: each ready slot is fed only what is new since its last forward, then joins the batch."""
-        nonlocal logits
-        new_ids = [dialogues[i].context[length[i]:] for i in ready]
-        new_logits = prefill(model, cache, ready, new_ids, [length[i] for i in ready], pad_id)
-        for i, x in zip(ready, new_ids):
-            length[i] += len(x)
-        timing["prefill_tokens"] += sum(map(len, new_ids))
-        generating.extend(ready)
-        ready.clear()
-        logits = new_logits if logits is None else torch.cat([logits, new_logits])
-
-    def sample_and_decode():
-        """Each generating slot samples its next token (its own generator); a slot whose turn stops (stop id
-        or max_new_tokens) leaves the batch, its reply held for the simulator; the rest decode one token."""
-        nonlocal logits
-        streams = [dialogues[i].generator for i in generating]  # CPU: a draw per row from its generator
-        if device.type == "cuda":  # a key per row, (its seed, len(ids): a new index at every draw); one launch
-            streams = torch.tensor([[g.initial_seed(), len(dialogues[i].ids)] for g, i in zip(streams, generating)],
-                                   device=device)
-        tokens, _ = lm.sample(logits, temperature, top_p, streams)
+    def sample_and_decode(self):
+        """Each generating slot samples a token (its own stream); a finished turn leaves (held), the rest decode."""
+        ds = [self.dialogues[i] for i in self.generating]
+        streams = [d.generator for d in ds]  # CPU: a draw per row from its generator
+        if self.device.type == "cuda":  # a key per row, (its seed, len(ids): a new index at every draw); one launch
+            streams = torch.tensor([[d.generator.initial_seed(), len(d.ids)] for d in ds], device=self.device)
+        tokens, _ = lm.sample(self.logits, self.cfg.temperature, self.cfg.top_p, streams)
         going = []
-        for r, (i, tok) in enumerate(zip(generating, tokens.tolist())):
-            d = dialogues[i]
+        for r, (i, d, tok) in enumerate(zip(self.generating, ds, tokens.tolist())):
             d.reply.append(tok)
             d.ids.append(tok)
             d.policy_mask.append(True)
             if d.context is not d.ids:
                 d.context.append(tok)
-            if tok in eos or len(d.reply) == max_new_tokens:
-                d.episode.truncated_replies += tok not in eos  # cut at the cap (counted, warned by the callers)
-                end_turn(i)
-                held.append(i)
+            if tok in self.eos or len(d.reply) == self.cfg.max_new_tokens:
+                d.episode.truncated_replies += tok not in self.eos  # cut at the cap (counted, warned by callers)
+                self.end_turn(i)
+                self.held.append(i)
             else:
                 going.append(r)
-        timing["tokens"] += len(generating)
-        generating[:] = [generating[r] for r in going]
-        logits = None
-        if generating:  # decode: feed each continuing slot its sampled token
-            logits = decode_one_token(model, cache, generating, tokens[going], length, pad_id, decode_model)
-            for i in generating:
-                length[i] += 1
-            timing["decode_steps"] += 1
-            timing["active_rows"] += len(generating)
+        self.timing["tokens"] += len(self.generating)
+        self.generating, self.logits = [self.generating[r] for r in going], None
+        if self.generating:  # decode: feed each continuing slot its sampled token
+            lengths = {i: self.dialogues[i].length for i in self.generating}
+            self.logits = decode_one_token(self.model, self.cache, self.generating, tokens[going], lengths,
+                                           self.pad_id, self.decode_step)
+            for i in self.generating:
+                self.dialogues[i].length += 1
+            self.timing["decode_steps"] += 1
+            self.timing["active_rows"] += len(self.generating)
 
-    def hand_over():
-        """Held replies go to the simulator's workers (lockstep: only once every reply of the turn ended)."""
-        nonlocal outstanding
-        if overlap or not generating:
-            for i in held:
-                jobs.put((i, dialogues[i].episode, dialogues[i].policy_texts[-1]))
-            outstanding += len(held)
-            held.clear()
+    def hand_over(self):
+        """Held replies go to the simulated users (lockstep: only once every reply of the turn ended)."""
+        if self.cfg.overlap or not self.generating:
+            for i in self.held:
+                d = self.dialogues[i]
+                self.turns.start(i, sim.user_turn(d.episode, d.policy_texts[-1], self.cfg.mode, self.cfg.max_turns))
+            self.held = []
 
-    def collect_answers():
+    def collect_answers(self):
         """Carry the answers that are back; wait for one when nothing can run (lockstep: for all of them)."""
-        nonlocal outstanding
-        while outstanding and (not answers.empty() or not (generating or ready) or (not overlap and not generating)):
-            i, user_text, error = answers.get()
-            outstanding -= 1
-            if error is not None:
-                raise error
-            if carry(i, user_text):
-                ready.append(i)
+        lockstep = not self.cfg.overlap and not self.generating
+        while self.turns.pending or self.turns.ended:
+            for i, user_text in self.turns.collect(wait=lockstep or not (self.generating or self.ready)):
+                if self.carry(i, user_text):
+                    self.ready.append(i)
+            if not lockstep:
+                return
 
-    last_log = started = time.time()
-    try:
+    def run(self):
+        """The phases in turn until every dialogue ended; a progress line every progress_every seconds."""
+        started = last_line = time.time()
         # one mixed-precision region for every eager forward of the rollout (the compiled step turns it off)
-        compiled = lm.compiled_decode(model) if compile else contextlib.nullcontext()
-        with lm.compute_region(model), compiled as decode_model:
-            while generating or ready or held or outstanding:
-                t0 = time.time()
-                if ready:
-                    prefill_ready()
-                if generating:
-                    sample_and_decode()
-                timing["generate"] += time.time() - t0
-                hand_over()
-                t0 = time.time()
-                collect_answers()
-                timing["simulator"] += time.time() - t0
-                if log and time.time() - last_log > slow_turn_s:
-                    last_log = time.time()
-                    log(f"  rollout: {sum(d.episode.done for d in dialogues)}/{len(dialogues)} dialogues done, "
-                        f"{len(generating)} generating, {timing['tokens']} tokens, {last_log - started:.0f}s")
-    finally:
-        for _ in workers:
-            jobs.put(None)
+        compiled = lm.compiled_decode(self.model) if self.cfg.compile else contextlib.nullcontext()
+        try:
+            with lm.compute_region(self.model), compiled as self.decode_step:
+                while self.generating or self.ready or self.held or self.turns.pending or self.turns.ended:
+                    t0 = time.time()
+                    if self.ready:
+                        self.prefill_ready()
+                    if self.generating:
+                        self.sample_and_decode()
+                    t1 = time.time()
+                    self.collect_answers()  # (the answers to earlier hand-overs: a reply handed over now waits a step)
+                    self.hand_over()
+                    self.timing["generate"] += t1 - t0
+                    self.timing["simulator"] += time.time() - t1
+                    if self.log and time.time() - last_line > self.cfg.progress_every:
+                        last_line, done = time.time(), sum(d.episode.done for d in self.dialogues)
+                        self.log(f"  rollout: {done}/{len(self.dialogues)} dialogues done, {len(self.generating)} "
+                                 f"generating, {self.timing['tokens']} tokens, {last_line - started:.0f}s")
+        finally:
+            self.turns.close()
+
+
+@torch.no_grad()  # the rollout builds no autograd graph: its cache and logits carry no history
+def rollout(model, tokenizer, profiles, backend, *, seeds, timing=None, log=None, **knobs):
+    """Play one dialogue per profile to the end (Engine; knobs: EngineConfig's; seeds: rollout_seed, one each).
+    timing (dict) gains TIMING: seconds generating / with the simulator, token, step and row counts."""
+    cfg, timing = EngineConfig(**knobs), {} if timing is None else timing
+    timing.update({key: timing.get(key, 0) for key in TIMING})
+    dialogues = [start_dialogue(p, tokenizer, cfg.think, s, model.inv_freq.device, cfg.think_history == "strip")
+                 for p, s in zip(profiles, seeds, strict=True)]
+    Engine(model, tokenizer, backend, dialogues, cfg, timing, log).run()
     timing["conversation_tokens"] += sum(len(d.ids) for d in dialogues)
     return dialogues
 
@@ -444,8 +385,7 @@ def training_samples(dialogues):
 
 
 def collate(dialogues, pad_id, device):
-    """Right-pad sequences (Dialogues or Samples: .ids, .policy_mask) to (B, T). Returns ids (B, T) and the
-    loss mask (B, T-1), aligned with the targets ids[:, 1:]."""
+    """Right-pad .ids / .policy_mask (Dialogues or Samples): ids (B, T), loss mask (B, T-1) on targets ids[:, 1:]."""
     T = max(len(d.ids) for d in dialogues)
     ids = torch.full((len(dialogues), T), pad_id, dtype=torch.long)
     policy = torch.zeros(len(dialogues), T, dtype=torch.bool)
@@ -459,22 +399,22 @@ def collate(dialogues, pad_id, device):
 # Text-level rollout: a policy behind an OpenAI-compatible endpoint
 
 
-def endpoint_rollout(policy_client, profiles, backend, *, think, mode="vanilla", max_turns=8, log=print):
-    """
-    The same conversation for a policy we only reach over HTTP. Per turn: each open dialogue's chat
-    (policy_messages) goes to the endpoint, all at once; simulator.simulate_turn scores the replies and
-    writes the users' answers. policy_client(requests) -> texts, e.g. simulator.OpenAIBackend(role="policy").
-    Returns the finished simulator.Episodes.
-    """
+def endpoint_rollout(policy_client, profiles, backend, *, think, mode="vanilla", max_turns=8, log=print,
+                     turn_deadline=600.0, policy_turn_deadline=600.0, progress_every=15.0):
+    """The same conversation for a policy behind HTTP: per turn every open dialogue's chat (policy_messages)
+    goes to policy_client (a backend: simulator.OpenAIBackend(role="policy")), then simulate_turn answers
+    the replies; each side's turn within its deadline (simulator.Turns). Returns the Episodes."""
     episodes = [sim.new_episode(p) for p in profiles]
     start = time.time()
     for turn in range(1, max_turns + 1):
         active = [ep for ep in episodes if not ep.done]
         if not active:
             break
-        texts = policy_client([policy_messages(ep, think) for ep in active])  # one text per open dialogue
-        sim.simulate_turn(active, texts, backend, mode=mode, max_turns=max_turns)
-        mean_emotion = sum(ep.emotion for ep in active) / len(active)
-        log(f"  turn {turn}/{max_turns}: {len(active)} open dialogues, mean emotion {mean_emotion:.1f}, "
+        asks = [sim.ask(sim.Request(policy_messages(ep, think)), str, 0) for ep in active]
+        texts = [text for text, _ in sim.play_turns(policy_client, asks, policy_turn_deadline, progress_every, log)]
+        sim.simulate_turn(active, texts, backend, mode=mode, max_turns=max_turns, turn_deadline=turn_deadline,
+                          progress_every=progress_every, log=log)
+        log(f"  turn {turn}/{max_turns}: {len(active)} open dialogues, mean emotion "
+            f"{sum(ep.emotion for ep in active) / len(active):.1f}, "
             f"{time.time() - start:.1f}s")
     return episodes

@@ -6,12 +6,16 @@ The CODE applies the change, emotion <- clamp(emotion + change, 0, 100), under a
 emotion / 100, is "verifiable": arithmetic over the parsed output. Sections: 1 profiles; 2 protocols and the
 rules they drive, episodes; 3 prompts (3b: the authors'); 4 parsers; 5 the turn loop; 6 backends.
 
-Every backend is a callable `backend(requests: list[list[dict]]) -> list[str]`: a batch of chat message
-lists in, one completion text per request out. All of them must answer in the same format, so a single
-parser serves LLM simulators and the rules backend alike.
+Every backend has `submit(request: Request) -> concurrent.futures.Future[str]`: a Request carries the chat
+messages, which LLM backends send as they are, and the turn's fields (stage, mode, emotion, hidden need, the
+agent's visible reply), which RulesBackend reads instead of the prompt text. Each backend owns its threads
+(HTTP: a pool of `concurrency`; local model: one worker that batches what is pending; rules: none). All of
+them answer in the same format, so a single parser serves LLM simulators and the rules backend alike.
 """
 import argparse
 import ast
+import concurrent.futures
+import contextlib
 import datetime
 import email.utils
 import functools
@@ -262,14 +266,14 @@ def prepare_profiles(profiles, backend=None, *, protocol=None, mode="vanilla", l
     if todo:
         if backend is None:
             raise ValueError("profiles without an opening line need a simulator backend to write one")
-        requests = [build_opening_request(played[i], mode) for i in todo]
         parse = parse_official_reply if played[todo[0]].prompts else parse_reply_output
-        parsed, errors = _query(backend, requests, parse, retries)
-        for k, i in enumerate(todo):
-            if k not in parsed:
+        asks = [ask(Request(build_opening_request(played[i], mode), "opening", mode, played[i].lang,
+                            official=bool(played[i].prompts)), parse, retries) for i in todo]
+        for i, (opening, error) in zip(todo, play_turns(backend, asks, log=log)):
+            if opening is None:
                 log(f"WARNING: the simulator could not write an opening for profile {played[i].id} "
-                    f"({errors[k]}); using a fallback line")
-            opening = parsed.get(k) or FALLBACK_OPENING[played[i].lang]
+                    f"({error}); using a fallback line")
+            opening = opening or FALLBACK_OPENING[played[i].lang]
             played[i] = replace(played[i], opening=opening, opening_written=True)
     return played
 
@@ -674,27 +678,55 @@ def format_simulator_output(thought, change, reply):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. The turn loop
+# 5. The turn loop. One dialogue's simulated turn is a generator (user_turn) that yields Requests and is sent
+# their answers; Turns drives many over one backend (submit(request) -> Future) and alone waits on it.
 
-def _query(backend, requests, parse, retries):
-    """Query the whole batch once, then re-query just the outputs that failed to parse, up to `retries`
-    times. Returns ({index: parsed}, {index: last parse error}) over the indices of `requests`."""
-    parsed, errors, pending = {}, {}, list(range(len(requests)))
+POLL_S = 0.25   # how often a waiting Turns wakes up (Ctrl-C, the deadline, progress lines)
+
+
+@dataclass
+class Request:
+    messages: list            # the chat, which LLM backends send as it is
+    stage: str = "chat"       # the simulated user's "turn", "analysis", "reply" or "opening"; "chat": a policy's
+    mode: str = "vanilla"     # the fields below are what RulesBackend reads instead of the messages
+    lang: str = "en"
+    need: str = ""            # the profile's hidden intention
+    emotion: int = 0          # the user's emotion when the turn began
+    reply: str = ""           # what the user sees of the agent's reply (visible_reply)
+    change: int = 0           # the reply stage: the change the analysis wrote
+    official: bool = False    # the authors' prompts (section 3b), written for an LLM
+
+
+def _request(episode, messages, stage, mode, shown="", change=0):
+    p = episode.profile
+    return Request(messages, stage, mode, p.lang, p.hidden_intention, episode.emotion, shown, change, bool(p.prompts))
+
+
+def settle(future, fn, *args):
+    """future gets fn(*args) or its exception, unless it was cancelled meanwhile. Returns future."""
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        try:
+            future.set_result(fn(*args))
+        except Exception as e:
+            future.set_exception(e)
+    return future
+
+
+def completed(fn, *args):
+    """A Future already holding fn(*args), or its exception: the answer of a backend that answers at once."""
+    return settle(concurrent.futures.Future(), fn, *args)
+
+
+def ask(request, parse, retries):
+    """Ask until the answer parses, at most 1 + retries times (a generator: it yields the request and is sent
+    the answer). Returns (parsed, None), or (None, the last parse error with the offending output)."""
     for _ in range(retries + 1):
-        if not pending:
-            break
-        outputs = backend([requests[k] for k in pending])
-        if len(outputs) != len(pending):
-            raise SimulatorError(f"simulator backend returned {len(outputs)} answers for {len(pending)} requests")
-        failed = []
-        for k, output in zip(pending, outputs):
-            try:
-                parsed[k] = parse(output)
-            except ParseError as e:   # the offending output rides along (truncated) for the trainer's warning
-                errors[k] = f"{e}; output: {str(output)[:160]!r}"
-                failed.append(k)
-        pending = failed
-    return parsed, errors
+        output = yield request
+        try:
+            return parse(output), None
+        except ParseError as e:   # the offending output rides along (truncated) for the trainer's warning
+            error = f"{e}; output: {str(output)[:160]!r}"
+    return None, error
 
 
 def apply_change(emotion, change, protocol):
@@ -706,119 +738,158 @@ def apply_change(emotion, change, protocol):
     return change, max(0, min(100, emotion + change))
 
 
-def simulate_turn(episodes, agent_replies, backend, mode="vanilla", max_turns=8, retries=2):
-    """Advance every unfinished episode by one turn: the agent's reply -> the simulated user's answer.
+def user_turn(episode, agent_reply, mode="vanilla", max_turns=8, retries=2):
+    """The simulated user's answer to one agent reply (a generator of Requests, see ask), in one call (thought,
+    change, reply) or two (the analysis' thought and change; the code applies it; the reply from the analysis
+    and the new band). The user sees visible_reply(agent_reply). A stage that fails `retries` re-asks counts as
+    change 0 and/or a fallback reply (parse_failures). Returns the user's message, or None when the dialogue ends."""
+    if episode.done:
+        return None
+    if thought_cut(agent_reply):   # no reply to show: the dialogue ends
+        episode.messages.append({"role": "assistant", "content": agent_reply.strip()})
+        episode.cut_thoughts, episode.done, episode.end_reason = 1, True, "thought_cut"
+        return None
+    shown, prompts = visible_reply(agent_reply), episode.profile.prompts   # prompts: the authors' (3b), or None
+    if protocol_of(episode.profile.protocol).stages == 1:
+        request = _request(episode, build_request(episode, shown, mode), "turn", mode, shown)
+        parsed, error = yield from ask(request, parse_simulator_output, retries)
+        analysis, user_reply, reply_error = parsed and parsed[:2], parsed and parsed[2], error
+    else:
+        parse = functools.partial(parse_official_analysis, prompts) if prompts else parse_analysis_output
+        request = _request(episode, build_request(episode, shown, mode, step="analysis"), "analysis", mode, shown)
+        analysis, error = yield from ask(request, parse, retries)
+        thought, change = analysis or ("", 0)   # the reply stage sees the analysis and the band after the change
+        messages = build_reply_request(episode, shown, mode, thought,
+                                       apply_change(episode.emotion, change, episode.profile.protocol)[1])
+        user_reply, reply_error = yield from ask(_request(episode, messages, "reply", mode, shown, change),
+                                                 parse_official_reply if prompts else parse_reply_output, retries)
+    return _record_turn(episode, agent_reply, shown, analysis, error, user_reply, reply_error, max_turns)
 
-    agent_replies[i] is the agent's whole message for episodes[i] (ignored if that episode is done); the
-    user sees only visible_reply(message), the agent's side of the dialogue keeps it all. Each episode's
-    profile names its protocol (PROTOCOLS), which says how the turn is simulated:
-      one call   one batched request writes thought, change and reply (parse_simulator_output)
-      two stage  call 1 (batched) writes the analysis and the change (parse_analysis_output); the code
-                 applies the change; call 2 (batched) writes the reply from that analysis and the new band
-                 (parse_reply_output)
-    Outputs that do not parse are re-queried (only those) up to `retries` times; a step that still fails
-    counts as change 0 and/or a fallback reply and is counted in episode.parse_failures, so a flaky
-    simulator never crashes a training run.
-    Returns the user's new message per episode, or None where the episode is done (or now finished)."""
-    if mode not in MODES:
-        raise ValueError(f"unknown simulator mode {mode!r}: use one of {', '.join(MODES)}")
+
+def _record_turn(episode, agent_reply, shown, analysis, error, user_reply, reply_error, max_turns):
+    """The turn into the episode: the change applied by the code, the messages, the turn record, the end."""
+    protocol = episode.profile.protocol
+    failed = analysis is None or user_reply is None
+    thought, change = analysis or (f"(unparseable simulator output: {error})", 0)
+    if user_reply is None:   # (an empty reply that parsed stays empty, as SAGE keeps it)
+        user_reply = FALLBACK_REPLY_ZH if episode.profile.lang == "zh" else FALLBACK_REPLY
+        thought += f" (reply unparseable: {reply_error})" if analysis else ""
+    episode.parse_failures += failed
+    episode.changes_out_of_range += protocol_of(protocol).max_change is None and abs(change) > 100
+    change, episode.emotion = apply_change(episode.emotion, change, protocol)   # the code, not the LLM
+    episode.messages += [{"role": "assistant", "content": (agent_reply or "").strip()},
+                         {"role": "user", "content": user_reply}]
+    episode.turns.append({"turn": len(episode.turns) + 1, "agent": shown, "thought": thought, "change": change,
+                          "emotion": episode.emotion, "user": user_reply, "parse_failed": failed})
+    episode.end_reason = dialogue_end(episode.emotion, len(episode.turns), max_turns, user_reply, protocol)
+    episode.done = episode.end_reason is not None
+    return None if episode.done else user_reply
+
+
+class Turns:
+    """The turns in flight over one backend, by key, each a generator (user_turn, ask). While collect() waits, a
+    turn older than turn_deadline seconds (re-asks and stages included) raises SimulatorError, and a progress
+    line goes to log every progress_every seconds."""
+
+    def __init__(self, backend, turn_deadline=600.0, progress_every=15.0, log=None):
+        self.backend, self.turn_deadline, self.progress_every, self.log = backend, turn_deadline, progress_every, log
+        self.pending = {}     # key -> (turn, the future of its current request, when the turn began)
+        self.ended = []       # (key, result) not yet collected
+        self.asked = self.answered = 0
+
+    def start(self, key, turn):
+        self._send(key, turn, None, time.monotonic())
+
+    def _send(self, key, turn, answer, began):
+        try:
+            request = turn.send(answer)
+        except StopIteration as end:
+            self.ended.append((key, end.value))
+            return
+        self.pending[key] = (turn, self.backend.submit(request), began)
+        self.asked += 1
+
+    def collect(self, wait):
+        """[(key, result)] of the turns that ended; wait: block until one has (while any is in flight)."""
+        last_line, role = time.monotonic(), self.backend.role
+        while True:
+            done = [(key, turn, future, began) for key, (turn, future, began) in self.pending.items() if future.done()]
+            for key, turn, future, began in done:
+                del self.pending[key]
+                self.answered += 1
+                self._send(key, turn, future.result(), began)   # (a backend's error is raised here)
+            if done:
+                continue   # (a backend that answers at once may have answered the next request already)
+            if self.ended or not wait or not self.pending:
+                ended, self.ended = self.ended, []
+                return ended
+            now, began = time.monotonic(), min(b for _, _, b in self.pending.values())
+            if now - began >= self.turn_deadline:
+                raise SimulatorError(f"{self.backend.where}: only {self.answered}/{self.asked} requests answered "
+                                     f"within the turn deadline of {self.turn_deadline:g} s (re-asks and stages "
+                                     f"included); the {role} is overloaded or stuck, or raise --{role}-turn-deadline")
+            if self.log and self.progress_every and now - last_line >= self.progress_every:
+                self.log(f"{role}: {self.answered}/{self.asked} answered, {now - began:.0f} s")
+                last_line = now
+            futures = [f for _, f, _ in self.pending.values()]
+            concurrent.futures.wait(futures, min(POLL_S, self.turn_deadline - (now - began)), "FIRST_COMPLETED")
+
+    def close(self):
+        """Abandon the requests in flight (an error, Ctrl-C): a backend skips those it has not sent yet."""
+        for _, future, _ in self.pending.values():
+            future.cancel()
+        self.pending.clear()
+
+
+def play_turns(backend, turns, turn_deadline=600.0, progress_every=15.0, log=None):
+    """Drive every turn generator to its end over `backend` (Turns). Returns their results, in order."""
+    results, flight = [None] * len(turns), Turns(backend, turn_deadline, progress_every, log)
+    try:
+        for key, turn in enumerate(turns):
+            flight.start(key, turn)
+        while flight.pending or flight.ended:
+            for key, result in flight.collect(wait=True):
+                results[key] = result
+    finally:
+        flight.close()
+    return results
+
+
+def simulate_turn(episodes, agent_replies, backend, mode="vanilla", max_turns=8, retries=2, **wait):
+    """Every unfinished episode one turn on, all in flight at once (wait: Turns' knobs). Returns user_turn's."""
     if len(agent_replies) != len(episodes):
         raise ValueError(f"got {len(agent_replies)} agent replies for {len(episodes)} episodes")
     if max_turns < 1 or retries < 0:
         raise ValueError(f"need max_turns >= 1 and retries >= 0, got {max_turns} and {retries}")
-    active = [i for i, ep in enumerate(episodes) if not ep.done]
-    if not active:
-        return [None] * len(episodes)
-    protocols = {episodes[i].profile.protocol for i in active}
-    if len(protocols) != 1:
-        raise ValueError(f"one batch, one protocol: got {sorted(protocols)}")
-    protocol = protocols.pop()
-    for i in [i for i in active if thought_cut(agent_replies[i])]:   # no reply to show: the dialogue ends
-        ep = episodes[i]
-        ep.messages.append({"role": "assistant", "content": agent_replies[i].strip()})
-        ep.cut_thoughts, ep.done, ep.end_reason = 1, True, "thought_cut"
-        active.remove(i)
-    if not active:
-        return [None] * len(episodes)
-    shown = {i: visible_reply(agent_replies[i]) for i in active}   # the user never sees <think>
-
-    if protocol_of(protocol).stages == 1:
-        requests = [build_request(episodes[i], shown[i], mode) for i in active]
-        parsed, errors = _query(backend, requests, parse_simulator_output, retries)
-        analyses = {k: v[:2] for k, v in parsed.items()}
-        replies = {k: v[2] for k, v in parsed.items()}
-        reply_errors = errors
-    else:
-        prompts = episodes[active[0]].profile.prompts   # the authors' prompts and parsers (section 3b), or ours
-        parse_analysis = (lambda text: parse_official_analysis(prompts, text)) if prompts else parse_analysis_output
-        requests = [build_request(episodes[i], shown[i], mode, step="analysis") for i in active]
-        analyses, errors = _query(backend, requests, parse_analysis, retries)
-        requests = []
-        for k, i in enumerate(active):   # the reply stage sees the analysis and the band after the change
-            thought, change = analyses.get(k, ("", 0))
-            requests.append(build_reply_request(episodes[i], shown[i], mode, thought,
-                                                apply_change(episodes[i].emotion, change, protocol)[1]))
-        replies, reply_errors = _query(backend, requests, parse_official_reply if prompts else parse_reply_output,
-                                       retries)
-
-    new_user_messages = [None] * len(episodes)
-    for k, i in enumerate(active):
-        ep = episodes[i]
-        failed = k not in analyses or k not in replies
-        thought, change = analyses.get(k) or (f"(unparseable simulator output: {errors[k]})", 0)
-        # (an empty reply that parsed stays empty, as SAGE keeps it: only our own parser refuses one)
-        user_reply = replies[k] if k in replies else FALLBACK_REPLY_ZH if ep.profile.lang == "zh" else FALLBACK_REPLY
-        if k not in replies and k in analyses:
-            thought += f" (reply unparseable: {reply_errors[k]})"
-        ep.parse_failures += failed
-        ep.changes_out_of_range += protocol_of(protocol).max_change is None and abs(change) > 100
-        change, ep.emotion = apply_change(ep.emotion, change, protocol)   # the code, not the LLM
-        ep.messages.append({"role": "assistant", "content": (agent_replies[i] or "").strip()})
-        ep.messages.append({"role": "user", "content": user_reply})
-        ep.turns.append({"turn": len(ep.turns) + 1, "agent": shown[i], "thought": thought, "change": change,
-                         "emotion": ep.emotion, "user": user_reply, "parse_failed": failed})
-        ep.end_reason = dialogue_end(ep.emotion, len(ep.turns), max_turns, user_reply, protocol)
-        ep.done = ep.end_reason is not None
-        if not ep.done:
-            new_user_messages[i] = user_reply
-    return new_user_messages
+    return play_turns(backend, [user_turn(ep, text, mode, max_turns, retries)
+                                for ep, text in zip(episodes, agent_replies)], **wait)
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6a. RulesBackend: a deterministic simulated user without an LLM.
-#
-# It reads the agent's latest reply, the current emotion, the hidden intention and the mode out of the
-# request that build_request made, scores the reply by counting cue words from prompts/rules_cues.json,
-# and writes its answer in the same tagged format as an LLM would. Scoring (per turn, vanilla / challenging):
-#   base drift                                   0 / -2
-#   warmth cues  (understand, feel, sorry, you, hard, makes sense, ...)   +1 each, up to +6 / +4
-#   questions    ("?", what, how)                                        +1 each, up to +3 / +2
-#   lecturing    (should, must, need to, have to, obviously, ...)        -1 / -2 each, down to -4 / -8
-#   dismissive   (just, whatever, calm down, at least, cheer up, ...)    -2 / -4 each, down to -6 / -12
-#   hidden need  (cues of the need named in hidden_intention, e.g. fault/blame for "not your fault")
-#                                                +3 for the first hit, +1 per further hit, up to +5 / +4
-#   fewer than 3 words -3 / -5; more than 120 words -2 / -3
-#   change = clamp(sum, -10..+10 / -15..+8)
-# Each distinct cue counts at most twice per reply. Counting single common words makes the reward GRADED:
-# even the token soup of a tiny random policy hits a cue now and then, so rollouts differ in reward and
-# producing more cue words measurably raises the emotion; for real English it ranks validation and open
-# questions above lecturing and dismissal. The user's answer is picked from short canned lines by the
-# size of the change, with a hash of the request choosing among variants (deterministic, no RNG).
+# 6. Backends: role and where (for errors), check() (fail fast before heavy work), submit(request) -> Future.
 
-REPLY_HEADERS = ("## The supporter's latest reply\n", "## 倾诉对象最新的回复\n")
-EMOTION_HEADERS = ("\n## Your current emotion\n", "\n## 你当前的情绪\n")
-ANALYSIS_HEADERS = ("\n## Your analysis of the reply\n", "\n## 你对这条回复的分析\n")
-HIDDEN_HEADER = re.compile(r"^## (?:What you truly need|你真正的需求)[^\n]*\n(.*?)(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-MODE_LINE = re.compile(r"^(?:Environment|环境): (\w+)\s*$", re.MULTILINE)
-STEP_LINE = re.compile(r"^(?:Step|步骤): (\w+)\s*$", re.MULTILINE)   # two-stage and opening requests
-RULES_MARK = re.compile(r"\[change ([+-]\d+), emotion (\d+)\]")     # in the rules' own analysis text
+class Backend:
+    """A backend that answers at once, in the caller's thread: answer(request) -> text."""
+    role, where = "simulator", "the simulator"
+
+    def check(self):
+        pass
+
+    def submit(self, request):
+        return completed(self.answer, request)
 
 
-def _find_last(text, headers, end=None):
-    """(position, header) of the last occurrence of any of the headers in text[:end], or (-1, None)."""
-    end = len(text) if end is None else end
-    return max(((text.rfind(h, 0, end), h) for h in headers), key=lambda x: x[0])
+class Scripted(Backend):
+    """Answers each request with answer(messages): a replayed or scripted user or policy (replay, tests)."""
 
+    def __init__(self, answer):
+        self.answer = lambda request: answer(request.messages)
+
+
+# 6a. RulesBackend: a deterministic user without an LLM. From the request's fields (never its text) it counts
+# the cue words of prompts/rules_cues.json (its _doc: the scoring) and answers in our tagged format. Counting
+# common words makes the reward GRADED: even a tiny random policy's token soup hits a cue now and then. The
+# user's line is canned for the size of the change, a hash of the messages picking the variant (no RNG).
 
 def _cue_pattern(cue):
     """Regex for one cue: whole words ("you" matches "you're", not "youth"); "feel*" is a prefix; a cue
@@ -835,7 +906,9 @@ def _bucket(change, emotion):
             else "worse" if change < 0 else "flat" if change == 0 else "better" if change < 5 else "much_better")
 
 
-class RulesBackend:
+class RulesBackend(Backend):
+    where = "the rules simulator"
+
     def __init__(self, cues_path=PROMPTS_DIR / "rules_cues.json"):
         try:
             self.table = json.loads(Path(cues_path).read_text(encoding="utf-8"))
@@ -844,9 +917,6 @@ class RulesBackend:
                           for name, need in self.table["needs"].items()}
         except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
             raise SimulatorError(f"cannot load rules cue file {cues_path}: {e!r}") from None
-
-    def check(self):
-        pass   # nothing to reach: the cue table was loaded and validated in __init__
 
     def __repr__(self):
         return "RulesBackend()"
@@ -882,144 +952,79 @@ class RulesBackend:
         low, high = rules["clamp"]
         return max(low, min(high, points)), hits
 
-    def _respond(self, messages):
-        system, turn = messages[0]["content"], messages[-1]["content"]
-        mode, need = MODE_LINE.search(system), HIDDEN_HEADER.search(system)
-        step = STEP_LINE.search(turn)
-        step = step.group(1) if step else "turn"
-        if mode is None or need is None or mode.group(1) not in MODES:
+    def answer(self, request):
+        if request.official or request.stage not in ("turn", "analysis", "reply", "opening"):
             raise SimulatorError("RulesBackend only understands requests made by simulator.build_request "
                                  "from the templates in prompts/")
-        lang = "zh" if "环境:" in system else "en"
-        digest = hashlib.sha256((system + "\0" + turn).encode("utf-8")).digest()
-        if step == "opening":   # a canned first line, picked by a hash of the request
-            lines = self.table["openings"][lang]
-            return f"<reply>\n{lines[digest[0] % len(lines)]}\n</reply>"
-        if step == "reply":     # the reply stage reads the change and emotion back from its own analysis
-            mark = RULES_MARK.search(turn)
-            if mark is None:
-                raise SimulatorError("RulesBackend: a reply request without the rules' own analysis")
-            change, emotion = int(mark.group(1)), int(mark.group(2))
-            return f"<reply>\n{self._canned(change, emotion, lang, digest)}\n</reply>"
-        end, _ = _find_last(turn, EMOTION_HEADERS)
-        start, header = _find_last(turn, REPLY_HEADERS, end)
-        emotion = re.match(r"\s*(\d+)", turn[end:].split("\n", 2)[2]) if end >= 0 else None
-        if start < 0 or emotion is None:
-            raise SimulatorError("RulesBackend only understands requests made by simulator.build_request "
-                                 "from the templates in prompts/")
-        reply = turn[start + len(header):end].strip()
-        reply = "" if reply == EMPTY_REPLY else reply
-        change, hits = self.score(reply, need.group(1), mode.group(1))
-        emotion = max(0, min(100, int(emotion.group(1)) + change))
+        system, turn = request.messages[0]["content"], request.messages[-1]["content"]
+        pick = hashlib.sha256((system + "\0" + turn).encode("utf-8")).digest()[0]
+        if request.stage == "opening":
+            lines = self.table["openings"][request.lang]
+            return f"<reply>\n{lines[pick % len(lines)]}\n</reply>"
+        if request.stage == "reply":   # written from the analysis' change
+            change, hits = request.change, None
+        else:
+            change, hits = self.score(request.reply, request.need, request.mode)
+        emotion = max(0, min(100, request.emotion + change))
+        bucket = _bucket(change, emotion)
+        variants = self.table["replies" if request.lang == "en" else "replies_zh"][bucket]
+        if request.stage == "reply":
+            return f"<reply>\n{variants[pick % len(variants)]}\n</reply>"
         # (i) why the emotion moved, (ii) how the user feels now, (iii) how it will answer
         touched = "it touched what I really need" if hits["need"] else "it missed what I really need"
         why = (f"(i) The reply had {hits['warmth']} warm or validating words, {hits['question']} question cues, "
                f"{hits['lecturing']} lecturing and {hits['dismissive']} dismissive cues, and {touched}; "
                f"my emotion changes by {change:+d}.")
         feeling = next(text for bound, text in self.table["feelings"] if emotion <= bound)
-        plan = {"leave": "I will end the conversation.", "helped": "I will thank them.",
-                "much_worse": "I will pull back and say less.", "worse": "I will hold back a little.",
-                "flat": "I will keep it short and see if they get it.",
-                "better": "I will open up a little more.", "much_better": "I will tell them more."}[_bucket(change, emotion)]
-        thought = f"{why} (ii) I feel {feeling} ({emotion}/100). (iii) {plan}"
-        if step == "analysis":
-            return f"<thought>\n{thought} [change {change:+d}, emotion {emotion}]\n</thought>\n<change>{change:+d}</change>"
-        return format_simulator_output(thought, change, self._canned(change, emotion, lang, digest))
-
-    def _canned(self, change, emotion, lang, digest):
-        """The user's answer: a short canned line for the size of the change, in the dialogue's language."""
-        variants = self.table["replies" if lang == "en" else "replies_zh"][_bucket(change, emotion)]
-        return variants[digest[0] % len(variants)]
-
-    def __call__(self, requests):
-        return [self._respond(messages) for messages in requests]
+        thought = f"{why} (ii) I feel {feeling} ({emotion}/100). (iii) {self.table['plans'][bucket]}"
+        if request.stage == "analysis":   # (the mark shows a reader what the rules decided)
+            return (f"<thought>\n{thought} [change {change:+d}, emotion {emotion}]\n</thought>\n"
+                    f"<change>{change:+d}</change>")
+        return format_simulator_output(thought, change, variants[pick % len(variants)])
 
 
-# ----------------------------------------------------------------------------------------------------
-# 6b. OpenAIBackend: any OpenAI-compatible /chat/completions server (vLLM, SGLang, llama.cpp, OpenAI, ...),
-# stdlib only. Built to survive a real cluster: overloaded servers, rate limits, and servers that hang.
-#
-#   - The requests of a batch run concurrently on DAEMON threads (at most `concurrency` at once). Not a
-#     concurrent.futures.ThreadPoolExecutor: it joins its workers at interpreter exit (and on leaving its
-#     `with` block), so one request stuck on a silent server would hold up Ctrl-C and process exit for up
-#     to timeout x attempts. Daemon threads are simply dropped when the process ends.
-#   - The calling thread waits for the answers in short slices (POLL_S), so Ctrl-C reaches it promptly, the
-#     whole-batch deadline is checked, and a progress line is logged while a batch is slow.
-#   - Each request is retried on 408/429/5xx, timeouts, resets and unreadable 200 bodies: the wait before a
-#     retry is the server's Retry-After when it sends one (seconds or an HTTP date), else exponential
-#     backoff (backoff, 2*backoff, 4*backoff, ...); every wait is capped at max_wait. Other 4xx answers are
-#     the user's mistake (bad model name, bad key) and fail at once.
-#   - The API key is read from an environment variable, sent as "Authorization: Bearer ...", and redacted
-#     from every message.
-
-POLL_S = 0.25   # how often the waiting thread wakes up (Ctrl-C, deadline, progress)
-
-
-def _retryable(status):
-    """HTTP statuses worth another attempt: the server is busy or broken, not our request."""
-    return status >= 500 or status in (408, 429)
-
+# 6b. OpenAIBackend: any OpenAI-compatible /chat/completions server, stdlib only. `concurrency` DAEMON threads
+# serve the backend's life from one queue (a ThreadPoolExecutor joins its workers at exit: a request stuck on
+# a silent server would hold up Ctrl-C). Retried on 408/429/5xx, timeouts, resets and unreadable bodies after
+# Retry-After, else backoff * 2^attempt, capped at max_wait; other 4xx fail at once. The key is redacted.
 
 def retry_after_seconds(value, now=None):
-    """A Retry-After header -> seconds to wait (>= 0), or None when absent or unreadable.
-    RFC 9110 allows delay-seconds ("120") or an HTTP date ("Wed, 21 Oct 2015 07:28:00 GMT")."""
-    value = (value or "").strip()
-    if not value:
-        return None
-    try:
+    """A Retry-After header (RFC 9110: delay-seconds "120" or an HTTP date) -> seconds to wait >= 0, or None."""
+    with contextlib.suppress(TypeError, ValueError):
         seconds = float(value)
         return max(0.0, seconds) if math.isfinite(seconds) else None
-    except ValueError:
-        pass
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
-    if when.tzinfo is None:                 # an HTTP date is GMT by definition
-        when = when.replace(tzinfo=datetime.timezone.utc)
+    when = when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)   # an HTTP date is GMT
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-class OpenAIBackend:
-    """
-    backend(requests) -> texts for an OpenAI-compatible endpoint; check() fails fast if it is unreachable.
-
-    Knobs (the trainer and benchmark.py pass them through from their flags):
-      concurrency=16      requests of one batch in flight at once
-      timeout=120.0       seconds per HTTP request (socket connect / each wait for data); a timeout is retried
-      max_retries=4       further attempts per request after the first (on 408/429/5xx, timeouts, resets)
-      backoff=1.0         wait before the first retry, doubled each retry, unless the server sends Retry-After
-      max_wait=60.0       cap on any single wait between attempts, a server's Retry-After included
-      turn_deadline=600.0 seconds for a whole batch call; past it, SimulatorError (naming the endpoint, how
-                          many answered, and the flag --<role>-turn-deadline), even if a server never answers
-      progress_every=15.0 seconds between progress lines while a batch is slow, e.g.
-                          "simulator: 12/32 answered, 40 s" (0 turns them off)
-      log=print           where progress lines go
-      role, unreachable_hint  word the errors: benchmark.py uses this client for a policy endpoint too
-    """
+class OpenAIBackend(Backend):
+    """concurrency: requests in flight; timeout: seconds per HTTP request (retried); max_retries: attempts after
+    the first; role, unreachable_hint: word the errors (benchmark.py's policy endpoint)."""
 
     def __init__(self, url, model=None, api_key_env="OPENAI_API_KEY", concurrency=16, timeout=120.0,
-                 max_retries=4, backoff=1.0, max_wait=60.0, turn_deadline=600.0, progress_every=15.0, log=print,
-                 temperature=0.7, max_tokens=1024, role="simulator",
+                 max_retries=4, backoff=1.0, max_wait=60.0, temperature=0.7, max_tokens=1024, role="simulator",
                  unreachable_hint="start the server or pass --simulator rules"):
         self.role, self.unreachable_hint = role, unreachable_hint
         if not re.match(r"https?://[^/]", url or ""):
             raise ValueError(f"{role} URL must start with http:// or https://, got {url!r}")
-        if concurrency < 1 or max_retries < 0 or min(timeout, turn_deadline) <= 0 or min(backoff, max_wait) < 0:
-            raise ValueError(f"{role} client needs concurrency >= 1, max_retries >= 0, timeout and turn_deadline "
-                             f"> 0, backoff and max_wait >= 0")
+        if concurrency < 1 or max_retries < 0 or timeout <= 0 or min(backoff, max_wait) < 0:
+            raise ValueError(f"{role} client needs concurrency >= 1, max_retries >= 0, timeout > 0, backoff and "
+                             f"max_wait >= 0")
         url = url.rstrip("/")
         if url.endswith("/chat/completions"):
             url = url[: -len("/chat/completions")]
         elif url.count("/") == 2:          # bare "http://host:port": assume the usual /v1 prefix
             url += "/v1"
-        self.base, self.url = url, url + "/chat/completions"
+        self.base, self.url, self.where = url, url + "/chat/completions", f"{role} endpoint {url}/chat/completions"
         self.model, self.api_key_env = model, api_key_env
         self.concurrency, self.timeout, self.max_retries = concurrency, timeout, max_retries
-        self.backoff, self.max_wait, self.turn_deadline = backoff, max_wait, turn_deadline
-        self.progress_every, self.log = progress_every, log
-        self.temperature, self.max_tokens = temperature, max_tokens
+        self.backoff, self.max_wait, self.temperature, self.max_tokens = backoff, max_wait, temperature, max_tokens
         self._api_key = os.environ.get(api_key_env) or None   # no key is fine for local servers
+        self._todo, self._workers = queue.SimpleQueue(), []   # (future, messages) for the worker threads
 
     def __repr__(self):   # never shows the key
         return f"OpenAIBackend(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
@@ -1054,17 +1059,36 @@ class OpenAIBackend:
         except ValueError:
             return                          # reachable, answered something that is not JSON
         if self.model is None:
-            self.model = _first_model_id(listing)
+            with contextlib.suppress(KeyError, IndexError, TypeError):
+                self.model = listing["data"][0]["id"]
 
-    def _complete(self, messages, abandoned):
-        """One chat request -> completion text, with retries (runs on a worker thread). Returns None early
-        once the `abandoned` event is set (the batch hit its deadline, failed, or was interrupted)."""
+    def submit(self, request):
+        if self.model is None:   # check() asks the server which model it serves (vLLM needs the name)
+            self.check()
+            self.model = self.model or "default"
+        future = concurrent.futures.Future()
+        self._todo.put((future, request.messages))
+        while len(self._workers) < self.concurrency:
+            self._workers.append(threading.Thread(target=self._work, name=f"{self.role}-http", daemon=True))
+            self._workers[-1].start()
+        return future
+
+    def _work(self):   # a worker thread: the next request, for the backend's whole life
+        while True:
+            future, messages = self._todo.get()
+            if not future.cancelled():
+                settle(future, self._complete, messages, future)
+
+    def _complete(self, messages, future):
+        """One chat request -> completion text, with retries. Returns None early once `future` is cancelled."""
         payload = {"model": self.model, "messages": messages,
                    "temperature": self.temperature, "max_tokens": self.max_tokens}
         last_error, wait = None, 0.0
         for attempt in range(self.max_retries + 1):
-            if attempt and abandoned.wait(wait):    # sleeps `wait` s, or wakes at once if abandoned
-                return None
+            if attempt:
+                time.sleep(wait)
+                if future.cancelled():
+                    return None
             retry_after = None
             try:
                 answer = self._http("POST", self.url, payload)
@@ -1075,7 +1099,7 @@ class OpenAIBackend:
                 except Exception:
                     body = ""
                 last_error = f"HTTP {e.code} {body}".strip()
-                if not _retryable(e.code):                            # our mistake: retrying will not help
+                if e.code < 500 and e.code not in (408, 429):   # not busy or broken: our mistake, no retry
                     hint = f"; check the API key in ${self.api_key_env}" if e.code in (401, 403) else ""
                     raise SimulatorError(f"{self.role} endpoint {self.url} refused the request "
                                          f"({self._redact(last_error)}){hint}") from None
@@ -1088,113 +1112,59 @@ class OpenAIBackend:
         raise SimulatorError(f"{self.role} endpoint {self.url} failed after {self.max_retries + 1} attempts: "
                              f"{self._redact(last_error)}")
 
-    def __call__(self, requests):
-        if not requests:
-            return []
-        if self.model is None:   # check() asks the server which model it serves (vLLM needs the name)
-            self.check()
-            self.model = self.model or "default"
-        return self._run_batch(requests)
 
-    def _run_batch(self, requests):
-        """Run every request on daemon worker threads; wait for all answers in POLL_S slices, logging
-        progress and enforcing turn_deadline. Any error (or Ctrl-C) abandons the rest of the batch."""
-        todo, done, abandoned = queue.SimpleQueue(), queue.SimpleQueue(), threading.Event()
-        for i in range(len(requests)):
-            todo.put(i)
+# 6c. LocalModelBackend: an LLM simulator in this process. One daemon worker answers every request pending at
+# that moment (up to batch_size) in one model.generate call with its own seeded generator (which requests share
+# a batch depends on timing, so at temperature > 0 an answer does too).
 
-        def worker():   # take the next request index until none are left or the batch is abandoned
-            while not abandoned.is_set():
-                try:
-                    i = todo.get_nowait()
-                except queue.Empty:
-                    return
-                try:
-                    done.put((i, self._complete(requests[i], abandoned), None))
-                except Exception as e:
-                    done.put((i, None, e))
+class LocalModelBackend(Backend):
+    where = "the local simulator model"
 
-        for _ in range(min(self.concurrency, len(requests))):
-            threading.Thread(target=worker, name=f"{self.role}-http", daemon=True).start()
-        answers, answered = [None] * len(requests), 0
-        start = last_progress = time.monotonic()
-        try:
-            while answered < len(requests):
-                now = time.monotonic()
-                if now - start >= self.turn_deadline:
-                    raise SimulatorError(self._deadline_message(answered, len(requests)))
-                if self.progress_every and now - last_progress >= self.progress_every:
-                    self.log(f"{self.role}: {answered}/{len(requests)} answered, {now - start:.0f} s")
-                    last_progress = now
-                try:
-                    i, text, error = done.get(timeout=min(POLL_S, self.turn_deadline - (now - start)))
-                except queue.Empty:
-                    continue
-                if error is not None:
-                    raise error
-                answers[i], answered = text, answered + 1
-        finally:
-            abandoned.set()   # after success a no-op; otherwise workers stop before their next attempt
-        return answers
-
-    def _deadline_message(self, answered, total):
-        return (f"{self.role} endpoint {self.url}: only {answered}/{total} requests answered within the turn "
-                f"deadline of {self.turn_deadline:g} s (per-request timeout {self.timeout:g} s, "
-                f"{self.max_retries} retries); the server is overloaded or stuck, or raise "
-                f"--{self.role}-turn-deadline")
-
-
-def _first_model_id(listing):
-    try:
-        return listing["data"][0]["id"]
-    except (KeyError, IndexError, TypeError):
-        return "default"
-
-
-# ----------------------------------------------------------------------------------------------------
-# 6c. LocalModelBackend: an LLM simulator in this process, through model.py's generate(). Each request is
-# rendered with the tokenizer's chat template (add_generation_prompt=True) and sampled with the backend's
-# own seeded torch.Generator, so a run is reproducible without touching global random state.
-
-class LocalModelBackend:
     def __init__(self, model, tokenizer, max_new_tokens=512, temperature=0.7, top_p=1.0, seed=0, batch_size=16):
         import torch
+        from model import stop_token_ids
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.batch_size = batch_size
-        device = next(model.parameters()).device
-        self.generator = torch.Generator(device=device).manual_seed(seed)
-        from model import stop_token_ids
+        self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
         self.eos_ids = stop_token_ids(tokenizer)   # EOS + the checkpoint's configured stop ids
-
-    def check(self):
-        pass   # the model is already loaded
+        self._todo = queue.SimpleQueue()   # (future, messages)
+        threading.Thread(target=self._work, name="simulator-model", daemon=True).start()
 
     def __repr__(self):
         return f"LocalModelBackend(max_new_tokens={self.max_new_tokens}, temperature={self.temperature})"
 
-    def __call__(self, requests):
+    def submit(self, request):
+        future = concurrent.futures.Future()
+        self._todo.put((future, request.messages))
+        return future
+
+    def _work(self):   # the worker thread: every request pending now, in one generate call
+        while True:
+            batch = [self._todo.get()]
+            while len(batch) < self.batch_size and not self._todo.empty():
+                batch.append(self._todo.get())
+            batch = [(f, m) for f, m in batch if not f.cancelled()]
+            texts = completed(self.generate, [m for _, m in batch])   # (an error goes to every request)
+            for k, (future, _) in enumerate(batch):
+                settle(future, lambda: texts.result()[k])
+
+    def generate(self, requests):
+        """Completion texts for chat requests (lists of messages), in one generate call."""
         import torch
         from model import generate
         prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(
                        messages, tokenize=False, add_generation_prompt=True),
                        add_special_tokens=False) for messages in requests]
-        texts = []
         with torch.no_grad():
-            for start in range(0, len(prompts), self.batch_size):
-                new_ids, _ = generate(self.model, prompts[start:start + self.batch_size], self.max_new_tokens,
-                                      self.eos_ids, temperature=self.temperature, top_p=self.top_p,
-                                      generator=self.generator)
-                texts += [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
-        return texts
+            new_ids, _ = generate(self.model, prompts, self.max_new_tokens, self.eos_ids, temperature=self.temperature,
+                                  top_p=self.top_p, generator=self.generator)
+        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
 
-
-# ----------------------------------------------------------------------------------------------------
-# 6d. From a CLI string to a backend
 
 def make_backend(spec, *, model_name=None, api_key_env="OPENAI_API_KEY", device="cpu", **kwargs):
-    """'rules' -> RulesBackend; 'http(s)://...' -> OpenAIBackend; a local model folder -> LocalModelBackend.
-    Extra keyword arguments go to the backend's constructor."""
+    """6d. From a CLI string: 'rules' -> RulesBackend; 'http(s)://...' -> OpenAIBackend; a local model folder ->
+    LocalModelBackend. Extra keyword arguments go to the backend's constructor."""
     spec = str(spec)
     if spec == "rules":
         return RulesBackend(**kwargs)

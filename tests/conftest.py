@@ -4,6 +4,7 @@ play the simulated user (well, badly, or not at all)."""
 import http.server
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -16,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from model import make_tiny_checkpoint  # noqa: E402
-from simulator import RulesBackend  # noqa: E402
+from simulator import EMPTY_REPLY, Request, RulesBackend  # noqa: E402
 
 
 def closed_port():
@@ -46,6 +47,33 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading a request back from its text, as an LLM does: the servers below play the rules user behind HTTP, and
+# RulesBackend reads turn fields (simulator.Request), never the prompt. The headings are our templates'.
+
+MODE_LINE = re.compile(r"^(?:Environment|环境): (\w+)\s*$", re.MULTILINE)
+HIDDEN = re.compile(r"^## (?:What you truly need|你真正的需求)[^\n]*\n(.*?)(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+STEP_LINE = re.compile(r"^(?:Step|步骤): (\w+)\s*$", re.MULTILINE)
+TURN = re.compile(r"^## (?:The supporter's latest reply|倾诉对象最新的回复)\n(.*)\n"
+                  r"## (?:Your current emotion|你当前的情绪)\n(\d+)", re.MULTILINE | re.DOTALL)
+RULES_MARK = re.compile(r"\[change ([+-]\d+), emotion (\d+)\]")   # in the rules' own analysis text
+
+
+def read_request(messages):
+    """The simulator.Request our templates rendered into these messages."""
+    system, user = messages[0]["content"], messages[-1]["content"]
+    step = STEP_LINE.search(user)
+    fields = dict(stage=step.group(1) if step else "turn", mode=MODE_LINE.search(system).group(1),
+                  lang="zh" if "环境:" in system else "en", need=HIDDEN.search(system).group(1))
+    if fields["stage"] == "reply":   # written from the rules' own analysis: its change and the emotion after it
+        change, after = map(int, RULES_MARK.search(user).groups())
+        fields.update(change=change, emotion=after - change)
+    elif fields["stage"] != "opening":
+        reply, emotion = TURN.findall(user)[-1]
+        fields.update(reply="" if reply.strip() == EMPTY_REPLY else reply.strip(), emotion=int(emotion))
+    return Request(messages, **fields)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -137,7 +165,8 @@ class SimulatorServer:
                         return send(401, {"error": f"invalid header {self.headers.get('Authorization')}"})
                     if action == "slow":
                         time.sleep(server.slow_s)
-                    content = "I refuse to use your format." if action == "garbage" else rules([payload["messages"]])[0]
+                    content = ("I refuse to use your format." if action == "garbage"
+                               else rules.answer(read_request(payload["messages"])))
                     send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]})
                 finally:
                     if not answered:

@@ -414,7 +414,7 @@ def test_rlver_change_outside_100_is_counted_and_warned(checkout):
     p = sim.resolve_profile(sim.Profile("p1", "persona 1: x", "scene", "need", "opening 1", prompts=prompts), "rlver")
     episodes = [sim.new_episode(p), sim.new_episode(p)]
     answers = iter(["Change:\n[+150]", "Change:\n-7", "Response:\nok", "Response:\nok"])
-    sim.simulate_turn(episodes, ["a", "b"], lambda requests: [next(answers) for _ in requests], max_turns=9)
+    sim.simulate_turn(episodes, ["a", "b"], sim.Scripted(lambda messages: next(answers)), max_turns=9)
     assert [(e.emotion, e.changes_out_of_range) for e in episodes] == [(100, 1), (23, 0)]   # unclamped, capped
     assert sim.count_warnings(benchmark.summarize(episodes), "evaluation") == [
         "warning: evaluation: 1 simulator changes were outside -100..100 (applied unclamped, as RLVER's trainer "

@@ -132,19 +132,15 @@ SCRIPTS = {  # profile id -> (changes the analysis writes, replies the reply sta
 }
 
 
-def scripted_backend(requests):
+def scripted_answer(messages):
     """A simulator that answers from SCRIPTS, told apart by the profile id we put in the persona."""
-    out = []
-    for messages in requests:
-        system, user = messages[0]["content"], messages[-1]["content"]
-        pid = next(p for p in SCRIPTS if f"[{p}]" in system)
-        k = user.count("倾诉对象:")   # earlier agent replies (the latest one sits under its own header)
-        changes, replies = SCRIPTS[pid]
-        if "步骤: analysis" in user:
-            out.append(f"<thought>分析{k}</thought>\n<change>{changes[k]:+d}</change>")
-        else:
-            out.append(f"<thought>计划</thought><reply>{replies[k]}</reply>")
-    return out
+    system, user = messages[0]["content"], messages[-1]["content"]
+    pid = next(p for p in SCRIPTS if f"[{p}]" in system)
+    k = user.count("倾诉对象:")   # earlier agent replies (the latest one sits under its own header)
+    changes, replies = SCRIPTS[pid]
+    if "步骤: analysis" in user:
+        return f"<thought>分析{k}</thought>\n<change>{changes[k]:+d}</change>"
+    return f"<thought>计划</thought><reply>{replies[k]}</reply>"
 
 
 def test_sage_protocol_matches_the_sage_loop(tmp_path):
@@ -152,11 +148,12 @@ def test_sage_protocol_matches_the_sage_loop(tmp_path):
                             opening="最近好累。") for pid in SCRIPTS]
     policy_calls = []
 
-    def policy(requests):   # an endpoint-like policy client: one text per open dialogue
-        policy_calls.append(len(requests))
-        return ["我在听，你说。"] * len(requests)
+    def policy(messages):   # an endpoint-like policy client: one text per open dialogue
+        policy_calls.append(messages)
+        return "我在听，你说。"
 
-    summary = benchmark.evaluate(policy, None, profiles, scripted_backend, protocol="sage", out_dir=str(tmp_path),
+    summary = benchmark.evaluate(sim.Scripted(policy), None, profiles, sim.Scripted(scripted_answer), protocol="sage",
+                                 out_dir=str(tmp_path),
                                  log=lambda *a: None)
     transcripts = {t["profile_id"]: t for t in map(json.loads, open(tmp_path / "transcripts.jsonl"))}
     for pid, (changes, replies) in SCRIPTS.items():

@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -589,9 +590,25 @@ def test_hanging_simulator_hits_the_turn_deadline(hanging_simulator_server, tiny
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
     # the rollout engine sends each dialogue's turn to the simulator on its own, as soon as its reply is done
-    assert "--simulator-turn-deadline" in lines[0] and "only 0/1 requests answered" in lines[0], lines[0]
+    assert "--simulator-turn-deadline" in lines[0] and re.search(r"only 0/\d+ requests answered", lines[0]), lines[0]
     assert time.time() - t0 < 60
     assert checkpoints(out) == [] and not (out / "metrics.jsonl").exists()  # nothing was completed
+
+
+def test_turn_deadline_covers_both_stages_of_a_turn(simulator_server, tiny_qwen2, tmp_path):
+    # every answer takes 1.2 s, under the 2 s deadline; a two-stage turn (rlver: analysis, then reply) takes
+    # 2.4 s: the deadline is the turn's, so the run stops once the replies are out, with one line naming the flag
+    simulator_server.sleep_s = 1.2
+    out = tmp_path / "slow"
+    p = run_cli(["--model", tiny_qwen2, "--out", str(out), *FAST, "--steps", "2", "--protocol", "rlver",
+                 "--simulator-turn-deadline", "2", *endpoint(simulator_server)], check=False)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert re.search(r"only 8/16 requests answered within the turn deadline of 2 s .*raise "
+                     r"--simulator-turn-deadline\. Stopped: no step was completed", lines[0]), lines[0]
+    stages = [payload["messages"][-1]["content"].splitlines()[0] for _, payload in simulator_server.posts]
+    assert "Step: analysis" in stages and "Step: reply" in stages   # both stages were asked, each in time
+    assert checkpoints(out) == [] and not (out / "metrics.jsonl").exists()
 
 
 def test_second_ctrl_c_exits_130_at_once_while_requests_hang(hanging_simulator_server, tiny_qwen2, tmp_path):

@@ -400,7 +400,7 @@ def test_rollout_builds_no_autograd_history(tiny_qwen2, one_thread):
 def test_compiled_decode_compiles_once_per_dialogue_count_and_bucket(tiny_qwen2, one_thread):
     # dynamo's own counters over 3 rollouts: no graph break; a compile per (dialogue count, attended bucket)
     # and none for a new rollout's cache or re-pointed weights. max_context 399: buckets of 50, 100, 200 and
-    # 400 columns, and these contexts (~180-205 tokens) cross from the 200 bucket into the 400 one
+    # 400 columns, and these contexts (~200-240 tokens) cross from the 200 bucket into the 400 one
     from torch._dynamo.utils import counters
 
     tok, model = lm.load_tokenizer(tiny_qwen2), lm.load_model(tiny_qwen2)
@@ -408,7 +408,7 @@ def test_compiled_decode_compiles_once_per_dialogue_count_and_bucket(tiny_qwen2,
     counters.clear()
     compiles, buckets = [], []
     for n, seeds in ((4, [0, 1, 2, 3]), (4, [0, 1, 2, 3]), (2, [5, 6])):
-        kw = dict(think=False, max_turns=2, max_new_tokens=8, seeds=seeds, max_context=399)
+        kw = dict(think=False, max_turns=2, max_new_tokens=16, seeds=seeds, max_context=399)
         ds = ro.rollout(model, tok, profiles[:n], sim.RulesBackend(), compile=True, **kw)
         compiles.append(counters["stats"]["unique_graphs"])
         prompts = [d.policy_mask.index(True) for d in ds]  # each dialogue's decode attends prompt + 1 .. len(ids)
@@ -418,3 +418,24 @@ def test_compiled_decode_compiles_once_per_dialogue_count_and_bucket(tiny_qwen2,
     assert compiles == [2, 2, 4]  # the second rollout (new cache, same shapes) compiles nothing
     eager = ro.rollout(model, tok, profiles[:2], sim.RulesBackend(), **kw)
     assert [record(d) for d in ds] == [record(d) for d in eager]  # the bucketed step samples the same tokens
+
+
+def test_engine_phases_alone_prefill_then_decode(tiny_qwen2, one_thread):
+    # the engine's phases driven one at a time: prefill_ready feeds each slot its prompt, sample_and_decode
+    # samples a token per slot and feeds it; the logits after each phase equal a plain forward of the same ids
+    tok, model = lm.load_tokenizer(tiny_qwen2), lm.load_model(tiny_qwen2)
+    dialogues = [ro.start_dialogue(p, tok, False, s, "cpu") for p, s in zip(sim.builtin_profiles("train")[:3], [1, 2])]
+    cfg = ro.EngineConfig(think=False, max_new_tokens=4)
+    engine = ro.Engine(model, tok, sim.RulesBackend(), dialogues, cfg, {key: 0 for key in ro.TIMING})
+    assert engine.ready == [0, 1] and [d.turn_start for d in dialogues] == [len(d.ids) for d in dialogues]
+    with torch.no_grad():
+        engine.prefill_ready()
+        assert engine.generating == [0, 1] and [d.length for d in dialogues] == [len(d.ids) for d in dialogues]
+        want = torch.cat([model(torch.tensor([d.ids]))[:, -1] for d in dialogues])   # (2, V), no cache, no mask
+        torch.testing.assert_close(engine.logits, want, atol=1e-5, rtol=0)
+        engine.sample_and_decode()
+        assert [len(d.reply) for d in dialogues] == [1, 1] and engine.timing["decode_steps"] == 1
+        going = [dialogues[i] for i in engine.generating]   # (a slot that sampled EOS left the batch: held)
+        assert [d.length for d in going] == [len(d.ids) for d in going] and len(going) + len(engine.held) == 2
+        want = torch.cat([model(torch.tensor([d.ids]))[:, -1] for d in going])
+        torch.testing.assert_close(engine.logits, want, atol=1e-5, rtol=0)

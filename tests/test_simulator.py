@@ -8,10 +8,12 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import closed_port
 
 import simulator as S
@@ -23,6 +25,11 @@ WARM = ("I hear you. That sounds really hard, and I'm so sorry. It makes sense t
         "What has been the hardest part for you?")
 COLD = "Just calm down, whatever. At least it could be worse. You should move on, it's fine, stop the drama."
 NEUTRAL = "The weather report says rain tomorrow afternoon in the north."   # no cue words at all
+
+
+def ask_all(backend, requests, **wait):
+    """The backend's answers to plain chat requests (lists of messages), all in flight at once."""
+    return [text for text, _ in S.play_turns(backend, [S.ask(S.Request(m), str, 0) for m in requests], **wait)]
 
 
 def run_episode(profile, replies, backend, mode="vanilla", max_turns=8):
@@ -251,7 +258,11 @@ def test_rules_rewards_are_learnable_from_token_soup():
 
 def test_rules_backend_rejects_foreign_requests():
     with pytest.raises(SimulatorError, match="only understands requests made by simulator.build_request"):
-        RulesBackend()([[{"role": "system", "content": "hi"}, {"role": "user", "content": "hello"}]])
+        ask_all(RulesBackend(), [[{"role": "system", "content": "hi"}, {"role": "user", "content": "hello"}]])
+    episode = new_episode(profile())
+    official = S.Request(build_request(episode, WARM), "analysis", emotion=50, reply=WARM, official=True)
+    with pytest.raises(SimulatorError, match="only understands requests made by simulator.build_request"):
+        RulesBackend().submit(official).result()
     with pytest.raises(SimulatorError, match="cannot load rules cue file"):
         RulesBackend(cues_path="/nonexistent/cues.json")
 
@@ -333,9 +344,12 @@ def test_episodes_are_deterministic_and_independent_of_batching():
 def test_messages_turns_and_think_stripping():
     seen = []
 
-    def recording_rules(requests):   # a plain backend callable wrapping the real rules backend
-        seen.extend(requests)
-        return RulesBackend()(requests)
+    class Recording(RulesBackend):   # the real rules backend, its requests' messages recorded
+        def submit(self, request):
+            seen.append(request.messages)
+            return super().submit(request)
+
+    recording_rules = Recording()
 
     done, active = new_episode(profile()), new_episode(profile("listen"))
     done.done = True
@@ -365,7 +379,7 @@ def test_emotion_is_clamped_by_code_not_the_simulator():
     for (start, written), want in {(50, 45): (30, 80), (50, -45): (-30, 20), (90, 45): (30, 100),
                                    (20, -45): (-30, 0)}.items():
         episode = new_episode(profile(emotion=start))
-        simulate_turn([episode], ["hi"], lambda requests: [format_simulator_output("t", written, "Y")] * len(requests))
+        simulate_turn([episode], ["hi"], S.Scripted(lambda messages: format_simulator_output("t", written, "Y")))
         assert (episode.turns[0]["change"], episode.emotion) == want, (start, written)
         assert episode.end_reason == {100: "success", 0: "failure"}.get(want[1])
 
@@ -373,28 +387,28 @@ def test_emotion_is_clamped_by_code_not_the_simulator():
 def test_unparseable_output_is_retried_then_counted():
     calls = []
 
-    def flaky(requests):   # garbage for the first call, good answers afterwards
-        calls.append(len(requests))
-        return ["nonsense"] * len(requests) if len(calls) == 1 else [GOOD] * len(requests)
+    def flaky(messages):   # garbage for the first two requests (each episode's first ask), good answers afterwards
+        calls.append(messages[-1]["content"])
+        return "nonsense" if len(calls) <= 2 else GOOD
 
     episodes = [new_episode(profile()), new_episode(profile())]
-    simulate_turn(episodes, ["a", "b"], flaky)
-    assert calls == [2, 2] and all(e.parse_failures == 0 and e.emotion == 55 for e in episodes)
+    simulate_turn(episodes, ["a", "b"], S.Scripted(flaky))
+    assert len(calls) == 4 and all(e.parse_failures == 0 and e.emotion == 55 for e in episodes)
 
     calls.clear()
 
-    def half_garbage(requests):   # the first request of every call fails: only it is re-queried
-        calls.append(len(requests))
-        return ["nonsense"] + [GOOD] * (len(requests) - 1)
+    def half_garbage(messages):   # the first episode's requests (its reply "a") always fail: only it is re-asked
+        calls.append(messages[-1]["content"])
+        return "nonsense" if "reply\na\n" in calls[-1] else GOOD
 
     episodes = [new_episode(profile()), new_episode(profile())]
-    returned = simulate_turn(episodes, ["a", "b"], half_garbage, retries=2)
-    assert calls == [2, 1, 1]
+    returned = simulate_turn(episodes, ["a", "b"], S.Scripted(half_garbage), retries=2)
+    assert ["reply\na\n" in c for c in calls] == [True, False, True, True]   # asked 1 + 2 times, the other once
     bad, good = episodes
     assert (bad.parse_failures, bad.emotion, bad.turns[0]["change"], bad.turns[0]["parse_failed"]) == (1, 50, 0, True)
     assert "missing section" in bad.turns[0]["thought"] and returned[0] == S.FALLBACK_REPLY
     assert not bad.done and good.parse_failures == 0 and good.emotion == 55
-    simulate_turn(episodes, ["c", "d"], lambda r: ["still nonsense"] * len(r), retries=0)
+    simulate_turn(episodes, ["c", "d"], S.Scripted(lambda messages: "still nonsense"), retries=0)
     assert bad.parse_failures == 2 and len(bad.turns) == 2     # counted, never raised
 
 
@@ -404,16 +418,19 @@ def test_simulate_turn_rejects_user_mistakes():
         simulate_turn([episode], ["hi"], RulesBackend(), mode="hard")
     with pytest.raises(ValueError, match="got 2 agent replies for 1 episodes"):
         simulate_turn([episode], ["hi", "there"], RulesBackend())
-    with pytest.raises(SimulatorError, match="returned 0 answers for 1 requests"):
-        simulate_turn([episode], ["hi"], lambda requests: [])
+    def broken(messages):
+        raise SimulatorError("the backend broke")
+
+    with pytest.raises(SimulatorError, match="the backend broke"):   # a backend's error reaches the caller
+        simulate_turn([episode], ["hi"], S.Scripted(broken))
     with pytest.raises(ValueError, match="need max_turns >= 1"):
         simulate_turn([episode], ["hi"], RulesBackend(), max_turns=0)
     episode.done = True   # nothing left to simulate: the backend is not called at all
 
-    def never(requests):
+    def never(messages):
         raise AssertionError("backend called for finished episodes")
 
-    assert simulate_turn([episode], ["hi"], never) == [None] and len(episode.turns) == 0
+    assert simulate_turn([episode], ["hi"], S.Scripted(never)) == [None] and len(episode.turns) == 0
 
 
 def test_make_backend(tmp_path):
@@ -460,7 +477,7 @@ def test_http_episodes_match_rules_and_send_bearer_key(server):
 
 def test_http_retries_5xx_then_succeeds(server):
     server.plan = ["500", "500", "ok"]
-    (answer,) = http_backend(server, max_retries=3)([build_request(new_episode(profile()), WARM)])
+    (answer,) = ask_all(http_backend(server, max_retries=3), [build_request(new_episode(profile()), WARM)])
     assert parse_simulator_output(answer)[1] > 0 and len(server.posts) == 3
 
 
@@ -468,20 +485,20 @@ def test_http_gives_up_after_retries_without_leaking_the_key(server):
     server.default = "500"
     backend = http_backend(server, max_retries=2)
     with pytest.raises(SimulatorError, match=r"failed after 3 attempts: HTTP 500") as error:
-        backend([build_request(new_episode(profile()), WARM)])
+        ask_all(backend, [build_request(new_episode(profile()), WARM)])
     assert len(server.posts) == 3 and server.key not in str(error.value)
 
 
 def test_http_client_errors_are_not_retried(server):
     server.plan = ["400"]
     with pytest.raises(SimulatorError, match=r"refused the request \(HTTP 400"):
-        http_backend(server, model="x")([build_request(new_episode(profile()), WARM)])
+        ask_all(http_backend(server, model="x"), [build_request(new_episode(profile()), WARM)])
     assert len(server.posts) == 1
 
 
 def test_http_timeout_is_retried(server):
     server.plan, server.slow_s = ["slow", "ok"], 2.0
-    (answer,) = http_backend(server, timeout=0.6, model="x")([build_request(new_episode(profile()), WARM)])
+    (answer,) = ask_all(http_backend(server, timeout=0.6, model="x"), [build_request(new_episode(profile()), WARM)])
     assert parse_simulator_output(answer) and len(server.posts) == 2
 
 
@@ -501,10 +518,10 @@ def test_http_garbage_is_parse_retried_then_counted(server):
 def test_http_requests_run_concurrently(server):
     server.sleep_s = 0.2
     requests = [build_request(new_episode(p), WARM) for p in builtin_profiles("test")[:8]]
-    http_backend(server, model="x", concurrency=8)(requests)
+    ask_all(http_backend(server, model="x", concurrency=8), requests)
     assert server.max_inflight >= 4
     server.max_inflight = 0
-    http_backend(server, model="x", concurrency=1)(requests[:3])
+    ask_all(http_backend(server, model="x", concurrency=1), requests[:3])
     assert server.max_inflight == 1
 
 
@@ -522,7 +539,7 @@ def test_http_key_never_appears_in_errors_or_repr(server, monkeypatch):
     server.plan = ["echo401"]   # this server even echoes the Authorization header back in its error body
     backend = http_backend(server, model="x")
     with pytest.raises(SimulatorError, match=r"HTTP 401.*check the API key in \$RLVER_TEST_KEY") as error:
-        backend([build_request(new_episode(profile()), WARM)])
+        ask_all(backend, [build_request(new_episode(profile()), WARM)])
     assert server.key not in str(error.value) and "***" in str(error.value)
     assert server.key not in repr(backend) and "RLVER_TEST_KEY" in repr(backend)
     monkeypatch.setenv("RLVER_TEST_KEY", "wrong-key")
@@ -547,27 +564,27 @@ def test_http_429_waits_for_retry_after(server, header):
     # an HTTP date has one-second resolution: "now + 2 s", truncated, is 1..2 s away
     server.retry_after = email.utils.formatdate(time.time() + 2, usegmt=True) if header == "http-date" else header
     server.plan = ["429", "ok"]
-    (answer,) = http_backend(server, model="x")([build_request(new_episode(profile()), WARM)])   # backoff 0.01
+    (answer,) = ask_all(http_backend(server, model="x"), [build_request(new_episode(profile()), WARM)])   # backoff 0.01
     assert parse_simulator_output(answer)[1] > 0 and len(server.posts) == 2
     assert 0.9 <= server.post_times[1] - server.post_times[0] < 3.0
 
 
 def test_http_retry_after_is_capped_by_max_wait(server):
     server.plan, server.retry_after = ["429", "ok"], "3600"
-    http_backend(server, model="x", max_wait=0.3)([build_request(new_episode(profile()), WARM)])
+    ask_all(http_backend(server, model="x", max_wait=0.3), [build_request(new_episode(profile()), WARM)])
     assert len(server.posts) == 2 and 0.25 <= server.post_times[1] - server.post_times[0] < 2.0
 
 
 def test_http_turn_deadline_fires_on_a_server_that_never_answers(hanging_simulator_server):
     server, lines = hanging_simulator_server, []
     server.plan = ["ok"]   # one request is answered, the other two hang forever
-    backend = http_backend(server, model="x", timeout=30, turn_deadline=1.2, progress_every=0.5, log=lines.append)
+    backend = http_backend(server, model="x", timeout=30)
     requests = [build_request(new_episode(p), WARM) for p in builtin_profiles("test")[:3]]
     start = time.monotonic()
     with pytest.raises(SimulatorError, match=rf"^simulator endpoint {server.url}/chat/completions: only 1/3 "
                                              rf"requests answered within the turn deadline of 1.2 s .*"
                                              rf"raise --simulator-turn-deadline$"):
-        backend(requests)
+        ask_all(backend, requests, turn_deadline=1.2, progress_every=0.5, log=lines.append)
     assert 1.2 <= time.monotonic() - start < 3.0 and len(server.posts) == 3
     assert 1 <= len(lines) <= 3 and all(re.fullmatch(r"simulator: 1/3 answered, \d+ s", l) for l in lines), lines
 
@@ -584,10 +601,10 @@ def test_garbage_server_marks_every_turn_parse_failed(garbage_simulator_server):
 # nor the turn deadline (both 60 s) may keep it alive: pending requests must not be joined at exit.
 HANGING_CLIENT = """
 import sys, simulator
-backend = simulator.OpenAIBackend(sys.argv[1], model="x", timeout=60, turn_deadline=float(sys.argv[2]),
-                                  max_retries=0, progress_every=0)
+backend = simulator.OpenAIBackend(sys.argv[1], model="x", timeout=60, max_retries=0)
+asks = [simulator.ask(simulator.Request([{"role": "user", "content": "hi"}]), str, 0) for _ in range(2)]
 try:
-    backend([[{"role": "user", "content": "hi"}]] * 2)
+    simulator.play_turns(backend, asks, turn_deadline=float(sys.argv[2]), progress_every=0)
 except simulator.SimulatorError as e:
     print("deadline:", e)
 """
@@ -621,19 +638,50 @@ def test_pending_requests_never_hold_up_exit(hanging_simulator_server, ending):
 # ----------------------------------------------------------------------------------------------------
 # LocalModelBackend on a tiny random checkpoint (model.py)
 
-def test_local_model_backend(tiny_qwen2):
-    tiny_checkpoint = tiny_qwen2
-    from model import load_model, load_tokenizer
-    backend = make_backend(tiny_checkpoint, max_new_tokens=6, temperature=1.0, seed=0, batch_size=2)
+def gated_answers(backend, requests):
+    """The backend's answers, batched deterministically: the first request runs alone while the others are
+    submitted (a forward pre-hook holds its first forward until they are). Returns (texts, the rows of each
+    generate call: its first forward, the prefill, is the only one with more than one column)."""
+    rows, submitted = [], threading.Event()
+
+    def hook(module, args):
+        if args[0].shape[1] > 1:
+            rows.append(args[0].shape[0])
+            submitted.wait(30) if len(rows) == 1 else None
+    handle = backend.model.register_forward_pre_hook(hook)
+    try:
+        futures = [backend.submit(S.Request(requests[0]))]
+        while not rows:   # the worker is inside its first forward, with the first request alone
+            time.sleep(0.01)
+        futures += [backend.submit(S.Request(m)) for m in requests[1:]]
+        submitted.set()
+        return [f.result(timeout=60) for f in futures], rows
+    finally:
+        handle.remove()
+
+
+def test_local_model_backend_batches_what_is_pending(tiny_qwen2):
+    from model import generate, load_model, load_tokenizer, stop_token_ids
+    backend = make_backend(tiny_qwen2, max_new_tokens=6, temperature=1.0, seed=0, batch_size=2)
     assert isinstance(backend, S.LocalModelBackend)
     requests = [[{"role": "system", "content": "Be a user."}, {"role": "user", "content": f"Hello {i}"}]
-                for i in range(3)]
-    outputs = backend(requests)                    # 3 requests in batches of 2
-    assert len(outputs) == 3 and all(isinstance(o, str) for o in outputs)
-    model, tokenizer = load_model(tiny_checkpoint), load_tokenizer(tiny_checkpoint)
+                for i in range(4)]
+    outputs, rows = gated_answers(backend, requests)
+    assert rows == [1, 2, 1]   # the three submitted while the first ran: one batch of batch_size, then the last
+    # the independent reference: model.generate of the same prompts in those batches, one generator seeded alike
+    model, tokenizer = load_model(tiny_qwen2), load_tokenizer(tiny_qwen2)
+    prompts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in requests]
+    prompts = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    generator, want = torch.Generator().manual_seed(0), []
+    with torch.no_grad():
+        for batch in (prompts[:1], prompts[1:3], prompts[3:]):
+            ids, _ = generate(model, batch, 6, stop_token_ids(tokenizer), temperature=1.0,
+                              generator=generator)
+            want += [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
+    assert outputs == want and all(isinstance(o, str) for o in outputs)
     again = S.LocalModelBackend(model, tokenizer, max_new_tokens=6, temperature=1.0, seed=0, batch_size=2)
     other = S.LocalModelBackend(model, tokenizer, max_new_tokens=6, temperature=1.0, seed=1, batch_size=2)
-    assert again(requests) == outputs and other(requests) != outputs   # seeded, no global random state
+    assert gated_answers(again, requests)[0] == outputs and gated_answers(other, requests)[0] != outputs
     # the random model cannot follow the format: retried, then counted, and the episode goes on
     episode = new_episode(builtin_profiles("test")[0])
     simulate_turn([episode], [WARM], S.LocalModelBackend(model, tokenizer, max_new_tokens=4), retries=1)
