@@ -139,9 +139,8 @@ def builtin_profiles(split="train"):   # our English profile sets: 'train' (105 
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Protocols and episodes. A protocol is the whole rule set of one dialogue game; PROTOCOLS is its only
-# definition. The code caps emotion at 100 and floors it at 0 in all: RLVER floors its reward at 0 and stops at
-# <= 0, SAGE stops below 10 with changes of at most 10, so the floor changes no reward, score or ending.
+# 2. Protocols (PROTOCOLS: each the whole rule set of one dialogue game) and episodes. Emotion is capped at 100
+# and floored at 0 in all: RLVER floors its reward at 0, SAGE stops below 10 with changes of at most 10.
 
 @dataclass(frozen=True)
 class Protocol:
@@ -277,8 +276,7 @@ def count_warnings(counts, where):   # warning lines for the COUNTS totals of a 
 
 
 def check_parse_health(episodes, max_rate, where, warn=None, sum_ranks=None):
-    """The one rule for unparseable simulator answers (scored change 0): warn(line) gets one; past max_rate of
-    the turns, SimulatorError. sum_ranks(n): n summed over the ranks sharing the batch. -> (failed, turns)"""
+    """Unparseable turns (scored 0): a warning, SimulatorError past max_rate; sum_ranks sums over ranks."""
     bad = [t["thought"] for ep in episodes for t in ep.turns if t.get("parse_failed")]
     failed, total = len(bad), sum(len(ep.turns) for ep in episodes)
     if sum_ranks:
@@ -341,8 +339,7 @@ def _our_request(profile, mode, one_call, template, **values):   # [system: mode
 
 
 def build_request(episode, agent_reply, mode="vanilla", step="turn"):
-    """The request for one turn from the dialogue, the agent's latest (visible) reply and the emotion: step
-    'turn' the one-call protocol, 'analysis' the first two-stage call (thought and change)."""
+    """A turn's request: step 'turn' the one-call protocol, 'analysis' the two-stage call 1 (thought and change)."""
     p = episode.profile.prompts
     if p:   # the authors' analysis: SAGE's sees the whole dialogue, RLVER's all but the last two messages, then those
         emotion = episode.profile.initial_emotion if p.start_emotion_quirk else episode.emotion
@@ -505,11 +502,9 @@ def _simulator_prompts(path):   # their simulator file -> the OfficialPrompts fi
 def load_official_prompts(path, protocol, think, quirks=False, simulator="an LLM"):
     """The authors' simulator and policy prompts for `protocol` from the checkout at `path` (or ProfileError)."""
     if simulator == "rules":
-        raise ProfileError("--official-prompts needs an LLM simulator (--simulator URL or model folder): the rules "
-                           "backend only reads our own templates")
+        raise ProfileError("--official-prompts needs an LLM simulator (--simulator URL or model folder), not rules")
     if protocol not in OFFICIAL_SIMULATOR:
-        raise ProfileError(f"--official-prompts plays the authors' two-call simulator: use --protocol sage or "
-                           f"rlver, not {protocol}")
+        raise ProfileError(f"--official-prompts needs --protocol sage or rlver (the authors' games), not {protocol}")
     if quirks and protocol != "rlver":
         raise ProfileError("--official-quirks reproduces RLVER's trainer (its analysis always sees the start "
                            "emotion); SAGE has no such quirk: drop the flag or use --protocol rlver")
@@ -555,8 +550,7 @@ def _official_history(episode, agent_reply):   # their JSON history: (all but th
 # <think> block, a missing </reply> at the very end. Rejected (ParseError): see _tagged.
 
 _SECTION = {tag: re.compile(rf"<{tag}>(.*?)</{tag}>", re.I | re.S) for tag in ("thought", "change", "reply")}
-_OPEN_REPLY = re.compile(r"<reply>(.*)\Z", re.IGNORECASE | re.DOTALL)   # truncated: no </reply>
-_INTEGER = re.compile(r"[+-]?\s*\d+")
+_OPEN_REPLY = re.compile(r"<reply>(.*)\Z", re.I | re.S)   # truncated: no </reply>
 
 
 def _text(text):   # every parser's first check (a JSON null is no answer)
@@ -566,8 +560,8 @@ def _text(text):   # every parser's first check (a JSON null is no answer)
 
 
 def _tagged(text, tags):
-    """The stripped <tag> sections of an answer (without a leading <think> block and code-fence lines), the
-    change as an int; ParseError naming every missing section, a change not a plain integer, an empty reply."""
+    """The stripped <tag> sections, the change an int; ParseError: sections missing, a change not an integer
+    ("5.5", "five", "+5 points"), an empty reply."""
     text = re.sub(r"\A\s*<think>.*?</think>", "", _text(text), flags=re.IGNORECASE | re.DOTALL)
     text = re.sub(r"^\s*```[\w-]*\s*$", "", text, flags=re.MULTILINE)
     found = {tag: _SECTION[tag].search(text) or (_OPEN_REPLY.search(text) if tag == "reply" else None) for tag in tags}
@@ -577,7 +571,7 @@ def _tagged(text, tags):
     sections = {tag: m.group(1).strip() for tag, m in found.items()}
     if "change" in sections:
         change = sections["change"].replace("\u2212", "-")   # unicode minus
-        if not _INTEGER.fullmatch(change):
+        if not re.fullmatch(r"[+-]?\s*\d+", change):
             raise ParseError(f"<change> must be an integer, got {change[:40]!r}")
         sections["change"] = int(re.sub(r"\s", "", change))
     if sections.get("reply") == "":
