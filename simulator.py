@@ -1,12 +1,10 @@
-"""
-The simulated user of RLVER (arXiv 2507.03112), SAGE's "sentient agent" (arXiv 2505.02847), built from a
-profile: it carries an emotion in [0, 100]; after every agent reply it (i) reasons how the reply changes its
-emotion, (ii) says how it feels now, (iii) decides how to answer, and writes an integer change and its reply.
-The CODE applies the change, emotion <- clamp(emotion + change, 0, 100), under a PROTOCOL; the reward, final
-emotion / 100, is "verifiable": arithmetic over the parsed output. Sections: 1 profiles; 2 protocols and the
-rules they drive, episodes; 3 prompts (3b: the authors'); 4 parsers; 5 the turn loop; 6 backends, which all
-answer in one format, so one parser serves LLM simulators and the rules backend alike.
-"""
+"""The simulated user of RLVER (arXiv 2507.03112), SAGE's "sentient agent" (arXiv 2505.02847), built from a profile:
+it carries an emotion in [0, 100]; after every agent reply it (i) reasons how the reply changes its emotion, (ii) says
+how it feels now, (iii) decides how to answer, and writes an integer change and its reply. The CODE applies the
+change, emotion <- clamp(emotion + change, 0, 100), under a PROTOCOL; the reward, final emotion / 100, is
+"verifiable": arithmetic over the parsed output. Sections: 1 profiles; 2 protocols and the rules they drive,
+episodes; 3 prompts (3b: the authors'); 4 parsers; 5 the turn loop; 6 backends, which all answer in one format, so
+one parser serves LLM simulators and the rules backend alike."""
 import ast
 import datetime
 import email.utils
@@ -33,8 +31,6 @@ FALLBACK_REPLY_ZH = "抱歉，我刚才走神了。你刚才说什么？"
 FALLBACK_OPENING = {"en": "I've had a rough few weeks and I need to talk to someone.", "zh": "最近心里有点堵，想找个人说说。"}
 EMPTY_REPLY = "(the supporter sent an empty message)"  # shown to the simulator for an empty agent reply
 LANGS = ("en", "zh")
-SPEAKERS = {"en": ("You", "Supporter"), "zh": ("你", "倾诉对象")}   # the two speakers in the user-side dialogue
-FORMAT_HEADERS = ("## Output format", "## 输出格式")   # where a mode template's one-call format section starts
 
 
 class ProfileError(ValueError):
@@ -277,10 +273,9 @@ def count_warnings(counts, where):   # warning lines for the COUNTS totals of a 
 
 def check_parse_health(episodes, max_rate, where, warn=None, sum_ranks=None):
     """Unparseable turns (scored 0): a warning, SimulatorError past max_rate; sum_ranks sums over ranks."""
+    sum_ranks = sum_ranks or (lambda n: n)   # one process: its own counts
     bad = [t["thought"] for ep in episodes for t in ep.turns if t.get("parse_failed")]
-    failed, total = len(bad), sum(len(ep.turns) for ep in episodes)
-    if sum_ranks:
-        failed, total = sum_ranks(failed), sum_ranks(total)
+    failed, total = sum_ranks(len(bad)), sum_ranks(sum(len(ep.turns) for ep in episodes))
     if bad and warn:
         warn(f"warning: {where}: {failed}/{total} simulator turns were unparseable (scored change 0, the policy "
              f"saw a fallback user line); e.g. {bad[0][:300]}")
@@ -320,7 +315,7 @@ def _messages(episode):   # the dialogue so far as (role, text)
 
 
 def _dialogue(episode):   # the dialogue so far from the user's side, one "Speaker: text" line per message
-    me, other = SPEAKERS[episode.profile.lang]
+    me, other = {"en": ("You", "Supporter"), "zh": ("你", "倾诉对象")}[episode.profile.lang]
     return "\n".join(f"{me}: {text}" if role == "user" else f"{other}: {text or EMPTY_REPLY}"
                      for role, text in _messages(episode))
 
@@ -332,7 +327,7 @@ def _our_request(profile, mode, one_call, template, **values):   # [system: mode
         ("persona", profile.persona), ("scenario", profile.scenario),
         ("traits", ", ".join(profile.traits) or "(not specified)"), ("hidden_intention", profile.hidden_intention)])
     if not one_call:
-        for header in FORMAT_HEADERS:
+        for header in ("## Output format", "## 输出格式"):   # where a mode template's one-call format section starts
             system = system.split(header)[0].rstrip() + "\n"
     return [{"role": "system", "content": system},
             {"role": "user", "content": _fill(load_prompt(template, profile.lang), values.items())}]
