@@ -75,8 +75,7 @@ def _profile_from_record(record, where, default_id):   # one JSON object -> Prof
         raise ProfileError(f"{where}: expected a JSON object per line, got {type(record).__name__}")
     for key, value in record.items():  # JSON may escape a lone surrogate (\ud800), which no UTF-8 text can hold
         if re.search("[\ud800-\udfff]", json.dumps(value, ensure_ascii=False)):
-            raise ProfileError(f"{where}: field '{key}' holds invalid Unicode (a lone surrogate): fix that text in "
-                               f"the file")
+            raise ProfileError(f"{where}: field '{key}' holds invalid Unicode (a lone surrogate): fix it in the file")
     public = "player" in record or "first_talk" in record   # the public layout is recognised by its keys
     table = PUBLIC_KEYS if public else OUR_KEYS
     key_of = {name: next((k for k in keys if k in record), None) for name, keys in table}
