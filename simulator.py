@@ -210,8 +210,7 @@ def trajectory(episode):   # emotion before the first reply and after every turn
     return [episode.profile.initial_emotion] + [turn["emotion"] for turn in episode.turns]
 
 
-def resolve_profile(profile, protocol=None, lang=None, initial_emotion=None):
-    """The profile as played: its protocol, language (else detected) and start emotion (else the protocol's)."""
+def resolve_profile(profile, protocol=None, lang=None, initial_emotion=None):   # as played: protocol, lang, start
     protocol = protocol or profile.protocol
     start = next(e for e in (profile.initial_emotion, initial_emotion, protocol_of(protocol).initial_emotion)
                  if e is not None)
@@ -345,8 +344,7 @@ def build_request(episode, agent_reply, mode="vanilla", step="turn"):
                         agent_reply=agent_reply or EMPTY_REPLY, emotion=episode.emotion)
 
 
-def build_reply_request(episode, agent_reply, mode, analysis, emotion):
-    """The second two-stage call: the reply from the analysis and the band (never the number) after the change."""
+def build_reply_request(episode, agent_reply, mode, analysis, emotion):   # two-stage call 2: shown the band only
     if episode.profile.prompts:
         return _official_request(episode.profile, episode.profile.prompts.reply,
                                  [("planning", analysis), ("emotion", f"Emotion-{band(emotion)}")],
@@ -405,8 +403,7 @@ def _sha256(path):
 
 
 def _read_python(path):
-    """A Python file's literal assignments {name or key as in planning['analyse']: [values]} and .replace
-    calls {placeholder: [second argument nodes]}, in source order (of its _STATEMENTS if it does not parse)."""
+    """{name, or key of planning['analyse']: [literal values]}, {.replace placeholder: [argument nodes]}, in order."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -493,8 +490,7 @@ def _simulator_prompts(path):   # their simulator file -> the OfficialPrompts fi
                 opening_history=_first(history, path, "opening text for {{dialog_history}}"))
 
 
-def load_official_prompts(path, protocol, think, quirks=False, simulator="an LLM"):
-    """The authors' simulator and policy prompts for `protocol` from the checkout at `path` (or ProfileError)."""
+def load_official_prompts(path, protocol, think, quirks=False, simulator="an LLM"):   # the authors' prompts, checked
     if simulator == "rules":
         raise ProfileError("--official-prompts needs an LLM simulator (--simulator URL or model folder), not rules")
     if protocol not in OFFICIAL_SIMULATOR:
@@ -516,13 +512,11 @@ def load_official_prompts(path, protocol, think, quirks=False, simulator="an LLM
 def official_profiles_path(path):   # SAGE's scenarios: eval's profiles under --official-prompts
     p = official_root(path) / "SAGE/profile/simulator_profile_withfirsttalk.jsonl"
     if not p.is_file():
-        raise ProfileError(f"--official-prompts: {p} not found: give --profiles, or a checkout that has SAGE's "
-                           f"scenarios")
+        raise ProfileError(f"--official-prompts: {p} not found: give --profiles or a checkout with SAGE's scenarios")
     return p
 
 
-def _official_request(profile, template, first, history, new_history=None):
-    """One user message: their template filled in their order, the dialogue last (it may hold braces)."""
+def _official_request(profile, template, first, history, new_history=None):   # their order, the dialogue last
     p = profile.prompts
     values = first + [("target", p.target), ("simulator_role", profile.persona), ("player_type", profile.persona),
                       ("simulator_scene", profile.scenario), ("player_topic", profile.scenario)]
