@@ -10,6 +10,7 @@ import math
 import os
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -24,7 +25,6 @@ class CheckpointError(ValueError):
 
 # ----------------------------------------------------------------------------------------------------------
 # Config
-
 
 @dataclass
 class ModelConfig:
@@ -60,21 +60,16 @@ class ModelConfig:
         rope = dict(hf.get("rope_parameters") or {})
         rope_theta = hf.get("rope_theta", rope.get("rope_theta", 10_000.0))
         rope_scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        if rope_scaling is not None:
-            rope_type = rope_scaling.get("rope_type", rope_scaling.get("type"))
-            if rope_type not in ("default", "linear", "llama3"):
-                raise CheckpointError(f"unsupported rope scaling {rope_type!r}: "
-                                      "rlver implements default, linear, llama3")
-        n_heads = hf["num_attention_heads"]
-        attention_bias = hf.get("attention_bias", False)
-        return cls(model_type=model_type, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-                   intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
-                   num_attention_heads=n_heads, num_key_value_heads=hf.get("num_key_value_heads") or n_heads,
-                   head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-                   rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(rope_theta), rope_scaling=rope_scaling,
-                   tie_word_embeddings=hf.get("tie_word_embeddings", False),
-                   qkv_bias=True if model_type == "qwen2" else attention_bias,
-                   o_bias=False if model_type == "qwen2" else attention_bias, mlp_bias=hf.get("mlp_bias", False),
+        rope_type = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type"))
+        if rope_scaling is not None and rope_type not in ("default", "linear", "llama3"):
+            raise CheckpointError(f"unsupported rope scaling {rope_type!r}: rlver implements default, linear, llama3")
+        n_heads, attention_bias = hf["num_attention_heads"], hf.get("attention_bias", False)
+        sizes = {k: hf[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")}
+        return cls(model_type=model_type, **sizes, num_attention_heads=n_heads, rope_scaling=rope_scaling,
+                   num_key_value_heads=hf.get("num_key_value_heads") or n_heads, rope_theta=float(rope_theta),
+                   head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads, mlp_bias=hf.get("mlp_bias", False),
+                   rms_norm_eps=hf.get("rms_norm_eps", 1e-6), tie_word_embeddings=hf.get("tie_word_embeddings", False),
+                   qkv_bias=model_type == "qwen2" or attention_bias, o_bias=model_type != "qwen2" and attention_bias,
                    qk_norm=model_type == "qwen3", hf=hf)
 
 
@@ -95,19 +90,18 @@ SHAPES = {
     "llama3-8b": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=4096,
                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                       hidden_act="silu", rms_norm_eps=1e-5, rope_theta=500_000.0, rope_scaling=LLAMA31_ROPE,
-                      max_position_embeddings=131072, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
-                      bos_token_id=128000, eos_token_id=[128001, 128008, 128009], torch_dtype="bfloat16"),
+                      max_position_embeddings=131072, tie_word_embeddings=False, bos_token_id=128000,
+                      eos_token_id=[128001, 128008, 128009], torch_dtype="bfloat16"),
     "qwen3-8b": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=4096,
                      intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-                     head_dim=128, hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1_000_000.0, rope_scaling=None,
-                     max_position_embeddings=40960, tie_word_embeddings=False, attention_bias=False,
-                     use_sliding_window=False, bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16"),
+                     head_dim=128, hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+                     max_position_embeddings=40960, tie_word_embeddings=False, bos_token_id=151643,
+                     eos_token_id=151645, torch_dtype="bfloat16"),
 }
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Building blocks and the model
-
 
 class RMSNorm(nn.Module):
     """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 (Zhang & Sennrich 2019)."""
@@ -199,32 +193,23 @@ def grouped_attention(q, k, v, mask):
     return y.reshape(B, H, T, D)  # row g * T + t of kv head j is query head j * G + g at position t
 
 
-class MLP(nn.Module):
-    """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)), the MLP SwiGLU (Shazeer 2020)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        hidden, inner = cfg.hidden_size, cfg.intermediate_size
+        self.mlp = nn.ModuleDict(dict(gate_proj=nn.Linear(hidden, inner, bias=cfg.mlp_bias),
+                                      up_proj=nn.Linear(hidden, inner, bias=cfg.mlp_bias),
+                                      down_proj=nn.Linear(inner, hidden, bias=cfg.mlp_bias)))
 
     def forward(self, x, cos, sin, mask=None, cache=None, cache_index=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h, mlp = self.post_attention_layernorm(x), self.mlp
+        return x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))  # down(silu(gate(h)) * up(h))
 
 
 class Transformer(nn.Module):
@@ -240,8 +225,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.gradient_checkpointing = False
-        # bf16 compute over fp32 master weights of a plain module: forward() under torch.autocast (FSDP2: its policy)
-        self.autocast_dtype = None
+        self.autocast_dtype = None  # bf16 compute over fp32 weights: forward() under torch.autocast (FSDP2: its policy)
 
     def reset_rope(self, device):
         """Recompute the (non-checkpoint) RoPE buffer, e.g. after the model was built on the meta device."""
@@ -249,10 +233,9 @@ class Transformer(nn.Module):
 
     def forward(self, ids, targets=None, temperature=1.0, positions=None, mask=None, cache=None, cache_index=None,
                 return_hidden=False, with_entropy=True):
-        """ids (B, T) long -> logits (B, T, V); with return_hidden the final-norm hidden states (B, T, C) (the critic);
-        with targets (B, T) (log p(targets | prefix), entropy), each (B, T) (entropy None unless with_entropy); with
-        a cache the last position's logits (B, V). positions (B, T): RoPE positions (default 0..T-1). mask (B, 1, T,
-        S) bool, True = may attend; None = causal over a right-padded batch. (All via forward(): FSDP2's hooks.)"""
+        """ids (B, T) -> logits (B, T, V); return_hidden: final-norm hidden states (B, T, C); targets (B, T): (log p,
+        entropy) (chunked_logprobs); a cache: the last logits (B, V). positions (B, T): RoPE positions (0..T-1).
+        mask (B, 1, T, S) bool, True = may attend; None = causal over a right-padded batch (via forward: FSDP2)."""
         B, T = ids.shape
         if positions is None:
             positions = torch.arange(T, device=ids.device).expand(B, T)
@@ -278,16 +261,14 @@ def _chunk_logprobs(lm_head, hidden, targets, temperature, with_entropy=True):
     logprobs = logits.gather(-1, targets[..., None]).squeeze(-1) - logz
     if not with_entropy:  # (a scoring pass: the entropy is only logged from the update's own forward)
         return logprobs, torch.zeros(0, device=logits.device)
-    entropy = logz - (logits.softmax(-1) * logits).sum(-1)  # H = log Z - E_p[logit]
-    return logprobs, entropy
+    return logprobs, logz - (logits.softmax(-1) * logits).sum(-1)  # entropy H = log Z - E_p[logit]
 
 
 def chunked_logprobs(lm_head, hidden, targets, temperature=1.0, chunk_size=512, with_entropy=True):
     """log p(target_t) under softmax(logits_t / temperature) and its entropy, hidden (B, T, C), targets (B, T) -> two
     (B, T) fp32 (entropy None unless with_entropy); T in chunks, checkpointed: no (B, T, V) fp32 logits are held."""
-    chunk = _chunk_logprobs
-    if torch.is_grad_enabled():
-        chunk = functools.partial(torch.utils.checkpoint.checkpoint, _chunk_logprobs, use_reentrant=False)
+    chunk = (functools.partial(torch.utils.checkpoint.checkpoint, _chunk_logprobs, use_reentrant=False)
+             if torch.is_grad_enabled() else _chunk_logprobs)
     parts = [chunk(lm_head, hidden[:, s:s + chunk_size], targets[:, s:s + chunk_size], temperature, with_entropy)
              for s in range(0, hidden.shape[1], chunk_size)]
     return torch.cat([lp for lp, _ in parts], 1), torch.cat([e for _, e in parts], 1) if with_entropy else None
@@ -302,7 +283,6 @@ def token_logprobs(model, ids, temperature=1.0, return_entropy=False):
 
 # ----------------------------------------------------------------------------------------------------------
 # Static KV cache + generation (prefill, then one token at a time)
-
 
 class KVCache:
     """Preallocated keys/values, a (B, H_kv, S_max, D) pair per layer in the compute dtype, written in place."""
@@ -338,9 +318,8 @@ def keyed_uniform(keys):
 
 def sample(logits, temperature, top_p, generator):
     """The next token from logits (B, V): greedy at temperature 0, else softmax(logits / temperature) cut to the
-    smallest set whose probability reaches top_p (nucleus, Holtzman et al. 2020). Returns tokens (B,) and their
-    log-prob under softmax(logits / temperature), what the trainer recomputes. generator: a torch.Generator, a
-    list of B (a stream per row), or (B, 2) stream keys (keyed_uniform: a stream per row in one launch)."""
+    smallest set whose probability reaches top_p (nucleus, Holtzman et al. 2020) -> tokens (B,) and their log-probs
+    (what the trainer recomputes). generator: a torch.Generator, B of them (a stream per row) or (B, 2) keys."""
     logits = logits.float()
     if temperature == 0:
         tokens = logits.argmax(-1)
@@ -405,8 +384,7 @@ def compiled_decode(model, enabled=True):
 
 
 def compute_region(model):
-    """torch.autocast when autocast_dtype is set, else a no-op. Around a whole generation (generate, rollout) it
-    makes autocast cast each fp32 weight once, not at every step; forward()'s own region nests inside."""
+    """torch.autocast to autocast_dtype if set, else a no-op; around a whole generation it casts each weight once."""
     dtype = getattr(model, "autocast_dtype", None)
     return torch.autocast(model.inv_freq.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
@@ -420,12 +398,8 @@ def generate(model, prompts, max_new_tokens, eos_ids, temperature=1.0, top_p=1.0
     device = model.inv_freq.device
     B, P = len(prompts), max(len(p) for p in prompts)
     S = P + max_new_tokens
-    ids = torch.full((B, P), pad_id, dtype=torch.long)
-    real = torch.zeros(B, S, dtype=torch.bool)  # which cache slots hold real tokens: (B, S)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        real[i, P - len(p):] = True  # the prompt, then every generated slot
-    ids, real = ids.to(device), real.to(device)
+    ids = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)  # (B, P)
+    real = torch.tensor([[False] * (P - len(p)) + [True] * (S - P + len(p)) for p in prompts], device=device)  # (B, S)
     positions = (real[:, :P].long().cumsum(-1) - 1).clamp(min=0)  # (B, P)
     slots = torch.arange(S, device=device)  # cache slot numbers, (S,)
     # Prefill mask (B, 1, P, P): causal, real keys, and itself (an all-masked padding row would put NaN in the cache)
@@ -460,16 +434,15 @@ def generate(model, prompts, max_new_tokens, eos_ids, temperature=1.0, top_p=1.0
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints in the Hugging Face layout
 
-
 def read_config(path) -> ModelConfig:
+    config_file = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         raise CheckpointError(f"model path {path!r} is not a directory: pass a local HF checkpoint folder")
-    config_file = os.path.join(path, "config.json")
-    if not os.path.isfile(config_file):
-        raise CheckpointError(f"{config_file} not found: a HF checkpoint folder needs config.json")
     try:
         with open(config_file) as f:
             return ModelConfig.from_hf(json.load(f))
+    except FileNotFoundError:
+        raise CheckpointError(f"{config_file} not found: a HF checkpoint folder needs config.json") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_file} is not valid JSON ({e})") from None
     except KeyError as e:
@@ -479,12 +452,9 @@ def read_config(path) -> ModelConfig:
 def check_weights(path) -> list:
     """The checkpoint's *.safetensors files (the index's list if sharded), each checked from its header alone: 8 bytes
     little-endian length N, N bytes of JSON {name: {dtype, shape, data_offsets}}, then exactly the bytes promised."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        names = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    index = Path(path, "model.safetensors.index.json")
+    names = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+             else sorted(n for n in os.listdir(path) if n.endswith(".safetensors")))
     if not names:
         raise CheckpointError(f"no *.safetensors weights in {path} (.bin checkpoints are not supported: "
                               "re-save with safe_serialization=True)")
@@ -495,8 +465,7 @@ def check_weights(path) -> list:
         size = os.path.getsize(f)
         fix = f"re-download or re-save the checkpoint ({f} is {size} bytes)"
         with open(f, "rb") as fh:
-            head = fh.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            n = int.from_bytes(fh.read(8), "little")  # a file under 8 bytes fails 8 + n > size
             if n < 2 or 8 + n > size:
                 raise CheckpointError(f"{f} is truncated or not a safetensors file: {fix}")
             try:
@@ -518,8 +487,7 @@ def load_state_dict(path, dtype=None, device="cpu") -> dict:
             tensors = load_file(f, device=str(device))
         except SafetensorError as e:
             raise CheckpointError(f"{f} cannot be read ({e}): re-download or re-save the checkpoint") from None
-        for name, tensor in tensors.items():
-            state[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        state.update({k: t.to(dtype) if dtype is not None and t.is_floating_point() else t for k, t in tensors.items()})
     return state
 
 
@@ -528,17 +496,20 @@ def load_model(path, device="cpu", dtype=torch.float32) -> Transformer:
     cfg = read_config(path)
     with torch.device("meta"):
         model = Transformer(cfg)
-    state = load_state_dict(path, dtype, device)
-    expected = set(model.state_dict())
-    if cfg.tie_word_embeddings:  # tied checkpoints store only the embedding
-        expected.discard("lm_head.weight")
-        state.pop("lm_head.weight", None)
+    tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()   # tied checkpoints store only the embedding
+    state = {k: v for k, v in load_state_dict(path, dtype, device).items() if k not in tied}
+    expected = set(model.state_dict()) - tied
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         raise CheckpointError(f"weights in {path} do not match config.json: missing {sorted(missing)[:5]}, "
                               f"unexpected {sorted(unexpected)[:5]}")
     model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_word_embeddings:
+    return _retie(model, device)
+
+
+def _retie(model, device):
+    """After a meta-device build: the head tied again (assign=True and to_empty untie it), RoPE on `device`."""
+    if model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_rope(device)
     return model
@@ -559,13 +530,10 @@ def load_tokenizer(path):
 def stop_token_ids(tokenizer, model_path=None):
     """The ids that end an assistant turn: the tokenizer's EOS plus the eos_token_id of config.json and
     generation_config.json in model_path (default: the tokenizer's folder), e.g. Llama 3's <|eot_id|>."""
-    ids = {tokenizer.eos_token_id}
-    model_path = model_path or getattr(tokenizer, "name_or_path", None)
-    for name in ("config.json", "generation_config.json"):
-        path = os.path.join(model_path or "", name)
+    ids, model_path = {tokenizer.eos_token_id}, model_path or getattr(tokenizer, "name_or_path", None) or ""
+    for path in (os.path.join(model_path, "config.json"), os.path.join(model_path, "generation_config.json")):
         if model_path and os.path.isfile(path):
-            with open(path) as f:
-                eos = json.load(f).get("eos_token_id")
+            eos = json.loads(Path(path).read_text()).get("eos_token_id")
             ids.update(eos if isinstance(eos, list) else [eos])
     return sorted(i for i in ids if i is not None)
 
@@ -577,11 +545,9 @@ def save_model(state_dict: dict, cfg: ModelConfig, path, tokenizer=None, max_sha
     os.makedirs(path, exist_ok=True)
     dtype = getattr(torch, str(cfg.hf.get("torch_dtype") or cfg.hf.get("dtype")), None)
     dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32  # none declared: fp32 loses nothing
-    state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous().cpu()
-             for k, v in state_dict.items()}
-    if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    shards, size = [{}], 0
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous().cpu()  # a tied head: not stored
+             for k, v in state_dict.items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    shards, size = [{}], 0   # tensors in order, a new shard where the next would pass max_shard_bytes
     for name, tensor in state.items():
         nbytes = tensor.numel() * tensor.element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
@@ -589,19 +555,16 @@ def save_model(state_dict: dict, cfg: ModelConfig, path, tokenizer=None, max_sha
             size = 0
         shards[-1][name] = tensor
         size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = names if len(shards) > 1 else ["model.safetensors"]
+    for name, shard in zip(names, shards):
+        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+    if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in state.values())
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg.hf, f, indent=2)
+            json.dump({"metadata": {"total_size": total},
+                       "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}, f, indent=2)
+    Path(path, "config.json").write_text(json.dumps(cfg.hf, indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
 
@@ -622,10 +585,8 @@ def train_tokenizer(vocab_size=1024):
     from transformers import PreTrainedTokenizerFast
     texts = ["I hear you. That sounds really hard, and it makes sense that you feel this way. "
              "What happened next? How are you feeling right now? You are not alone."]
-    for root, _, files in os.walk(os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")):
-        for name in sorted(files):
-            with open(os.path.join(root, name), encoding="utf-8", errors="ignore") as f:
-                texts.extend(line for line in f.read().splitlines() if line.strip())
+    for path in sorted((Path(__file__).resolve().parent / "prompts").iterdir()):
+        texts.extend(line for line in path.read_text(encoding="utf-8", errors="ignore").splitlines() if line.strip())
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -637,8 +598,8 @@ def train_tokenizer(vocab_size=1024):
                                    chat_template=CHATML_TEMPLATE, model_max_length=32768)
 
 
-def tiny_hf_config(model_type, vocab_size, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                   intermediate_size=128, eos_token_id=None):
+def tiny_hf_config(model_type, vocab_size, eos_token_id=None, hidden_size=64, num_layers=2, num_heads=4,
+                   num_kv_heads=2, intermediate_size=128):
     llama = model_type == "llama"
     return {"architectures": [ARCHITECTURES[model_type]], "model_type": model_type, "vocab_size": vocab_size,
             "hidden_size": hidden_size, "intermediate_size": intermediate_size, "num_hidden_layers": num_layers,
@@ -654,12 +615,8 @@ def randomize_(model: Transformer) -> Transformer:
     """Every parameter refilled from the default random stream: weights ~ N(0, 0.05^2) (a tiny model's next token
     is then not uniform), norm weights ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.1^2) (tests notice an ignored one)."""
     for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
-            p.normal_().mul_(0.1).add_(1.0)
-        elif name.endswith("bias"):
-            p.normal_().mul_(0.1)
-        else:
-            p.normal_().mul_(0.05)
+        std, mean = (0.1, 1.0) if name.endswith("norm.weight") else (0.1, 0.0) if name.endswith("bias") else (0.05, 0.0)
+        p.normal_().mul_(std).add_(mean)
     return model
 
 
@@ -669,10 +626,7 @@ def random_model(hf: dict, device="cpu", dtype=torch.float32, seed=0) -> Transfo
     cfg = ModelConfig.from_hf(hf)
     with torch.device("meta"):
         model = Transformer(cfg).to(dtype)
-    model.to_empty(device=device)
-    if cfg.tie_word_embeddings:  # to_empty gives each module a new tensor of its own: tie them again
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.reset_rope(device)
+    _retie(model.to_empty(device=device), device)
     torch.manual_seed(seed)
     return randomize_(model)
 
@@ -680,11 +634,8 @@ def random_model(hf: dict, device="cpu", dtype=torch.float32, seed=0) -> Transfo
 def make_tiny_checkpoint(path, model_type="qwen2", seed=0, vocab_size=1024, **config_kwargs):
     """Write a tiny random checkpoint in the exact HF layout of a real one (what tests and the CPU demo use)."""
     tokenizer = train_tokenizer(vocab_size)
-    hf = tiny_hf_config(model_type, len(tokenizer), eos_token_id=tokenizer.eos_token_id, **config_kwargs)
-    cfg = ModelConfig.from_hf(hf)
-    # built on the CPU with its default init, which draws from the seeded stream before randomize_ (unlike
-    # random_model): the weights the tests' and the demo's learning settings were tuned on
-    torch.manual_seed(seed)
+    cfg = ModelConfig.from_hf(tiny_hf_config(model_type, len(tokenizer), tokenizer.eos_token_id, **config_kwargs))
+    torch.manual_seed(seed)   # the CPU default init draws from it before randomize_: the weights the tests are tuned on
     save_model(randomize_(Transformer(cfg)).state_dict(), cfg, path, tokenizer)
     return path
 
@@ -695,6 +646,5 @@ def make_random_checkpoint(path, hf: dict, seed=0, dtype=torch.bfloat16):
     tokenizer = train_tokenizer()
     hf = dict(hf, eos_token_id=tokenizer.eos_token_id, bos_token_id=None, pad_token_id=None,
               torch_dtype=str(dtype).removeprefix("torch."))
-    model = random_model(hf, "cpu", dtype, seed)
-    save_model(model.state_dict(), model.config, path, tokenizer)
+    save_model(random_model(hf, "cpu", dtype, seed).state_dict(), ModelConfig.from_hf(hf), path, tokenizer)
     return path

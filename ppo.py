@@ -16,7 +16,6 @@ LOG_RATIO_CLAMP = 20.0  # clamp log(pi/pi_old) to +-20 before exp: exp(20) ~ 5e8
 # ----------------------------------------------------------------------------------------------------
 # 1. Critic
 
-
 def init_value_head(head: nn.Linear) -> nn.Linear:
     """weight ~ Normal(0, std=1/(D+1)), bias 0 (OpenRLHF's choice): initial values ~N(0, 1/D), near 0 for
     rewards in [0, 1]; not w = 0, which would give the backbone no gradient on the first update."""
@@ -27,11 +26,8 @@ def init_value_head(head: nn.Linear) -> nn.Linear:
 
 class Critic(nn.Module):
     """V(s_t): a deep copy of the policy (RLVER initialises the critic from the actor) with a scalar value head.
-
-    The copy is asked only for final-norm hidden states, through forward() (so FSDP2's hooks gather the
-    shards), so it has no output head: an untied one would be dead weight with AdamW state (545M at 7B).
-    Build it BEFORE sharding the policy (an FSDP-wrapped module cannot be deep-copied); shard both afterwards.
-    """
+    It reads only final-norm hidden states, so it has no output head (an untied one: 545M dead weights at 7B).
+    Build it BEFORE sharding the policy (an FSDP-wrapped module cannot be deep-copied); shard both afterwards."""
 
     def __init__(self, policy_model: nn.Module):
         super().__init__()
@@ -44,16 +40,13 @@ class Critic(nn.Module):
         self.value_head = init_value_head(nn.Linear(hidden_size, 1, device=device, dtype=torch.float32))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        # the value of target t (ids[:, t+1]) reads the hidden state at t, as the log-probs do: ids[:, -1] is
-        # only a target
-        hidden = self.backbone(ids[:, :-1], return_hidden=True)  # (B, T-1, D) final-norm hidden states
-        hidden = hidden.to(self.value_head.weight.dtype)
+        # the value of target t (ids[:, t+1]) reads the hidden state at t, as the log-probs do
+        hidden = self.backbone(ids[:, :-1], return_hidden=True).to(self.value_head.weight.dtype)  # (B, T-1, D)
         return self.value_head(hidden).squeeze(-1)  # (B, T-1)
 
 
 # ----------------------------------------------------------------------------------------------------
 # 2. Rewards per token
-
 
 @torch.no_grad()
 def token_rewards(final_rewards, mask, logprobs=None, ref_logprobs=None, kl_coef=0.0):
@@ -65,9 +58,8 @@ def token_rewards(final_rewards, mask, logprobs=None, ref_logprobs=None, kl_coef
     rewards = torch.zeros(B, Tm1, device=mask.device, dtype=torch.float32)  # (B, T-1)
     positions = torch.arange(Tm1, device=mask.device).expand(B, Tm1)  # (B, T-1)
     last = torch.where(mask, positions, -1).max(dim=1).values  # (B,) last policy position, -1 if none
-    has_policy = last >= 0  # (B,)
-    rows = torch.arange(B, device=mask.device)[has_policy]
-    rewards[rows, last[has_policy]] = final_rewards.float().to(mask.device)[has_policy]
+    rows = (last >= 0).nonzero().squeeze(1)  # the rows with a policy token
+    rewards[rows, last[rows]] = final_rewards.float().to(mask.device)[rows]
     if kl_coef:
         if logprobs is None or ref_logprobs is None:
             raise ValueError("kl_coef > 0 needs logprobs and ref_logprobs; pass both or set kl_coef=0")
@@ -79,7 +71,6 @@ def token_rewards(final_rewards, mask, logprobs=None, ref_logprobs=None, kl_coef
 # ----------------------------------------------------------------------------------------------------
 # 3. GAE over policy tokens only
 
-
 @torch.no_grad()
 def compute_gae(token_rewards, values, mask, gamma=1.0, lam=1.0):
     """Generalised Advantage Estimation (Schulman et al. 2016, eq. 11-16) over the policy's tokens.
@@ -87,51 +78,42 @@ def compute_gae(token_rewards, values, mask, gamma=1.0, lam=1.0):
         delta_t = r_t + gamma * V_{t+1} - V_t                   (TD residual, eq. 12)
         A_t     = delta_t + gamma * lam * A_{t+1}               (eq. 16, as a reverse recursion)
         returns = A_t + V_t                                     (the critic's regression target)
-
     "t+1" is the NEXT POLICY token: the user's turn between two replies is no action of the agent, so a masked
-    position carries the next value and advantage through unchanged (its reward is ignored). After the last
-    policy token V = A = 0. Returns (advantages, returns), (B, T-1), 0 / V at masked positions.
-    """
+    position carries V and A through unchanged (its reward is ignored); after the last policy token V = A = 0.
+    Returns (advantages, returns), (B, T-1), 0 / V at masked positions."""
     mask = mask.bool()  # (B, T-1)
     rewards, values = token_rewards.float(), values.float()  # (B, T-1)
     B, Tm1 = rewards.shape
     next_value = rewards.new_zeros(B)  # (B,) V of the next policy token (0 after the end)
     running = rewards.new_zeros(B)  # (B,) A of the next policy token
     advantages = torch.zeros_like(rewards)  # (B, T-1)
-    for t in reversed(range(Tm1)):  # the reverse loop over time; vectorised over the batch
+    for t in reversed(range(Tm1)):  # vectorised over the batch
         valid = mask[:, t]  # (B,)
         delta = rewards[:, t] + gamma * next_value - values[:, t]  # (B,)
         advantage = delta + gamma * lam * running  # (B,)
         running = torch.where(valid, advantage, running)  # masked: carry A_{t+1} through
         next_value = torch.where(valid, values[:, t], next_value)  # masked: carry V_{t+1} through
         advantages[:, t] = torch.where(valid, advantage, 0.0)
-    returns = advantages + values  # (B, T-1)
-    return advantages, returns
+    return advantages, advantages + values  # (B, T-1) each
 
 
 # ----------------------------------------------------------------------------------------------------
 # 4. Statistics and loss reductions over valid tokens
 
-
 def masked_mean(x, mask, dim=None, reduce=None):
     """Mean of x where mask is 1 (all dims, or along `dim`); 0 where nothing is valid. reduce: sums a tensor
     over processes (rlver.sum_over_ranks), for the mean over the global batch."""
-    mask = mask.to(x.dtype)
+    mask, reduce = mask.to(x.dtype), reduce or (lambda t: t)
     total = (x * mask).sum() if dim is None else (x * mask).sum(dim)
-    count = mask.sum() if dim is None else mask.sum(dim)
-    if reduce is not None:
-        total, count = reduce(total), reduce(count)
-    return total / count.clamp(min=1)
+    return reduce(total) / reduce(mask.sum() if dim is None else mask.sum(dim)).clamp(min=1)
 
 
 def masked_var(x, mask, unbiased=True, reduce=None):
     """Variance of x over valid positions (Bessel-corrected by default; 0 for fewer than 2 values)."""
-    mask = mask.to(x.dtype)
-    count = mask.sum() if reduce is None else reduce(mask.sum())
-    centered = (x - masked_mean(x, mask, reduce=reduce)) * mask
-    squares = (centered**2).sum() if reduce is None else reduce((centered**2).sum())
-    denom = (count - 1) if unbiased else count
-    return squares / denom.clamp(min=1)
+    mask, reduce = mask.to(x.dtype), reduce or (lambda t: t)
+    squares = reduce((((x - masked_mean(x, mask, reduce=reduce)) * mask) ** 2).sum())
+    count = reduce(mask.sum())
+    return squares / (count - 1 if unbiased else count).clamp(min=1)
 
 
 def masked_whiten(x, mask, eps=1e-8, reduce=None):
@@ -165,7 +147,6 @@ def aggregate(loss_per_token, mask, agg="token-mean", loss_scale_tokens=None, lo
 
 # ----------------------------------------------------------------------------------------------------
 # 5. PPO-clip policy loss
-
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=0.2, clip_high=0.2, dual_clip=None,
                 agg="token-mean", loss_scale_tokens=None, loss_scale_seqs=None):
@@ -212,7 +193,6 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=0.2, clip_hig
 
 # ----------------------------------------------------------------------------------------------------
 # 6. Clipped value loss
-
 
 def value_loss(values, old_values, returns, mask, clip=0.2, agg="token-mean", loss_scale_tokens=None,
                loss_scale_seqs=None):

@@ -1,17 +1,14 @@
-"""
-The simulated user of RLVER (arXiv 2507.03112), SAGE's "sentient agent" (arXiv 2505.02847), built from a
-profile: it carries an emotion in [0, 100]; after every agent reply it (i) reasons how the reply changes its
-emotion, (ii) says how it feels now, (iii) decides how to answer, and writes an integer change and its reply.
-The CODE applies the change, emotion <- clamp(emotion + change, 0, 100), under a PROTOCOL; the reward, final
-emotion / 100, is "verifiable": arithmetic over the parsed output. Sections: 1 profiles; 2 protocols and the
-rules they drive, episodes; 3 prompts (3b: the authors'); 4 parsers; 5 the turn loop; 6 backends.
+"""The simulated user of RLVER (arXiv 2507.03112), SAGE's "sentient agent" (arXiv 2505.02847), built from a profile:
+it carries an emotion in [0, 100]; after every agent reply it (i) reasons how the reply changes its emotion, (ii) says
+how it feels now, (iii) decides how to answer, and writes an integer change and its reply. The CODE applies the
+change, emotion <- clamp(emotion + change, 0, 100), under a PROTOCOL; the reward, final emotion / 100, is
+"verifiable": arithmetic over the parsed output. Sections: 1 profiles; 2 protocols and the rules they drive,
+episodes; 3 prompts (3b: the authors'); 4 parsers; 5 the turn loop; 6 backends; 7 the shared flags.
 
-Every backend has `submit(request: Request) -> concurrent.futures.Future[str]`: a Request carries the chat
-messages, which LLM backends send as they are, and the turn's fields (stage, mode, emotion, hidden need, the
-agent's visible reply), which RulesBackend reads instead of the prompt text. Each backend owns its threads
-(HTTP: a pool of `concurrency`; local model: one worker that batches what is pending; rules: none). All of
-them answer in the same format, so a single parser serves LLM simulators and the rules backend alike.
-"""
+Every backend has `submit(request) -> concurrent.futures.Future[str]`: a Request carries the chat messages (what
+LLM backends send) and the turn's fields (stage, mode, emotion, hidden need, the visible reply: what RulesBackend
+reads). Each backend owns its threads (HTTP: a pool; local model: one worker batching what is pending; rules: none).
+All answer in one format, so one parser serves LLM simulators and the rules backend alike."""
 import argparse
 import ast
 import concurrent.futures
@@ -38,12 +35,9 @@ MODES = ("vanilla", "challenging")   # the forgiving and the demanding environme
 MAX_ABS_CHANGE = 30                  # classic's clamp on a change, [-30, 30] (its parser and templates say so)
 FALLBACK_REPLY = "Sorry, I lost my train of thought. What were you saying?"  # when the simulator fails
 FALLBACK_REPLY_ZH = "抱歉，我刚才走神了。你刚才说什么？"
-FALLBACK_OPENING = {"en": "I've had a rough few weeks and I need to talk to someone.",
-                    "zh": "最近心里有点堵，想找个人说说。"}
+FALLBACK_OPENING = {"en": "I've had a rough few weeks and I need to talk to someone.", "zh": "最近心里有点堵，想找个人说说。"}
 EMPTY_REPLY = "(the supporter sent an empty message)"  # shown to the simulator for an empty agent reply
 LANGS = ("en", "zh")
-SPEAKERS = {"en": ("You", "Supporter"), "zh": ("你", "倾诉对象")}   # the two speakers in the user-side dialogue
-FORMAT_HEADERS = ("## Output format", "## 输出格式")   # where a mode template's one-call format section starts
 
 
 class ProfileError(ValueError):
@@ -83,16 +77,12 @@ PUBLIC_KEYS = [("persona", ("player",)), ("scenario", ("scene",)), ("hidden_inte
                ("opening", ("first_talk",))]
 
 
-def _profile_from_record(record, where, default_id):
-    """One JSON object -> Profile. `where` = "file:line" for error messages."""
+def _profile_from_record(record, where, default_id):   # one JSON object -> Profile; `where`: file:line
     if not isinstance(record, dict):
         raise ProfileError(f"{where}: expected a JSON object per line, got {type(record).__name__}")
     for key, value in record.items():  # JSON may escape a lone surrogate (\ud800), which no UTF-8 text can hold
-        try:
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ProfileError(f"{where}: field '{key}' holds invalid Unicode ({e.reason} {e.object[e.start:e.end]!a}"
-                               f"): fix that text in the file") from None
+        if re.search("[\ud800-\udfff]", json.dumps(value, ensure_ascii=False)):
+            raise ProfileError(f"{where}: field '{key}' holds invalid Unicode (a lone surrogate): fix it in the file")
     public = "player" in record or "first_talk" in record   # the public layout is recognised by its keys
     table = PUBLIC_KEYS if public else OUR_KEYS
     key_of = {name: next((k for k in keys if k in record), None) for name, keys in table}
@@ -111,18 +101,14 @@ def _profile_from_record(record, where, default_id):
         emotion = int(emotion)
     if emotion is not None and (isinstance(emotion, bool) or not isinstance(emotion, int) or not 1 <= emotion <= 99):
         raise ProfileError(f"{where}: initial_emotion must be an integer in 1..99, got {emotion!r}")
-    if public:
-        group = record.get("cha_group") or []
-        traits = [record["main_cha"]] if record.get("main_cha") else []
-        traits += group if isinstance(group, list) else [group]
-    else:
-        traits = record.get("traits") or []
+    traits = [record["main_cha"]] if public and record.get("main_cha") else []
+    group = record.get("cha_group" if public else "traits") or []
+    traits += group if isinstance(group, list) else [group]
     return Profile(id=str(record.get("id", default_id)), initial_emotion=emotion, traits=[str(t) for t in traits],
                    **fields)
 
 
-def load_profiles(path):
-    """Read a JSONL profile file (one profile per line, blank lines skipped) into a list of Profiles."""
+def load_profiles(path):   # a JSONL file -> Profiles, one a line (blank lines skipped)
     path = Path(path)
     if not path.is_file():
         raise ProfileError(f"profile file not found: {path}")
@@ -130,7 +116,7 @@ def load_profiles(path):
         lines = path.read_text(encoding="utf-8").split("\n")
     except UnicodeDecodeError as e:
         raise ProfileError(f"{path}: not UTF-8 text (byte {e.start}): re-save the file as UTF-8") from None
-    profiles, line_of = [], {}   # line_of: profile id -> the line that defined it
+    found = {}   # profile id -> (the line that defined it, the profile)
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -139,27 +125,24 @@ def load_profiles(path):
         except json.JSONDecodeError as e:
             raise ProfileError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
         profile = _profile_from_record(record, f"{path}:{lineno}", default_id=f"{path.stem}-{lineno}")
-        if profile.id in line_of:   # ids key the eval table, transcripts and the leaderboard
-            raise ProfileError(f"{path}: lines {line_of[profile.id]} and {lineno} both have profile id "
+        if profile.id in found:   # ids key the eval table, transcripts and the leaderboard
+            raise ProfileError(f"{path}: lines {found[profile.id][0]} and {lineno} both have profile id "
                                f"{profile.id!r}: give every profile its own id")
-        line_of[profile.id] = lineno
-        profiles.append(profile)
-    if not profiles:
+        found[profile.id] = lineno, profile
+    if not found:
         raise ProfileError(f"{path}: no profiles in file")
-    return profiles
+    return [profile for _, profile in found.values()]
 
 
-def builtin_profiles(split="train"):
-    """Our own English profile sets: 'train' (105 profiles) or 'test' (32 profiles)."""
+def builtin_profiles(split="train"):   # our English profile sets: 'train' (105 profiles), 'test' (32)
     if split not in ("train", "test"):
         raise ValueError(f"unknown profile split {split!r}: use 'train' or 'test'")
     return load_profiles(PROMPTS_DIR / f"profiles_{split}.jsonl")
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Protocols and episodes. A protocol is the whole rule set of one dialogue game; PROTOCOLS is its only
-# definition. The code caps emotion at 100 and floors it at 0 in all: RLVER floors its reward at 0 and stops at
-# <= 0, SAGE stops below 10 with changes of at most 10, so the floor changes no reward, score or ending.
+# 2. Protocols (PROTOCOLS: each the whole rule set of one dialogue game) and episodes. Emotion is capped at 100
+# and floored at 0 in all: RLVER floors its reward at 0, SAGE stops below 10 with changes of at most 10.
 
 @dataclass(frozen=True)
 class Protocol:
@@ -175,11 +158,9 @@ class Protocol:
 
 # rlver: RLVER's training simulator (hard_player_simulator_dsv3.py), whose max_turns=8 counts the rounds after
 # the first; sage: SAGE's test_npc.py loop, whose 10th agent reply is never shown to the simulator
-PROTOCOLS = {
-    "classic": Protocol(50, MAX_ABS_CHANGE, 100, 1, (), 8, 1),   # ours
-    "rlver": Protocol(30, None, 100, 1, ("再见", "拜拜"), 9, 2, ends_at_success=False),
-    "sage": Protocol(40, 10, 100, 10, ("再见", "拜拜"), 9, 2),
-}
+PROTOCOLS = {"classic": Protocol(50, MAX_ABS_CHANGE, 100, 1, (), 8, 1),   # ours
+             "rlver": Protocol(30, None, 100, 1, ("再见", "拜拜"), 9, 2, ends_at_success=False),
+             "sage": Protocol(40, 10, 100, 10, ("再见", "拜拜"), 9, 2)}
 
 
 def protocol_of(name):
@@ -188,15 +169,13 @@ def protocol_of(name):
     return PROTOCOLS[name]
 
 
-def final_outcome(emotion, protocol):
-    """A finished dialogue's score outcome from its final emotion alone: "failure", "success" or None."""
+def final_outcome(emotion, protocol):   # "failure", "success" or None, from the final emotion alone
     P = protocol_of(protocol)
     return "failure" if emotion < P.failure_below else "success" if emotion >= P.success_at else None
 
 
 def dialogue_end(emotion, turns, max_turns, user_text, protocol):
-    """Why a dialogue ends now, None while it goes on. In SAGE's order (test_npc.py): a goodbye word in the
-    user's reply; the failure line; the success line (where the protocol ends there); max_turns replies."""
+    """Why a dialogue ends now (None: not yet), in SAGE's order (test_npc.py): goodbye, failure, success, max_turns."""
     if any(word in (user_text or "") for word in protocol_of(protocol).goodbye):
         return "goodbye"
     outcome = final_outcome(emotion, protocol)
@@ -205,8 +184,7 @@ def dialogue_end(emotion, turns, max_turns, user_text, protocol):
     return "max_turns" if turns >= max_turns else None
 
 
-def detect_lang(profile):
-    """'zh' when the profile text is mostly Chinese (the public RLVER/SAGE data), else 'en'."""
+def detect_lang(profile):   # 'zh' when the profile is mostly Chinese (the public RLVER/SAGE data), else 'en'
     text = profile.persona + profile.scenario + profile.hidden_intention + profile.opening
     cjk = sum("\u3400" <= ch <= "\u9fff" for ch in text)
     letters = sum(ch.isascii() and ch.isalpha() for ch in text)
@@ -239,8 +217,7 @@ def trajectory(episode):   # emotion before the first reply and after every turn
     return [episode.profile.initial_emotion] + [turn["emotion"] for turn in episode.turns]
 
 
-def resolve_profile(profile, protocol=None, lang=None, initial_emotion=None):
-    """The profile as played: its protocol, language (else detected) and start emotion (else the protocol's)."""
+def resolve_profile(profile, protocol=None, lang=None, initial_emotion=None):   # as played: protocol, lang, start
     protocol = protocol or profile.protocol
     start = next(e for e in (profile.initial_emotion, initial_emotion, protocol_of(protocol).initial_emotion)
                  if e is not None)
@@ -249,7 +226,6 @@ def resolve_profile(profile, protocol=None, lang=None, initial_emotion=None):
 
 
 def new_episode(profile):
-    """The user speaks first: the dialogue starts with the profile's opening message."""
     if not profile.opening:
         raise ValueError(f"profile {profile.id} has no opening line: run simulator.prepare_profiles first")
     profile = resolve_profile(profile)
@@ -259,8 +235,7 @@ def new_episode(profile):
 
 def prepare_profiles(profiles, backend=None, *, protocol=None, mode="vanilla", lang=None,
                      initial_emotion=None, retries=2, log=print):
-    """The profiles as played (resolve_profile), each without an opening given one written by the simulator
-    (as RLVER's trainer does): one batched request, retries, then a canned line with a warning."""
+    """The profiles as played; one without an opening gets it from the simulator (as RLVER's trainer) or a fallback."""
     played = [resolve_profile(p, protocol, lang, initial_emotion) for p in profiles]
     todo = [i for i, p in enumerate(played) if not p.opening]
     if todo:
@@ -278,16 +253,14 @@ def prepare_profiles(profiles, backend=None, *, protocol=None, mode="vanilla", l
     return played
 
 
-def visible_reply(text):
-    """What the user sees of a policy message: the text after </think>; nothing if <think> never closed."""
+def visible_reply(text):   # what the user sees: the text after </think>; nothing if <think> never closed
     text = (text or "").strip()
     if "</think>" in text:
         return text.rsplit("</think>", 1)[1].strip()
     return "" if "<think>" in text else text
 
 
-def thought_cut(text):
-    """A think-then-say message cut before </think>: no reply to show, so the dialogue ends there."""
+def thought_cut(text):   # a message cut inside its <think>: no reply to show, so the dialogue ends
     return "<think>" in (text or "") and "</think>" not in text
 
 
@@ -299,30 +272,25 @@ COUNT_WARNINGS = {   # the per-episode counts worth a warning -> what it means
 COUNTS = tuple(COUNT_WARNINGS)
 
 
-def count_warnings(counts, where):
-    """Warning lines for the COUNTS of a batch of episodes ({name: total}); trainer and eval print them."""
+def count_warnings(counts, where):   # warning lines for the COUNTS totals of a batch
     return [f"warning: {where}: {counts[k]:g} {COUNT_WARNINGS[k]}" for k in COUNTS if counts.get(k)]
 
 
 def check_parse_health(episodes, max_rate, where, warn=None, sum_ranks=None):
-    """The one rule for unparseable simulator answers (scored change 0): warn(line) gets one; past max_rate of
-    the turns, SimulatorError. sum_ranks(n): n summed over the ranks sharing the batch. -> (failed, turns)"""
+    """Unparseable turns (scored 0): a warning, SimulatorError past max_rate; sum_ranks sums over ranks."""
+    sum_ranks = sum_ranks or (lambda n: n)   # one process: its own counts
     bad = [t["thought"] for ep in episodes for t in ep.turns if t.get("parse_failed")]
-    failed, total = len(bad), sum(len(ep.turns) for ep in episodes)
-    if sum_ranks:
-        failed, total = sum_ranks(failed), sum_ranks(total)
+    failed, total = sum_ranks(len(bad)), sum_ranks(sum(len(ep.turns) for ep in episodes))
     if bad and warn:
         warn(f"warning: {where}: {failed}/{total} simulator turns were unparseable (scored change 0, the policy "
              f"saw a fallback user line); e.g. {bad[0][:300]}")
     if failed > max_rate * total:
         raise SimulatorError(f"{where}: {failed}/{total} simulator turns were unparseable (more than --max-parse-"
-                             f"failure-rate {max_rate:g}): the simulator does not follow the output format of its "
-                             f"protocol (see prompts/), so no score or update can rest on it; fix its model or prompt")
+                             f"failure-rate {max_rate:g}): no score or update can rest on it; fix its model or prompt")
     return failed, total
 
 
-def transcript(episode, **extra):
-    """One JSON record per dialogue, enough to read it back and re-score it. extra: e.g. step=, seed=."""
+def transcript(episode, **extra):   # one JSON record per dialogue, enough to re-score it; extra: step=, seed=
     return {**extra, "profile_id": episode.profile.id, "initial_emotion": episode.profile.initial_emotion,
             "final_emotion": episode.emotion, "reward": reward(episode), "end_reason": episode.end_reason,
             "protocol": episode.profile.protocol, "lang": episode.profile.lang,
@@ -336,48 +304,42 @@ def transcript(episode, **extra):
 # 3. Prompts: [system: who you are + rules + format, user: the dialogue], or the authors' (section 3b)
 
 @functools.cache
-def load_prompt(name, lang="en"):
-    """Text of prompts/<name>, or of its Chinese version <stem>_zh.txt for lang 'zh'."""
+def load_prompt(name, lang="en"):   # prompts/<name>, or its <stem>_zh.txt for 'zh'
     return (PROMPTS_DIR / (name[:-len(".txt")] + "_zh.txt" if lang == "zh" else name)).read_text(encoding="utf-8")
 
 
-def _fill(template, values, brace=("{", "}")):
-    """str.replace of each placeholder in turn (profile text may hold braces); the official ones are {{name}}."""
+def _fill(template, values, brace=("{", "}")):   # str.replace per placeholder (profile text may hold braces)
     for name, value in values:
         template = template.replace(brace[0] + name + brace[1], str(value))
     return template
 
 
 def _messages(episode):   # the dialogue so far as (role, text)
-    messages = [("user", episode.profile.opening)]
-    for t in episode.turns:
-        messages += [("assistant", t["agent"]), ("user", t["user"])]
-    return messages
+    turns = [message for t in episode.turns for message in (("assistant", t["agent"]), ("user", t["user"]))]
+    return [("user", episode.profile.opening)] + turns
 
 
 def _dialogue(episode):   # the dialogue so far from the user's side, one "Speaker: text" line per message
-    me, other = SPEAKERS[episode.profile.lang]
+    me, other = {"en": ("You", "Supporter"), "zh": ("你", "倾诉对象")}[episode.profile.lang]
     return "\n".join(f"{me}: {text}" if role == "user" else f"{other}: {text or EMPTY_REPLY}"
                      for role, text in _messages(episode))
 
 
-def _our_request(profile, mode, one_call, template, **values):
-    """[system: the mode template with the profile (minus its one-call format section), user: `template`]."""
+def _our_request(profile, mode, one_call, template, **values):   # [system: mode template + profile, user: `template`]
     if mode not in MODES:
         raise ValueError(f"unknown simulator mode {mode!r}: use one of {', '.join(MODES)}")
     system = _fill(load_prompt(f"simulator_{mode}.txt", profile.lang), [
         ("persona", profile.persona), ("scenario", profile.scenario),
         ("traits", ", ".join(profile.traits) or "(not specified)"), ("hidden_intention", profile.hidden_intention)])
     if not one_call:
-        for header in FORMAT_HEADERS:
+        for header in ("## Output format", "## 输出格式"):   # where a mode template's one-call format section starts
             system = system.split(header)[0].rstrip() + "\n"
     return [{"role": "system", "content": system},
             {"role": "user", "content": _fill(load_prompt(template, profile.lang), values.items())}]
 
 
 def build_request(episode, agent_reply, mode="vanilla", step="turn"):
-    """The request for one turn from the dialogue, the agent's latest (visible) reply and the emotion: step
-    'turn' the one-call protocol, 'analysis' the first two-stage call (thought and change)."""
+    """A turn's request: step 'turn' the one-call protocol, 'analysis' the two-stage call 1 (thought and change)."""
     p = episode.profile.prompts
     if p:   # the authors' analysis: SAGE's sees the whole dialogue, RLVER's all but the last two messages, then those
         emotion = episode.profile.initial_emotion if p.start_emotion_quirk else episode.emotion
@@ -389,8 +351,7 @@ def build_request(episode, agent_reply, mode="vanilla", step="turn"):
                         agent_reply=agent_reply or EMPTY_REPLY, emotion=episode.emotion)
 
 
-def build_reply_request(episode, agent_reply, mode, analysis, emotion):
-    """The second two-stage call: the reply from the analysis and the band (never the number) after the change."""
+def build_reply_request(episode, agent_reply, mode, analysis, emotion):   # two-stage call 2: shown the band only
     if episode.profile.prompts:
         return _official_request(episode.profile, episode.profile.prompts.reply,
                                  [("planning", analysis), ("emotion", f"Emotion-{band(emotion)}")],
@@ -399,8 +360,7 @@ def build_reply_request(episode, agent_reply, mode, analysis, emotion):
                         agent_reply=agent_reply or EMPTY_REPLY, analysis=analysis, band=band(emotion))
 
 
-def build_opening_request(profile, mode="vanilla"):
-    """The request for the user's first line (a profile without one), at the start emotion's band."""
+def build_opening_request(profile, mode="vanilla"):   # the first user line, at the start emotion's band
     p = profile.prompts
     if p:   # their reply template with their opening planning line and history text
         return _official_request(profile, p.reply, [("planning", p.opening_planning),
@@ -410,18 +370,17 @@ def build_opening_request(profile, mode="vanilla"):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3b. The authors' prompts, read at run time from the user's checkout (none of their text is in this repository),
-# filled and parsed as their code does. A simulator file holds target_prompt and two templates, the analysis
-# (planning_reply) and the reply (player_reply). Against the paper: RLVER's analysis always sees the start
-# emotion 30 (we send the live one unless --official-quirks); SAGE reads a `target` its profiles lack (we send it).
+# 3b. The authors' prompts, read at run time from the user's checkout (none of their text is here), filled and parsed
+# as their code does: target_prompt, the analysis (planning_reply) and reply (player_reply) templates. Against the
+# paper: RLVER's analysis sees the start emotion 30 (ours the live one unless --official-quirks); SAGE reads a
+# `target` its profiles lack (we send it).
 
 RLVER_ROLLOUT = "code/verl/workers/rollout/vllm_rollout/"
 OFFICIAL_SIMULATOR = {"sage": ("SAGE", "simulator_response.py"),
                       "rlver": ("RLVER", RLVER_ROLLOUT + "hard_player_simulator_dsv3.py")}
-OFFICIAL_POLICY = {("sage", False): ("SAGE", "npc_response.py", "role_system"),   # (folder, file, variable)
-                   ("sage", True): ("RLVER", RLVER_ROLLOUT + "system_prompt.py", "system_prompt_train_think"),
-                   ("rlver", False): ("RLVER", RLVER_ROLLOUT + "system_prompt.py", "system_prompt_train_unthink"),
-                   ("rlver", True): ("RLVER", RLVER_ROLLOUT + "system_prompt.py", "system_prompt_train_think")}
+OFFICIAL_POLICY = {"sage": ("SAGE", "npc_response.py", "role_system"),   # (folder, file, variable); think: --think
+                   "rlver": ("RLVER", RLVER_ROLLOUT + "system_prompt.py", "system_prompt_train_unthink"),
+                   "think": ("RLVER", RLVER_ROLLOUT + "system_prompt.py", "system_prompt_train_think")}
 OFFICIAL_ROLES = {"user": "你", "assistant": "NPC"}   # the speakers in their JSON history
 # read of a file that does not parse: templates, targets, {{planning}} / {{dialog_history}}, the opening line
 _STATEMENTS = re.compile(r'^[ \t]*((?:template|role_system|system_prompt_train_\w+) = (?P<q>"""|\'\'\').*?(?P=q)'
@@ -451,8 +410,7 @@ def _sha256(path):
 
 
 def _read_python(path):
-    """A Python file's literal assignments {name or key as in planning['analyse']: [values]} and .replace
-    calls {placeholder: [second argument nodes]}, in source order (of its _STATEMENTS if it does not parse)."""
+    """{name, or key of planning['analyse']: [literal values]}, {.replace placeholder: [argument nodes]}, in order."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -482,8 +440,7 @@ def _read_python(path):
     return assigned, replaced
 
 
-def _terms(node, path):
-    """Their {{planning}} expression "..." + planning['key'] + ... -> [("text", s) | ("section", key)]."""
+def _terms(node, path):   # their "..." + planning['key'] -> [("text", s) | ("section", key)]
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
         return _terms(node.left, path) + _terms(node.right, path)
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
@@ -506,8 +463,7 @@ def _first(values, path, what, kind=str):
     return values[0]
 
 
-def official_root(path):
-    """--official-prompts DIR -> the checkout root (DIR itself, or the parent of its SAGE/ or RLVER/ folder)."""
+def official_root(path):   # the checkout root: DIR, or the parent of a SAGE/ or RLVER/ DIR
     path = Path(path).resolve()
     if not path.is_dir():
         raise ProfileError(f"--official-prompts {path}: not a folder; give your checkout of the authors' "
@@ -515,8 +471,7 @@ def official_root(path):
     return path.parent if path.name in ("SAGE", "RLVER") else path
 
 
-def _simulator_prompts(path):
-    """Their simulator file -> the OfficialPrompts fields it holds, each checked."""
+def _simulator_prompts(path):   # their simulator file -> the OfficialPrompts fields it holds, each checked
     assigned, replaced = _read_python(path)
     templates = [t for t in assigned.get("template", []) if isinstance(t, str)]
     _check(len(templates) >= 2, path, f"{len(templates)} template literal(s), expected two (analysis, reply)")
@@ -542,20 +497,17 @@ def _simulator_prompts(path):
                 opening_history=_first(history, path, "opening text for {{dialog_history}}"))
 
 
-def load_official_prompts(path, protocol, think, quirks=False, simulator="an LLM"):
-    """The authors' simulator and policy prompts for `protocol` from the checkout at `path` (or ProfileError)."""
+def load_official_prompts(path, protocol, think, quirks=False, simulator="an LLM"):   # the authors' prompts, checked
     if simulator == "rules":
-        raise ProfileError("--official-prompts needs an LLM simulator (--simulator URL or model folder): the rules "
-                           "backend only reads our own templates")
+        raise ProfileError("--official-prompts needs an LLM simulator (--simulator URL or model folder), not rules")
     if protocol not in OFFICIAL_SIMULATOR:
-        raise ProfileError(f"--official-prompts plays the authors' two-call simulator: use --protocol sage or "
-                           f"rlver, not {protocol}")
+        raise ProfileError(f"--official-prompts needs --protocol sage or rlver (the authors' games), not {protocol}")
     if quirks and protocol != "rlver":
         raise ProfileError("--official-quirks reproduces RLVER's trainer (its analysis always sees the start "
                            "emotion); SAGE has no such quirk: drop the flag or use --protocol rlver")
     root = official_root(path)
     folder, name = OFFICIAL_SIMULATOR[protocol]
-    p_folder, p_name, variable = OFFICIAL_POLICY[protocol, bool(think)]
+    p_folder, p_name, variable = OFFICIAL_POLICY["think" if think else protocol]
     sim_path, policy_path = root / folder / name, root / p_folder / p_name
     found = _simulator_prompts(sim_path)
     return OfficialPrompts(source=folder, policy=_first(_read_python(policy_path)[0].get(variable, []),
@@ -564,17 +516,14 @@ def load_official_prompts(path, protocol, think, quirks=False, simulator="an LLM
                            files={str(p.relative_to(root)): _sha256(p) for p in (sim_path, policy_path)}, **found)
 
 
-def official_profiles_path(path):
-    """SAGE's scenario file in the checkout (eval's default profiles under --official-prompts, sage)."""
+def official_profiles_path(path):   # SAGE's scenarios: eval's profiles under --official-prompts
     p = official_root(path) / "SAGE/profile/simulator_profile_withfirsttalk.jsonl"
     if not p.is_file():
-        raise ProfileError(f"--official-prompts: {p} not found: give --profiles, or a checkout that has SAGE's "
-                           f"scenarios")
+        raise ProfileError(f"--official-prompts: {p} not found: give --profiles or a checkout with SAGE's scenarios")
     return p
 
 
-def _official_request(profile, template, first, history, new_history=None):
-    """One user message: their template filled in their order, the dialogue last (it may hold braces)."""
+def _official_request(profile, template, first, history, new_history=None):   # their order, the dialogue last
     p = profile.prompts
     values = first + [("target", p.target), ("simulator_role", profile.persona), ("player_type", profile.persona),
                       ("simulator_scene", profile.scenario), ("player_topic", profile.scenario)]
@@ -582,8 +531,7 @@ def _official_request(profile, template, first, history, new_history=None):
     return [{"role": "user", "content": _fill(template, values, brace=("{{", "}}"))}]
 
 
-def _official_history(episode, agent_reply):
-    """Their JSON history of the dialogue and the latest agent reply: (all but the last two, those, the whole)."""
+def _official_history(episode, agent_reply):   # their JSON history: (all but the last two, those two, all)
     messages = [{"role": OFFICIAL_ROLES[r], "content": c} for r, c in _messages(episode) + [("assistant", agent_reply)]]
     return [json.dumps(part, ensure_ascii=False, indent=2) for part in (messages[:-2], messages[-2:], messages)]
 
@@ -593,15 +541,11 @@ def _official_history(episode, agent_reply):
 #     <thought>(i) how the reply changes my emotion (ii) how I feel now (iii) how I will answer</thought>
 #     <change>+6</change>
 #     <reply>what the user says next</reply>
-# Tolerated: whitespace anywhere, tag case (<Change>), a sign on the change ("+6", "- 3", "−3"), code fences,
-# text around the sections, a leading <think>...</think> block, a missing </reply> at the very end (truncated).
-# Rejected (ParseError): a missing section, a change that is not a plain integer ("5.5", "five", "+5 points"),
-# an empty reply. Every parser, ours and the official ones, starts with _text; ours read through _tagged.
+# Tolerated: whitespace, tag case, a sign ("+6", "- 3", "−3"), code fences, text around the sections, a leading
+# <think> block, a missing </reply> at the very end. Rejected (ParseError): see _tagged.
 
-_SECTION = {tag: re.compile(rf"<{tag}>(.*?)</{tag}>", re.IGNORECASE | re.DOTALL)
-            for tag in ("thought", "change", "reply")}
-_OPEN_REPLY = re.compile(r"<reply>(.*)\Z", re.IGNORECASE | re.DOTALL)   # truncated: no </reply>
-_INTEGER = re.compile(r"[+-]?\s*\d+")
+_SECTION = {tag: re.compile(rf"<{tag}>(.*?)</{tag}>", re.I | re.S) for tag in ("thought", "change", "reply")}
+_OPEN_REPLY = re.compile(r"<reply>(.*)\Z", re.I | re.S)   # truncated: no </reply>
 
 
 def _text(text):   # every parser's first check (a JSON null is no answer)
@@ -611,19 +555,18 @@ def _text(text):   # every parser's first check (a JSON null is no answer)
 
 
 def _tagged(text, tags):
-    """The stripped <tag> sections of an answer (without a leading <think> block and code-fence lines), the
-    change as an int; ParseError naming every missing section, a change not a plain integer, an empty reply."""
+    """The stripped <tag> sections, the change an int; ParseError: sections missing, a change not an integer
+    ("5.5", "five", "+5 points"), an empty reply."""
     text = re.sub(r"\A\s*<think>.*?</think>", "", _text(text), flags=re.IGNORECASE | re.DOTALL)
     text = re.sub(r"^\s*```[\w-]*\s*$", "", text, flags=re.MULTILINE)
-    found = {tag: _SECTION[tag].search(text) or (_OPEN_REPLY.search(text) if tag == "reply" else None)
-             for tag in tags}
+    found = {tag: _SECTION[tag].search(text) or (_OPEN_REPLY.search(text) if tag == "reply" else None) for tag in tags}
     missing = [f"<{tag}>" for tag, m in found.items() if m is None]
     if missing:
         raise ParseError(f"missing section(s) {', '.join(missing)}")
     sections = {tag: m.group(1).strip() for tag, m in found.items()}
     if "change" in sections:
         change = sections["change"].replace("\u2212", "-")   # unicode minus
-        if not _INTEGER.fullmatch(change):
+        if not re.fullmatch(r"[+-]?\s*\d+", change):
             raise ParseError(f"<change> must be an integer, got {change[:40]!r}")
         sections["change"] = int(re.sub(r"\s", "", change))
     if sections.get("reply") == "":
@@ -631,19 +574,16 @@ def _tagged(text, tags):
     return [sections[tag] for tag in tags]
 
 
-def parse_simulator_output(text):
-    """One-call answer -> (thought: str, change: int clamped to +-MAX_ABS_CHANGE, reply: str)."""
+def parse_simulator_output(text):   # one call -> (thought, change clamped to +-MAX_ABS_CHANGE, reply)
     thought, change, reply = _tagged(text, ("thought", "change", "reply"))
     return thought, max(-MAX_ABS_CHANGE, min(MAX_ABS_CHANGE, change)), reply
 
 
-def parse_analysis_output(text):
-    """Two-stage call 1 -> (thought, change); the change is NOT clamped here (the protocol clamps it)."""
+def parse_analysis_output(text):   # two-stage call 1 -> (thought, change), unclamped
     return tuple(_tagged(text, ("thought", "change")))
 
 
-def parse_reply_output(text):
-    """Two-stage call 2 (and the opening request) -> the <reply> text; anything else (a plan) is ignored."""
+def parse_reply_output(text):   # two-stage call 2 and the opening -> the <reply> text
     return _tagged(text, ("reply",))[0]
 
 
@@ -667,13 +607,11 @@ def parse_official_analysis(prompts, text):
     return planning, int(change[0])
 
 
-def parse_official_reply(text):
-    """Their reply parse: the text after the last 'Response:', _strip-ed and stripped of quotes."""
+def parse_official_reply(text):   # the text after the last 'Response:', _strip-ed, quotes too
     return _strip(_text(text).split("Response:")[-1], ("\n", "[", "]", "\u201c", "\u201d"))
 
 
-def format_simulator_output(thought, change, reply):
-    """The canonical form of the format above (what RulesBackend writes and an LLM is asked to write)."""
+def format_simulator_output(thought, change, reply):   # the format above, as RulesBackend writes it
     return f"<thought>\n{thought}\n</thought>\n<change>{change:+d}</change>\n<reply>\n{reply}\n</reply>"
 
 
