@@ -390,7 +390,7 @@ def eval_flags(commands):
 #    Success = finals >= 100, Failure = finals < 10 (our records: their protocol's failure line).
 
 
-def _number(value):
+def finite(value):
     """A finite int/float (None, NaN, text and booleans are not)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -423,7 +423,7 @@ def read_system(path):
             except (ValueError, KeyError, TypeError) as e:
                 raise BenchmarkError(f"{path}:{lineno} is neither a SAGE result record (id, emo_point, "
                                      f"history) nor one of our transcripts ({e!r})") from None
-            bad = [v for v in [dialogues[-1][1], *dialogues[-1][2]] if not _number(v)]  # (a string, null, ...)
+            bad = [v for v in [dialogues[-1][1], *dialogues[-1][2]] if not finite(v)]  # (a string, null, ...)
             if bad:
                 raise BenchmarkError(f"{path}:{lineno}: an emotion value is {bad[0]!r}, not a number: fix or drop "
                                      f"that record")
@@ -664,21 +664,17 @@ def replay_flags(commands):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. Pictures in hand-written SVG: an eval's trajectories, the leaderboard's mean per turn, and the training
-#    curves (curves.svg from metrics.jsonl, which rlver.py writes). Each: _svg_start, draw_axes, _svg_end.
+# 5. Pictures in hand-written SVG, all drawn by line_chart: an eval's trajectories, the leaderboard's mean per
+#    turn, and the training curves (curves.svg from metrics.jsonl, which rlver.py writes).
 
 OUTCOME_COLORS = {"success": "#1a9850", "failure": "#d73027", "max_turns": "#7b8794"}
 COLORS = ["#2166ac", "#d73027", "#1a9850", "#762a83", "#e08214", "#35978f", "#7b8794", "#c51b7d"]
+EMOTION_BOX = (64, 62, 630, 404)  # (left, top, right, bottom) of the emotion charts' plot area on a 900 x 460 page
 
 
-def _num(value):
-    """A tick or value label: whole numbers in full (20, 12345), others to 4 significant digits (0.25, 1.5e-05)."""
+def tick_label(value):
+    """Whole numbers in full (20, 12345), others to 4 significant digits (0.25, 1.5e-05)."""
     return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:.4g}"
-
-
-def _scale(lo, hi, a, b):
-    """The linear map sending data lo -> pixel a and hi -> pixel b; a zero-width range maps to the middle."""
-    return (lambda v: (a + b) / 2) if hi == lo else (lambda v: a + (v - lo) * (b - a) / (hi - lo))
 
 
 def nice_ticks(lo, hi, most=6, integer=False):
@@ -695,55 +691,49 @@ def nice_ticks(lo, hi, most=6, integer=False):
             return [first + k * step for k in range(count)]
 
 
-def _svg_start(width, height, title, subtitle, x=64):
-    return [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-            f'viewBox="0 0 {width} {height}" font-family="Helvetica, Arial, sans-serif" font-size="12">',
-            f'<rect width="{width}" height="{height}" fill="white"/>',
-            f'<text x="{x}" y="26" font-size="17" font-weight="bold">{escape(title)}</text>',
-            f'<text x="{x}" y="45" fill="#555">{escape(subtitle)}</text>']
-
-
-def _svg_end(out, path):
-    """Close the document, write it if path is set, return the text."""
-    svg = "\n".join(out + ["</svg>"]) + "\n"
-    if path:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(svg)
-    return svg
-
-
-def draw_axes(out, box, xlim, ylim, xticks, yticks, xlabel, ylabel=None):
-    """Append a plot area's grid, ticks, labels and frame to `out`. box = (left, top, right, bottom) pixels;
-    xlim/ylim = the data (lo, hi) mapped onto it, y growing up. Returns (x, y): the data -> pixel maps."""
+def line_chart(out, box, xlim, ylim, xticks, yticks, xlabel, ylabel="", lines=(), legend=()):
+    """Append to `out` a chart in box = (left, top, right, bottom) pixels of the data ranges xlim and ylim (y up):
+    grid, ticks, labels, one polyline per line = (class, colour, width, [(x, y)], hover text or None, opacity) and
+    a legend = [(colour, width, text)] right of the box. Returns (x, y), the data -> pixel maps."""
     left, top, right, bottom = box
-    x, y = _scale(*xlim, left, right), _scale(*ylim, bottom, top)
+
+    def scale(lo, hi, a, b):  # data lo -> pixel a, hi -> b; a zero-width range maps to the middle
+        return lambda v: (a + b) / 2 if hi == lo else a + (v - lo) * (b - a) / (hi - lo)
+    x, y = scale(*xlim, left, right), scale(*ylim, bottom, top)
     for v in yticks:
         out.append(f'<line x1="{left}" y1="{y(v):.1f}" x2="{right}" y2="{y(v):.1f}" stroke="#e5e5e5"/>')
-        out.append(f'<text x="{left - 8}" y="{y(v) + 4:.1f}" text-anchor="end">{_num(v)}</text>')
+        out.append(f'<text x="{left - 8}" y="{y(v) + 4:.1f}" text-anchor="end">{tick_label(v)}</text>')
     for v in xticks:
         out.append(f'<line x1="{x(v):.1f}" y1="{bottom}" x2="{x(v):.1f}" y2="{bottom + 5}" stroke="#333"/>')
-        out.append(f'<text x="{x(v):.1f}" y="{bottom + 19}" text-anchor="middle">{_num(v)}</text>')
+        out.append(f'<text x="{x(v):.1f}" y="{bottom + 19}" text-anchor="middle">{tick_label(v)}</text>')
     out.append(f'<polyline points="{left},{top} {left},{bottom} {right},{bottom}" fill="none" stroke="#333"/>')
     out.append(f'<text x="{(left + right) / 2}" y="{bottom + 36}" text-anchor="middle">{escape(xlabel)}</text>')
     if ylabel:
         middle = (top + bottom) / 2
         out.append(f'<text x="{left - 46}" y="{middle}" text-anchor="middle" '
                    f'transform="rotate(-90 {left - 46} {middle})">{escape(ylabel)}</text>')
-    return x, y
-
-
-def emotion_plot(title, subtitle, last_turn, xlabel, ylabel, legend):
-    """The canvas of emotion (0..100) against turn (0..last_turn), 900 x 460, with a legend right of the plot
-    area: legend = [(colour, line width, text)]. Returns (out, x, y) for the lines drawn inside."""
-    left, top, right, bottom = 64, 62, 630, 404
-    out = _svg_start(900, 460, title, subtitle, x=left)
-    x, y = draw_axes(out, (left, top, right, bottom), (0, last_turn), (0, 100), range(last_turn + 1),
-                     range(0, 101, 20), xlabel, ylabel)
+    for cls, color, width, points, hover, opacity in lines:
+        coords = " ".join(f"{x(a):.1f},{y(b):.1f}" for a, b in points)
+        out.append(f'<polyline class="{cls}" points="{coords}" fill="none" stroke="{color}" stroke-width="{width}" '
+                   f'stroke-opacity="{opacity}">{f"<title>{escape(hover)}</title>" if hover else ""}</polyline>')
     for j, (color, width, text) in enumerate(legend):
         out.append(f'<line x1="{right + 56}" y1="{top + 14 + 22 * j}" x2="{right + 80}" y2="{top + 14 + 22 * j}" '
                    f'stroke="{color}" stroke-width="{width}"/>')
         out.append(f'<text x="{right + 86}" y="{top + 18 + 22 * j}">{escape(text)}</text>')
-    return out, x, y
+    return x, y
+
+
+def write_page(path, width, height, title, subtitle, body, x=64):
+    """The SVG document: a white page, the title and subtitle at x, then body. Written if path is set; returned."""
+    text = "\n".join([f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+                      f'viewBox="0 0 {width} {height}" font-family="Helvetica, Arial, sans-serif" font-size="12">',
+                      f'<rect width="{width}" height="{height}" fill="white"/>',
+                      f'<text x="{x}" y="26" font-size="17" font-weight="bold">{escape(title)}</text>',
+                      f'<text x="{x}" y="45" fill="#555">{escape(subtitle)}</text>', *body, "</svg>"]) + "\n"
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    return text
 
 
 def mean_trajectory(trajectories):
@@ -753,7 +743,6 @@ def mean_trajectory(trajectories):
 
 
 def mean_per_turn(system):
-    """Mean emotion per user turn over a read_system's dialogues."""
     return mean_trajectory([traj for _, _, traj, _ in system["dialogues"]])
 
 
@@ -765,21 +754,19 @@ def write_svg(path, trajectories, *, max_turns, title, subtitle="", labels=None,
     words = {"success": "success (reached 100)", "failure": "failure (reached 0)" if below <= 1 else
              f"failure (ended below {below})", "max_turns": "ended otherwise"}
     legend = [(c, 1.5, f"{words[k]}: {outcomes.count(k)}") for k, c in OUTCOME_COLORS.items()]
-    out, x, y = emotion_plot(title, subtitle, max_turns, "turn", "emotion (0 = leaves, 100 = fully supported)",
-                             legend + [("#111", 3.5, "mean (ended = final value)")])
-    for i, (traj, outcome) in enumerate(zip(trajectories, outcomes)):
-        jitter = (i % 5 - 2) * 0.8  # < 1 px apart so identical dialogues do not hide behind each other
-        points = " ".join(f"{x(t):.1f},{y(e) + jitter:.1f}" for t, e in enumerate(traj))
-        hover = f"{labels[i] if labels else f'dialogue {i}'}: final emotion {traj[-1]}"
-        out.append(f'<polyline class="dialogue" points="{points}" fill="none" stroke-width="1.5" '
-                   f'stroke="{OUTCOME_COLORS[outcome]}" stroke-opacity="0.55"><title>{escape(hover)}</title>'
-                   f'</polyline>')
-    if trajectories:
-        mean = mean_trajectory(trajectories)
-        points = " ".join(f"{x(t):.1f},{y(e):.1f}" for t, e in enumerate(mean))
-        out.append(f'<polyline class="mean" points="{points}" fill="none" stroke="#111" stroke-width="3.5"/>')
+    # (i % 5 - 2) / 4: identical dialogues drawn < 1 px apart, not hidden behind each other
+    lines = [("dialogue", OUTCOME_COLORS[outcome], 1.5, [(t, e + (i % 5 - 2) / 4) for t, e in enumerate(traj)],
+              f"{labels[i] if labels else f'dialogue {i}'}: final emotion {traj[-1]}", 0.55)
+             for i, (traj, outcome) in enumerate(zip(trajectories, outcomes))]
+    mean = mean_trajectory(trajectories) if trajectories else []
+    out = []
+    x, y = line_chart(out, EMOTION_BOX, (0, max_turns), (0, 100), range(max_turns + 1), range(0, 101, 20), "turn",
+                      "emotion (0 = leaves, 100 = fully supported)",
+                      lines + [("mean", "#111", 3.5, list(enumerate(mean)), None, 1)] if mean else lines,
+                      legend + [("#111", 3.5, "mean (ended = final value)")])
+    if mean:
         out.append(f'<text x="{x(len(mean) - 1) + 6}" y="{y(mean[-1]) - 6}" font-weight="bold">{mean[-1]:.1f}</text>')
-    return _svg_end(out, path)
+    return write_page(path, 900, 460, title, subtitle, out)
 
 
 def write_leaderboard_svg(path, systems):
@@ -788,13 +775,12 @@ def write_leaderboard_svg(path, systems):
     settings = sorted({f"{s['provenance']['protocol']} protocol, simulator {s['provenance']['simulator']}"
                        for s in systems})
     legend = [(COLORS[j % len(COLORS)], 2.5, s["name"]) for j, s in enumerate(systems)]
-    out, x, y = emotion_plot(f"mean emotion per turn ({'; '.join(settings)})", f"{len(systems)} systems",
-                             max(1, max(len(m) for m in means) - 1), "user turn", "mean emotion", legend)
-    for mean, (color, _, name) in zip(means, legend):
-        points = " ".join(f"{x(t):.1f},{y(e):.1f}" for t, e in enumerate(mean))
-        out.append(f'<polyline class="system" points="{points}" fill="none" stroke="{color}" stroke-width="2.5">'
-                   f'<title>{escape(name)}</title></polyline>')
-    return _svg_end(out, path)
+    lines = [("system", color, 2.5, list(enumerate(mean)), name, 1) for mean, (color, _, name) in zip(means, legend)]
+    last_turn = max(1, max(len(m) for m in means) - 1)
+    out = []
+    line_chart(out, EMOTION_BOX, (0, last_turn), (0, 100), range(last_turn + 1), range(0, 101, 20), "user turn",
+               "mean emotion", lines, legend)
+    return write_page(path, 900, 460, f"mean emotion per turn ({'; '.join(settings)})", f"{len(systems)} systems", out)
 
 
 # (metrics key, panel title, the y range always shown or None for the data's own range, colour)
@@ -826,31 +812,28 @@ def run_rows(out):
 def write_curves(path, rows, title="training curves"):
     """Small multiples: a panel per CURVE_SERIES key in `rows` (metrics.jsonl's dicts), value against step, all on
     one x range so they line up; the last value in the title and as a dot. Returns the SVG text (written if path)."""
-    series = [(key, name, fixed, color, sorted((r["step"], r[key]) for r in rows
-                                               if _number(r.get("step")) and _number(r.get(key))))
-              for key, name, fixed, color in CURVE_SERIES]
-    series = [s for s in series if s[-1]]
-    steps = [row["step"] for row in rows if _number(row.get("step"))]
-    n_rows = math.ceil(max(1, len(series)) / CURVE_COLUMNS)
-    W, H = CURVE_LEFT * 2 + CURVE_COLUMNS * PANEL_W, CURVE_TOP + n_rows * PANEL_H
-    out = _svg_start(W, H, title, f"{len(steps)} metrics rows, steps {_num(min(steps))}..{_num(max(steps))}" if steps
-                     else "no metrics rows with a step yet", x=CURVE_LEFT)
-    xlim = (min(steps), max(steps)) if steps else (0, 1)
-    for i, (key, name, fixed, color, points) in enumerate(series):
-        px, py = CURVE_LEFT + (i % CURVE_COLUMNS) * PANEL_W, CURVE_TOP + (i // CURVE_COLUMNS) * PANEL_H
+    steps = [row["step"] for row in rows if finite(row.get("step"))]
+    xlim, out, panels = (min(steps), max(steps)) if steps else (0, 1), [], 0
+    for key, name, fixed, color in CURVE_SERIES:
+        points = sorted((r["step"], r[key]) for r in rows if finite(r.get("step")) and finite(r.get(key)))
+        if not points:
+            continue
+        px, py = CURVE_LEFT + panels % CURVE_COLUMNS * PANEL_W, CURVE_TOP + panels // CURVE_COLUMNS * PANEL_H
+        panels += 1
         lo, hi = min(v for _, v in points), max(v for _, v in points)
         pad = 0 if fixed or lo < hi else abs(lo) * 0.1 or 1.0  # a constant series sits mid-panel
         ylim = (min(fixed[0], lo), max(fixed[1], hi)) if fixed else (lo - pad, hi + pad)
         out.append(f'<g class="panel" data-series="{key}">')
         out.append(f'<text x="{px + 60}" y="{py + 18}" font-weight="bold">{escape(name)}: last '
-                   f'{_num(points[-1][1])} at step {_num(points[-1][0])}</text>')
-        x, y = draw_axes(out, (px + 60, py + 30, px + 420, py + 190), xlim, ylim, nice_ticks(*xlim, integer=True),
-                         nice_ticks(*ylim), "step")
-        coords = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in points)
-        out.append(f'<polyline class="series" points="{coords}" fill="none" stroke="{color}" stroke-width="2"/>')
+                   f'{tick_label(points[-1][1])} at step {tick_label(points[-1][0])}</text>')
+        x, y = line_chart(out, (px + 60, py + 30, px + 420, py + 190), xlim, ylim, nice_ticks(*xlim, integer=True),
+                          nice_ticks(*ylim), "step", lines=[("series", color, 2, points, None, 1)])
         out.append(f'<circle cx="{x(points[-1][0]):.1f}" cy="{y(points[-1][1]):.1f}" r="3" fill="{color}"/>')
         out.append("</g>")
-    return _svg_end(out, path)
+    subtitle = (f"{len(steps)} metrics rows, steps {tick_label(min(steps))}..{tick_label(max(steps))}" if steps
+                else "no metrics rows with a step yet")
+    height = CURVE_TOP + math.ceil(max(1, panels) / CURVE_COLUMNS) * PANEL_H
+    return write_page(path, CURVE_LEFT * 2 + CURVE_COLUMNS * PANEL_W, height, title, subtitle, out, x=CURVE_LEFT)
 
 
 # ----------------------------------------------------------------------------------------------------------
