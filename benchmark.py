@@ -8,13 +8,11 @@ benchmark.py: how good is a policy at empathetic dialogue, and how fast is our m
     python benchmark.py speed --device cuda --dtype bfloat16 --compile
     python benchmark.py rollout --latencies-ms 0,50,200
 
-`eval`: SAGE's benchmark (Sentient Agent as a Judge, arXiv 2505.02847; RLVER's "Sentient benchmark") under
---protocol's rules (simulator.PROTOCOLS): after each policy reply the simulator writes an integer change, which the
-code clamps as the protocol says and applies, emotion <- clamp(emotion + change, 0, 100), until
+`eval`: SAGE's benchmark (Sentient Agent as a Judge, arXiv 2505.02847) under --protocol's rules
+(simulator.PROTOCOLS): after each policy reply emotion <- clamp(emotion + change, 0, 100) until
 simulator.dialogue_end; score = mean FINAL emotion. `leaderboard` ranks eval outputs and SAGE's result files of
-agreeing provenance; `replay` plays those files back through evaluate() with no LLM. `speed` and `rollout` come
-last, their heavy imports inside them (rlver.py imports this file for its evaluation, the --out lock and the
-curves).
+agreeing provenance; `replay` plays those files back through evaluate() with no LLM. `speed` and `rollout` import
+their heavy modules inside them (rlver.py imports this file for its evaluation, the --out lock and the curves).
 """
 
 import argparse
@@ -119,9 +117,9 @@ def report(episodes, out_dir=None, *, seeds=None, title="", config=None, max_tur
 def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=None, mode="vanilla", think=False,
              max_new_tokens=2048, max_context=8192, temperature=0.0, out_dir=None, log=print, title="", config=None,
              protocol="sage", lang=None, initial_emotion=None, max_parse_failure_rate=0.0):
-    """Play every profile once per seed and report(). policy: a model.Transformer with its tokenizer (played by
-    rollout.rollout, training's loop) or a chat client `client(requests) -> texts` (rollout.endpoint_rollout);
-    backend: the simulated user. Refuses, writing nothing, above max_parse_failure_rate unparseable turns."""
+    """Play every profile once per seed and report(). policy: a model.Transformer and its tokenizer (played by
+    rollout.rollout, as in training) or a chat client `client(requests) -> texts` (rollout.endpoint_rollout).
+    Refuses, writing nothing, above max_parse_failure_rate unparseable simulator turns."""
     local = isinstance(policy, torch.nn.Module)
     max_turns = max_turns or sim.protocol_of(protocol).max_turns
     # the protocol's start emotion and language; openings written once, shared by every seed (as SAGE's first_talk)
@@ -140,11 +138,8 @@ def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=None
                                    seeds=[ro.rollout_seed(seed, 0, i) for i in range(len(profiles))])
             played = [d.episode for d in dialogues]
         else:  # (an endpoint gets no seed: with temperature 0 the seeds repeat, above 0 they are not reproducible)
-            try:
-                played = ro.endpoint_rollout(policy, profiles, backend, mode=mode, max_turns=max_turns, think=think,
-                                             log=log)
-            except sim.SimulatorError as e:  # the client, made with role="policy", names the endpoint
-                raise BenchmarkError(str(e)) from None
+            played = ro.endpoint_rollout(policy, profiles, backend, mode=mode, max_turns=max_turns, think=think,
+                                         log=log)
         log(f"seed {seed}: score {summarize(played)['score']:.1f} in {time.time() - start:.1f}s")
         episodes += played
         episode_seeds += [seed] * len(played)
@@ -154,29 +149,6 @@ def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=None
 
 # ----------------------------------------------------------------------------------------------------------
 # 2. The eval command: every check before any work, the provenance, one writer per --out
-
-
-def check_policy(args):
-    """--policy as something that can answer (an endpoint client, or a checked model folder), before loading."""
-    if args.policy.startswith(("http://", "https://")):
-        if not args.policy_model:
-            raise BenchmarkError("--policy is an endpoint URL: name the model to query with --policy-model")
-        client = sim.OpenAIBackend(args.policy, model=args.policy_model, api_key_env=args.policy_key_env,
-                                   concurrency=args.concurrency, temperature=args.temperature,
-                                   max_tokens=args.max_new_tokens, max_retries=args.retries, role="policy",
-                                   timeout=args.policy_timeout, turn_deadline=args.policy_turn_deadline,
-                                   unreachable_hint=f"check that the server at {args.policy} is up and --policy "
-                                                    f"is right")
-        try:
-            client.check()
-        except sim.SimulatorError as e:
-            raise BenchmarkError(str(e)) from None
-        return client
-    if not os.path.isdir(args.policy):
-        raise BenchmarkError(f"--policy {args.policy!r} is neither a local model folder nor an http(s):// URL")
-    read_config(args.policy)  # config.json present, parseable and a supported architecture
-    check_weights(args.policy)  # *.safetensors complete (headers only)
-    return args.policy
 
 
 def sha256(text):
@@ -219,35 +191,34 @@ LOCK_FILE = ".lock"  # <out>/.lock: held by the one process that writes in that 
 HELD_LOCKS = []  # the lock files this process holds, open until it exits
 
 
-def take_lock(f, mode, out):
-    """fcntl.flock(f, mode) without waiting; BenchmarkError naming the holder (the file's first line) if held."""
+def open_locked(out, mode):
+    """<out>/.lock opened and flock(mode)-ed without waiting; BenchmarkError naming the holder (the file's first
+    line) if another process holds it."""
+    f = open(os.path.join(out, LOCK_FILE), "a+", encoding="utf-8")
     try:
         fcntl.flock(f, mode | fcntl.LOCK_NB)
+        return f
     except BlockingIOError:
         f.seek(0)
-        holder = f.readline().strip() or "another process"
-        f.close()
-        raise BenchmarkError(f"--out {out} is in use by {holder}: wait for it to end, or choose another "
-                             f"--out") from None
+        problem = f"is in use by {f.readline().strip() or 'another process'}: wait for it to end, or choose another"
     except OSError as e:  # a filesystem without flock (Lustre mounted without -o flock, some FUSE mounts)
-        f.close()
-        raise BenchmarkError(f"--out {out}: cannot lock {f.name} ({e.strerror}): use a filesystem with flock "
-                             f"support (a local disk, NFS, Lustre mounted with -o flock)") from None
+        problem = (f"cannot lock {f.name} ({e.strerror}): use a filesystem with flock support (a local disk, NFS, "
+                   f"Lustre mounted with -o flock), or another")
+    f.close()
+    raise BenchmarkError(f"--out {out} {problem} --out")
 
 
 def check_not_locked(out):
-    """lock_out's check without writing: a shared lock, dropped at once, names another holder."""
+    """lock_out's check, writing nothing: a shared lock, dropped at once."""
     if os.path.isfile(os.path.join(out, LOCK_FILE)):
-        with open(os.path.join(out, LOCK_FILE), encoding="utf-8") as f:
-            take_lock(f, fcntl.LOCK_SH, out)
+        open_locked(out, fcntl.LOCK_SH).close()
 
 
 def lock_out(out, token=""):
     """One writer per --out (rlver.py and eval): an exclusive flock on <out>/.lock that the OS drops when this process
     dies, even by SIGKILL. Line 1 names the holder, line 2 is `token` (rlver.py's ranks read it)."""
     os.makedirs(out, exist_ok=True)
-    f = open(os.path.join(out, LOCK_FILE), "a+", encoding="utf-8")
-    take_lock(f, fcntl.LOCK_EX, out)
+    f = open_locked(out, fcntl.LOCK_EX)
     f.truncate(0)
     f.write(f"{os.path.basename(sys.argv[0])} (pid {os.getpid()} on {socket.gethostname()}, since "
             f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n{token}\n")
@@ -270,6 +241,29 @@ def check_eval_out(args):
     return old
 
 
+def is_url(text):
+    return text.startswith(("http://", "https://"))
+
+
+def check_policy(args):
+    """--policy as something that can answer: a reachable endpoint's client, or a checked model folder's path."""
+    if not is_url(args.policy):
+        if not os.path.isdir(args.policy):
+            raise BenchmarkError(f"--policy {args.policy!r} is neither a local model folder nor an http(s):// URL")
+        read_config(args.policy)  # config.json present, parseable and a supported architecture
+        check_weights(args.policy)  # *.safetensors complete (headers only)
+        return args.policy
+    if not args.policy_model:
+        raise BenchmarkError("--policy is an endpoint URL: name the model to query with --policy-model")
+    client = sim.OpenAIBackend(args.policy, model=args.policy_model, api_key_env=args.policy_key_env,
+                               concurrency=args.concurrency, temperature=args.temperature,
+                               max_tokens=args.max_new_tokens, max_retries=args.retries, role="policy",
+                               timeout=args.policy_timeout, turn_deadline=args.policy_turn_deadline,
+                               unreachable_hint=f"check that the server at {args.policy} is up and --policy is right")
+    client.check()
+    return client
+
+
 def eval_command(args):
     if args.max_new_tokens >= args.max_context:
         raise BenchmarkError(f"--max-new-tokens {args.max_new_tokens} must be >= 1 and below --max-context "
@@ -283,12 +277,10 @@ def eval_command(args):
     profiles = sim.load_profiles(profiles_path) if profiles_path else sim.builtin_profiles("test")
     profiles = [replace(p, prompts=official) for p in (profiles[:args.limit] if args.limit else profiles)]
     policy, tokenizer = check_policy(args), None
+    client = dict(timeout=args.simulator_timeout, turn_deadline=args.simulator_turn_deadline)
     try:  # (a local simulator model is loaded here: the policy was checked first, cheaply)
-        client = {}  # the HTTP client's knobs, for an endpoint simulator
-        if args.simulator.startswith(("http://", "https://")):
-            client = dict(timeout=args.simulator_timeout, turn_deadline=args.simulator_turn_deadline)
-        backend = sim.make_backend(args.simulator, model_name=args.simulator_model,
-                                   api_key_env=args.simulator_key_env, device=args.device, **client)
+        backend = sim.make_backend(args.simulator, model_name=args.simulator_model, api_key_env=args.simulator_key_env,
+                                   device=args.device, **(client if is_url(args.simulator) else {}))
     except ValueError as e:  # unknown spec or malformed URL
         raise BenchmarkError(str(e)) from None
     backend.check()
@@ -301,9 +293,9 @@ def eval_command(args):
     config["provenance"] = provenance(args, profiles, profiles_path, args.seeds, args.temperature)
     return evaluate(policy, tokenizer, profiles, backend, seeds=args.seeds, max_turns=args.max_turns, mode=args.mode,
                     think=args.think, max_new_tokens=args.max_new_tokens, max_context=args.max_context,
-                    temperature=args.temperature,
-                    out_dir=args.out, config=config, protocol=args.protocol, lang=args.lang,
-                    initial_emotion=args.initial_emotion, max_parse_failure_rate=args.max_parse_failure_rate,
+                    temperature=args.temperature, out_dir=args.out, config=config, protocol=args.protocol,
+                    lang=args.lang, initial_emotion=args.initial_emotion,
+                    max_parse_failure_rate=args.max_parse_failure_rate,
                     title=f"{args.policy_model or os.path.basename(args.policy.rstrip('/'))} ({setting_label(args)})")
 
 
@@ -342,16 +334,14 @@ def eval_flags(commands):
     e.add_argument("--profiles", default=None, help="profile JSONL (ours or public RLVER); default: built-in test set")
     e.add_argument("--limit", type=COUNT, default=0, help="use only the first N profiles (0: all)")
     e.add_argument("--official-prompts", default=None, metavar="DIR",
-                   help="play the authors' own prompts, read from your checkout of their digitalhuman repository "
-                        "(its root, SAGE/ or RLVER/): --protocol sage reads SAGE's simulator, agent prompt and "
-                        "(without --profiles) its 100 scenarios; rlver reads RLVER's simulator and policy prompts")
+                   help="your checkout of the authors' digitalhuman repository (its root, SAGE/ or RLVER/): sage "
+                        "plays SAGE's simulator, agent prompt and (without --profiles) 100 scenarios; rlver RLVER's")
     e.add_argument("--official-quirks", action="store_true",
                    help="with --official-prompts under rlver: every analysis call sees the start emotion, as "
                         "the official trainer's code does (the paper: the live emotion)")
     e.add_argument("--protocol", choices=list(sim.PROTOCOLS), default="sage",
-                   help="dialogue rules (simulator.PROTOCOLS): sage = SAGE's test loop (start 40, +-10, success 100, "
-                        "failure < 10, goodbye, 9 scored replies, two-stage simulator); rlver = RLVER's training "
-                        "simulator; classic = ours (start 50, +-30, one call)")
+                   help="dialogue rules (simulator.PROTOCOLS): sage = SAGE's test loop, rlver = RLVER's training "
+                        "simulator, classic = ours (start 50, +-30, one call)")
     e.add_argument("--max-turns", type=POSITIVE, default=None, help="scored replies (default: the protocol's)")
     e.add_argument("--lang", choices=sim.LANGS, default=None, help="force the template language (default: per profile)")
     e.add_argument("--initial-emotion", type=flag_type(int, lambda v: 1 <= v <= 99, "must be in 1..99"),
@@ -395,43 +385,48 @@ def finite(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def read_record(r, folder):
+    """One record of a SAGE result file or of our transcripts.jsonl -> ((id, final, trajectory, protocol), its
+    provenance); a SAGE file's simulator is named by its folder (dataset/<simulator>_based_simulator/)."""
+    if "emo_point" in r:
+        traj = [t["emotion-point"] for t in r["history"] if t.get("role") == "user"] or [r["emo_point"]]
+        simulator = folder.removesuffix("_based_simulator") if folder.endswith("_based_simulator") else "unknown"
+        return (str(r["id"]), r["emo_point"], traj, "sage"), {
+            "protocol": "sage", "simulator_prompts": {"source": "official SAGE"}, "simulator": simulator}
+    protocol = r.get("protocol", "classic")
+    return (str(r["profile_id"]), r["final_emotion"], [r["initial_emotion"]] + [t["emotion"] for t in r["turns"]],
+            protocol), r.get("provenance") or {"protocol": protocol, "simulator": "unknown",
+                                               "simulator_prompts": {"source": "unknown"}}
+
+
 def read_system(path):
-    """A results file or eval folder -> {"name", "dialogues": [(id, final, trajectory, protocol)], "provenance",
-    "records"}; a SAGE file's simulator is named by its folder (dataset/<simulator>_based_simulator/)."""
+    """A results file or eval folder -> {"name", "dialogues": [(id, final, trajectory, protocol)], "provenance"
+    (the first record's), "records"}."""
     path = os.path.join(path, "transcripts.jsonl") if os.path.isdir(path) else path
     if not os.path.isfile(path):
         raise BenchmarkError(f"no such results file {path}")
-    dialogues, records, provenance, folder = [], [], None, os.path.basename(os.path.dirname(os.path.abspath(path)))
+    dialogues, records, provenances, folder = [], [], [], os.path.basename(os.path.dirname(os.path.abspath(path)))
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                r = json.loads(line)
-                if "emo_point" in r:   # SAGE layout
-                    traj = [t["emotion-point"] for t in r["history"] if t.get("role") == "user"]
-                    dialogues.append((str(r["id"]), r["emo_point"], traj or [r["emo_point"]], "sage"))
-                    provenance = provenance or {"protocol": "sage", "simulator_prompts": {"source": "official SAGE"},
-                                                "simulator": folder.removesuffix("_based_simulator")
-                                                if folder.endswith("_based_simulator") else "unknown"}
-                else:                  # our transcripts.jsonl
-                    traj = [r["initial_emotion"]] + [t["emotion"] for t in r["turns"]]
-                    dialogues.append((str(r["profile_id"]), r["final_emotion"], traj, r.get("protocol", "classic")))
-                    unknown = {"protocol": dialogues[-1][3], "simulator": "unknown",
-                               "simulator_prompts": {"source": "unknown"}}   # (a transcript without provenance)
-                    provenance = provenance or r.get("provenance") or unknown
+                records.append(json.loads(line))
+                dialogue, prov = read_record(records[-1], folder)
             except (ValueError, KeyError, TypeError) as e:
                 raise BenchmarkError(f"{path}:{lineno} is neither a SAGE result record (id, emo_point, "
                                      f"history) nor one of our transcripts ({e!r})") from None
-            bad = [v for v in [dialogues[-1][1], *dialogues[-1][2]] if not finite(v)]  # (a string, null, ...)
+            bad = [v for v in [dialogue[1], *dialogue[2]] if not finite(v)]  # (a string, null, ...)
             if bad:
                 raise BenchmarkError(f"{path}:{lineno}: an emotion value is {bad[0]!r}, not a number: fix or drop "
                                      f"that record")
-            records.append(r)
+            dialogues.append(dialogue)
+            provenances.append(prov)
     if not dialogues:
         raise BenchmarkError(f"{path} has no records")
     name = folder if os.path.basename(path) == "transcripts.jsonl" else os.path.basename(path).removesuffix(".jsonl")
-    return {"name": name.removesuffix("_result"), "dialogues": dialogues, "provenance": provenance, "records": records}
+    return {"name": name.removesuffix("_result"), "dialogues": dialogues, "provenance": provenances[0],
+            "records": records}
 
 
 def round_half_up(value, digits=1):
@@ -448,11 +443,12 @@ def leaderboard_rows(systems):
     rows = []
     for system in systems:
         prov, ids = system["provenance"], sorted({d[0] for d in system["dialogues"]})
-        finals, decoding = [(d[1], d[3]) for d in system["dialogues"]], prov.get("decoding")
-        rows.append({"name": system["name"], "score": round_half_up(sum(f for f, _ in finals) / len(finals)),
-                     "success": sum(sim.final_outcome(f, p) == "success" for f, p in finals),
-                     "failure": sum(sim.final_outcome(f, p) == "failure" for f, p in finals),
-                     "dialogues": len(finals), "protocol": prov["protocol"], "simulator": prov["simulator"],
+        outcomes = [sim.final_outcome(final, protocol) for _, final, _, protocol in system["dialogues"]]
+        decoding = prov.get("decoding")
+        rows.append({"name": system["name"], "dialogues": len(outcomes),
+                     "score": round_half_up(sum(d[1] for d in system["dialogues"]) / len(outcomes)),
+                     "success": outcomes.count("success"), "failure": outcomes.count("failure"),
+                     "protocol": prov["protocol"], "simulator": prov["simulator"],
                      "simulator_prompts": prov["simulator_prompts"]["source"],
                      "profiles": f"{len(ids)} ids #{sha256(chr(10).join(ids))[:8]}",
                      "decoding": f"T={decoding['temperature']:g} max_new={decoding['max_new_tokens']}"
@@ -463,24 +459,20 @@ def leaderboard_rows(systems):
 def versus(systems, name):
     """Per-scenario wins / ties / losses of every other system against `name`, on the scenarios both played (a
     scenario played several times, e.g. several seeds, counts with its mean final emotion)."""
-    by_name = {}
+    finals = {s["name"]: {} for s in systems}
     for s in systems:
-        finals = by_name.setdefault(s["name"], {})
         for pid, final, _, _ in s["dialogues"]:
-            finals.setdefault(pid, []).append(final)
-    by_name = {n: {pid: statistics.mean(v) for pid, v in finals.items()} for n, finals in by_name.items()}
-    name = next((n for n in by_name if n.lower() == name.lower()), name)   # as a README writes it: GPT-4.1
-    if name not in by_name:
-        raise BenchmarkError(f"--versus {name!r} is none of the systems {sorted(by_name)}")
-    base, rows = by_name[name], []
-    for other, finals in by_name.items():
-        if other == name:
-            continue
-        common = sorted(set(base) & set(finals))
+            finals[s["name"]].setdefault(pid, []).append(final)
+    name = next((n for n in finals if n.lower() == name.lower()), name)   # as a README writes it: GPT-4.1
+    if name not in finals:
+        raise BenchmarkError(f"--versus {name!r} is none of the systems {sorted(finals)}")
+    mean = {n: {pid: statistics.mean(v) for pid, v in by_id.items()} for n, by_id in finals.items()}
+    base, rows = mean.pop(name), []
+    for other, theirs in mean.items():
+        common = set(base) & set(theirs)
         rows.append({"name": other, "versus": name, "scenarios": len(common),
-                     "wins": sum(finals[i] > base[i] for i in common),
-                     "ties": sum(finals[i] == base[i] for i in common),
-                     "losses": sum(finals[i] < base[i] for i in common)})
+                     "wins": sum(theirs[i] > base[i] for i in common), "ties": sum(theirs[i] == base[i] for i in common),
+                     "losses": sum(theirs[i] < base[i] for i in common)})
     return rows
 
 
@@ -504,8 +496,7 @@ def leaderboard_command(args):
     if args.json:
         print(json.dumps(rows if not vs else {"leaderboard": rows, "versus": vs}, ensure_ascii=False))
         return rows
-    width, fields = max(6, *(len(n) for n in names)), ("protocol", "simulator", "simulator_prompts", "profiles",
-                                                       "decoding")
+    width, fields = max(6, *map(len, names)), ("protocol", "simulator", "simulator_prompts", "profiles", "decoding")
     print(f"{'system':<{width}}  {'Score':>6} {'Success':>8} {'Failure':>8} {'dialogues':>10}  " + " | ".join(fields))
     for r in rows:
         print(f"{r['name']:<{width}}  {r['score']:>6.1f} {r['success']:>8d} {r['failure']:>8d} {r['dialogues']:>10d}  "
@@ -856,29 +847,27 @@ def run_times(fn, device, warmup, repeats):
 
 
 def spread(values, digits=3):
-    """min/median/max, as printed."""
     return "/".join(f"{v:.{digits}f}" for v in (min(values), statistics.median(values), max(values)))
 
 
 def speed(args, log=print):
     """Greedy decode tokens/s of model.generate (eager; compiled with --compile) against transformers' generate on
-    the same checkpoint (--model, or a fresh random one) and prompts, then one training step's time."""
+    the same checkpoint and prompts, then one training step's time."""
     import transformers
 
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    B, P, N = args.batch, args.prompt_len, args.new_tokens
+    device, B, P, N = torch.device(args.device), args.batch, args.prompt_len, args.new_tokens
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchmarkError("--device cuda but torch sees no CUDA device: use --device cpu")
-    torch.set_num_threads(args.threads or torch.get_num_threads())
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:
+        torch.set_num_threads(args.threads or torch.get_num_threads())
         path = args.model or make_tiny_checkpoint(os.path.join(tmp, "model"), "qwen2", vocab_size=1024,
                                                   hidden_size=args.hidden, num_layers=args.layers, num_heads=4,
                                                   num_kv_heads=2, intermediate_size=768)
         read_config(path)  # one-line error for a bad --model before anything heavy
-        model = load_model(path, device=device, dtype=dtype)
-        hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        model = load_model(path, device=device, dtype=DTYPES[args.dtype])
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype]).to(device).eval()
     hf_model.generation_config.eos_token_id = None  # never stop early: every row makes exactly N tokens
     prompt_ids = torch.randint(0, model.config.vocab_size, (B, P), generator=torch.Generator().manual_seed(0))
     prompts, prompt_ids = prompt_ids.tolist(), prompt_ids.to(device)  # (B, P), equal lengths: no padding
@@ -895,14 +884,13 @@ def speed(args, log=print):
     with torch.no_grad():
         results = {name: run_times(fn, device, 1, args.repeats) for name, fn in runs.items()}
     base_ids, hf_seconds = results["model.py generate"][1], statistics.median(results["transformers generate"][0])
-    lines = [f"{'generation':<22} {'seconds':>8} {'tokens/s min/median/max':>26} {'vs transformers':>16} "
-             f"{'same tokens':>12}"]
+    log(f"{'generation':<22} {'seconds':>8} {'tokens/s min/median/max':>26} {'vs transformers':>16} {'same tokens':>12}")
     for name, (times, ids) in results.items():
         same = sum(a == b for row, base in zip(ids, base_ids) for a, b in zip(row, base)) / (B * N)
-        lines.append(f"{name:<22} {statistics.median(times):>8.3f} {spread([B * N / t for t in times], 1):>26} "
-                     f"{hf_seconds / statistics.median(times):>15.2f}x {same:>12.1%}")
-    log("\n".join(lines) + "\n(vs transformers = tokens/s / transformers' tokens/s in this run; same tokens = share "
-        "of greedy tokens equal to model.py's; with --compile the untimed warm-up call compiles)")
+        log(f"{name:<22} {statistics.median(times):>8.3f} {spread([B * N / t for t in times], 1):>26} "
+            f"{hf_seconds / statistics.median(times):>15.2f}x {same:>12.1%}")
+    log("(vs transformers = tokens/s / transformers' tokens/s in this run; same tokens = share of greedy tokens equal "
+        "to model.py's; with --compile the untimed warm-up call compiles)")
     del hf_model, runs  # free transformers' memory before the gradients and AdamW state
     return {name: times for name, (times, _) in results.items()} | {"train": train_step_speed(args, model, log)}
 
@@ -911,7 +899,7 @@ def train_step_speed(args, model, log):
     """One policy-gradient step as rlver trains (fp32 master weights, --dtype compute by autocast, AdamW) on random
     tokens: loss = -mean over the "sampled" tokens of advantage * log p(token), the REINFORCE core of PPO/GRPO."""
     device, (B, P), T = model.inv_freq.device, (args.batch, args.prompt_len), args.prompt_len + args.new_tokens
-    model.float()  # fp32 master weights; bf16 compute by autocast (model.Transformer.autocast_dtype)
+    model.float()
     model.autocast_dtype = None if args.dtype == "float32" else DTYPES[args.dtype]
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (B, T), generator=g).to(device)  # (B, T)
@@ -931,32 +919,30 @@ def train_step_speed(args, model, log):
 
 
 def serve_simulator(latency_s, port_queue):
-    """An OpenAI-compatible chat endpoint on 127.0.0.1 answering as simulator.RulesBackend after latency_s, in its
-    own process (no competing for the rollout's GIL); puts its port on port_queue, serves until terminated."""
+    """An OpenAI-compatible endpoint on 127.0.0.1 answering as simulator.RulesBackend after latency_s, in its own
+    process (not competing for the rollout's GIL); puts its port on port_queue and serves until terminated."""
     import http.server
 
     rules = sim.RulesBackend()
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
+        def do_GET(self):  # /v1/models (OpenAIBackend.check)
+            self.answer({"data": [{"id": "rules"}]})
 
-        def send(self, body):
+        def do_POST(self):  # /v1/chat/completions
+            messages = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"]
+            time.sleep(latency_s)
+            self.answer({"choices": [{"message": {"role": "assistant", "content": rules([messages])[0]}}]})
+
+        def answer(self, body):
             data = json.dumps(body).encode()
             self.send_response(200)
-            self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
 
-        def do_GET(self):  # GET /v1/models (OpenAIBackend.check)
-            self.send({"object": "list", "data": [{"id": "rules", "object": "model"}]})
-
-        def do_POST(self):  # POST /v1/chat/completions
-            payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            time.sleep(latency_s)
-            content = rules([payload["messages"]])[0]
-            self.send({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]})
+        def log_message(self, *args):
+            pass
 
     class Server(http.server.ThreadingHTTPServer):
         daemon_threads = True
@@ -967,7 +953,7 @@ def serve_simulator(latency_s, port_queue):
     server.serve_forever(poll_interval=0.05)
 
 
-ENGINE_VARIANTS = {  # name -> rollout.rollout's ablation switches (kv reuse off, overlap off, both)
+ENGINE_VARIANTS = {  # name -> rollout.rollout's ablation switches
     "engine": dict(kv_reuse=True, overlap=True),
     "no-overlap": dict(kv_reuse=True, overlap=False),
     "no-kv-reuse": dict(kv_reuse=False, overlap=True),
@@ -979,10 +965,9 @@ def rollout_variants(model, tokenizer, profiles, backend, args, latency):
     """Every ENGINE_VARIANTS entry, args.repeats times, on the same dialogues: one row per variant."""
     seeds, rows = [ro.rollout_seed(0, 0, j) for j in range(len(profiles))], []
     for name, switches in ENGINE_VARIANTS.items():
-        times, timing = [], {}
+        times = []
         for _ in range(args.repeats):
-            timing = {}
-            t0 = time.time()
+            timing, t0 = {}, time.time()
             dialogues = ro.rollout(model, tokenizer, profiles, backend, seeds=seeds, think=False,
                                    max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
                                    timing=timing, **switches)
@@ -1005,8 +990,7 @@ def rollout_bench(args, log=print):
                                                   num_layers=args.layers)
         read_config(path)
         model, tokenizer = load_model(path), load_tokenizer(path)
-    # A random model almost never samples EOS (1 / vocab per token): every reply would run to max_new_tokens.
-    # +eos_bias on the EOS logit gives replies of varied length, as a chat model's are (geometric, mean ~1/p).
+    # A random model almost never samples EOS: +eos_bias on its logit gives replies of varied length (geometric)
     eos = tokenizer.eos_token_id
     model.lm_head.register_forward_hook(lambda m, i, logits: logits.index_add(
         -1, torch.tensor([eos]), torch.full((*logits.shape[:-1], 1), args.eos_bias)))
@@ -1014,29 +998,28 @@ def rollout_bench(args, log=print):
     log(f"rollout: {len(profiles)} dialogues ({args.profiles} profiles x group {args.group_size}), "
         f"{args.max_turns} turns x <= {args.max_new_tokens} tokens, hidden {model.config.hidden_size} x "
         f"{model.config.num_hidden_layers} layers, {torch.get_num_threads()} threads, {args.repeats} repeats")
+    log(f"{'sim latency':>11} {'variant':<20} {'wall s (min/med/max)':>22} {'prefill/conv':>12} {'decode steps':>12} "
+        f"{'rows/step':>9} {'sim wait s':>10} {'vs lockstep':>11} {'same ids':>8}")
     rows, ctx = [], multiprocessing.get_context("spawn")
     for latency in args.latencies_ms:
         port_queue = ctx.Queue()
         server = ctx.Process(target=serve_simulator, args=(latency / 1000, port_queue), daemon=True)
         server.start()
-        url = f"http://127.0.0.1:{port_queue.get(timeout=60)}/v1"
-        backend = sim.OpenAIBackend(url, model="rules", concurrency=len(profiles))
+        backend = sim.OpenAIBackend(f"http://127.0.0.1:{port_queue.get(timeout=60)}/v1", model="rules",
+                                    concurrency=len(profiles))
         try:
             rows += rollout_variants(model, tokenizer, profiles, backend, args, latency)
         finally:
             server.terminate()
             server.join()
-    lines = [f"{'sim latency':>11} {'variant':<20} {'wall s (min/med/max)':>22} {'prefill/conv':>12} "
-             f"{'decode steps':>12} {'rows/step':>9} {'sim wait s':>10} {'vs lockstep':>11} {'same ids':>8}"]
-    for r in rows:
-        t = r["timing"]
-        lines.append(f"{r['latency_ms']:>9.0f}ms {r['variant']:<20} {spread(r['seconds'], 2):>22}  "
-                     f"{t['prefill_tokens'] / t['conversation_tokens']:>12.2f} {t['decode_steps']:>12} "
-                     f"{t['active_rows'] / max(t['decode_steps'], 1):>9.1f} {t['simulator']:>10.2f} "
-                     f"{r['speedup']:>10.2f}x {'yes' if r['same'] else 'NO':>8}")
-    log("\n".join(lines) + "\n(prefill/conv = tokens fed by prefill / tokens in the finished conversations; vs "
-        "lockstep = median wall time of 'lockstep re-prefill' / this variant's; same ids = every dialogue's tokens "
-        "equal the engine's; the last run's counters)")
+        for r in rows[-len(ENGINE_VARIANTS):]:
+            t = r["timing"]
+            log(f"{r['latency_ms']:>9.0f}ms {r['variant']:<20} {spread(r['seconds'], 2):>22}  "
+                f"{t['prefill_tokens'] / t['conversation_tokens']:>12.2f} {t['decode_steps']:>12} "
+                f"{t['active_rows'] / max(t['decode_steps'], 1):>9.1f} {t['simulator']:>10.2f} "
+                f"{r['speedup']:>10.2f}x {'yes' if r['same'] else 'NO':>8}")
+    log("(prefill/conv = tokens fed by prefill / tokens in the finished conversations; vs lockstep = median wall "
+        "time of 'lockstep re-prefill' / this variant's; same ids = every dialogue's tokens equal the engine's)")
     return rows
 
 
