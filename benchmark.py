@@ -83,12 +83,12 @@ def report(episodes, out_dir=None, *, seeds=None, title="", config=None, max_tur
     seeds = list(seeds) if seeds is not None else [0] * len(episodes)
     summary = summarize(episodes)
     per_seed = {s: summarize([ep for ep, es in zip(episodes, seeds) if es == s])["score"] for s in dict.fromkeys(seeds)}
-    summary["per_seed_scores"] = {str(s): score for s, score in per_seed.items()}
-    summary["seed_mean"] = statistics.mean(per_seed.values())
-    summary["seed_std"] = statistics.stdev(per_seed.values()) if len(per_seed) > 1 else 0.0  # sample std (n-1)
-    summary["parse_failures"] = sum(ep.parse_failures for ep in episodes)
-    summary["config"] = config or {}
-    summary["provenance"] = summary["config"].get("provenance")
+    config = config or {}
+    summary.update(per_seed_scores={str(s): score for s, score in per_seed.items()},
+                   seed_mean=statistics.mean(per_seed.values()),
+                   seed_std=statistics.stdev(per_seed.values()) if len(per_seed) > 1 else 0.0,  # sample std (n-1)
+                   parse_failures=sum(ep.parse_failures for ep in episodes), config=config,
+                   provenance=config.get("provenance"))
     log(profile_table(episodes))
     headline = (f"score {summary['score']:.1f} (seeds: {summary['seed_mean']:.1f} ± {summary['seed_std']:.1f}) | "
                 f"success {summary['success']} ({summary['success_rate']:.0%}) | "
@@ -105,7 +105,7 @@ def report(episodes, out_dir=None, *, seeds=None, title="", config=None, max_tur
                                    ensure_ascii=False) + "\n")
         with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2, ensure_ascii=False)
-        max_turns = max_turns or summary["config"].get("max_turns") or max(len(ep.turns) for ep in episodes) or 1
+        max_turns = max_turns or config.get("max_turns") or max(len(ep.turns) for ep in episodes) or 1
         write_svg(os.path.join(out_dir, "trajectories.svg"), list(map(sim.trajectory, episodes)), max_turns=max_turns,
                   title=f"{title + ' - ' if title else ''}Sentient-style score {summary['score']:.1f}",
                   subtitle=headline, labels=[f"{ep.profile.id} (seed {s})" for ep, s in zip(episodes, seeds)],
@@ -162,8 +162,7 @@ def setting_label(args):
 
 
 def provenance(args, profiles, profiles_path, seeds, temperature):
-    """What makes a score comparable (summary.json, every transcript): rules, simulator and its prompts, the
-    policy's prompt and decoding, scenarios, seeds. args: eval's or rlver.py's flags (their names agree)."""
+    """What makes a score comparable (summary.json, every transcript). args: eval's or rlver.py's flags."""
     official = profiles[0].prompts
     langs = sorted({args.lang or p.lang or sim.detect_lang(p) for p in profiles})
     policy = sorted({ro.system_prompt(args.think, lang, official) for lang in langs})
@@ -192,8 +191,7 @@ HELD_LOCKS = []  # the lock files this process holds, open until it exits
 
 
 def open_locked(out, mode):
-    """<out>/.lock opened and flock(mode)-ed without waiting; BenchmarkError naming the holder (the file's first
-    line) if another process holds it."""
+    """<out>/.lock, flock(mode)-ed without waiting; if another process holds it, BenchmarkError naming the holder."""
     f = open(os.path.join(out, LOCK_FILE), "a+", encoding="utf-8")
     try:
         fcntl.flock(f, mode | fcntl.LOCK_NB)
