@@ -8,11 +8,9 @@ benchmark.py: how good is a policy at empathetic dialogue, and how fast is our m
     python benchmark.py speed --device cuda --dtype bfloat16 --compile
     python benchmark.py rollout --latencies-ms 0,50,200
 
-`eval`: SAGE's benchmark (Sentient Agent as a Judge, arXiv 2505.02847) under --protocol's rules
-(simulator.PROTOCOLS): after each policy reply emotion <- clamp(emotion + change, 0, 100) until
-simulator.dialogue_end; score = mean FINAL emotion. `leaderboard` ranks eval outputs and SAGE's result files of
-agreeing provenance; `replay` plays those files back through evaluate() with no LLM. `speed` and `rollout` import
-their heavy modules inside them (rlver.py imports this file for its evaluation, the --out lock and the curves).
+`eval` is SAGE's benchmark (arXiv 2505.02847) under --protocol's rules: after each policy reply emotion <-
+clamp(emotion + change, 0, 100) until simulator.dialogue_end; score = mean FINAL emotion. `speed` and `rollout`
+import their heavy modules inside them (rlver.py imports this file for its evaluation, the --out lock, the curves).
 """
 
 import argparse
@@ -78,8 +76,7 @@ def profile_table(episodes):
 
 
 def report(episodes, out_dir=None, *, seeds=None, title="", config=None, max_turns=None, log=print):
-    """Summarise episodes (episodes[i] played with seeds[i], default 0), print the table, write transcripts.jsonl,
-    summary.json and trajectories.svg into out_dir if given. Returns the summary."""
+    """Summarise episodes (episodes[i] played with seeds[i], default 0), print it, write EVAL_FILES into out_dir."""
     seeds = list(seeds) if seeds is not None else [0] * len(episodes)
     summary = summarize(episodes)
     per_seed = {s: summarize([ep for ep, es in zip(episodes, seeds) if es == s])["score"] for s in dict.fromkeys(seeds)}
@@ -117,9 +114,8 @@ def report(episodes, out_dir=None, *, seeds=None, title="", config=None, max_tur
 def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=None, mode="vanilla", think=False,
              max_new_tokens=2048, max_context=8192, temperature=0.0, out_dir=None, log=print, title="", config=None,
              protocol="sage", lang=None, initial_emotion=None, max_parse_failure_rate=0.0):
-    """Play every profile once per seed and report(). policy: a model.Transformer and its tokenizer (played by
-    rollout.rollout, as in training) or a chat client `client(requests) -> texts` (rollout.endpoint_rollout).
-    Refuses, writing nothing, above max_parse_failure_rate unparseable simulator turns."""
+    """Play every profile once per seed and report(). policy: a model.Transformer (played by rollout.rollout, as in
+    training) or a chat client `client(requests) -> texts` (rollout.endpoint_rollout)."""
     local = isinstance(policy, torch.nn.Module)
     max_turns = max_turns or sim.protocol_of(protocol).max_turns
     # the protocol's start emotion and language; openings written once, shared by every seed (as SAGE's first_talk)
@@ -207,14 +203,13 @@ def open_locked(out, mode):
 
 
 def check_not_locked(out):
-    """lock_out's check, writing nothing: a shared lock, dropped at once."""
     if os.path.isfile(os.path.join(out, LOCK_FILE)):
         open_locked(out, fcntl.LOCK_SH).close()
 
 
 def lock_out(out, token=""):
-    """One writer per --out (rlver.py and eval): an exclusive flock on <out>/.lock that the OS drops when this process
-    dies, even by SIGKILL. Line 1 names the holder, line 2 is `token` (rlver.py's ranks read it)."""
+    """One writer per --out: an exclusive flock that the OS drops when this process dies, even by SIGKILL. Line 1
+    names the holder, line 2 is `token` (rlver.py's ranks read it)."""
     os.makedirs(out, exist_ok=True)
     f = open_locked(out, fcntl.LOCK_EX)
     f.truncate(0)
@@ -228,7 +223,6 @@ EVAL_FILES = ("transcripts.jsonl", "summary.json", "trajectories.svg")  # what a
 
 
 def check_eval_out(args):
-    """eval's --out: a folder without an earlier eval's files, unless --overwrite. Returns the earlier files."""
     if blocking_file(args.out):
         raise BenchmarkError(f"--out {args.out}: {blocking_file(args.out)} is a file, not a folder: choose "
                              f"another --out")
@@ -244,7 +238,7 @@ def is_url(text):
 
 
 def check_policy(args):
-    """--policy as something that can answer: a reachable endpoint's client, or a checked model folder's path."""
+    """A reachable endpoint's client, or a checked model folder's path (loaded after every cheap check)."""
     if not is_url(args.policy):
         if not os.path.isdir(args.policy):
             raise BenchmarkError(f"--policy {args.policy!r} is neither a local model folder nor an http(s):// URL")
@@ -334,12 +328,10 @@ def eval_flags(commands):
     e.add_argument("--official-prompts", default=None, metavar="DIR",
                    help="your checkout of the authors' digitalhuman repository (its root, SAGE/ or RLVER/): sage "
                         "plays SAGE's simulator, agent prompt and (without --profiles) 100 scenarios; rlver RLVER's")
-    e.add_argument("--official-quirks", action="store_true",
-                   help="with --official-prompts under rlver: every analysis call sees the start emotion, as "
-                        "the official trainer's code does (the paper: the live emotion)")
-    e.add_argument("--protocol", choices=list(sim.PROTOCOLS), default="sage",
-                   help="dialogue rules (simulator.PROTOCOLS): sage = SAGE's test loop, rlver = RLVER's training "
-                        "simulator, classic = ours (start 50, +-30, one call)")
+    e.add_argument("--official-quirks", action="store_true", help="with --official-prompts under rlver: every "
+                   "analysis call sees the start emotion, as the official trainer's code does")
+    e.add_argument("--protocol", choices=list(sim.PROTOCOLS), default="sage", help="dialogue rules "
+                   "(simulator.PROTOCOLS): sage = SAGE's test loop, rlver = RLVER's training simulator, classic = ours")
     e.add_argument("--max-turns", type=POSITIVE, default=None, help="scored replies (default: the protocol's)")
     e.add_argument("--lang", choices=sim.LANGS, default=None, help="force the template language (default: per profile)")
     e.add_argument("--initial-emotion", type=flag_type(int, lambda v: 1 <= v <= 99, "must be in 1..99"),
@@ -347,12 +339,9 @@ def eval_flags(commands):
     e.add_argument("--seeds", default="0", help="comma-separated: each profile is played once per seed",
                    type=flag_type(comma_separated(int), lambda v: v and len(set(v)) == len(v),
                                   "give distinct comma-separated integers, e.g. 0,1,2"))
-    e.add_argument("--think", action=argparse.BooleanOptionalAction, default=False,
-                   help="think-then-say system prompt (use it for policies trained with --think)")
-    e.add_argument("--max-new-tokens", type=POSITIVE, default=2048,
-                   help="per policy turn (SAGE's replies often pass 350 Chinese characters; a cut reply is warned)")
-    e.add_argument("--max-context", type=POSITIVE, default=8192,
-                   help="a local policy's dialogue ends before a turn could outgrow this many tokens")
+    e.add_argument("--think", action=argparse.BooleanOptionalAction, default=False, help="think-then-say prompt")
+    e.add_argument("--max-new-tokens", type=POSITIVE, default=2048, help="per policy turn (a cut reply is warned)")
+    e.add_argument("--max-context", type=POSITIVE, default=8192, help="a local policy's dialogue's token limit")
     e.add_argument("--temperature", type=float, default=0.0, help="policy sampling temperature (0: greedy)")
     e.add_argument("--concurrency", type=POSITIVE, default=16, help="parallel requests to a policy endpoint")
     e.add_argument("--retries", type=COUNT, default=4, help="retries per policy endpoint request")
@@ -364,8 +353,7 @@ def eval_flags(commands):
                    default=0.0, help="refuse to score above this share of simulator turns still unparseable after "
                                      "2 re-asks (0: SAGE never scores such a turn)")
     e.add_argument("--policy-timeout", type=SECONDS, default=120.0, help="seconds per policy endpoint request")
-    e.add_argument("--policy-turn-deadline", type=SECONDS, default=600.0,
-                   help="seconds for all policy endpoint answers of one turn")
+    e.add_argument("--policy-turn-deadline", type=SECONDS, default=600.0, help="seconds for a turn's policy answers")
     e.add_argument("--simulator-timeout", type=SECONDS, default=120.0, help="seconds per simulator endpoint request")
     e.add_argument("--simulator-turn-deadline", type=SECONDS, default=600.0,
                    help="seconds for all simulator answers of one turn")
@@ -384,22 +372,22 @@ def finite(value):
 
 
 def read_record(r, folder):
-    """One record of a SAGE result file or of our transcripts.jsonl -> ((id, final, trajectory, protocol), its
-    provenance); a SAGE file's simulator is named by its folder (dataset/<simulator>_based_simulator/)."""
+    """A SAGE result record or one of our transcripts -> ((id, final, trajectory, protocol), provenance); a SAGE
+    file's simulator is named by its folder (dataset/<simulator>_based_simulator/)."""
     if "emo_point" in r:
         traj = [t["emotion-point"] for t in r["history"] if t.get("role") == "user"] or [r["emo_point"]]
         simulator = folder.removesuffix("_based_simulator") if folder.endswith("_based_simulator") else "unknown"
         return (str(r["id"]), r["emo_point"], traj, "sage"), {
             "protocol": "sage", "simulator_prompts": {"source": "official SAGE"}, "simulator": simulator}
     protocol = r.get("protocol", "classic")
-    return (str(r["profile_id"]), r["final_emotion"], [r["initial_emotion"]] + [t["emotion"] for t in r["turns"]],
-            protocol), r.get("provenance") or {"protocol": protocol, "simulator": "unknown",
-                                               "simulator_prompts": {"source": "unknown"}}
+    traj = [r["initial_emotion"]] + [t["emotion"] for t in r["turns"]]
+    return (str(r["profile_id"]), r["final_emotion"], traj, protocol), r.get("provenance") or {
+        "protocol": protocol, "simulator": "unknown", "simulator_prompts": {"source": "unknown"}}
 
 
 def read_system(path):
-    """A results file or eval folder -> {"name", "dialogues": [(id, final, trajectory, protocol)], "provenance"
-    (the first record's), "records"}."""
+    """A results file or eval folder -> {"name", "dialogues": [(id, final, trajectory, protocol)], "provenance",
+    "records"}."""
     path = os.path.join(path, "transcripts.jsonl") if os.path.isdir(path) else path
     if not os.path.isfile(path):
         raise BenchmarkError(f"no such results file {path}")
@@ -455,8 +443,7 @@ def leaderboard_rows(systems):
 
 
 def versus(systems, name):
-    """Per-scenario wins / ties / losses of every other system against `name`, on the scenarios both played (a
-    scenario played several times, e.g. several seeds, counts with its mean final emotion)."""
+    """Per-scenario wins / ties / losses of every other system against `name` (several seeds: the mean final)."""
     finals = {s["name"]: {} for s in systems}
     for s in systems:
         for pid, final, _, _ in s["dialogues"]:
@@ -465,13 +452,11 @@ def versus(systems, name):
     if name not in finals:
         raise BenchmarkError(f"--versus {name!r} is none of the systems {sorted(finals)}")
     mean = {n: {pid: statistics.mean(v) for pid, v in by_id.items()} for n, by_id in finals.items()}
-    base, rows = mean.pop(name), []
-    for other, theirs in mean.items():
-        common = set(base) & set(theirs)
-        rows.append({"name": other, "versus": name, "scenarios": len(common),
-                     "wins": sum(theirs[i] > base[i] for i in common), "ties": sum(theirs[i] == base[i] for i in common),
-                     "losses": sum(theirs[i] < base[i] for i in common)})
-    return rows
+    base = mean.pop(name)
+    return [{"name": other, "versus": name, "scenarios": len(set(base) & set(theirs)),
+             "wins": sum(theirs[i] > base[i] for i in set(base) & set(theirs)),
+             "ties": sum(theirs[i] == base[i] for i in set(base) & set(theirs)),
+             "losses": sum(theirs[i] < base[i] for i in set(base) & set(theirs))} for other, theirs in mean.items()]
 
 
 def leaderboard_command(args):
@@ -524,14 +509,12 @@ def leaderboard_flags(commands):
 
 
 def published_turns(record):
-    """(the agent's replies, the user turns after the opening) of one SAGE result record."""
     history = record["history"]
     return [m["content"] for m in history if m["role"] == "assistant"], [m for m in history if m["role"] == "user"][1:]
 
 
 def replay_policy(profiles, records):
-    """policy(requests) -> texts: a chat opened as profile p's, holding k agent replies, gets p's published reply
-    k + 1 (past the published dialogue: an empty reply)."""
+    """A chat opened as profile p's, holding k agent replies, gets p's published reply k + 1 (past the end: "")."""
     replies = {p.opening: published_turns(records[p.id])[0] for p in profiles}
 
     def policy(requests):   # requests: rollout.policy_messages, [system, opening, assistant, user, ...]
@@ -541,9 +524,8 @@ def replay_policy(profiles, records):
 
 
 def replay_simulator(prompts, profiles, records):
-    """backend(requests) -> texts: a request is the k-th call of its kind (analysis: it starts as the analysis
-    template does; else reply) of the scenario whose scene it holds, and gets that scenario's published user turn
-    k as SAGE's simulator wrote it (past the published dialogue: change 0, an empty reply)."""
+    """The k-th call of a kind (analysis: it starts as the analysis template does; else reply) of the scenario whose
+    scene it holds gets that scenario's published user turn k as SAGE's simulator wrote it."""
     turns = {p.scenario: published_turns(records[p.id])[1] for p in profiles}
     analysis_start, calls = prompts.analysis.split("{{")[0], {}
     past_the_end = {"planning": {"change": 0}, "thinking": "", "content": ""}
@@ -559,15 +541,14 @@ def replay_simulator(prompts, profiles, records):
             turn = turns[scenes[0]][k] if k < len(turns[scenes[0]]) else past_the_end
             planning = {key.lower(): value for key, value in turn["planning"].items()}  # under prompts.headers
             analysis = "".join(f"{h}:\n{planning.get(h.lower(), '')}\n" for h in prompts.headers)
-            reply = f"Thinking:\n{turn['thinking']}\nResponse:\n{turn['content']}"
-            texts.append(analysis if kind == "analysis" else reply)
+            texts.append(analysis if kind == "analysis" else f"Thinking:\n{turn['thinking']}\n"
+                                                             f"Response:\n{turn['content']}")
         return texts
     return backend
 
 
 def replay_differences(records, transcripts):
-    """One line per scenario whose replay differs from its published record: both finals and lengths and the first
-    turn (its emotion and the user's reply; turn 0: the start emotion) where they part."""
+    """One line per scenario whose replay differs from its published record, naming the first turn where they part."""
     lines = []
     for ours in transcripts:
         record = records[ours["profile_id"]]
@@ -588,7 +569,7 @@ def replay_differences(records, transcripts):
 
 
 def published_records(path, records):
-    """A SAGE result file's records (read_system's) by id, each checked for the fields replay reads."""
+    """read_system's records by id, each checked for the fields replay reads."""
     for r in records:
         try:
             agents, users = published_turns(r)
@@ -606,7 +587,7 @@ def published_records(path, records):
 
 
 def replay_file(path, prompts, profiles, log=print):
-    """Replay one published file; print its published row, ours and each scenario that differs. True: reproduced."""
+    """Replay one published file, print its published row, ours and each scenario that differs. True: reproduced."""
     system = read_system(path)
     records = published_records(path, system["records"])
     played = [replace(p, prompts=prompts) for p in profiles if p.id in records]
@@ -736,8 +717,8 @@ def mean_per_turn(system):
 
 
 def write_svg(path, trajectories, *, max_turns, title, subtitle="", labels=None, protocol="classic"):
-    """An eval's trajectories.svg: one thin line per dialogue ([e_0, e_1, ...]) coloured by how it ended, and the
-    mean trajectory in bold. Returns the SVG text (written if path is set)."""
+    """An eval's trajectories.svg: a thin line per dialogue ([e_0, e_1, ...]) coloured by how it ended, the mean in
+    bold. Returns the SVG text (written if path is set)."""
     outcomes = [sim.final_outcome(traj[-1], protocol) or "max_turns" for traj in trajectories]
     below = sim.protocol_of(protocol).failure_below
     words = {"success": "success (reached 100)", "failure": "failure (reached 0)" if below <= 1 else
@@ -772,7 +753,7 @@ def write_leaderboard_svg(path, systems):
     return write_page(path, 900, 460, f"mean emotion per turn ({'; '.join(settings)})", f"{len(systems)} systems", out)
 
 
-# (metrics key, panel title, the y range always shown or None for the data's own range, colour)
+# (metrics key, panel title, the y range always shown or None for the data's own, colour)
 CURVE_SERIES = [("reward", "mean reward", (0, 1), "#2166ac"),
                 ("success", "success rate (emotion 100)", (0, 1), "#1a9850"),
                 ("failure", "failure rate (emotion 0)", (0, 1), "#d73027"),
@@ -780,8 +761,7 @@ CURVE_SERIES = [("reward", "mean reward", (0, 1), "#2166ac"),
                 ("kl_ref", "KL to the reference policy", None, "#e08214"),
                 ("entropy", "policy entropy", None, "#35978f"),
                 ("policy_tokens", "policy tokens per step", None, "#7b8794")]
-# Panels in CURVE_COLUMNS columns, each PANEL_W x PANEL_H pixels, the first at (CURVE_LEFT, CURVE_TOP); a panel's
-# plot area spans x + 60 .. x + 420 and y + 30 .. y + 190 (its title above).
+# CURVE_COLUMNS columns of PANEL_W x PANEL_H panels from (CURVE_LEFT, CURVE_TOP); plot area x+60..x+420, y+30..y+190
 CURVE_COLUMNS, PANEL_W, PANEL_H, CURVE_LEFT, CURVE_TOP = 2, 450, 240, 30, 70
 
 
@@ -799,8 +779,8 @@ def run_rows(out):
 
 
 def write_curves(path, rows, title="training curves"):
-    """Small multiples: a panel per CURVE_SERIES key in `rows` (metrics.jsonl's dicts), value against step, all on
-    one x range so they line up; the last value in the title and as a dot. Returns the SVG text (written if path)."""
+    """A panel per CURVE_SERIES key in `rows` (metrics.jsonl's dicts), value against step, all on one x range; the
+    last value in the title and as a dot. Returns the SVG text (written if path is set)."""
     steps = [row["step"] for row in rows if finite(row.get("step"))]
     xlim, out, panels = (min(steps), max(steps)) if steps else (0, 1), [], 0
     for key, name, fixed, color in CURVE_SERIES:
@@ -830,7 +810,7 @@ def write_curves(path, rows, title="training curves"):
 
 
 def run_times(fn, device, warmup, repeats):
-    """Wall times of fn() over `repeats` runs after `warmup` untimed ones. Returns (times, last output)."""
+    """Wall times of `repeats` runs of fn() after `warmup` untimed ones, and the last output."""
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     for _ in range(warmup):
         fn()
@@ -849,8 +829,8 @@ def spread(values, digits=3):
 
 
 def speed(args, log=print):
-    """Greedy decode tokens/s of model.generate (eager; compiled with --compile) against transformers' generate on
-    the same checkpoint and prompts, then one training step's time."""
+    """Greedy tokens/s of model.generate (eager; compiled with --compile) against transformers' generate on the
+    same checkpoint and prompts, then one training step's time."""
     import transformers
 
     device, B, P, N = torch.device(args.device), args.batch, args.prompt_len, args.new_tokens
@@ -894,8 +874,8 @@ def speed(args, log=print):
 
 
 def train_step_speed(args, model, log):
-    """One policy-gradient step as rlver trains (fp32 master weights, --dtype compute by autocast, AdamW) on random
-    tokens: loss = -mean over the "sampled" tokens of advantage * log p(token), the REINFORCE core of PPO/GRPO."""
+    """One step of loss = -mean(advantage * log p(sampled token)), the REINFORCE core of PPO/GRPO, on random tokens
+    as rlver trains: fp32 master weights, --dtype compute by autocast, AdamW."""
     device, (B, P), T = model.inv_freq.device, (args.batch, args.prompt_len), args.prompt_len + args.new_tokens
     model.float()
     model.autocast_dtype = None if args.dtype == "float32" else DTYPES[args.dtype]
@@ -924,16 +904,11 @@ def serve_simulator(latency_s, port_queue):
     rules = sim.RulesBackend()
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # /v1/models (OpenAIBackend.check)
-            self.answer({"data": [{"id": "rules"}]})
-
         def do_POST(self):  # /v1/chat/completions
             messages = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"]
             time.sleep(latency_s)
-            self.answer({"choices": [{"message": {"role": "assistant", "content": rules([messages])[0]}}]})
-
-        def answer(self, body):
-            data = json.dumps(body).encode()
+            content = rules([messages])[0]
+            data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -960,7 +935,6 @@ ENGINE_VARIANTS = {  # name -> rollout.rollout's ablation switches
 
 
 def rollout_variants(model, tokenizer, profiles, backend, args, latency):
-    """Every ENGINE_VARIANTS entry, args.repeats times, on the same dialogues: one row per variant."""
     seeds, rows = [ro.rollout_seed(0, 0, j) for j in range(len(profiles))], []
     for name, switches in ENGINE_VARIANTS.items():
         times = []
@@ -1022,7 +996,6 @@ def rollout_bench(args, log=print):
 
 
 def benchmark_flags(commands, name, help, func):
-    """A speed or rollout subcommand with the flags both have: the model, repeats and threads."""
     s = commands.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("--model", default=None, help="local HF model folder; default: a fresh random checkpoint")
     s.add_argument("--hidden", type=POSITIVE, default=256, help="hidden size of the fresh checkpoint")
