@@ -862,7 +862,8 @@ def speed(args, log=print):
     with torch.no_grad():
         results = {name: run_times(fn, device, 1, args.repeats) for name, fn in runs.items()}
     base_ids, hf_seconds = results["model.py generate"][1], statistics.median(results["transformers generate"][0])
-    log(f"{'generation':<22} {'seconds':>8} {'tokens/s min/median/max':>26} {'vs transformers':>16} {'same tokens':>12}")
+    log(f"{'generation':<22} {'seconds':>8} {'tokens/s min/median/max':>26} {'vs transformers':>16} "
+        f"{'same tokens':>12}")
     for name, (times, ids) in results.items():
         same = sum(a == b for row, base in zip(ids, base_ids) for a, b in zip(row, base)) / (B * N)
         log(f"{name:<22} {statistics.median(times):>8.3f} {spread([B * N / t for t in times], 1):>26} "
@@ -991,7 +992,8 @@ def rollout_bench(args, log=print):
                 f"{t['active_rows'] / max(t['decode_steps'], 1):>9.1f} {t['simulator']:>10.2f} "
                 f"{r['speedup']:>10.2f}x {'yes' if r['same'] else 'NO':>8}")
     log("(prefill/conv = tokens fed by prefill / tokens in the finished conversations; vs lockstep = median wall "
-        "time of 'lockstep re-prefill' / this variant's; same ids = every dialogue's tokens equal the engine's)")
+        "time of 'lockstep re-prefill' / this variant's; same ids = every dialogue's tokens equal the engine's; "
+        "the last run's counters)")
     return rows
 
 
