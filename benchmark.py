@@ -233,13 +233,9 @@ def check_eval_out(args):
     return old
 
 
-def is_url(text):
-    return text.startswith(("http://", "https://"))
-
-
 def check_policy(args):
     """A reachable endpoint's client, or a checked model folder's path (loaded after every cheap check)."""
-    if not is_url(args.policy):
+    if not args.policy.startswith(("http://", "https://")):
         if not os.path.isdir(args.policy):
             raise BenchmarkError(f"--policy {args.policy!r} is neither a local model folder nor an http(s):// URL")
         read_config(args.policy)  # config.json present, parseable and a supported architecture
@@ -269,10 +265,11 @@ def eval_command(args):
     profiles = sim.load_profiles(profiles_path) if profiles_path else sim.builtin_profiles("test")
     profiles = [replace(p, prompts=official) for p in (profiles[:args.limit] if args.limit else profiles)]
     policy, tokenizer = check_policy(args), None
-    client = dict(timeout=args.simulator_timeout, turn_deadline=args.simulator_turn_deadline)
+    endpoint = args.simulator.startswith(("http://", "https://"))
+    client = dict(timeout=args.simulator_timeout, turn_deadline=args.simulator_turn_deadline) if endpoint else {}
     try:  # (a local simulator model is loaded here: the policy was checked first, cheaply)
         backend = sim.make_backend(args.simulator, model_name=args.simulator_model, api_key_env=args.simulator_key_env,
-                                   device=args.device, **(client if is_url(args.simulator) else {}))
+                                   device=args.device, **client)
     except ValueError as e:  # unknown spec or malformed URL
         raise BenchmarkError(str(e)) from None
     backend.check()
@@ -997,30 +994,25 @@ def rollout_bench(args, log=print):
     return rows
 
 
-def benchmark_flags(commands, name, help, func):
-    s = commands.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    s.add_argument("--model", default=None, help="local HF model folder; default: a fresh random checkpoint")
-    s.add_argument("--hidden", type=POSITIVE, default=256, help="hidden size of the fresh checkpoint")
-    s.add_argument("--layers", type=POSITIVE, default=4, help="layers of the fresh checkpoint")
-    s.add_argument("--repeats", type=POSITIVE, default=3, help="timed runs (min/median/max)")
-    s.add_argument("--threads", type=COUNT, default=0, help="torch.set_num_threads (0: torch's default)")
-    s.set_defaults(func=func)
-    return s
-
-
-def speed_flags(commands):
-    s = benchmark_flags(commands, "speed", "generation tokens/s against transformers, a training step", speed)
+def benchmark_flags(commands):
+    """speed and rollout: the flags both have (the model, repeats, threads), then each one's own."""
+    s = commands.add_parser("speed", help="generation tokens/s against transformers, a training step",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r = commands.add_parser("rollout", help="the rollout engine against its ablations at simulator latencies",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for p, func in ((s, speed), (r, rollout_bench)):
+        p.add_argument("--model", default=None, help="local HF model folder; default: a fresh random checkpoint")
+        p.add_argument("--hidden", type=POSITIVE, default=256, help="hidden size of the fresh checkpoint")
+        p.add_argument("--layers", type=POSITIVE, default=4, help="layers of the fresh checkpoint")
+        p.add_argument("--repeats", type=POSITIVE, default=3, help="timed runs (min/median/max)")
+        p.add_argument("--threads", type=COUNT, default=0, help="torch.set_num_threads (0: torch's default)")
+        p.set_defaults(func=func)
     s.add_argument("--batch", type=POSITIVE, default=8)
     s.add_argument("--prompt-len", type=POSITIVE, default=32)
     s.add_argument("--new-tokens", type=POSITIVE, default=128)
     s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     s.add_argument("--dtype", choices=list(DTYPES), default="float32")
     s.add_argument("--compile", action="store_true", help="also time model.generate(compile=True)")
-
-
-def rollout_flags(commands):
-    r = benchmark_flags(commands, "rollout", "the rollout engine against its ablations, HTTP simulator latencies",
-                        rollout_bench)
     r.add_argument("--profiles", type=POSITIVE, default=4)
     r.add_argument("--group-size", type=POSITIVE, default=4)
     r.add_argument("--max-turns", type=POSITIVE, default=8)
@@ -1043,7 +1035,7 @@ class Parser(argparse.ArgumentParser):
 def main(argv=None):
     p = Parser(description="RLVER evaluation (SAGE-style), leaderboard, replay, speed and rollout benchmarks.")
     commands = p.add_subparsers(dest="command", required=True)
-    for flags in (eval_flags, leaderboard_flags, replay_flags, speed_flags, rollout_flags):
+    for flags in (eval_flags, leaderboard_flags, replay_flags, benchmark_flags):
         flags(commands)
     args = p.parse_args(argv)
     try:
