@@ -449,11 +449,14 @@ def versus(systems, name):
     if name not in finals:
         raise BenchmarkError(f"--versus {name!r} is none of the systems {sorted(finals)}")
     mean = {n: {pid: statistics.mean(v) for pid, v in by_id.items()} for n, by_id in finals.items()}
-    base = mean.pop(name)
-    return [{"name": other, "versus": name, "scenarios": len(set(base) & set(theirs)),
-             "wins": sum(theirs[i] > base[i] for i in set(base) & set(theirs)),
-             "ties": sum(theirs[i] == base[i] for i in set(base) & set(theirs)),
-             "losses": sum(theirs[i] < base[i] for i in set(base) & set(theirs))} for other, theirs in mean.items()]
+    base, rows = mean.pop(name), []
+    for other, theirs in mean.items():
+        common = set(base) & set(theirs)
+        rows.append({"name": other, "versus": name, "scenarios": len(common),
+                     "wins": sum(theirs[i] > base[i] for i in common),
+                     "ties": sum(theirs[i] == base[i] for i in common),
+                     "losses": sum(theirs[i] < base[i] for i in common)})
+    return rows
 
 
 def leaderboard_command(args):
