@@ -8,13 +8,9 @@ benchmark.py: how good is a policy at empathetic dialogue, and how fast is our m
     python benchmark.py speed --device cuda --dtype bfloat16 --compile
     python benchmark.py rollout --latencies-ms 0,50,200
 
-`eval`: SAGE's benchmark (Sentient Agent as a Judge, arXiv 2505.02847; RLVER's "Sentient benchmark") under
---protocol's rules (simulator.PROTOCOLS): after each policy reply the simulator writes an integer change, which the
-code clamps as the protocol says and applies, emotion <- clamp(emotion + change, 0, 100), until
-simulator.dialogue_end; score = mean FINAL emotion. `leaderboard` ranks eval outputs and SAGE's result files of
-agreeing provenance; `replay` plays those files back through evaluate() with no LLM. `speed` and `rollout` come
-last, their heavy imports inside them (rlver.py imports this file for its evaluation, the --out lock and the
-curves).
+`eval` is SAGE's benchmark (arXiv 2505.02847) under --protocol's rules: after each policy reply emotion <-
+clamp(emotion + change, 0, 100) until simulator.dialogue_end; score = mean FINAL emotion. `speed` and `rollout`
+import their heavy modules inside them (rlver.py imports this file for its evaluation, the --out lock, the curves).
 """
 
 import argparse
@@ -80,17 +76,16 @@ def profile_table(episodes):
 
 
 def report(episodes, out_dir=None, *, seeds=None, title="", config=None, max_turns=None, log=print):
-    """Summarise episodes (episodes[i] played with seeds[i], default 0), print the table, write transcripts.jsonl,
-    summary.json and trajectories.svg into out_dir if given. Returns the summary."""
+    """Summarise episodes (episodes[i] played with seeds[i], default 0), print it, write EVAL_FILES into out_dir."""
     seeds = list(seeds) if seeds is not None else [0] * len(episodes)
     summary = summarize(episodes)
     per_seed = {s: summarize([ep for ep, es in zip(episodes, seeds) if es == s])["score"] for s in dict.fromkeys(seeds)}
-    summary["per_seed_scores"] = {str(s): score for s, score in per_seed.items()}
-    summary["seed_mean"] = statistics.mean(per_seed.values())
-    summary["seed_std"] = statistics.stdev(per_seed.values()) if len(per_seed) > 1 else 0.0  # sample std (n-1)
-    summary["parse_failures"] = sum(ep.parse_failures for ep in episodes)
-    summary["config"] = config or {}
-    summary["provenance"] = summary["config"].get("provenance")
+    config = config or {}
+    summary.update(per_seed_scores={str(s): score for s, score in per_seed.items()},
+                   seed_mean=statistics.mean(per_seed.values()),
+                   seed_std=statistics.stdev(per_seed.values()) if len(per_seed) > 1 else 0.0,  # sample std (n-1)
+                   parse_failures=sum(ep.parse_failures for ep in episodes), config=config,
+                   provenance=config.get("provenance"))
     log(profile_table(episodes))
     headline = (f"score {summary['score']:.1f} (seeds: {summary['seed_mean']:.1f} ± {summary['seed_std']:.1f}) | "
                 f"success {summary['success']} ({summary['success_rate']:.0%}) | "
@@ -107,7 +102,7 @@ def report(episodes, out_dir=None, *, seeds=None, title="", config=None, max_tur
                                    ensure_ascii=False) + "\n")
         with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2, ensure_ascii=False)
-        max_turns = max_turns or summary["config"].get("max_turns") or max(len(ep.turns) for ep in episodes) or 1
+        max_turns = max_turns or config.get("max_turns") or max(len(ep.turns) for ep in episodes) or 1
         write_svg(os.path.join(out_dir, "trajectories.svg"), list(map(sim.trajectory, episodes)), max_turns=max_turns,
                   title=f"{title + ' - ' if title else ''}Sentient-style score {summary['score']:.1f}",
                   subtitle=headline, labels=[f"{ep.profile.id} (seed {s})" for ep, s in zip(episodes, seeds)],
@@ -120,9 +115,8 @@ def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=None
              max_new_tokens=2048, max_context=8192, temperature=0.0, out_dir=None, log=print, title="", config=None,
              protocol="sage", lang=None, initial_emotion=None, max_parse_failure_rate=0.0, turn_deadline=600.0,
              policy_turn_deadline=600.0):
-    """Play every profile once per seed and report(). policy: a model.Transformer with its tokenizer (played by
-    rollout.rollout, training's loop) or a chat backend such as simulator.OpenAIBackend (rollout.endpoint_rollout);
-    backend: the simulated user. Refuses, writing nothing, above max_parse_failure_rate unparseable turns."""
+    """Play every profile once per seed and report(). policy: a model.Transformer (played by rollout.rollout, as in
+    training) or a chat backend such as simulator.OpenAIBackend (rollout.endpoint_rollout)."""
     local = isinstance(policy, torch.nn.Module)
     max_turns = max_turns or sim.protocol_of(protocol).max_turns
     # the protocol's start emotion and language; openings written once, shared by every seed (as SAGE's first_talk)
@@ -141,12 +135,8 @@ def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=None
                                    seeds=[ro.rollout_seed(seed, 0, i) for i in range(len(profiles))])
             played = [d.episode for d in dialogues]
         else:  # (an endpoint gets no seed: with temperature 0 the seeds repeat, above 0 they are not reproducible)
-            try:
-                played = ro.endpoint_rollout(policy, profiles, backend, mode=mode, max_turns=max_turns, think=think,
-                                             log=log, turn_deadline=turn_deadline,
-                                             policy_turn_deadline=policy_turn_deadline)
-            except sim.SimulatorError as e:  # the client, made with role="policy", names the endpoint
-                raise BenchmarkError(str(e)) from None
+            played = ro.endpoint_rollout(policy, profiles, backend, mode=mode, max_turns=max_turns, think=think,
+                                         log=log, turn_deadline=turn_deadline, policy_turn_deadline=policy_turn_deadline)
         log(f"seed {seed}: score {summarize(played)['score']:.1f} in {time.time() - start:.1f}s")
         episodes += played
         episode_seeds += [seed] * len(played)
@@ -156,29 +146,6 @@ def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=None
 
 # ----------------------------------------------------------------------------------------------------------
 # 2. The eval command: every check before any work, the provenance, one writer per --out
-
-
-def check_policy(args):
-    """--policy as something that can answer (an endpoint client, or a checked model folder), before loading."""
-    if args.policy.startswith(("http://", "https://")):
-        if not args.policy_model:
-            raise BenchmarkError("--policy is an endpoint URL: name the model to query with --policy-model")
-        client = sim.OpenAIBackend(args.policy, model=args.policy_model, api_key_env=args.policy_key_env,
-                                   concurrency=args.concurrency, temperature=args.temperature,
-                                   max_tokens=args.max_new_tokens, max_retries=args.retries, role="policy",
-                                   timeout=args.policy_timeout,
-                                   unreachable_hint=f"check that the server at {args.policy} is up and --policy "
-                                                    f"is right")
-        try:
-            client.check()
-        except sim.SimulatorError as e:
-            raise BenchmarkError(str(e)) from None
-        return client
-    if not os.path.isdir(args.policy):
-        raise BenchmarkError(f"--policy {args.policy!r} is neither a local model folder nor an http(s):// URL")
-    read_config(args.policy)  # config.json present, parseable and a supported architecture
-    check_weights(args.policy)  # *.safetensors complete (headers only)
-    return args.policy
 
 
 def sha256(text):
@@ -192,8 +159,7 @@ def setting_label(args):
 
 
 def provenance(args, profiles, profiles_path, seeds, temperature):
-    """What makes a score comparable (summary.json, every transcript): rules, simulator and its prompts, the
-    policy's prompt and decoding, scenarios, seeds. args: eval's or rlver.py's flags (their names agree)."""
+    """What makes a score comparable (summary.json, every transcript). args: eval's or rlver.py's flags."""
     official = profiles[0].prompts
     langs = sorted({p.lang or sim.detect_lang(p) for p in profiles})
     policy = sorted({ro.system_prompt(args.think, lang, official) for lang in langs})
@@ -221,35 +187,32 @@ LOCK_FILE = ".lock"  # <out>/.lock: held by the one process that writes in that 
 HELD_LOCKS = []  # the lock files this process holds, open until it exits
 
 
-def take_lock(f, mode, out):
-    """fcntl.flock(f, mode) without waiting; BenchmarkError naming the holder (the file's first line) if held."""
+def open_locked(out, mode):
+    """<out>/.lock, flock(mode)-ed without waiting; if another process holds it, BenchmarkError naming the holder."""
+    f = open(os.path.join(out, LOCK_FILE), "a+", encoding="utf-8")
     try:
         fcntl.flock(f, mode | fcntl.LOCK_NB)
+        return f
     except BlockingIOError:
         f.seek(0)
-        holder = f.readline().strip() or "another process"
-        f.close()
-        raise BenchmarkError(f"--out {out} is in use by {holder}: wait for it to end, or choose another "
-                             f"--out") from None
+        problem = f"is in use by {f.readline().strip() or 'another process'}: wait for it to end, or choose another"
     except OSError as e:  # a filesystem without flock (Lustre mounted without -o flock, some FUSE mounts)
-        f.close()
-        raise BenchmarkError(f"--out {out}: cannot lock {f.name} ({e.strerror}): use a filesystem with flock "
-                             f"support (a local disk, NFS, Lustre mounted with -o flock)") from None
+        problem = (f"cannot lock {f.name} ({e.strerror}): use a filesystem with flock support (a local disk, NFS, "
+                   f"Lustre mounted with -o flock), or another")
+    f.close()
+    raise BenchmarkError(f"--out {out} {problem} --out")
 
 
 def check_not_locked(out):
-    """lock_out's check without writing: a shared lock, dropped at once, names another holder."""
     if os.path.isfile(os.path.join(out, LOCK_FILE)):
-        with open(os.path.join(out, LOCK_FILE), encoding="utf-8") as f:
-            take_lock(f, fcntl.LOCK_SH, out)
+        open_locked(out, fcntl.LOCK_SH).close()
 
 
 def lock_out(out, token=""):
-    """One writer per --out (rlver.py and eval): an exclusive flock on <out>/.lock that the OS drops when this process
-    dies, even by SIGKILL. Line 1 names the holder, line 2 is `token` (rlver.py's ranks read it)."""
+    """One writer per --out: an exclusive flock that the OS drops when this process dies, even by SIGKILL. Line 1
+    names the holder, line 2 is `token` (rlver.py's ranks read it)."""
     os.makedirs(out, exist_ok=True)
-    f = open(os.path.join(out, LOCK_FILE), "a+", encoding="utf-8")
-    take_lock(f, fcntl.LOCK_EX, out)
+    f = open_locked(out, fcntl.LOCK_EX)
     f.truncate(0)
     f.write(f"{os.path.basename(sys.argv[0])} (pid {os.getpid()} on {socket.gethostname()}, since "
             f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n{token}\n")
@@ -261,7 +224,6 @@ EVAL_FILES = ("transcripts.jsonl", "summary.json", "trajectories.svg")  # what a
 
 
 def check_eval_out(args):
-    """eval's --out: a folder without an earlier eval's files, unless --overwrite. Returns the earlier files."""
     if blocking_file(args.out):
         raise BenchmarkError(f"--out {args.out}: {blocking_file(args.out)} is a file, not a folder: choose "
                              f"another --out")
@@ -270,6 +232,25 @@ def check_eval_out(args):
         raise BenchmarkError(f"--out {args.out} holds an earlier eval ({', '.join(old)}): replace it with "
                              f"--overwrite, or choose another --out")
     return old
+
+
+def check_policy(args):
+    """A reachable endpoint's client, or a checked model folder's path (loaded after every cheap check)."""
+    if not args.policy.startswith(("http://", "https://")):
+        if not os.path.isdir(args.policy):
+            raise BenchmarkError(f"--policy {args.policy!r} is neither a local model folder nor an http(s):// URL")
+        read_config(args.policy)  # config.json present, parseable and a supported architecture
+        check_weights(args.policy)  # *.safetensors complete (headers only)
+        return args.policy
+    if not args.policy_model:
+        raise BenchmarkError("--policy is an endpoint URL: name the model to query with --policy-model")
+    client = sim.OpenAIBackend(args.policy, model=args.policy_model, api_key_env=args.policy_key_env,
+                               concurrency=args.concurrency, temperature=args.temperature,
+                               max_tokens=args.max_new_tokens, max_retries=args.retries, role="policy",
+                               timeout=args.policy_timeout,
+                               unreachable_hint=f"check that the server at {args.policy} is up and --policy is right")
+    client.check()
+    return client
 
 
 def eval_command(args):
@@ -285,12 +266,11 @@ def eval_command(args):
     profiles = sim.load_profiles(profiles_path) if profiles_path else sim.builtin_profiles("test")
     profiles = [replace(p, prompts=official) for p in (profiles[:args.limit] if args.limit else profiles)]
     policy, tokenizer = check_policy(args), None
+    endpoint = args.simulator.startswith(("http://", "https://"))
+    client = dict(timeout=args.simulator_timeout) if endpoint else {}
     try:  # (a local simulator model is loaded here: the policy was checked first, cheaply)
-        client = {}  # the HTTP client's knobs, for an endpoint simulator
-        if args.simulator.startswith(("http://", "https://")):
-            client = dict(timeout=args.simulator_timeout)
-        backend = sim.make_backend(args.simulator, model_name=args.simulator_model,
-                                   api_key_env=args.simulator_key_env, device=args.device, **client)
+        backend = sim.make_backend(args.simulator, model_name=args.simulator_model, api_key_env=args.simulator_key_env,
+                                   device=args.device, **client)
     except ValueError as e:  # unknown spec or malformed URL
         raise BenchmarkError(str(e)) from None
     backend.check()
@@ -303,11 +283,10 @@ def eval_command(args):
     config["provenance"] = provenance(args, profiles, profiles_path, args.seeds, args.temperature)
     return evaluate(policy, tokenizer, profiles, backend, seeds=args.seeds, max_turns=args.max_turns, mode=args.mode,
                     think=args.think, max_new_tokens=args.max_new_tokens, max_context=args.max_context,
-                    temperature=args.temperature,
-                    out_dir=args.out, config=config, protocol=args.protocol, lang=args.lang,
-                    initial_emotion=args.initial_emotion, max_parse_failure_rate=args.max_parse_failure_rate,
-                    turn_deadline=args.simulator_turn_deadline, policy_turn_deadline=args.policy_turn_deadline,
-                    title=f"{args.policy_model or os.path.basename(args.policy.rstrip('/'))} ({setting_label(args)})")
+                    temperature=args.temperature, out_dir=args.out, config=config, protocol=args.protocol,
+                    lang=args.lang, initial_emotion=args.initial_emotion,
+                    max_parse_failure_rate=args.max_parse_failure_rate, turn_deadline=args.simulator_turn_deadline,
+                    policy_turn_deadline=args.policy_turn_deadline, title=f"{args.policy_model or os.path.basename(args.policy.rstrip('/'))} ({setting_label(args)})")
 
 
 def flag_type(convert, ok, rule):
@@ -345,16 +324,12 @@ def eval_flags(commands):
     e.add_argument("--profiles", default=None, help="profile JSONL (ours or public RLVER); default: built-in test set")
     e.add_argument("--limit", type=COUNT, default=0, help="use only the first N profiles (0: all)")
     e.add_argument("--official-prompts", default=None, metavar="DIR",
-                   help="play the authors' own prompts, read from your checkout of their digitalhuman repository "
-                        "(its root, SAGE/ or RLVER/): --protocol sage reads SAGE's simulator, agent prompt and "
-                        "(without --profiles) its 100 scenarios; rlver reads RLVER's simulator and policy prompts")
-    e.add_argument("--official-quirks", action="store_true",
-                   help="with --official-prompts under rlver: every analysis call sees the start emotion, as "
-                        "the official trainer's code does (the paper: the live emotion)")
-    e.add_argument("--protocol", choices=list(sim.PROTOCOLS), default="sage",
-                   help="dialogue rules (simulator.PROTOCOLS): sage = SAGE's test loop (start 40, +-10, success 100, "
-                        "failure < 10, goodbye, 9 scored replies, two-stage simulator); rlver = RLVER's training "
-                        "simulator; classic = ours (start 50, +-30, one call)")
+                   help="your checkout of the authors' digitalhuman repository (its root, SAGE/ or RLVER/): sage "
+                        "plays SAGE's simulator, agent prompt and (without --profiles) 100 scenarios; rlver RLVER's")
+    e.add_argument("--official-quirks", action="store_true", help="with --official-prompts under rlver: every "
+                   "analysis call sees the start emotion, as the official trainer's code does")
+    e.add_argument("--protocol", choices=list(sim.PROTOCOLS), default="sage", help="dialogue rules "
+                   "(simulator.PROTOCOLS): sage = SAGE's test loop, rlver = RLVER's training simulator, classic = ours")
     e.add_argument("--max-turns", type=POSITIVE, default=None, help="scored replies (default: the protocol's)")
     e.add_argument("--lang", choices=sim.LANGS, default=None, help="force the template language (default: per profile)")
     e.add_argument("--initial-emotion", type=flag_type(int, lambda v: 1 <= v <= 99, "must be in 1..99"),
@@ -362,12 +337,9 @@ def eval_flags(commands):
     e.add_argument("--seeds", default="0", help="comma-separated: each profile is played once per seed",
                    type=flag_type(comma_separated(int), lambda v: v and len(set(v)) == len(v),
                                   "give distinct comma-separated integers, e.g. 0,1,2"))
-    e.add_argument("--think", action=argparse.BooleanOptionalAction, default=False,
-                   help="think-then-say system prompt (use it for policies trained with --think)")
-    e.add_argument("--max-new-tokens", type=POSITIVE, default=2048,
-                   help="per policy turn (SAGE's replies often pass 350 Chinese characters; a cut reply is warned)")
-    e.add_argument("--max-context", type=POSITIVE, default=8192,
-                   help="a local policy's dialogue ends before a turn could outgrow this many tokens")
+    e.add_argument("--think", action=argparse.BooleanOptionalAction, default=False, help="think-then-say prompt")
+    e.add_argument("--max-new-tokens", type=POSITIVE, default=2048, help="per policy turn (a cut reply is warned)")
+    e.add_argument("--max-context", type=POSITIVE, default=8192, help="a local policy's dialogue's token limit")
     e.add_argument("--temperature", type=float, default=0.0, help="policy sampling temperature (0: greedy)")
     e.add_argument("--concurrency", type=POSITIVE, default=16, help="parallel requests to a policy endpoint")
     e.add_argument("--retries", type=COUNT, default=4, help="retries per policy endpoint request")
@@ -379,8 +351,7 @@ def eval_flags(commands):
                    default=0.0, help="refuse to score above this share of simulator turns still unparseable after "
                                      "2 re-asks (0: SAGE never scores such a turn)")
     e.add_argument("--policy-timeout", type=SECONDS, default=120.0, help="seconds per policy endpoint request")
-    e.add_argument("--policy-turn-deadline", type=SECONDS, default=600.0,
-                   help="seconds for all policy endpoint answers of one turn")
+    e.add_argument("--policy-turn-deadline", type=SECONDS, default=600.0, help="seconds for a turn's policy answers")
     e.add_argument("--simulator-timeout", type=SECONDS, default=120.0, help="seconds per simulator endpoint request")
     e.add_argument("--simulator-turn-deadline", type=SECONDS, default=600.0,
                    help="seconds for all simulator answers of one turn")
@@ -393,48 +364,53 @@ def eval_flags(commands):
 #    Success = finals >= 100, Failure = finals < 10 (our records: their protocol's failure line).
 
 
-def _number(value):
+def finite(value):
     """A finite int/float (None, NaN, text and booleans are not)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def read_record(r, folder):
+    """A SAGE result record or one of our transcripts -> ((id, final, trajectory, protocol), provenance); a SAGE
+    file's simulator is named by its folder (dataset/<simulator>_based_simulator/)."""
+    if "emo_point" in r:
+        traj = [t["emotion-point"] for t in r["history"] if t.get("role") == "user"] or [r["emo_point"]]
+        simulator = folder.removesuffix("_based_simulator") if folder.endswith("_based_simulator") else "unknown"
+        return (str(r["id"]), r["emo_point"], traj, "sage"), {
+            "protocol": "sage", "simulator_prompts": {"source": "official SAGE"}, "simulator": simulator}
+    protocol = r.get("protocol", "classic")
+    traj = [r["initial_emotion"]] + [t["emotion"] for t in r["turns"]]
+    return (str(r["profile_id"]), r["final_emotion"], traj, protocol), r.get("provenance") or {
+        "protocol": protocol, "simulator": "unknown", "simulator_prompts": {"source": "unknown"}}
+
+
 def read_system(path):
     """A results file or eval folder -> {"name", "dialogues": [(id, final, trajectory, protocol)], "provenance",
-    "records"}; a SAGE file's simulator is named by its folder (dataset/<simulator>_based_simulator/)."""
+    "records"}."""
     path = os.path.join(path, "transcripts.jsonl") if os.path.isdir(path) else path
     if not os.path.isfile(path):
         raise BenchmarkError(f"no such results file {path}")
-    dialogues, records, provenance, folder = [], [], None, os.path.basename(os.path.dirname(os.path.abspath(path)))
+    dialogues, records, provenances, folder = [], [], [], os.path.basename(os.path.dirname(os.path.abspath(path)))
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                r = json.loads(line)
-                if "emo_point" in r:   # SAGE layout
-                    traj = [t["emotion-point"] for t in r["history"] if t.get("role") == "user"]
-                    dialogues.append((str(r["id"]), r["emo_point"], traj or [r["emo_point"]], "sage"))
-                    provenance = provenance or {"protocol": "sage", "simulator_prompts": {"source": "official SAGE"},
-                                                "simulator": folder.removesuffix("_based_simulator")
-                                                if folder.endswith("_based_simulator") else "unknown"}
-                else:                  # our transcripts.jsonl
-                    traj = [r["initial_emotion"]] + [t["emotion"] for t in r["turns"]]
-                    dialogues.append((str(r["profile_id"]), r["final_emotion"], traj, r.get("protocol", "classic")))
-                    unknown = {"protocol": dialogues[-1][3], "simulator": "unknown",
-                               "simulator_prompts": {"source": "unknown"}}   # (a transcript without provenance)
-                    provenance = provenance or r.get("provenance") or unknown
+                records.append(json.loads(line))
+                dialogue, prov = read_record(records[-1], folder)
             except (ValueError, KeyError, TypeError) as e:
                 raise BenchmarkError(f"{path}:{lineno} is neither a SAGE result record (id, emo_point, "
                                      f"history) nor one of our transcripts ({e!r})") from None
-            bad = [v for v in [dialogues[-1][1], *dialogues[-1][2]] if not _number(v)]  # (a string, null, ...)
+            bad = [v for v in [dialogue[1], *dialogue[2]] if not finite(v)]  # (a string, null, ...)
             if bad:
                 raise BenchmarkError(f"{path}:{lineno}: an emotion value is {bad[0]!r}, not a number: fix or drop "
                                      f"that record")
-            records.append(r)
+            dialogues.append(dialogue)
+            provenances.append(prov)
     if not dialogues:
         raise BenchmarkError(f"{path} has no records")
     name = folder if os.path.basename(path) == "transcripts.jsonl" else os.path.basename(path).removesuffix(".jsonl")
-    return {"name": name.removesuffix("_result"), "dialogues": dialogues, "provenance": provenance, "records": records}
+    return {"name": name.removesuffix("_result"), "dialogues": dialogues, "provenance": provenances[0],
+            "records": records}
 
 
 def round_half_up(value, digits=1):
@@ -451,11 +427,12 @@ def leaderboard_rows(systems):
     rows = []
     for system in systems:
         prov, ids = system["provenance"], sorted({d[0] for d in system["dialogues"]})
-        finals, decoding = [(d[1], d[3]) for d in system["dialogues"]], prov.get("decoding")
-        rows.append({"name": system["name"], "score": round_half_up(sum(f for f, _ in finals) / len(finals)),
-                     "success": sum(sim.final_outcome(f, p) == "success" for f, p in finals),
-                     "failure": sum(sim.final_outcome(f, p) == "failure" for f, p in finals),
-                     "dialogues": len(finals), "protocol": prov["protocol"], "simulator": prov["simulator"],
+        outcomes = [sim.final_outcome(final, protocol) for _, final, _, protocol in system["dialogues"]]
+        decoding = prov.get("decoding")
+        rows.append({"name": system["name"], "dialogues": len(outcomes),
+                     "score": round_half_up(sum(d[1] for d in system["dialogues"]) / len(outcomes)),
+                     "success": outcomes.count("success"), "failure": outcomes.count("failure"),
+                     "protocol": prov["protocol"], "simulator": prov["simulator"],
                      "simulator_prompts": prov["simulator_prompts"]["source"],
                      "profiles": f"{len(ids)} ids #{sha256(chr(10).join(ids))[:8]}",
                      "decoding": f"T={decoding['temperature']:g} max_new={decoding['max_new_tokens']}"
@@ -464,26 +441,22 @@ def leaderboard_rows(systems):
 
 
 def versus(systems, name):
-    """Per-scenario wins / ties / losses of every other system against `name`, on the scenarios both played (a
-    scenario played several times, e.g. several seeds, counts with its mean final emotion)."""
-    by_name = {}
+    """Per-scenario wins / ties / losses of every other system against `name` (several seeds: the mean final)."""
+    finals = {s["name"]: {} for s in systems}
     for s in systems:
-        finals = by_name.setdefault(s["name"], {})
         for pid, final, _, _ in s["dialogues"]:
-            finals.setdefault(pid, []).append(final)
-    by_name = {n: {pid: statistics.mean(v) for pid, v in finals.items()} for n, finals in by_name.items()}
-    name = next((n for n in by_name if n.lower() == name.lower()), name)   # as a README writes it: GPT-4.1
-    if name not in by_name:
-        raise BenchmarkError(f"--versus {name!r} is none of the systems {sorted(by_name)}")
-    base, rows = by_name[name], []
-    for other, finals in by_name.items():
-        if other == name:
-            continue
-        common = sorted(set(base) & set(finals))
+            finals[s["name"]].setdefault(pid, []).append(final)
+    name = next((n for n in finals if n.lower() == name.lower()), name)   # as a README writes it: GPT-4.1
+    if name not in finals:
+        raise BenchmarkError(f"--versus {name!r} is none of the systems {sorted(finals)}")
+    mean = {n: {pid: statistics.mean(v) for pid, v in by_id.items()} for n, by_id in finals.items()}
+    base, rows = mean.pop(name), []
+    for other, theirs in mean.items():
+        common = set(base) & set(theirs)
         rows.append({"name": other, "versus": name, "scenarios": len(common),
-                     "wins": sum(finals[i] > base[i] for i in common),
-                     "ties": sum(finals[i] == base[i] for i in common),
-                     "losses": sum(finals[i] < base[i] for i in common)})
+                     "wins": sum(theirs[i] > base[i] for i in common),
+                     "ties": sum(theirs[i] == base[i] for i in common),
+                     "losses": sum(theirs[i] < base[i] for i in common)})
     return rows
 
 
@@ -507,8 +480,7 @@ def leaderboard_command(args):
     if args.json:
         print(json.dumps(rows if not vs else {"leaderboard": rows, "versus": vs}, ensure_ascii=False))
         return rows
-    width, fields = max(6, *(len(n) for n in names)), ("protocol", "simulator", "simulator_prompts", "profiles",
-                                                       "decoding")
+    width, fields = max(6, *map(len, names)), ("protocol", "simulator", "simulator_prompts", "profiles", "decoding")
     print(f"{'system':<{width}}  {'Score':>6} {'Success':>8} {'Failure':>8} {'dialogues':>10}  " + " | ".join(fields))
     for r in rows:
         print(f"{r['name']:<{width}}  {r['score']:>6.1f} {r['success']:>8d} {r['failure']:>8d} {r['dialogues']:>10d}  "
@@ -538,14 +510,12 @@ def leaderboard_flags(commands):
 
 
 def published_turns(record):
-    """(the agent's replies, the user turns after the opening) of one SAGE result record."""
     history = record["history"]
     return [m["content"] for m in history if m["role"] == "assistant"], [m for m in history if m["role"] == "user"][1:]
 
 
 def replay_policy(profiles, records):
-    """policy(requests) -> texts: a chat opened as profile p's, holding k agent replies, gets p's published reply
-    k + 1 (past the published dialogue: an empty reply)."""
+    """A chat opened as profile p's, holding k agent replies, gets p's published reply k + 1 (past the end: "")."""
     replies = {p.opening: published_turns(records[p.id])[0] for p in profiles}
 
     def policy(requests):   # requests: rollout.policy_messages, [system, opening, assistant, user, ...]
@@ -555,9 +525,8 @@ def replay_policy(profiles, records):
 
 
 def replay_simulator(prompts, profiles, records):
-    """backend(requests) -> texts: a request is the k-th call of its kind (analysis: it starts as the analysis
-    template does; else reply) of the scenario whose scene it holds, and gets that scenario's published user turn
-    k as SAGE's simulator wrote it (past the published dialogue: change 0, an empty reply)."""
+    """The k-th call of a kind (analysis: it starts as the analysis template does; else reply) of the scenario whose
+    scene it holds gets that scenario's published user turn k as SAGE's simulator wrote it."""
     turns = {p.scenario: published_turns(records[p.id])[1] for p in profiles}
     analysis_start, calls = prompts.analysis.split("{{")[0], {}
     past_the_end = {"planning": {"change": 0}, "thinking": "", "content": ""}
@@ -573,15 +542,14 @@ def replay_simulator(prompts, profiles, records):
             turn = turns[scenes[0]][k] if k < len(turns[scenes[0]]) else past_the_end
             planning = {key.lower(): value for key, value in turn["planning"].items()}  # under prompts.headers
             analysis = "".join(f"{h}:\n{planning.get(h.lower(), '')}\n" for h in prompts.headers)
-            reply = f"Thinking:\n{turn['thinking']}\nResponse:\n{turn['content']}"
-            texts.append(analysis if kind == "analysis" else reply)
+            texts.append(analysis if kind == "analysis" else f"Thinking:\n{turn['thinking']}\n"
+                                                             f"Response:\n{turn['content']}")
         return texts
     return sim.Scripted(lambda messages: backend([messages])[0])
 
 
 def replay_differences(records, transcripts):
-    """One line per scenario whose replay differs from its published record: both finals and lengths and the first
-    turn (its emotion and the user's reply; turn 0: the start emotion) where they part."""
+    """One line per scenario whose replay differs from its published record, naming the first turn where they part."""
     lines = []
     for ours in transcripts:
         record = records[ours["profile_id"]]
@@ -602,7 +570,7 @@ def replay_differences(records, transcripts):
 
 
 def published_records(path, records):
-    """A SAGE result file's records (read_system's) by id, each checked for the fields replay reads."""
+    """read_system's records by id, each checked for the fields replay reads."""
     for r in records:
         try:
             agents, users = published_turns(r)
@@ -620,7 +588,7 @@ def published_records(path, records):
 
 
 def replay_file(path, prompts, profiles, log=print):
-    """Replay one published file; print its published row, ours and each scenario that differs. True: reproduced."""
+    """Replay one published file, print its published row, ours and each scenario that differs. True: reproduced."""
     system = read_system(path)
     records = published_records(path, system["records"])
     played = [replace(p, prompts=prompts) for p in profiles if p.id in records]
@@ -667,21 +635,17 @@ def replay_flags(commands):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. Pictures in hand-written SVG: an eval's trajectories, the leaderboard's mean per turn, and the training
-#    curves (curves.svg from metrics.jsonl, which rlver.py writes). Each: _svg_start, draw_axes, _svg_end.
+# 5. Pictures in hand-written SVG, all drawn by line_chart: an eval's trajectories, the leaderboard's mean per
+#    turn, and the training curves (curves.svg from metrics.jsonl, which rlver.py writes).
 
 OUTCOME_COLORS = {"success": "#1a9850", "failure": "#d73027", "max_turns": "#7b8794"}
 COLORS = ["#2166ac", "#d73027", "#1a9850", "#762a83", "#e08214", "#35978f", "#7b8794", "#c51b7d"]
+EMOTION_BOX = (64, 62, 630, 404)  # (left, top, right, bottom) of the emotion charts' plot area on a 900 x 460 page
 
 
-def _num(value):
-    """A tick or value label: whole numbers in full (20, 12345), others to 4 significant digits (0.25, 1.5e-05)."""
+def tick_label(value):
+    """Whole numbers in full (20, 12345), others to 4 significant digits (0.25, 1.5e-05)."""
     return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:.4g}"
-
-
-def _scale(lo, hi, a, b):
-    """The linear map sending data lo -> pixel a and hi -> pixel b; a zero-width range maps to the middle."""
-    return (lambda v: (a + b) / 2) if hi == lo else (lambda v: a + (v - lo) * (b - a) / (hi - lo))
 
 
 def nice_ticks(lo, hi, most=6, integer=False):
@@ -698,55 +662,49 @@ def nice_ticks(lo, hi, most=6, integer=False):
             return [first + k * step for k in range(count)]
 
 
-def _svg_start(width, height, title, subtitle, x=64):
-    return [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-            f'viewBox="0 0 {width} {height}" font-family="Helvetica, Arial, sans-serif" font-size="12">',
-            f'<rect width="{width}" height="{height}" fill="white"/>',
-            f'<text x="{x}" y="26" font-size="17" font-weight="bold">{escape(title)}</text>',
-            f'<text x="{x}" y="45" fill="#555">{escape(subtitle)}</text>']
-
-
-def _svg_end(out, path):
-    """Close the document, write it if path is set, return the text."""
-    svg = "\n".join(out + ["</svg>"]) + "\n"
-    if path:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(svg)
-    return svg
-
-
-def draw_axes(out, box, xlim, ylim, xticks, yticks, xlabel, ylabel=None):
-    """Append a plot area's grid, ticks, labels and frame to `out`. box = (left, top, right, bottom) pixels;
-    xlim/ylim = the data (lo, hi) mapped onto it, y growing up. Returns (x, y): the data -> pixel maps."""
+def line_chart(out, box, xlim, ylim, xticks, yticks, xlabel, ylabel="", lines=(), legend=()):
+    """Append to `out` a chart in box = (left, top, right, bottom) pixels of the data ranges xlim and ylim (y up):
+    grid, ticks, labels, one polyline per line = (class, colour, width, [(x, y)], hover text or None, opacity) and
+    a legend = [(colour, width, text)] right of the box. Returns (x, y), the data -> pixel maps."""
     left, top, right, bottom = box
-    x, y = _scale(*xlim, left, right), _scale(*ylim, bottom, top)
+
+    def scale(lo, hi, a, b):  # data lo -> pixel a, hi -> b; a zero-width range maps to the middle
+        return lambda v: (a + b) / 2 if hi == lo else a + (v - lo) * (b - a) / (hi - lo)
+    x, y = scale(*xlim, left, right), scale(*ylim, bottom, top)
     for v in yticks:
         out.append(f'<line x1="{left}" y1="{y(v):.1f}" x2="{right}" y2="{y(v):.1f}" stroke="#e5e5e5"/>')
-        out.append(f'<text x="{left - 8}" y="{y(v) + 4:.1f}" text-anchor="end">{_num(v)}</text>')
+        out.append(f'<text x="{left - 8}" y="{y(v) + 4:.1f}" text-anchor="end">{tick_label(v)}</text>')
     for v in xticks:
         out.append(f'<line x1="{x(v):.1f}" y1="{bottom}" x2="{x(v):.1f}" y2="{bottom + 5}" stroke="#333"/>')
-        out.append(f'<text x="{x(v):.1f}" y="{bottom + 19}" text-anchor="middle">{_num(v)}</text>')
+        out.append(f'<text x="{x(v):.1f}" y="{bottom + 19}" text-anchor="middle">{tick_label(v)}</text>')
     out.append(f'<polyline points="{left},{top} {left},{bottom} {right},{bottom}" fill="none" stroke="#333"/>')
     out.append(f'<text x="{(left + right) / 2}" y="{bottom + 36}" text-anchor="middle">{escape(xlabel)}</text>')
     if ylabel:
         middle = (top + bottom) / 2
         out.append(f'<text x="{left - 46}" y="{middle}" text-anchor="middle" '
                    f'transform="rotate(-90 {left - 46} {middle})">{escape(ylabel)}</text>')
-    return x, y
-
-
-def emotion_plot(title, subtitle, last_turn, xlabel, ylabel, legend):
-    """The canvas of emotion (0..100) against turn (0..last_turn), 900 x 460, with a legend right of the plot
-    area: legend = [(colour, line width, text)]. Returns (out, x, y) for the lines drawn inside."""
-    left, top, right, bottom = 64, 62, 630, 404
-    out = _svg_start(900, 460, title, subtitle, x=left)
-    x, y = draw_axes(out, (left, top, right, bottom), (0, last_turn), (0, 100), range(last_turn + 1),
-                     range(0, 101, 20), xlabel, ylabel)
+    for cls, color, width, points, hover, opacity in lines:
+        coords = " ".join(f"{x(a):.1f},{y(b):.1f}" for a, b in points)
+        out.append(f'<polyline class="{cls}" points="{coords}" fill="none" stroke="{color}" stroke-width="{width}" '
+                   f'stroke-opacity="{opacity}">{f"<title>{escape(hover)}</title>" if hover else ""}</polyline>')
     for j, (color, width, text) in enumerate(legend):
         out.append(f'<line x1="{right + 56}" y1="{top + 14 + 22 * j}" x2="{right + 80}" y2="{top + 14 + 22 * j}" '
                    f'stroke="{color}" stroke-width="{width}"/>')
         out.append(f'<text x="{right + 86}" y="{top + 18 + 22 * j}">{escape(text)}</text>')
-    return out, x, y
+    return x, y
+
+
+def write_page(path, width, height, title, subtitle, body, x=64):
+    """The SVG document: a white page, the title and subtitle at x, then body. Written if path is set; returned."""
+    text = "\n".join([f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+                      f'viewBox="0 0 {width} {height}" font-family="Helvetica, Arial, sans-serif" font-size="12">',
+                      f'<rect width="{width}" height="{height}" fill="white"/>',
+                      f'<text x="{x}" y="26" font-size="17" font-weight="bold">{escape(title)}</text>',
+                      f'<text x="{x}" y="45" fill="#555">{escape(subtitle)}</text>', *body, "</svg>"]) + "\n"
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    return text
 
 
 def mean_trajectory(trajectories):
@@ -756,33 +714,30 @@ def mean_trajectory(trajectories):
 
 
 def mean_per_turn(system):
-    """Mean emotion per user turn over a read_system's dialogues."""
     return mean_trajectory([traj for _, _, traj, _ in system["dialogues"]])
 
 
 def write_svg(path, trajectories, *, max_turns, title, subtitle="", labels=None, protocol="classic"):
-    """An eval's trajectories.svg: one thin line per dialogue ([e_0, e_1, ...]) coloured by how it ended, and the
-    mean trajectory in bold. Returns the SVG text (written if path is set)."""
+    """An eval's trajectories.svg: a thin line per dialogue ([e_0, e_1, ...]) coloured by how it ended, the mean in
+    bold. Returns the SVG text (written if path is set)."""
     outcomes = [sim.final_outcome(traj[-1], protocol) or "max_turns" for traj in trajectories]
     below = sim.protocol_of(protocol).failure_below
     words = {"success": "success (reached 100)", "failure": "failure (reached 0)" if below <= 1 else
              f"failure (ended below {below})", "max_turns": "ended otherwise"}
     legend = [(c, 1.5, f"{words[k]}: {outcomes.count(k)}") for k, c in OUTCOME_COLORS.items()]
-    out, x, y = emotion_plot(title, subtitle, max_turns, "turn", "emotion (0 = leaves, 100 = fully supported)",
-                             legend + [("#111", 3.5, "mean (ended = final value)")])
-    for i, (traj, outcome) in enumerate(zip(trajectories, outcomes)):
-        jitter = (i % 5 - 2) * 0.8  # < 1 px apart so identical dialogues do not hide behind each other
-        points = " ".join(f"{x(t):.1f},{y(e) + jitter:.1f}" for t, e in enumerate(traj))
-        hover = f"{labels[i] if labels else f'dialogue {i}'}: final emotion {traj[-1]}"
-        out.append(f'<polyline class="dialogue" points="{points}" fill="none" stroke-width="1.5" '
-                   f'stroke="{OUTCOME_COLORS[outcome]}" stroke-opacity="0.55"><title>{escape(hover)}</title>'
-                   f'</polyline>')
-    if trajectories:
-        mean = mean_trajectory(trajectories)
-        points = " ".join(f"{x(t):.1f},{y(e):.1f}" for t, e in enumerate(mean))
-        out.append(f'<polyline class="mean" points="{points}" fill="none" stroke="#111" stroke-width="3.5"/>')
+    # (i % 5 - 2) / 4: identical dialogues drawn < 1 px apart, not hidden behind each other
+    lines = [("dialogue", OUTCOME_COLORS[outcome], 1.5, [(t, e + (i % 5 - 2) / 4) for t, e in enumerate(traj)],
+              f"{labels[i] if labels else f'dialogue {i}'}: final emotion {traj[-1]}", 0.55)
+             for i, (traj, outcome) in enumerate(zip(trajectories, outcomes))]
+    mean = mean_trajectory(trajectories) if trajectories else []
+    out = []
+    x, y = line_chart(out, EMOTION_BOX, (0, max_turns), (0, 100), range(max_turns + 1), range(0, 101, 20), "turn",
+                      "emotion (0 = leaves, 100 = fully supported)",
+                      lines + [("mean", "#111", 3.5, list(enumerate(mean)), None, 1)] if mean else lines,
+                      legend + [("#111", 3.5, "mean (ended = final value)")])
+    if mean:
         out.append(f'<text x="{x(len(mean) - 1) + 6}" y="{y(mean[-1]) - 6}" font-weight="bold">{mean[-1]:.1f}</text>')
-    return _svg_end(out, path)
+    return write_page(path, 900, 460, title, subtitle, out)
 
 
 def write_leaderboard_svg(path, systems):
@@ -791,16 +746,15 @@ def write_leaderboard_svg(path, systems):
     settings = sorted({f"{s['provenance']['protocol']} protocol, simulator {s['provenance']['simulator']}"
                        for s in systems})
     legend = [(COLORS[j % len(COLORS)], 2.5, s["name"]) for j, s in enumerate(systems)]
-    out, x, y = emotion_plot(f"mean emotion per turn ({'; '.join(settings)})", f"{len(systems)} systems",
-                             max(1, max(len(m) for m in means) - 1), "user turn", "mean emotion", legend)
-    for mean, (color, _, name) in zip(means, legend):
-        points = " ".join(f"{x(t):.1f},{y(e):.1f}" for t, e in enumerate(mean))
-        out.append(f'<polyline class="system" points="{points}" fill="none" stroke="{color}" stroke-width="2.5">'
-                   f'<title>{escape(name)}</title></polyline>')
-    return _svg_end(out, path)
+    lines = [("system", color, 2.5, list(enumerate(mean)), name, 1) for mean, (color, _, name) in zip(means, legend)]
+    last_turn = max(1, max(len(m) for m in means) - 1)
+    out = []
+    line_chart(out, EMOTION_BOX, (0, last_turn), (0, 100), range(last_turn + 1), range(0, 101, 20), "user turn",
+               "mean emotion", lines, legend)
+    return write_page(path, 900, 460, f"mean emotion per turn ({'; '.join(settings)})", f"{len(systems)} systems", out)
 
 
-# (metrics key, panel title, the y range always shown or None for the data's own range, colour)
+# (metrics key, panel title, the y range always shown or None for the data's own, colour)
 CURVE_SERIES = [("reward", "mean reward", (0, 1), "#2166ac"),
                 ("success", "success rate (emotion 100)", (0, 1), "#1a9850"),
                 ("failure", "failure rate (emotion 0)", (0, 1), "#d73027"),
@@ -808,8 +762,7 @@ CURVE_SERIES = [("reward", "mean reward", (0, 1), "#2166ac"),
                 ("kl_ref", "KL to the reference policy", None, "#e08214"),
                 ("entropy", "policy entropy", None, "#35978f"),
                 ("policy_tokens", "policy tokens per step", None, "#7b8794")]
-# Panels in CURVE_COLUMNS columns, each PANEL_W x PANEL_H pixels, the first at (CURVE_LEFT, CURVE_TOP); a panel's
-# plot area spans x + 60 .. x + 420 and y + 30 .. y + 190 (its title above).
+# CURVE_COLUMNS columns of PANEL_W x PANEL_H panels from (CURVE_LEFT, CURVE_TOP); plot area x+60..x+420, y+30..y+190
 CURVE_COLUMNS, PANEL_W, PANEL_H, CURVE_LEFT, CURVE_TOP = 2, 450, 240, 30, 70
 
 
@@ -827,33 +780,30 @@ def run_rows(out):
 
 
 def write_curves(path, rows, title="training curves"):
-    """Small multiples: a panel per CURVE_SERIES key in `rows` (metrics.jsonl's dicts), value against step, all on
-    one x range so they line up; the last value in the title and as a dot. Returns the SVG text (written if path)."""
-    series = [(key, name, fixed, color, sorted((r["step"], r[key]) for r in rows
-                                               if _number(r.get("step")) and _number(r.get(key))))
-              for key, name, fixed, color in CURVE_SERIES]
-    series = [s for s in series if s[-1]]
-    steps = [row["step"] for row in rows if _number(row.get("step"))]
-    n_rows = math.ceil(max(1, len(series)) / CURVE_COLUMNS)
-    W, H = CURVE_LEFT * 2 + CURVE_COLUMNS * PANEL_W, CURVE_TOP + n_rows * PANEL_H
-    out = _svg_start(W, H, title, f"{len(steps)} metrics rows, steps {_num(min(steps))}..{_num(max(steps))}" if steps
-                     else "no metrics rows with a step yet", x=CURVE_LEFT)
-    xlim = (min(steps), max(steps)) if steps else (0, 1)
-    for i, (key, name, fixed, color, points) in enumerate(series):
-        px, py = CURVE_LEFT + (i % CURVE_COLUMNS) * PANEL_W, CURVE_TOP + (i // CURVE_COLUMNS) * PANEL_H
+    """A panel per CURVE_SERIES key in `rows` (metrics.jsonl's dicts), value against step, all on one x range; the
+    last value in the title and as a dot. Returns the SVG text (written if path is set)."""
+    steps = [row["step"] for row in rows if finite(row.get("step"))]
+    xlim, out, panels = (min(steps), max(steps)) if steps else (0, 1), [], 0
+    for key, name, fixed, color in CURVE_SERIES:
+        points = sorted((r["step"], r[key]) for r in rows if finite(r.get("step")) and finite(r.get(key)))
+        if not points:
+            continue
+        px, py = CURVE_LEFT + panels % CURVE_COLUMNS * PANEL_W, CURVE_TOP + panels // CURVE_COLUMNS * PANEL_H
+        panels += 1
         lo, hi = min(v for _, v in points), max(v for _, v in points)
         pad = 0 if fixed or lo < hi else abs(lo) * 0.1 or 1.0  # a constant series sits mid-panel
         ylim = (min(fixed[0], lo), max(fixed[1], hi)) if fixed else (lo - pad, hi + pad)
         out.append(f'<g class="panel" data-series="{key}">')
         out.append(f'<text x="{px + 60}" y="{py + 18}" font-weight="bold">{escape(name)}: last '
-                   f'{_num(points[-1][1])} at step {_num(points[-1][0])}</text>')
-        x, y = draw_axes(out, (px + 60, py + 30, px + 420, py + 190), xlim, ylim, nice_ticks(*xlim, integer=True),
-                         nice_ticks(*ylim), "step")
-        coords = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in points)
-        out.append(f'<polyline class="series" points="{coords}" fill="none" stroke="{color}" stroke-width="2"/>')
+                   f'{tick_label(points[-1][1])} at step {tick_label(points[-1][0])}</text>')
+        x, y = line_chart(out, (px + 60, py + 30, px + 420, py + 190), xlim, ylim, nice_ticks(*xlim, integer=True),
+                          nice_ticks(*ylim), "step", lines=[("series", color, 2, points, None, 1)])
         out.append(f'<circle cx="{x(points[-1][0]):.1f}" cy="{y(points[-1][1]):.1f}" r="3" fill="{color}"/>')
         out.append("</g>")
-    return _svg_end(out, path)
+    subtitle = (f"{len(steps)} metrics rows, steps {tick_label(min(steps))}..{tick_label(max(steps))}" if steps
+                else "no metrics rows with a step yet")
+    height = CURVE_TOP + math.ceil(max(1, panels) / CURVE_COLUMNS) * PANEL_H
+    return write_page(path, CURVE_LEFT * 2 + CURVE_COLUMNS * PANEL_W, height, title, subtitle, out, x=CURVE_LEFT)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -861,7 +811,7 @@ def write_curves(path, rows, title="training curves"):
 
 
 def run_times(fn, device, warmup, repeats):
-    """Wall times of fn() over `repeats` runs after `warmup` untimed ones. Returns (times, last output)."""
+    """Wall times of `repeats` runs of fn() after `warmup` untimed ones, and the last output."""
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     for _ in range(warmup):
         fn()
@@ -876,29 +826,27 @@ def run_times(fn, device, warmup, repeats):
 
 
 def spread(values, digits=3):
-    """min/median/max, as printed."""
     return "/".join(f"{v:.{digits}f}" for v in (min(values), statistics.median(values), max(values)))
 
 
 def speed(args, log=print):
-    """Greedy decode tokens/s of model.generate (eager; compiled with --compile) against transformers' generate on
-    the same checkpoint (--model, or a fresh random one) and prompts, then one training step's time."""
+    """Greedy tokens/s of model.generate (eager; compiled with --compile) against transformers' generate on the
+    same checkpoint and prompts, then one training step's time."""
     import transformers
 
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    B, P, N = args.batch, args.prompt_len, args.new_tokens
+    device, B, P, N = torch.device(args.device), args.batch, args.prompt_len, args.new_tokens
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchmarkError("--device cuda but torch sees no CUDA device: use --device cpu")
-    torch.set_num_threads(args.threads or torch.get_num_threads())
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:
+        torch.set_num_threads(args.threads or torch.get_num_threads())
         path = args.model or make_tiny_checkpoint(os.path.join(tmp, "model"), "qwen2", vocab_size=1024,
                                                   hidden_size=args.hidden, num_layers=args.layers, num_heads=4,
                                                   num_kv_heads=2, intermediate_size=768)
         read_config(path)  # one-line error for a bad --model before anything heavy
-        model = load_model(path, device=device, dtype=dtype)
-        hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        model = load_model(path, device=device, dtype=DTYPES[args.dtype])
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype]).to(device).eval()
     hf_model.generation_config.eos_token_id = None  # never stop early: every row makes exactly N tokens
     prompt_ids = torch.randint(0, model.config.vocab_size, (B, P), generator=torch.Generator().manual_seed(0))
     prompts, prompt_ids = prompt_ids.tolist(), prompt_ids.to(device)  # (B, P), equal lengths: no padding
@@ -915,23 +863,23 @@ def speed(args, log=print):
     with torch.no_grad():
         results = {name: run_times(fn, device, 1, args.repeats) for name, fn in runs.items()}
     base_ids, hf_seconds = results["model.py generate"][1], statistics.median(results["transformers generate"][0])
-    lines = [f"{'generation':<22} {'seconds':>8} {'tokens/s min/median/max':>26} {'vs transformers':>16} "
-             f"{'same tokens':>12}"]
+    log(f"{'generation':<22} {'seconds':>8} {'tokens/s min/median/max':>26} {'vs transformers':>16} "
+        f"{'same tokens':>12}")
     for name, (times, ids) in results.items():
         same = sum(a == b for row, base in zip(ids, base_ids) for a, b in zip(row, base)) / (B * N)
-        lines.append(f"{name:<22} {statistics.median(times):>8.3f} {spread([B * N / t for t in times], 1):>26} "
-                     f"{hf_seconds / statistics.median(times):>15.2f}x {same:>12.1%}")
-    log("\n".join(lines) + "\n(vs transformers = tokens/s / transformers' tokens/s in this run; same tokens = share "
-        "of greedy tokens equal to model.py's; with --compile the untimed warm-up call compiles)")
+        log(f"{name:<22} {statistics.median(times):>8.3f} {spread([B * N / t for t in times], 1):>26} "
+            f"{hf_seconds / statistics.median(times):>15.2f}x {same:>12.1%}")
+    log("(vs transformers = tokens/s / transformers' tokens/s in this run; same tokens = share of greedy tokens equal "
+        "to model.py's; with --compile the untimed warm-up call compiles)")
     del hf_model, runs  # free transformers' memory before the gradients and AdamW state
     return {name: times for name, (times, _) in results.items()} | {"train": train_step_speed(args, model, log)}
 
 
 def train_step_speed(args, model, log):
-    """One policy-gradient step as rlver trains (fp32 master weights, --dtype compute by autocast, AdamW) on random
-    tokens: loss = -mean over the "sampled" tokens of advantage * log p(token), the REINFORCE core of PPO/GRPO."""
+    """One step of loss = -mean(advantage * log p(sampled token)), the REINFORCE core of PPO/GRPO, on random tokens
+    as rlver trains: fp32 master weights, --dtype compute by autocast, AdamW."""
     device, (B, P), T = model.inv_freq.device, (args.batch, args.prompt_len), args.prompt_len + args.new_tokens
-    model.float()  # fp32 master weights; bf16 compute by autocast (model.Transformer.autocast_dtype)
+    model.float()
     model.autocast_dtype = None if args.dtype == "float32" else DTYPES[args.dtype]
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (B, T), generator=g).to(device)  # (B, T)
@@ -951,33 +899,25 @@ def train_step_speed(args, model, log):
 
 
 def serve_simulator(latency_s, port_queue):
-    """A stdlib OpenAI-compatible chat endpoint on 127.0.0.1 that answers in the simulator's format (a change
-    from the request's length) after sleeping latency_s (a stand-in for a real LLM simulator's seconds per
-    answer). Runs in its own process (as a real simulator server would), so it does not compete with the
-    rollout for the GIL; puts its port on port_queue, then serves until terminated."""
+    """An OpenAI-compatible endpoint on 127.0.0.1 answering in the simulator's format (a change from the request's
+    length: a stand-in for an LLM simulator) after latency_s, in its own process (not competing for the rollout's
+    GIL); puts its port on port_queue and serves until terminated."""
     import http.server
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def send(self, body):
-            data = json.dumps(body).encode()
+        def do_POST(self):  # /v1/chat/completions
+            messages = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"]
+            time.sleep(latency_s)
+            change = len(messages[-1]["content"]) % 9 - 4
+            content = sim.format_simulator_output("(a stand-in)", change, "I see. Go on.")
+            data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
             self.send_response(200)
-            self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
 
-        def do_GET(self):  # GET /v1/models (OpenAIBackend.check)
-            self.send({"object": "list", "data": [{"id": "rules", "object": "model"}]})
-
-        def do_POST(self):  # POST /v1/chat/completions
-            payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            time.sleep(latency_s)
-            change = len(payload["messages"][-1]["content"]) % 9 - 4  # (an LLM's answer; no prompt parsing)
-            content = sim.format_simulator_output("(a stand-in)", change, "I see. Go on.")
-            self.send({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]})
+        def log_message(self, *args):
+            pass
 
     class Server(http.server.ThreadingHTTPServer):
         daemon_threads = True
@@ -988,7 +928,7 @@ def serve_simulator(latency_s, port_queue):
     server.serve_forever(poll_interval=0.05)
 
 
-ENGINE_VARIANTS = {  # name -> rollout.rollout's ablation switches (kv reuse off, overlap off, both)
+ENGINE_VARIANTS = {  # name -> rollout.rollout's ablation switches
     "engine": dict(kv_reuse=True, overlap=True),
     "no-overlap": dict(kv_reuse=True, overlap=False),
     "no-kv-reuse": dict(kv_reuse=False, overlap=True),
@@ -997,13 +937,11 @@ ENGINE_VARIANTS = {  # name -> rollout.rollout's ablation switches (kv reuse off
 
 
 def rollout_variants(model, tokenizer, profiles, backend, args, latency):
-    """Every ENGINE_VARIANTS entry, args.repeats times, on the same dialogues: one row per variant."""
     seeds, rows = [ro.rollout_seed(0, 0, j) for j in range(len(profiles))], []
     for name, switches in ENGINE_VARIANTS.items():
-        times, timing = [], {}
+        times = []
         for _ in range(args.repeats):
-            timing = {}
-            t0 = time.time()
+            timing, t0 = {}, time.time()
             dialogues = ro.rollout(model, tokenizer, profiles, backend, seeds=seeds, think=False,
                                    max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
                                    timing=timing, **switches)
@@ -1026,8 +964,7 @@ def rollout_bench(args, log=print):
                                                   num_layers=args.layers)
         read_config(path)
         model, tokenizer = load_model(path), load_tokenizer(path)
-    # A random model almost never samples EOS (1 / vocab per token): every reply would run to max_new_tokens.
-    # +eos_bias on the EOS logit gives replies of varied length, as a chat model's are (geometric, mean ~1/p).
+    # A random model almost never samples EOS: +eos_bias on its logit gives replies of varied length (geometric)
     eos = tokenizer.eos_token_id
     model.lm_head.register_forward_hook(lambda m, i, logits: logits.index_add(
         -1, torch.tensor([eos]), torch.full((*logits.shape[:-1], 1), args.eos_bias)))
@@ -1035,57 +972,51 @@ def rollout_bench(args, log=print):
     log(f"rollout: {len(profiles)} dialogues ({args.profiles} profiles x group {args.group_size}), "
         f"{args.max_turns} turns x <= {args.max_new_tokens} tokens, hidden {model.config.hidden_size} x "
         f"{model.config.num_hidden_layers} layers, {torch.get_num_threads()} threads, {args.repeats} repeats")
+    log(f"{'sim latency':>11} {'variant':<20} {'wall s (min/med/max)':>22} {'prefill/conv':>12} {'decode steps':>12} "
+        f"{'rows/step':>9} {'sim wait s':>10} {'vs lockstep':>11} {'same ids':>8}")
     rows, ctx = [], multiprocessing.get_context("spawn")
     for latency in args.latencies_ms:
         port_queue = ctx.Queue()
         server = ctx.Process(target=serve_simulator, args=(latency / 1000, port_queue), daemon=True)
         server.start()
-        url = f"http://127.0.0.1:{port_queue.get(timeout=60)}/v1"
-        backend = sim.OpenAIBackend(url, model="rules", concurrency=len(profiles))
+        backend = sim.OpenAIBackend(f"http://127.0.0.1:{port_queue.get(timeout=60)}/v1", model="rules",
+                                    concurrency=len(profiles))
         try:
             rows += rollout_variants(model, tokenizer, profiles, backend, args, latency)
         finally:
             server.terminate()
             server.join()
-    lines = [f"{'sim latency':>11} {'variant':<20} {'wall s (min/med/max)':>22} {'prefill/conv':>12} "
-             f"{'decode steps':>12} {'rows/step':>9} {'sim wait s':>10} {'vs lockstep':>11} {'same ids':>8}"]
-    for r in rows:
-        t = r["timing"]
-        lines.append(f"{r['latency_ms']:>9.0f}ms {r['variant']:<20} {spread(r['seconds'], 2):>22}  "
-                     f"{t['prefill_tokens'] / t['conversation_tokens']:>12.2f} {t['decode_steps']:>12} "
-                     f"{t['active_rows'] / max(t['decode_steps'], 1):>9.1f} {t['simulator']:>10.2f} "
-                     f"{r['speedup']:>10.2f}x {'yes' if r['same'] else 'NO':>8}")
-    log("\n".join(lines) + "\n(prefill/conv = tokens fed by prefill / tokens in the finished conversations; vs "
-        "lockstep = median wall time of 'lockstep re-prefill' / this variant's; same ids = every dialogue's tokens "
-        "equal the engine's; the last run's counters)")
+        for r in rows[-len(ENGINE_VARIANTS):]:
+            t = r["timing"]
+            log(f"{r['latency_ms']:>9.0f}ms {r['variant']:<20} {spread(r['seconds'], 2):>22}  "
+                f"{t['prefill_tokens'] / t['conversation_tokens']:>12.2f} {t['decode_steps']:>12} "
+                f"{t['active_rows'] / max(t['decode_steps'], 1):>9.1f} {t['simulator']:>10.2f} "
+                f"{r['speedup']:>10.2f}x {'yes' if r['same'] else 'NO':>8}")
+    log("(prefill/conv = tokens fed by prefill / tokens in the finished conversations; vs lockstep = median wall "
+        "time of 'lockstep re-prefill' / this variant's; same ids = every dialogue's tokens equal the engine's; "
+        "the last run's counters)")
     return rows
 
 
-def benchmark_flags(commands, name, help, func):
-    """A speed or rollout subcommand with the flags both have: the model, repeats and threads."""
-    s = commands.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    s.add_argument("--model", default=None, help="local HF model folder; default: a fresh random checkpoint")
-    s.add_argument("--hidden", type=POSITIVE, default=256, help="hidden size of the fresh checkpoint")
-    s.add_argument("--layers", type=POSITIVE, default=4, help="layers of the fresh checkpoint")
-    s.add_argument("--repeats", type=POSITIVE, default=3, help="timed runs (min/median/max)")
-    s.add_argument("--threads", type=COUNT, default=0, help="torch.set_num_threads (0: torch's default)")
-    s.set_defaults(func=func)
-    return s
-
-
-def speed_flags(commands):
-    s = benchmark_flags(commands, "speed", "generation tokens/s against transformers, a training step", speed)
+def benchmark_flags(commands):
+    """speed and rollout: the flags both have (the model, repeats, threads), then each one's own."""
+    s = commands.add_parser("speed", help="generation tokens/s against transformers, a training step",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r = commands.add_parser("rollout", help="the rollout engine against its ablations at simulator latencies",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for p, func in ((s, speed), (r, rollout_bench)):
+        p.add_argument("--model", default=None, help="local HF model folder; default: a fresh random checkpoint")
+        p.add_argument("--hidden", type=POSITIVE, default=256, help="hidden size of the fresh checkpoint")
+        p.add_argument("--layers", type=POSITIVE, default=4, help="layers of the fresh checkpoint")
+        p.add_argument("--repeats", type=POSITIVE, default=3, help="timed runs (min/median/max)")
+        p.add_argument("--threads", type=COUNT, default=0, help="torch.set_num_threads (0: torch's default)")
+        p.set_defaults(func=func)
     s.add_argument("--batch", type=POSITIVE, default=8)
     s.add_argument("--prompt-len", type=POSITIVE, default=32)
     s.add_argument("--new-tokens", type=POSITIVE, default=128)
     s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     s.add_argument("--dtype", choices=list(DTYPES), default="float32")
     s.add_argument("--compile", action="store_true", help="also time model.generate(compile=True)")
-
-
-def rollout_flags(commands):
-    r = benchmark_flags(commands, "rollout", "the rollout engine against its ablations, HTTP simulator latencies",
-                        rollout_bench)
     r.add_argument("--profiles", type=POSITIVE, default=4)
     r.add_argument("--group-size", type=POSITIVE, default=4)
     r.add_argument("--max-turns", type=POSITIVE, default=8)
@@ -1108,7 +1039,7 @@ class Parser(argparse.ArgumentParser):
 def main(argv=None):
     p = Parser(description="RLVER evaluation (SAGE-style), leaderboard, replay, speed and rollout benchmarks.")
     commands = p.add_subparsers(dest="command", required=True)
-    for flags in (eval_flags, leaderboard_flags, replay_flags, speed_flags, rollout_flags):
+    for flags in (eval_flags, leaderboard_flags, replay_flags, benchmark_flags):
         flags(commands)
     args = p.parse_args(argv)
     try:
