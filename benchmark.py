@@ -136,7 +136,8 @@ def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=None
             played = [d.episode for d in dialogues]
         else:  # (an endpoint gets no seed: with temperature 0 the seeds repeat, above 0 they are not reproducible)
             played = ro.endpoint_rollout(policy, profiles, backend, mode=mode, max_turns=max_turns, think=think,
-                                         log=log, turn_deadline=turn_deadline, policy_turn_deadline=policy_turn_deadline)
+                                         log=log, turn_deadline=turn_deadline,
+                                         policy_turn_deadline=policy_turn_deadline)
         log(f"seed {seed}: score {summarize(played)['score']:.1f} in {time.time() - start:.1f}s")
         episodes += played
         episode_seeds += [seed] * len(played)
@@ -284,13 +285,14 @@ def eval_command(args):
     return evaluate(policy, tokenizer, profiles, backend, seeds=args.seeds, max_turns=args.max_turns, mode=args.mode,
                     think=args.think, max_new_tokens=args.max_new_tokens, max_context=args.max_context,
                     temperature=args.temperature, out_dir=args.out, config=config, protocol=args.protocol,
-                    lang=args.lang, initial_emotion=args.initial_emotion,
                     max_parse_failure_rate=args.max_parse_failure_rate, turn_deadline=args.simulator_turn_deadline,
-                    policy_turn_deadline=args.policy_turn_deadline, title=f"{args.policy_model or os.path.basename(args.policy.rstrip('/'))} ({setting_label(args)})")
+                    policy_turn_deadline=args.policy_turn_deadline,
+                    title=f"{args.policy_model or os.path.basename(args.policy.rstrip('/'))} ({setting_label(args)})")
 
 
 def flag_type(convert, ok, rule):
-    """An argparse type= holding a flag's range check: convert the text, require ok(value), else '<text>: <rule>'."""
+    """An argparse type= for a list flag (a range is sim.in_range): convert the text, require ok(value), else
+    '<text>: <rule>'."""
     def parse(text):
         try:
             value = convert(text)
@@ -306,9 +308,7 @@ def comma_separated(convert):
     return lambda text: [convert(v) for v in text.split(",") if v.strip()]
 
 
-POSITIVE = flag_type(int, lambda v: v >= 1, "must be at least 1")
-COUNT = flag_type(int, lambda v: v >= 0, "must be 0 or more")
-SECONDS = flag_type(float, lambda v: v > 0, "must be > 0 seconds")
+POSITIVE, COUNT, SECONDS = sim.in_range(1, kind=int), sim.in_range(0, kind=int), sim.in_range(0, above=True)
 
 
 def eval_flags(commands):
@@ -317,23 +317,9 @@ def eval_flags(commands):
     e.add_argument("--policy", required=True, help="local HF model folder, or http(s)://host:port/v1 endpoint")
     e.add_argument("--policy-model", default=None, help="model name to request from a --policy endpoint")
     e.add_argument("--policy-key-env", default="OPENAI_API_KEY", help="env var holding the policy endpoint's key")
-    e.add_argument("--simulator", default="rules", help="'rules', an OpenAI-compatible URL, or a local model folder")
-    e.add_argument("--simulator-model", default=None)
-    e.add_argument("--simulator-key-env", default="OPENAI_API_KEY")
-    e.add_argument("--mode", choices=sim.MODES, default="vanilla")
+    sim.add_simulator_flags(e.add_argument, protocol="sage", max_parse_failure_rate=0.0)
     e.add_argument("--profiles", default=None, help="profile JSONL (ours or public RLVER); default: built-in test set")
     e.add_argument("--limit", type=COUNT, default=0, help="use only the first N profiles (0: all)")
-    e.add_argument("--official-prompts", default=None, metavar="DIR",
-                   help="your checkout of the authors' digitalhuman repository (its root, SAGE/ or RLVER/): sage "
-                        "plays SAGE's simulator, agent prompt and (without --profiles) 100 scenarios; rlver RLVER's")
-    e.add_argument("--official-quirks", action="store_true", help="with --official-prompts under rlver: every "
-                   "analysis call sees the start emotion, as the official trainer's code does")
-    e.add_argument("--protocol", choices=list(sim.PROTOCOLS), default="sage", help="dialogue rules "
-                   "(simulator.PROTOCOLS): sage = SAGE's test loop, rlver = RLVER's training simulator, classic = ours")
-    e.add_argument("--max-turns", type=POSITIVE, default=None, help="scored replies (default: the protocol's)")
-    e.add_argument("--lang", choices=sim.LANGS, default=None, help="force the template language (default: per profile)")
-    e.add_argument("--initial-emotion", type=flag_type(int, lambda v: 1 <= v <= 99, "must be in 1..99"),
-                   help="start emotion for profiles without one (default: the protocol's)")
     e.add_argument("--seeds", default="0", help="comma-separated: each profile is played once per seed",
                    type=flag_type(comma_separated(int), lambda v: v and len(set(v)) == len(v),
                                   "give distinct comma-separated integers, e.g. 0,1,2"))
@@ -347,14 +333,8 @@ def eval_flags(commands):
     e.add_argument("--dtype", choices=list(DTYPES), default="float32")
     e.add_argument("--out", default="runs/eval", help="folder for transcripts.jsonl, summary.json, trajectories.svg")
     e.add_argument("--overwrite", action="store_true", help="replace an earlier eval in --out (refused without it)")
-    e.add_argument("--max-parse-failure-rate", type=flag_type(float, lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-                   default=0.0, help="refuse to score above this share of simulator turns still unparseable after "
-                                     "2 re-asks (0: SAGE never scores such a turn)")
     e.add_argument("--policy-timeout", type=SECONDS, default=120.0, help="seconds per policy endpoint request")
     e.add_argument("--policy-turn-deadline", type=SECONDS, default=600.0, help="seconds for a turn's policy answers")
-    e.add_argument("--simulator-timeout", type=SECONDS, default=120.0, help="seconds per simulator endpoint request")
-    e.add_argument("--simulator-turn-deadline", type=SECONDS, default=600.0,
-                   help="seconds for all simulator answers of one turn")
     e.set_defaults(func=eval_command)
 
 

@@ -373,7 +373,7 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, case, tiny_qwen2):
         "out is a file": (["--policy", tiny_qwen2], "is a file, not a folder"),
         "truncated safetensors": (["--policy", str(tmp_path / "truncated")], "truncated"),
         "rate out of range": (["--policy", tiny_qwen2, "--max-parse-failure-rate", "nan"],
-                              "--max-parse-failure-rate 'nan': must be in [0, 1]"),
+                              "--max-parse-failure-rate nan: give a finite number"),
         "latencies not numbers": (["--latencies-ms", "0,fast"], "--latencies-ms '0,fast': give comma-separated"),
     }[case]
     command = ["rollout"] if case == "latencies not numbers" else ["eval", "--out", str(out)]
