@@ -765,8 +765,6 @@ def check_parse_failures(args, episodes, where):
 
 
 WARNED = []  # the first unparseable answer is shown once per run
-
-
 SIGNALLED = []  # the signal that asked this rank to stop
 
 
@@ -818,8 +816,7 @@ def train(args, argv=None):
             if done > saved:
                 save(run, args, done)
             kept = f"step {done} is saved" if done else "no step was completed"
-            raise ConfigError(f"{e}. Stopped: {kept}; after fixing the simulator, continue with: "
-                              f"{hint}") from None
+            raise ConfigError(f"{e}. Stopped: {kept}; after fixing the simulator, continue with: {hint}") from None
         stop_now = stop_asked()
         if done % args.save_every == 0 or done == args.steps or stop_now:
             save(run, args, done)
