@@ -280,7 +280,8 @@ def evaluate_policy(run, args, step):
     dist.all_gather_object(gathered, [d.episode for d in dialogues])
     episodes = [e for part in gathered for e in part]
     if rank == 0:
-        provenance = benchmark.provenance(args, profiles, args.test_profiles, list(range(len(profiles))), 0.0)
+        flags = argparse.Namespace(**vars(args), lang=None)  # no --lang here: each profile plays in its own language
+        provenance = benchmark.provenance(flags, profiles, args.test_profiles, list(range(len(profiles))), 0.0)
         s = benchmark.report(episodes, os.path.join(args.out, "eval", f"step_{step}"),
                              config={"provenance": provenance}, title=f"step {step} ({benchmark.setting_label(args)})")
         print(f"eval step {step}: score {s['score']:.1f} success {s['success_rate']:.2f} "
