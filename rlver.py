@@ -1,14 +1,11 @@
 """
 rlver.py: train an empathetic dialogue policy with RLVER (Wang et al. 2025, arXiv 2507.03112).
 
-    python rlver.py                                   # CPU demo: tiny model + rules simulator, reward rises
-    torchrun --nproc_per_node 8 rlver.py --algo grpo --model /models/Qwen2.5-7B-Instruct \
-        --simulator http://localhost:8000/v1 --simulator-model Qwen2.5-72B-Instruct
+    python rlver.py                        # CPU demo: tiny model + rules simulator, reward rises
+    torchrun --nproc_per_node 8 rlver.py --model /models/Qwen2.5-7B-Instruct --simulator http://localhost:8000/v1
 
-One step (train_step): profiles -> rollout (rollout.py) -> reward = final emotion / 100 -> score (old and
-reference log-probs, PPO values) -> advantages (grpo.py / ppo.py) -> update -> metrics. The file reads:
-config (flags) -> the train step -> the update -> setup and FSDP2 -> checkpoints -> the guards of a long run
-(one writer per --out, resume checks, simulator health, signals) -> the loop and main.
+One step (train_step): profiles -> rollout (rollout.py) -> reward = final emotion / 100 -> score -> advantages
+(grpo.py / ppo.py) -> update -> metrics. Then: setup and FSDP2, checkpoints, the guards of a long run, the loop.
 """
 
 import argparse
@@ -26,6 +23,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 import benchmark
 import grpo
@@ -33,10 +31,8 @@ import model as lm
 import ppo
 import rollout as ro
 import simulator as sim
-from simulator import in_range
 
-# ----------------------------------------------------------------------------------------------------------
-# Config: every knob is a flag with its range check beside it; the resolved config goes to <out>/config.json.
+# Config: every knob a flag, its range check beside it; the resolved config goes to <out>/config.json --------
 
 GAMMA = LAM = 1.0  # GAE, official: an outcome reward on the last token, undiscounted
 GRAD_CLIP = 1.0  # official
@@ -67,7 +63,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def warmup_ratios(text):
     """--warmup-ratio ACTOR[,CRITIC]: fractions of --steps in [0, 1); one value serves both."""
-    parts = [in_range(0, 1)(t) for t in text.split(",")]
+    parts = [sim.in_range(0, 1)(t) for t in text.split(",")]
     if len(parts) > 2 or max(parts) >= 1:
         raise argparse.ArgumentTypeError(f"{text}: give one or two fractions of --steps in [0, 1), e.g. 0.02,0.05")
     return (parts[0], parts[-1])
@@ -80,10 +76,9 @@ def get_args(argv=None):
                epilog=f"Demo mode (no --model): a tiny random model on CPU, and these defaults instead of the ones "
                       f"above (a flag you give wins): {demo}, --no-think. CPU runs use one torch thread unless "
                       f"OMP_NUM_THREADS says otherwise (README: CPU threads).")
-    a, count, positive, share = p.add_argument, in_range(1, kind=int), in_range(0, above=True), in_range(0)
+    a, count, positive, share = p.add_argument, sim.in_range(1, kind=int), sim.in_range(0, above=True), sim.in_range(0)
     a("--algo", choices=["grpo", "ppo"], default="grpo")
-    a("--model", default=None, help="local HF checkpoint folder (qwen2/llama/qwen3), or a random-weight smoke run at a "
-      f"real size: one of {', '.join(lm.SHAPES)} (made once in <out>/random-NAME); default: a tiny CPU demo model")
+    a("--model", default=None, help=f"HF checkpoint dir, or random weights: {'|'.join(lm.SHAPES)}; none: demo")
     a("--out", default="runs/rlver", help="output dir: config, metrics.jsonl, samples, checkpoints")
     a("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     a("--overwrite", action="store_true", help="start afresh in an --out that holds an earlier run (deleted)")
@@ -92,8 +87,8 @@ def get_args(argv=None):
     a("--train-profiles", default=None, help="profile JSONL (ours or the public RLVER layout); default: built-in")
     a("--test-profiles", default=None, help="profile JSONL for periodic evaluation; default: built-in test set")
     a("--think", action=argparse.BooleanOptionalAction, default=False, help="think-then-say template (official: off)")
-    a("--think-history", choices=["keep", "strip"], default="keep", help="keep: thoughts stay in the context, one "
-      "sample per dialogue; strip: earlier <think> blocks leave it, one sample per turn (official think rollout)")
+    a("--think-history", choices=["keep", "strip"], default="keep", help="keep: a sample per dialogue; strip: "
+      "earlier <think> blocks leave the context, a sample per turn (official think rollout)")
     a("--max-new-tokens", type=count, default=1024, help="per policy turn (cut replies are counted; README)")
     a("--max-context", type=count, default=4096, help="a dialogue that would outgrow this many tokens ends early")
     a("--temperature", type=positive, default=1.0, help="sampling temperature (top-p is 1, official)")
@@ -105,60 +100,50 @@ def get_args(argv=None):
     a("--mini-batches", type=count, default=1, help="optimizer steps per step (one pass over its rollouts)")
     a("--lr", type=positive, default=1e-6)
     a("--critic-lr", type=positive, default=5e-6)
-    a("--warmup-ratio", type=warmup_ratios, default="0.02,0.05", metavar="ACTOR[,CRITIC]",
-      help="linear LR warmup over this fraction of --steps, then constant")
+    a("--warmup-ratio", type=warmup_ratios, default="0.02,0.05", metavar="ACTOR[,CRITIC]", help="LR warmup, of --steps")
     a("--weight-decay", type=share, default=0.01)
     a("--clip-ratio", type=share, default=0.2, help="PPO clip: the policy ratio within [1 - this, 1 + this]")
     a("--value-clip", type=share, default=0.5)
-    a("--kl-coef", type=share, default=0.0, help="GRPO: k3 KL in the loss; PPO: k1 KL in the reward; 0: no "
-      "reference model (official)")
+    a("--kl-coef", type=share, default=0.0, help="GRPO: k3 KL in the loss; PPO: k1 in the reward; 0: no reference")
     a("--entropy-coef", type=share, default=0.001, help="entropy bonus: loss -= coef x mean policy entropy")
     a("--no-std", action="store_true", help="GRPO without dividing by the group std (Dr.GRPO)")
     a("--loss-agg", choices=["token-mean", "seq-mean-token-mean"], default="token-mean")
-    a("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-      help="compute dtype (auto: bf16 on GPU, fp32 on CPU); parameters and AdamW state are fp32 either way")
+    a("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="compute: auto = bf16 on GPU")
     a("--no-fsdp", action="store_true", help="single process without FSDP (plain module)")
-    a("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-      help="recompute each block in backward (default: on on CUDA, where 7B needs it; off on CPU)")
+    a("--activation-checkpointing", action=argparse.BooleanOptionalAction, help="recompute blocks (default: on CUDA)")
     a("--save-every", type=count, default=50, help="checkpoint every N steps (and at the end)")
-    a("--eval-every", type=in_range(0, kind=int), default=0, help="evaluate every N steps (0: never)")
+    a("--eval-every", type=sim.in_range(0, kind=int), default=0, help="evaluate every N steps (0: never)")
     args = p.parse_args(argv)
-    if args.group_size is None:
-        args.group_size = 4 if args.algo == "grpo" else 1
-    if args.max_turns is None:
-        args.max_turns = sim.PROTOCOLS[args.protocol].max_turns
+    args.group_size = args.group_size or (4 if args.algo == "grpo" else 1)
+    args.max_turns = args.max_turns or sim.PROTOCOLS[args.protocol].max_turns
     return args
 
 
 def validate_args(args, world):
     """What no single flag's range says, checked before anything is written."""
-    per_rank = args.profiles_per_step // world * args.group_size
+    per_step, per_rank = args.profiles_per_step, args.profiles_per_step // world * args.group_size
     for bad, line in (
-            (args.algo == "grpo" and args.group_size < 2,
-             "--group-size must be >= 2 for grpo (the baseline is the group's mean reward)"),
-            (args.profiles_per_step % world,
-             f"--profiles-per-step {args.profiles_per_step} must be divisible by the number of processes ({world})"),
+            (args.algo == "grpo" and args.group_size < 2, "--group-size must be >= 2 for grpo (the group baseline)"),
+            (per_step % world, f"--profiles-per-step {per_step} must be divisible by the {world} processes"),
             (per_rank % args.mini_batches,
-             f"{per_rank} dialogues per process cannot be split into --mini-batches {args.mini_batches}"),
-            (args.max_context <= args.max_new_tokens, "--max-context must exceed --max-new-tokens"),
-            (args.no_fsdp and world > 1, "--no-fsdp is for a single process; drop it under torchrun")):
+             f"--mini-batches {args.mini_batches} must divide the {per_rank} dialogues per process"),
+            (args.no_fsdp and world > 1, "--no-fsdp is for a single process; drop it under torchrun"),
+            (args.resume and args.overwrite, "--resume and --overwrite contradict each other: give one"),
+            (not (args.no_fsdp or hasattr(FSDPModule, "set_reshard_after_forward")),
+             f"torch {torch.__version__} lacks FSDPModule.set_reshard_after_forward, which the rollout needs: "
+             f"install torch>=2.7, or run one process with --no-fsdp")):
         if bad:
             raise ConfigError(line)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# One training step
+# One training step ------------------------------------------------------------------------------------------
 
 
 def step_profiles(n_profiles, per_step, step, seed):
     """A step's profile indices: the training set visited epoch by epoch, each epoch in its own shuffled order."""
-    orders, chosen = {}, []
-    for g in range(step * per_step, (step + 1) * per_step):  # global position in the stream of profiles
-        epoch, position = divmod(g, n_profiles)
-        if epoch not in orders:
-            orders[epoch] = torch.randperm(n_profiles, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        chosen.append(orders[epoch][position])
-    return chosen
+    order = lambda epoch: torch.randperm(n_profiles, generator=torch.Generator().manual_seed(seed + epoch))  # noqa
+    # g: the global position in the stream of profiles
+    return [int(order(g // n_profiles)[g % n_profiles]) for g in range(step * per_step, (step + 1) * per_step)]
 
 
 def train_step(run, args, step):
@@ -170,8 +155,7 @@ def train_step(run, args, step):
     timing, t0 = {}, time.time()
     peak_memory_gb(run.device)  # (resets the peak)
     dialogues = play(run, args, [run.profiles[i] for i in mine], args.group_size, seeds, args.temperature, timing)
-    timing["rollout"] = time.time() - t0
-    peaks = {"peak_gb_rollout": peak_memory_gb(run.device)}
+    timing["rollout"], timing["peak_gb_rollout"] = time.time() - t0, peak_memory_gb(run.device)
     failures = check_parse_failures(args, [d.episode for d in dialogues], f"step {step + 1}")  # before any update
 
     t0 = time.time()
@@ -179,12 +163,9 @@ def train_step(run, args, step):
     batch = score_rollouts(run, args, ro.training_samples(dialogues))
     batch["advantages"] = advantages(run, args, batch, rewards)
     stats = update(run, batch, args, step)
-    timing["update"] = time.time() - t0
-    peaks["peak_gb_update"] = peak_memory_gb(run.device)
+    timing["update"], timing["peak_gb_update"] = time.time() - t0, peak_memory_gb(run.device)
     metrics = step_metrics(run, dialogues, rewards, batch, stats, timing)
     metrics["parse_failed_turns"], metrics["simulator_turns"] = failures
-    if run.device.type == "cuda":  # the largest rank's peak GPU memory per phase
-        metrics.update({k: all_reduce(v, dist.ReduceOp.MAX) for k, v in peaks.items()})
     if args.compile:  # dynamo's counters so far on this rank: one compile per (dialogue count, bucket) expected
         from torch._dynamo.utils import counters
         metrics.update(compiles=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()),
@@ -200,24 +181,18 @@ def peak_memory_gb(device):
         return peak
 
 
-def played_profiles(run, args, profiles):
-    """The profiles under --protocol, the simulator writing missing openings."""
-    return sim.prepare_profiles(profiles, run.backend, protocol=args.protocol, mode=args.mode)
-
-
 def play(run, args, profiles, group, seeds, temperature, timing=None):
-    """The rollout phase: each profile prepared (an opening the simulator writes is shared by its group) and
-    played `group` times, the policy unsharded once; a simulator failure on any rank stops every rank."""
-    log = (lambda line: print(line, flush=True)) if dist.get_rank() == 0 else None
-
+    """Each profile prepared (its group shares an opening), played `group` times; a simulator error stops every rank."""
     def rollout():
         with generation_mode(run.policy):
-            played = [p for p in played_profiles(run, args, profiles) for _ in range(group)]
+            prepared = sim.prepare_profiles(profiles, run.backend, protocol=args.protocol, mode=args.mode)
+            played = [p for p in prepared for _ in range(group)]
             return ro.rollout(run.policy, run.tokenizer, played, run.backend, seeds=seeds, think=args.think,
                               think_history=args.think_history, max_turns=args.max_turns,
                               max_new_tokens=args.max_new_tokens, temperature=temperature, mode=args.mode,
-                              max_context=args.max_context, eos_ids=run.eos_ids, timing=timing, log=log,
-                              compile=args.compile, turn_deadline=args.simulator_turn_deadline)
+                              max_context=args.max_context, eos_ids=run.eos_ids, timing=timing, compile=args.compile,
+                              turn_deadline=args.simulator_turn_deadline,
+                              log=(lambda line: print(line, flush=True)) if dist.get_rank() == 0 else None)
     return together(rollout, sim.SimulatorError)
 
 
@@ -229,36 +204,31 @@ def micro_batches(rows, size, ids, lengths):
 
 
 def reuses_update_forward(run, args):
-    """One mini-batch: pi_old is the update's own (only) forward, so the scoring pass is skipped (ratio 1).
-    Not for PPO with a KL reward: its advantages need pi_old before the update."""
+    """One mini-batch: pi_old is the update's own forward (ratio 1); not for PPO's KL reward (needs pi_old first)."""
     return args.mini_batches == 1 and (args.algo == "grpo" or run.reference is None)
 
 
 @torch.no_grad()
 def score_rollouts(run, args, samples):
-    """The step's batch from its samples (one per dialogue, or per turn under --think-history strip): ids (B, T),
-    mask and, per target ids[:, 1:], log-probs under pi_old and pi_ref and (PPO) values, each (B, T-1)."""
+    """The batch: ids (B, T), mask, and per target ids[:, 1:] pi_old/pi_ref log-probs and PPO values, (B, T-1)."""
     # FSDP needs the same micro-batches on every rank: a rank with fewer (turn) samples gets empty ones
     most = int(all_reduce(len(samples), dist.ReduceOp.MAX))
     samples = samples + [ro.Sample([run.tokenizer.pad_token_id] * 2, [False, False], 0)] * (most - len(samples))
     ids, mask = ro.collate(samples, run.tokenizer.pad_token_id, run.device)
-    lengths = [len(s.ids) for s in samples]
-    batch = {"ids": ids, "mask": mask, "lengths": lengths,
+    batch = {"ids": ids, "mask": mask, "lengths": [len(s.ids) for s in samples],
              "dialogue": torch.tensor([s.dialogue for s in samples], device=run.device)}
     for key, model in (("old_logprobs", run.policy), ("ref_logprobs", run.reference), ("old_values", run.critic)):
         if model is None or (key == "old_logprobs" and reuses_update_forward(run, args)):
             continue
         batch[key] = torch.zeros(mask.shape, device=mask.device)  # (B, T-1)
-        for rows, x in micro_batches(list(range(len(ids))), args.micro_batch, ids, lengths):
+        for rows, x in micro_batches(list(range(len(ids))), args.micro_batch, ids, batch["lengths"]):
             y = model(x) if key == "old_values" else lm.token_logprobs(model, x, args.temperature)
             batch[key][rows, :y.shape[1]] = y.float()
     return batch
 
 
 def advantages(run, args, batch, rewards):
-    """(B, T-1) advantages on the policy tokens; rewards (dialogues,), each row takes its dialogue's. GRPO: the
-    group-relative advantage (under --think-history strip over all turn samples of the group, as the official
-    think trainer). PPO: the reward on each sample's last policy token, GAE, whitened over all ranks."""
+    """(B, T-1) advantages, each sample taking its dialogue's reward: GRPO group-relative, PPO GAE whitened."""
     mask, dialogue = batch["mask"], batch["dialogue"]
     if args.algo == "grpo" and args.think_history == "strip":  # over every turn sample of a group (grpo.py)
         adv = grpo.group_advantages(rewards[dialogue], dialogue // args.group_size, mask.any(1),
@@ -268,17 +238,15 @@ def advantages(run, args, batch, rewards):
         groups = torch.arange(len(rewards), device=rewards.device) // args.group_size  # (dialogues,)
         group = grpo.group_advantages(rewards, groups, scale_by_std=not args.no_std)  # (dialogues,)
         return group[dialogue][:, None] * mask
-    kl_coef = args.kl_coef if "ref_logprobs" in batch else 0.0
-    token_rewards = ppo.token_rewards(rewards[dialogue], mask, batch.get("old_logprobs"), batch.get("ref_logprobs"),
-                                      kl_coef)
+    kl = args.kl_coef if "ref_logprobs" in batch else 0.0
+    token_rewards = ppo.token_rewards(rewards[dialogue], mask, batch.get("old_logprobs"), batch.get("ref_logprobs"), kl)
     adv, batch["returns"] = ppo.compute_gae(token_rewards, batch["old_values"], mask, GAMMA, LAM)
     return ppo.masked_whiten(adv, mask, reduce=all_reduce)
 
 
 def step_metrics(run, dialogues, rewards, batch, stats, timing):
     """One metrics.jsonl row: the update's metrics plus means over the global batch of dialogues."""
-    episodes = [d.episode for d in dialogues]
-    n = all_reduce(len(dialogues))
+    episodes, n = [d.episode for d in dialogues], all_reduce(len(dialogues))
     mean = lambda xs: all_reduce(sum(xs)) / n  # noqa: E731
     slowest = lambda key: all_reduce(timing.get(key, 0.0), dist.ReduceOp.MAX)  # noqa: E731
     reward, real = mean(rewards.tolist()), batch["mask"].sum(1) > 0  # real: (B,) samples with policy tokens
@@ -286,6 +254,8 @@ def step_metrics(run, dialogues, rewards, batch, stats, timing):
     if "ref_logprobs" in batch:  # k1 estimate of KL(pi_old || pi_ref) over the global batch's policy tokens
         metrics["kl_ref"] = ppo.masked_mean(batch["old_logprobs"] - batch["ref_logprobs"], batch["mask"],
                                             reduce=all_reduce).item()
+    if run.device.type == "cuda":  # the largest rank's peak GPU memory per phase
+        metrics.update({k: slowest(k) for k in ("peak_gb_rollout", "peak_gb_update")})
     outcomes = [sim.final_outcome(e.emotion, e.profile.protocol) for e in episodes]
     return metrics | dict(
         reward=reward, reward_std=math.sqrt(max(mean([r * r for r in rewards.tolist()]) - reward ** 2, 0.0)),
@@ -299,8 +269,7 @@ def step_metrics(run, dialogues, rewards, batch, stats, timing):
         conversation_tokens=all_reduce(timing.get("conversation_tokens", 0)),  # the conversations' own length
         decode_steps=slowest("decode_steps"),
         active_rows=all_reduce(timing.get("active_rows", 0)) / max(all_reduce(timing.get("decode_steps", 0)), 1),
-        time_rollout=slowest("rollout"), time_generate=slowest("generate"), time_simulator=slowest("simulator"),
-        time_update=slowest("update"),
+        **{f"time_{k}": slowest(k) for k in ("rollout", "generate", "simulator", "update")},
         gen_tokens_per_s=all_reduce(timing.get("tokens", 0) / max(timing.get("generate", 1e-9), 1e-9)),
         lr=run.optimizer.param_groups[0]["lr"],
         **{k: all_reduce(sum(getattr(e, k) for e in episodes)) for k in sim.COUNTS})  # totals, warned per step
@@ -323,8 +292,10 @@ def evaluate_policy(run, args, step):
               f"failure {s['failure_rate']:.2f}", flush=True)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The update: clipped-surrogate losses, --mini-batches optimizer steps over the step's rollouts
+# The update: clipped-surrogate losses, --mini-batches optimizer steps over the step's rollouts --------------
+
+SUMMED = ("loss", "policy_loss", "value_loss")  # micro-batch losses already / N_global: they add up, not average
+GRAD_NORMS = {"policy": "grad_norm", "critic": "critic_grad_norm"}  # one per optimizer step, alike on all ranks
 
 
 def shuffle_seed(seed, step):
@@ -333,17 +304,14 @@ def shuffle_seed(seed, step):
 
 
 def update(run, batch, args, step):
-    """One pass over the step's rollouts in --mini-batches optimizer steps (the PPO critic alongside)."""
+    """--mini-batches optimizer steps over the step's rollouts (PPO's critic alongside); the update's metrics."""
     ids, mask, lengths, world = batch["ids"], batch["mask"], batch["lengths"], dist.get_world_size()
     reuse = "old_logprobs" not in batch  # reuses_update_forward: pi_old = this forward, filled in as we go
-    if reuse:
-        batch["old_logprobs"] = torch.zeros(mask.shape, device=mask.device)  # (B, T-1)
+    batch.setdefault("old_logprobs", torch.zeros(mask.shape, device=mask.device))  # (B, T-1)
     sums = {}
     order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(shuffle_seed(args.seed, step)))
-    for mini in order.tensor_split(args.mini_batches):
-        mini = mini.tolist()
-        # Normalised by the GLOBAL count (every micro-batch on every rank) / world: FSDP averages gradients
-        # over ranks, so the total gradient is that of sum(per-token loss) / N_global (ppo.aggregate).
+    for mini in [part.tolist() for part in order.tensor_split(args.mini_batches)]:
+        # / the GLOBAL count (all ranks' micro-batches) / world, as FSDP averages gradients (ppo.aggregate)
         scale = dict(agg=args.loss_agg, loss_scale_tokens=all_reduce(mask[mini].sum().item()) / world,
                      loss_scale_seqs=all_reduce((mask[mini].sum(1) > 0).sum().item()) / world)
         for rows, x in micro_batches(mini, args.micro_batch, ids, lengths):
@@ -364,11 +332,12 @@ def update(run, batch, args, step):
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # (a DTensor under FSDP2)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            key = "grad_norm" if name == "policy" else "critic_grad_norm"
-            sums[key] = sums.get(key, 0.0) + norm.item()
+            sums[GRAD_NORMS[name]] = sums.get(GRAD_NORMS[name], 0.0) + norm.item()
     for _, _, _, scheduler in run.trained():
         scheduler.step()
-    return update_metrics(sums, args.mini_batches)
+    tokens, n = all_reduce(sums.pop("_tokens")), args.mini_batches
+    return {k: v / n if k in GRAD_NORMS.values() else all_reduce(v) / (world * n if k in SUMMED else max(tokens, 1))
+            for k, v in sums.items()}
 
 
 def micro_batch_loss(run, args, x, mb, logprobs, scale):
@@ -383,27 +352,7 @@ def micro_batch_loss(run, args, x, mb, logprobs, scale):
     return loss + vloss, metrics | vmetrics | {"loss": loss.detach()}
 
 
-SUMMED = ("loss", "policy_loss", "value_loss")  # micro-batch losses already / N_global: they add up, not average
-GRAD_NORMS = ("grad_norm", "critic_grad_norm")  # one value per optimizer step
-
-
-def update_metrics(sums, n_updates):
-    """Over all ranks: the losses averaged over the optimizer steps, grad norms the mean over them (alike on all
-    ranks under FSDP), every other metric the token-weighted mean over the global batch."""
-    world, tokens = dist.get_world_size(), all_reduce(sums.pop("_tokens"))
-    out = {}
-    for k, v in sums.items():
-        if k in GRAD_NORMS:
-            out[k] = v / n_updates
-        elif k in SUMMED:
-            out[k] = all_reduce(v) / (world * n_updates)
-        else:
-            out[k] = all_reduce(v) / max(tokens, 1)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Setup: one process per device (torchrun), FSDP2 shards parameters, grads and optimizer state
+# Setup: one process per device (torchrun), FSDP2 shards parameters, grads and optimizer state ---------------
 
 
 @dataclass
@@ -431,53 +380,46 @@ USER_ERRORS = (ConfigError, lm.CheckpointError, sim.ProfileError, sim.SimulatorE
 
 
 def setup(args, argv):
-    """Cheap checks, then models and optimizers. A check that reads files or endpoints runs on every rank and
-    stops every rank together (a node may see other files)."""
-    shape = resolve_model(args, argv)
+    """Cheap checks, then models and optimizers; a check that reads files or endpoints stops every rank together."""
+    make_model = resolve_model(args, argv)
     validate_args(args, int(os.environ.get("WORLD_SIZE", "1")))  # flags only: alike on every rank
-    device = setup_distributed()
+    alone = {} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)  # python rlver.py
+    if torch.cuda.is_available():  # a backend per device: NCCL for CUDA tensors, gloo for the gathers of CPU objects
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device, **alone)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", **alone)
     if args.activation_checkpointing is None:  # on by default on CUDA: 7B does not fit without it
         args.activation_checkpointing = device.type == "cuda"
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # README, "CPU threads": near the best when idle, never collapses under load
-    from torch.distributed.fsdp import FSDPModule
-    if not args.no_fsdp and not hasattr(FSDPModule, "set_reshard_after_forward"):
-        raise ConfigError(f"torch {torch.__version__} lacks FSDPModule.set_reshard_after_forward, which the "
-                          "rollout phase needs: install torch>=2.7, or run one process with --no-fsdp")
-    profiles, test_profiles, backend = together(lambda: [
+    profiles, test_profiles, backend, official = together(lambda: [
         sim.load_profiles(args.train_profiles) if args.train_profiles else sim.builtin_profiles("train"),
         sim.load_profiles(args.test_profiles) if args.test_profiles else sim.builtin_profiles("test"),
-        make_simulator(args, device)], USER_ERRORS)
+        make_simulator(args, device), args.official_prompts and sim.load_official_prompts(  # the authors' prompts
+            args.official_prompts, args.protocol, args.think, args.official_quirks, args.simulator)], USER_ERRORS)
     args.resume_from = claim_out(args)  # the first write into --out
-    make_random_model(args, shape)
-    official = together(lambda: args.official_prompts and sim.load_official_prompts(  # the authors' prompts
-        args.official_prompts, args.protocol, args.think, args.official_quirks, args.simulator), USER_ERRORS)
+    if make_model and dist.get_rank() == 0 and not os.path.isdir(args.model):  # once, via a renamed .tmp
+        print(f"rlver: making a random-weight model in {args.model} (once)", flush=True)
+        shutil.rmtree(args.model + ".tmp", ignore_errors=True)
+        os.replace(make_model(args.model + ".tmp"), args.model)
+    dist.barrier()
     profiles, test_profiles = ([replace(p, prompts=official) for p in ps] for ps in (profiles, test_profiles))
     cfg, tokenizer = together(lambda: validate_model(args, profiles), USER_ERRORS)
-    prepare_out(args)
+    if args.overwrite and dist.get_rank() == 0:  # every check passed: the earlier run's files go
+        for path in (os.path.join(args.out, name) for name in RUN_FILES):
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    dist.barrier()
     return build_run(args, cfg, device, tokenizer, profiles, test_profiles, backend)
 
 
-def setup_distributed():
-    """Join torchrun's process group (plain `python rlver.py`: a group of one, same code path); the device."""
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        with socket.socket() as free:  # any free port for the group of one
-            free.bind(("127.0.0.1", 0))
-            os.environ.setdefault("MASTER_PORT", str(free.getsockname()[1]))
-    if not torch.cuda.is_available():
-        dist.init_process_group("gloo")
-        return torch.device("cpu")
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    torch.cuda.set_device(device)
-    # a backend per device: NCCL for CUDA tensors, gloo for the CPU tensors of the metric and object gathers
-    dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
-    return device
-
-
 def together(fn, catch):
-    """fn() on every rank; when it raised one of `catch` on any rank, every rank raises the first such error
-    (ranks in order), so no rank is left waiting in a collective for one that stopped. Returns fn()'s result."""
+    """fn() on every rank; an error of `catch` on any rank is raised on every rank (none left in a collective)."""
     result, error, errors = None, None, [None] * dist.get_world_size()
     try:
         result = fn()
@@ -497,32 +439,19 @@ def all_reduce(x, op=dist.ReduceOp.SUM):
 
 
 def resolve_model(args, argv):
-    """--model as a folder: no --model, the demo (its defaults, a tiny model made in <out>); a model.SHAPES name,
-    <out>/random-NAME (a real architecture, random weights). Returns the shape name or None."""
+    """No --model: the demo (its defaults, a tiny model); a model.SHAPES name: <out>/random-NAME. Returns its maker."""
     if args.model is None:
         given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv or sys.argv[1:]) if a.startswith("--")}
         for key, value in DEMO.items():
             if key not in given and not (key == "think" and "no_think" in given):
                 setattr(args, key, value)
         args.model = os.path.join(args.out, "tiny-qwen2")
-    shape = args.model if args.model in lm.SHAPES else None
-    if shape:
-        args.model = os.path.join(args.out, f"random-{shape}")
-    return shape
-
-
-def make_random_model(args, shape):
-    """The demo's tiny model or a shape's random checkpoint, made once by rank 0 (a shape via a renamed .tmp)."""
-    demo = args.model == os.path.join(args.out, "tiny-qwen2")
-    if (demo or shape) and dist.get_rank() == 0 and not os.path.isdir(args.model):
-        if demo:
-            print(f"rlver: demo mode: making a tiny random model in {args.model}", flush=True)
-            lm.make_tiny_checkpoint(args.model, "qwen2", seed=args.seed, hidden_size=64, num_layers=2)
-        else:
-            print(f"rlver: making a random-weight {shape} checkpoint in {args.model} (once)", flush=True)
-            shutil.rmtree(args.model + ".tmp", ignore_errors=True)
-            os.replace(lm.make_random_checkpoint(args.model + ".tmp", lm.SHAPES[shape], seed=args.seed), args.model)
-    dist.barrier()
+        if os.environ.get("RANK", "0") == "0":
+            print(f"rlver: demo mode (no --model): a tiny random model in {args.model}", flush=True)
+        return lambda path: lm.make_tiny_checkpoint(path, "qwen2", seed=args.seed, hidden_size=64, num_layers=2)
+    if args.model in lm.SHAPES:
+        shape, args.model = args.model, os.path.join(args.out, f"random-{args.model}")
+        return lambda path: lm.make_random_checkpoint(path, lm.SHAPES[shape], seed=args.seed)
 
 
 def make_simulator(args, device):
@@ -540,8 +469,7 @@ def make_simulator(args, device):
 
 
 def validate_model(args, profiles):
-    """The checkpoint (config, safetensors headers) and room for a turn after the longest first prompt (an
-    opening the simulator writes comes later). Returns (config, tokenizer)."""
+    """The checkpoint's config, weights and tokenizer, and room for a turn after the longest opening prompt."""
     cfg = lm.read_config(args.model)  # raises CheckpointError with the fix
     lm.check_weights(args.model)  # a truncated or corrupt *.safetensors, found in milliseconds
     tokenizer = lm.load_tokenizer(args.model)
@@ -549,10 +477,9 @@ def validate_model(args, profiles):
     longest = max(len(tokenizer.encode(ro.render(tokenizer, [
         {"role": "system", "content": ro.system_prompt(args.think, p.lang, p.prompts)},
         {"role": "user", "content": p.opening or ""}], True), add_special_tokens=False)) for p in profiles)
-    if longest + args.max_new_tokens > args.max_context:
-        raise ConfigError(f"--max-context {args.max_context} leaves no room for a turn: the longest opening prompt "
-                          f"is {longest} tokens plus --max-new-tokens {args.max_new_tokens}; give --max-context "
-                          f">= {longest + args.max_new_tokens}")
+    if (need := longest + args.max_new_tokens) > args.max_context:
+        raise ConfigError(f"--max-context {args.max_context} leaves no room for a turn: the longest opening prompt is "
+                          f"{longest} tokens + --max-new-tokens {args.max_new_tokens}: give --max-context >= {need}")
     return cfg, tokenizer
 
 
@@ -578,12 +505,7 @@ def build_run(args, cfg, device, tokenizer, profiles, test_profiles, backend):
 
 
 def build_model(args, cfg, device, trainable, critic=False):
-    """
-    The policy, the frozen reference, or the PPO critic, in fp32 master weights whatever the checkpoint's dtype
-    (in bf16 an lr 1e-6 update rounds away); bf16 compute by FSDP2's MixedPrecisionPolicy, or torch.autocast in
-    the plain module's forward. FSDP2: built on the meta device, each block then the root sharded (a tied
-    embedding and head share the root's unit), filled from rank 0's weights shard by shard (no full copy).
-    """
+    """The policy, reference or critic: fp32 master weights (bf16 ones lose lr 1e-6 updates), bf16 compute."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -596,11 +518,10 @@ def build_model(args, cfg, device, trainable, critic=False):
             torch.manual_seed(args.seed)
             module = ppo.Critic(module)
     else:
-        with torch.device("meta"):
+        with torch.device("meta"):  # FSDP2: per block then the root, filled from rank 0's weights shard by shard
             module = ppo.Critic(lm.Transformer(cfg)) if critic else lm.Transformer(cfg)
         # bf16 copies of the fp32 master weights all-gathered per forward/backward, gradients reduced in fp32
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
-            MixedPrecisionPolicy()
+        mp = MixedPrecisionPolicy(**(dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else {}))
         for block in [*(module.backbone if critic else module).model.layers, module]:
             fully_shard(block, mp_policy=mp)
         module.to_empty(device=device)
@@ -622,28 +543,23 @@ def build_model(args, cfg, device, trainable, critic=False):
 
 @contextlib.contextmanager
 def generation_mode(model):
-    """The policy unsharded once for the rollout phase, not all-gathered per decoded token: then a forward needs
-    no collective, so ranks may run different numbers of decode steps."""
-    from torch.distributed.fsdp import FSDPModule
+    """The policy unsharded once for the rollout: no all-gather per token, so ranks may decode different lengths."""
 
     fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in fsdp_modules:
-        m.unshard()  # (not recursive: every block and the root)
-    if fsdp_modules:
-        model.set_reshard_after_forward(False)
+    for m in fsdp_modules:  # every block and the root
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
     model.eval()
     try:
         yield
     finally:
-        if fsdp_modules:
-            model.set_reshard_after_forward(True)
         for m in fsdp_modules:
+            m.set_reshard_after_forward(True, recurse=False)
             m.reshard()
         model.train()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoints: <out>/checkpoints/step_N/{hf/ (HF layout, loadable by transformers), trainer/ (sharded state)}
+# Checkpoints: <out>/checkpoints/step_N/{hf/ (HF layout, for transformers), trainer/ (sharded state)} --------
 
 
 def checkpoint_dirs(out):
@@ -658,54 +574,51 @@ def trainer_state(run):
     """What --resume needs: model and optimizer state of the policy (and critic), sharded, for DCP."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    state = {}
-    for name, model, optimizer, _ in run.trained():
-        state[name], state[f"{name}_optimizer"] = get_state_dict(model, optimizer)
-    return state
+    return {k: v for name, model, optimizer, _ in run.trained()
+            for k, v in zip((name, f"{name}_optimizer"), get_state_dict(model, optimizer))}
+
+
+def describe(e):
+    """An error in one line: its type and first line (for DCP's CheckpointException, the failing rank's own)."""
+    e = next(iter(e.failures.values()))[0] if hasattr(e, "failures") else e  # (CheckpointException)
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
 
 
 def save(run, args, step):
-    """A checkpoint of `step` (step_N.tmp, renamed when complete; each rank writes its trainer/ shard, rank 0 the
-    rest), then curves.svg. A failed write removes the .tmp, keeps every earlier checkpoint, stops the run."""
+    """step_N.tmp (each rank writes its trainer/ shard, rank 0 the rest), renamed when complete; then curves.svg."""
     import torch.distributed.checkpoint as dcp
+    from safetensors import SafetensorError
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from safetensors import SafetensorError
 
-    failed = (OSError, SafetensorError)  # safetensors reports a full disk as its own error
     rank, final = dist.get_rank(), os.path.join(args.out, "checkpoints", f"step_{step}")
-    tmp, state = final + ".tmp", trainer_state(run)
+    tmp, failed = final + ".tmp", (OSError, SafetensorError)  # safetensors reports a full disk as its own error
     try:  # each `together` is also the barrier between the ranks' parts
+        together(lambda: rank == 0 and shutil.rmtree(tmp, ignore_errors=True), failed)  # (a save killed earlier)
+        dcp.save(trainer_state(run), checkpoint_id=os.path.join(tmp, "trainer"))  # a failed shard raises on all ranks
         full = get_model_state_dict(run.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        together(lambda: rank == 0 and save_hf(run, args, full, tmp), failed)
-        del full
-        dcp.save(state, checkpoint_id=os.path.join(tmp, "trainer"))  # a failed shard raises on every rank
-        together(lambda: rank == 0 and finish_checkpoint(run, args, step, tmp, final), failed)
+        together(lambda: rank == 0 and finish_checkpoint(run, args, step, full, tmp, final), failed)
     except (*failed, CheckpointException) as e:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        need = state_bytes(state) + sum(p.numel() * 4 for p in run.policy.parameters())  # + hf/, at most fp32
-        free, e = shutil.disk_usage(os.path.dirname(final)).free, rank_error(e)
-        raise ConfigError(f"saving {tmp} failed ({getattr(e, 'strerror', None) or e}): a checkpoint needs up to "
-                          f"{need / 2**20:.1f} MiB free on that disk ({free / 2**20:.1f} MiB free now); the .tmp is "
-                          f"removed and every earlier checkpoint kept: free space, then continue with "
-                          f"--resume") from None
+        # fp32 weights and both AdamW moments of what is trained, and the policy's hf/ (at most fp32)
+        need = sum(p.numel() * (16 if name == "policy" else 12) for name, model, _, _ in run.trained()
+                   for p in model.parameters())
+        raise ConfigError(f"saving {tmp} failed ({describe(e)}): a checkpoint needs up to {need / 2**20:.1f} MiB "
+                          f"free on that disk ({shutil.disk_usage(os.path.dirname(final)).free / 2**20:.1f} MiB free "
+                          f"now); the .tmp is removed and every earlier checkpoint kept: free space, then continue "
+                          f"with --resume") from None
     if rank == 0:
         benchmark.write_curves(os.path.join(args.out, "curves.svg"), benchmark.run_rows(args.out),
                                title=f"rlver {args.algo} ({benchmark.setting_label(args)})")
         print(f"rlver: saved {final}", flush=True)
 
 
-def save_hf(run, args, full, tmp):
-    """<tmp>/hf/ afresh, in the source checkpoint's dtype with its generation_config.json (stop tokens)."""
-    shutil.rmtree(tmp, ignore_errors=True)
+def finish_checkpoint(run, args, step, full, tmp, final):
+    """Rank 0: hf/ (the source's dtype and generation_config.json), the small files, DONE, the rename, pruning."""
     lm.save_model(full, run.policy.config, os.path.join(tmp, "hf"), run.tokenizer)
     if os.path.isfile(os.path.join(args.model, "generation_config.json")):
         shutil.copy(os.path.join(args.model, "generation_config.json"), os.path.join(tmp, "hf"))
-
-
-def finish_checkpoint(run, args, step, tmp, final):
-    """The small files, DONE, the rename to step_N; only the newest KEEP_CHECKPOINTS stay."""
     torch.save({name: s.state_dict() for name, _, _, s in run.trained()}, os.path.join(tmp, "schedulers.pt"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump({"step": step, "algo": args.algo, "world_size": dist.get_world_size()}, f)
@@ -716,39 +629,22 @@ def finish_checkpoint(run, args, step, tmp, final):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def state_bytes(state):
-    """Bytes of every tensor in a nested state dict (a DTensor counts its whole, unsharded size)."""
-    if isinstance(state, dict):
-        return sum(state_bytes(v) for v in state.values())
-    return state.numel() * state.element_size() if torch.is_tensor(state) else 0
-
-
-def rank_error(e):
-    """The error behind DCP's CheckpointException (the first failing rank's own), else e itself."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    return next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e
-
-
 def resume_checkpoint(out):
-    """(the newest readable checkpoint or None, a line per damaged newer one). Readable: its small files load
-    and every trainer shard DCP's metadata names is on disk at full length. ConfigError when none is."""
+    """(the newest readable checkpoint or None, a line per damaged newer one): small files load, shards whole."""
     from torch.distributed.checkpoint import FileSystemReader
 
     dirs, damaged = checkpoint_dirs(out), []
     for path in reversed(dirs):
         try:
-            with open(os.path.join(path, "state.json")) as f:
-                json.load(f)
             torch.load(os.path.join(path, "schedulers.pt"), weights_only=False)
             storage = FileSystemReader(os.path.join(path, "trainer")).read_metadata().storage_data or {}
             short = [i.relative_path for i in storage.values()
                      if os.path.getsize(os.path.join(path, "trainer", i.relative_path)) < i.offset + i.length]
-            if not short:
-                return path, damaged
-            damaged.append(f"{path} is damaged ({os.path.join(path, 'trainer', short[0])} is truncated)")
-        except Exception as e:  # noqa: BLE001 (unreadable in any way is damaged: OSError, pickle, JSON, zip errors)
-            damaged.append(f"{path} is damaged ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
+            if short:
+                raise OSError(f"{os.path.join(path, 'trainer', short[0])} is truncated")
+            return path, damaged
+        except Exception as e:  # noqa: BLE001 (unreadable in any way is damaged: OSError, pickle, zip errors)
+            damaged.append(f"{path} is damaged ({describe(e)})")
     if dirs:
         raise ConfigError(f"--resume: no checkpoint in {out}/checkpoints is readable ({'; '.join(damaged)}): start "
                           f"afresh with --overwrite, or in another --out")
@@ -771,39 +667,28 @@ def start_step(run, args):
                 set_state_dict(model, optimizer, model_state_dict=state[name],
                                optim_state_dict=state[f"{name}_optimizer"])
                 scheduler.load_state_dict(schedulers[name])
-            with open(os.path.join(path, "state.json")) as f:
-                start = json.load(f)["step"]
+            start = int(os.path.basename(path)[len("step_"):])
         except (Exception, CheckpointException) as e:  # noqa: BLE001 (damaged past resume_checkpoint's look)
-            e = rank_error(e)
-            raise ConfigError(f"--resume: cannot load {path} ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-                              f"): move it out of {args.out}/checkpoints to resume from the one before") from None
-    if args.resume and dist.get_rank() == 0:
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            truncate_jsonl(os.path.join(args.out, name), start)
-        if path:
-            print(f"rlver: resumed from {path} at step {start}", flush=True)
+            raise ConfigError(f"--resume: cannot load {path} ({describe(e)}): move it out of {args.out}/checkpoints "
+                              f"to resume from the one before") from None
+    if not (args.resume and dist.get_rank() == 0):
+        return start
+    for log in (os.path.join(args.out, name) for name in ("metrics.jsonl", "samples.jsonl")):
+        with contextlib.suppress(FileNotFoundError), open(log) as f:
+            lines = list(enumerate(f, 1))
+            with open(log, "w") as out:  # rows after `start` dropped (redone), and a torn line (a kill mid-write)
+                for n, line in lines:
+                    try:
+                        if json.loads(line).get("step", 0) <= start:
+                            out.write(line if line.endswith("\n") else line + "\n")
+                    except ValueError:
+                        print(f"rlver: warning: --resume: {log}:{n} is torn (not a JSON row): dropped", flush=True)
+    print(f"rlver: resumed from {path} at step {start}" if path else
+          f"rlver: --resume: no checkpoint in {args.out}/checkpoints yet, starting at step 0", flush=True)
     return start
 
 
-def truncate_jsonl(path, step):
-    """Rows of steps after `step` dropped, and a torn line (a run killed while writing it) with a warning."""
-    if not os.path.isfile(path):
-        return
-    keep = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line if line.endswith("\n") else line + "\n")
-            except ValueError:
-                print(f"rlver: warning: --resume: {path}:{n} is torn (not a JSON row): dropped", flush=True)
-    with open(path, "w") as f:
-        f.writelines(keep)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Guards of a long run: one writer per --out, a fresh run never mixing with an earlier one, --resume refusing
-# other flags, an unparseable simulator stopping the run, signals that save before stopping
+# Guards: one writer per --out, runs never mixed, --resume's checks, parse health, signals -------------------
 
 RUN_FILES = ("checkpoints", "metrics.jsonl", "samples.jsonl", "eval", "curves.svg")  # what a run writes in --out
 RESUME_KEYS = ("algo", "model", "train_profiles", "profiles_per_step", "group_size", "mini_batches", "seed", "think",
@@ -811,42 +696,30 @@ RESUME_KEYS = ("algo", "model", "train_profiles", "profiles_per_step", "group_si
 
 
 def check_out(args):
-    """--out is a folder we may write, and a fresh run never mixes with (or silently deletes) an earlier one."""
-    old = [n for n in RUN_FILES if os.path.exists(os.path.join(args.out, n))]
+    """Refuses an --out that is a file or holds an earlier run, and --resume with other flags; resume_checkpoint()."""
     if benchmark.blocking_file(args.out):
         raise ConfigError(f"--out {args.out}: {benchmark.blocking_file(args.out)} is a file, not a folder: "
                           f"choose another --out")
+    old = [n for n in RUN_FILES if os.path.exists(os.path.join(args.out, n))]
     if old and not args.resume and not args.overwrite:
         raise ConfigError(f"--out {args.out} holds an earlier run ({', '.join(old)}): continue it with --resume, "
                           f"replace it with --overwrite, or choose another --out")
-    if args.resume and args.overwrite:
-        raise ConfigError("--resume and --overwrite contradict each other: give one")
-
-
-def run_path(path, out):
-    """Relative to --out when inside it (the demo's model: a moved run folder still matches), else absolute."""
-    inside = os.path.relpath(os.path.abspath(path), os.path.abspath(out))
-    return os.path.abspath(path) if inside.startswith(os.pardir) else inside
-
-
-def check_resume(args):
-    """--resume refuses flags that would change what is trained. Returns resume_checkpoint's answer."""
     if not args.resume or not checkpoint_dirs(args.out):
         return None, []
     try:
         with open(os.path.join(args.out, "config.json")) as f:
-            old = json.load(f)
+            was = json.load(f)
     except (OSError, ValueError) as e:
         raise ConfigError(f"--resume: cannot read the run's config in {args.out} ({e}): resume needs its "
                           f"config.json; start afresh with --overwrite") from None
 
-    def same(key, new, was):  # a model path may be given relative or absolute, the run folder may have moved
-        if key == "model" and new and was:
-            return run_path(new, args.out) == run_path(was, old.get("out", args.out))
-        return new == was
+    def place(path, out):  # relative to its run folder when inside it (the demo's model: a moved run matches)
+        inside = os.path.relpath(os.path.abspath(path), os.path.abspath(out))
+        return os.path.abspath(path) if inside.startswith(os.pardir) else inside
 
-    diff = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run used {old[k]})"
-            for k in RESUME_KEYS if k in old and not same(k, getattr(args, k), old[k])]
+    diff = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run used {was[k]})" for k in RESUME_KEYS
+            if k in was and getattr(args, k) != was[k]
+            and not (k == "model" and place(args.model, args.out) == place(was[k], was.get("out", args.out)))]
     if diff:
         raise ConfigError(f"--resume: flags differ from the run in {args.out}: {'; '.join(diff)}. Give the run's "
                           f"flags, or start a new run in another --out")
@@ -854,32 +727,23 @@ def check_resume(args):
 
 
 def claim_out(args):
-    """
-    One writer per --out, every rank in the same folder. Rank 0 checks --out writing nothing, takes its lock
-    (benchmark.lock_out) and checks again under it (of two runs started at once the second stops, naming the
-    first); every rank then reads back rank 0's token from the lock file (a node's --out on a local disk stops
-    every rank). Returns the checkpoint to resume from, or None.
-    """
+    """One writer per --out (benchmark.lock_out), every rank writing into rank 0's folder. Returns the resume point."""
     rank, token = dist.get_rank(), os.urandom(8).hex()  # (rank 0's token is the one every rank looks for)
 
     def lock():
         if rank == 0:
             benchmark.check_not_locked(args.out)
-            check_out(args)
-            dirs, (path, damaged) = checkpoint_dirs(args.out), check_resume(args)
+            check_out(args)  # before the lock file is written: a refused run leaves --out as it was
             benchmark.lock_out(args.out, token)
-            check_out(args)
-            if checkpoint_dirs(args.out) != dirs:  # another run saved between the two looks: look again
-                path, damaged = check_resume(args)
+            path, damaged = check_out(args)  # again under the lock: another run may have ended in between
             for line in damaged:
-                print(f"rlver: warning: --resume: {line}; left in place, resuming from an older checkpoint",
-                      flush=True)
+                print(f"rlver: warning: --resume: {line}; left in place, resuming from an older checkpoint", flush=True)
             return path
 
     shared = [token, together(lock, USER_ERRORS)]
     dist.broadcast_object_list(shared, src=0)
 
-    def sees():
+    def sees():  # a node whose --out is not rank 0's folder (a local disk) lacks rank 0's token
         with contextlib.suppress(OSError), open(os.path.join(args.out, benchmark.LOCK_FILE), encoding="utf-8") as f:
             if shared[0] in f.read():
                 return
@@ -891,23 +755,8 @@ def claim_out(args):
     return shared[1]
 
 
-def prepare_out(args):
-    """--out made ready: an earlier run's files removed under --overwrite."""
-    if args.resume and not args.resume_from and dist.get_rank() == 0:
-        print(f"rlver: --resume: no checkpoint in {args.out}/checkpoints yet, starting at step 0", flush=True)
-    if args.overwrite and dist.get_rank() == 0:  # asked for explicitly: the earlier run's files go
-        for path in (os.path.join(args.out, name) for name in RUN_FILES):
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
-    dist.barrier()
-    os.makedirs(args.out, exist_ok=True)
-
-
 def check_parse_failures(args, episodes, where):
-    """simulator.check_parse_health over the global batch (every rank decides alike; rank 0 shows one offending
-    answer once per run, the key redacted). Returns (unparseable turns, simulator turns) over every rank."""
+    """simulator.check_parse_health over every rank; rank 0 shows one bad answer a run (key redacted)."""
     def warn_once(line):
         key = os.environ.get(args.simulator_key_env)
         if dist.get_rank() == 0 and not WARNED:
@@ -919,33 +768,16 @@ def check_parse_failures(args, episodes, where):
 
 
 WARNED = []  # the first unparseable answer is shown once per run
+SIGNALLED = []  # the signal that asked this rank to stop
 
 
-class StopFlag:
+def on_signal(signum, frame):
     """SIGINT/SIGTERM: finish the step (or the save), save, exit 128 + signal; a second one stops at once."""
-
-    def __init__(self):
-        self.signum = 0
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signum:
-            interrupted(128 + signum)
-        self.signum = signum
-        print(f"rlver: {signal.Signals(signum).name}: finishing this step, then saving a checkpoint (a second Ctrl-C "
-              f"stops at once, without saving)", flush=True)
-
-    def any_rank(self):  # the signal any rank received (0: none)
-        return int(all_reduce(self.signum, dist.ReduceOp.MAX))
-
-
-class Stopped(Exception):
-    """Stopped by a signal, the last step saved: main exits with `code` (130 SIGINT, 143 SIGTERM)."""
-
-    def __init__(self, message, code):
-        super().__init__(message)
-        self.code = code
+    if SIGNALLED:
+        interrupted(128 + signum)
+    SIGNALLED.append(signum)
+    print(f"rlver: {signal.Signals(signum).name}: finishing this step, then saving a checkpoint (a second Ctrl-C "
+          f"stops at once, without saving)", flush=True)
 
 
 def interrupted(code):
@@ -955,22 +787,16 @@ def interrupted(code):
     os._exit(code)
 
 
-def resume_hint(argv):
-    """The command that continues this run."""
-    argv = list(argv if argv is not None else sys.argv[1:])
-    argv += [] if "--resume" in argv else ["--resume"]
-    if dist.get_world_size() > 1:
-        return f"the same torchrun command with {' '.join(argv)}"
-    return "python rlver.py " + " ".join(argv)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The training loop and main
+# The training loop and main ---------------------------------------------------------------------------------
 
 
 def train(args, argv=None):
+    """Setup, then the steps from the start (or the resumed) step on. Returns the exit code."""
     run = setup(args, argv)
     start = start_step(run, args)
+    given = list(argv if argv is not None else sys.argv[1:])
+    hint = " ".join(given + ([] if "--resume" in given else ["--resume"]))  # the command that continues this run
+    hint = f"the same torchrun command with {hint}" if dist.get_world_size() > 1 else f"python rlver.py {hint}"
     if dist.get_rank() == 0:  # after the checkpoint loaded: a --resume that fails leaves config.json as it was
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump({**vars(args), "world_size": dist.get_world_size(), "device": str(run.device),
@@ -978,7 +804,9 @@ def train(args, argv=None):
         print(f"rlver: {args.algo} on {args.model} | {dist.get_world_size()} process(es) on {run.device} | "
               f"{len(run.profiles)} train profiles x {args.group_size} rollouts | simulator {args.simulator} "
               f"({args.mode}) | out {args.out}", flush=True)
-    stop, stop_now = StopFlag(), 0
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    stop_asked = lambda: int(all_reduce(max(SIGNALLED, default=0), dist.ReduceOp.MAX))  # noqa: E731 (0: none)
     done = saved = start  # the last step whose update and metrics are complete; the last checkpointed step
     warned = set()  # the COUNTS already warned about (cut replies, cut thoughts, wild changes)
     for step in range(start, args.steps):
@@ -991,24 +819,20 @@ def train(args, argv=None):
             if done > saved:
                 save(run, args, done)
             kept = f"step {done} is saved" if done else "no step was completed"
-            raise ConfigError(f"{e}. Stopped: {kept}; after fixing the simulator, continue with: "
-                              f"{resume_hint(argv)}") from None
-        stop_now = stop.any_rank()
+            raise ConfigError(f"{e}. Stopped: {kept}; after fixing the simulator, continue with: {hint}") from None
+        stop_now = stop_asked()
         if done % args.save_every == 0 or done == args.steps or stop_now:
             save(run, args, done)
-            saved, stop_now = done, stop.any_rank()  # one asked during the save: stop right after it
-        if stop_now:
-            break
-    if stop_now and done < args.steps:  # not "done": a scheduler or an `&&` chain must see an unfinished run
-        raise Stopped(f"stopped by {signal.Signals(stop_now).name} at step {done} of {args.steps} (saved); continue "
-                      f"with: {resume_hint(argv)}", 128 + stop_now)
+            saved, stop_now = done, stop_asked()  # one asked during the save: stop right after it
+        if stop_now and done < args.steps:  # not 0: a scheduler or an `&&` chain must see an unfinished run
+            if dist.get_rank() == 0:
+                print(f"rlver: stopped by {signal.Signals(stop_now).name} at step {done} of {args.steps} (saved); "
+                      f"continue with: {hint}", file=sys.stderr, flush=True)
+            return 128 + stop_now
     if dist.get_rank() == 0:
-        rewards = [json.loads(line)["reward"] for line in open(os.path.join(args.out, "metrics.jsonl"))]
-        k = max(1, min(5, len(rewards) // 2))
-        print(f"rlver: done. mean reward over the first {k} steps {sum(rewards[:k]) / k:.3f}, over the last {k} "
-              f"{sum(rewards[-k:]) / k:.3f}. Metrics: {os.path.join(args.out, 'metrics.jsonl')}; curves: "
-              f"{os.path.join(args.out, 'curves.svg')}; transcripts: {os.path.join(args.out, 'samples.jsonl')}; "
+        print(f"rlver: done. Metrics, transcripts in {args.out}; curves: {os.path.join(args.out, 'curves.svg')}; "
               f"model (HF layout): {checkpoint_dirs(args.out)[-1]}/hf", flush=True)
+    return 0
 
 
 def log_step(args, step, metrics, dialogues, warned):
@@ -1035,20 +859,18 @@ def log_step(args, step, metrics, dialogues, warned):
 
 
 def main(argv=None):
-    args, code = get_args(argv), 0
+    args, code = get_args(argv), 2
     try:
-        train(args, argv)
-    except (*USER_ERRORS, Stopped) as e:
+        code = train(args, argv)
+    except USER_ERRORS as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun: one line, not one per rank
-            print(f"rlver: {'' if isinstance(e, Stopped) else 'error: '}{e}", file=sys.stderr, flush=True)
-        code = e.code if isinstance(e, Stopped) else 2
-    except KeyboardInterrupt:  # Ctrl-C before StopFlag is installed (setup): stop now
+            print(f"rlver: error: {e}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # Ctrl-C before on_signal is installed (setup): stop now
         interrupted(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    # Every file is closed. The interpreter's teardown (a thread hanging on a dead simulator, torch's threads)
-    # can abort the process ("terminate called without an active exception"): every run leaves without it.
+    # files closed; os._exit skips the teardown that a thread hung on a dead simulator can abort ("terminate called")
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

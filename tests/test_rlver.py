@@ -754,7 +754,7 @@ def test_no_fsdp_bf16_keeps_fp32_master_weights_so_small_updates_survive(tiny_qw
         phase = ["rollout"]
         handle = policy.lm_head.register_forward_hook(
             lambda module, inputs, out: logit_dtypes.setdefault(phase[0], set()).add(out.dtype))
-        profiles = rlver.played_profiles(run, args, run.profiles[:4])
+        profiles = sim.prepare_profiles(run.profiles[:4], run.backend, protocol=args.protocol, mode=args.mode)
         dialogues = ro.rollout(policy, run.tokenizer, profiles, run.backend, think=False, max_turns=2,
                                max_new_tokens=8, seeds=[0, 1, 2, 3])
         phase[0] = "score"
