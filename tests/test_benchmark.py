@@ -225,7 +225,7 @@ def read_outputs(out):
 
 def test_eval_against_fake_endpoint(tmp_path, fake_endpoint, capsys, monkeypatch):
     out = tmp_path / "eval"
-    monkeypatch.setenv("FAKE_POLICY_KEY", "sk-do-not-log-4242")
+    monkeypatch.setenv("FAKE_POLICY_KEY", "sk-do-not-log-qzxj")
     benchmark.main(["eval", "--policy", fake_endpoint, "--policy-model", "fake-empath", "--seeds", "0,1",
                     "--protocol", "classic",  # ours: success at 100, failure at 0, 8 turns
                     "--policy-key-env", "FAKE_POLICY_KEY", "--profiles", write_profiles(tmp_path / "p.jsonl"),
@@ -257,9 +257,9 @@ def test_eval_against_fake_endpoint(tmp_path, fake_endpoint, capsys, monkeypatch
     printed = capsys.readouterr().out
     assert "turn 1/8" in printed and "score" in printed and "rude" in printed  # progress and the table
     # the key went to the server, and nowhere else
-    assert FakePolicy.headers_seen and all(h == "Bearer sk-do-not-log-4242" for h in FakePolicy.headers_seen)
+    assert FakePolicy.headers_seen and all(h == "Bearer sk-do-not-log-qzxj" for h in FakePolicy.headers_seen)
     written = "".join(open(out / name).read() for name in os.listdir(out))
-    assert "4242" not in printed + written and summary["config"]["policy_key_env"] == "FAKE_POLICY_KEY"
+    assert "qzxj" not in printed + written and summary["config"]["policy_key_env"] == "FAKE_POLICY_KEY"
 
 
 def test_eval_local_tiny_model_sees_what_training_sees(tmp_path, tiny_qwen2):
