@@ -838,6 +838,12 @@ def _cue_pattern(cue):
     return re.compile(r"(?<!\w)" + words + ("" if cue.endswith("*") else r"(?!\w)"))
 
 
+PLANS = {"leave": "I will end the conversation.", "helped": "I will thank them.",  # the (iii) line per bucket
+         "much_worse": "I will pull back and say less.", "worse": "I will hold back a little.",
+         "flat": "I will keep it short and see if they get it.", "better": "I will open up a little more.",
+         "much_better": "I will tell them more."}
+
+
 def _bucket(change, emotion):
     """Which kind of canned answer the rules user gives."""
     return ("leave" if emotion <= 0 else "helped" if emotion >= 100 else "much_worse" if change <= -5
@@ -914,7 +920,7 @@ class RulesBackend(Backend):
                f"{hits['lecturing']} lecturing and {hits['dismissive']} dismissive cues, and {touched}; "
                f"my emotion changes by {change:+d}.")
         feeling = next(text for bound, text in self.table["feelings"] if emotion <= bound)
-        thought = f"{why} (ii) I feel {feeling} ({emotion}/100). (iii) {self.table['plans'][bucket]}"
+        thought = f"{why} (ii) I feel {feeling} ({emotion}/100). (iii) {PLANS[bucket]}"
         if request.stage == "analysis":   # (the mark shows a reader what the rules decided)
             return (f"<thought>\n{thought} [change {change:+d}, emotion {emotion}]\n</thought>\n"
                     f"<change>{change:+d}</change>")
