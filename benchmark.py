@@ -1010,14 +1010,8 @@ def benchmark_flags(commands):
 # 7. Command line
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # bad input: one line naming the flag, exit 2 (no usage block)
-        message = re.sub(r"^argument (\S+): ", r"\1 ", message)
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def main(argv=None):
-    p = Parser(description="RLVER evaluation (SAGE-style), leaderboard, replay, speed and rollout benchmarks.")
+    p = sim.Parser(description="RLVER evaluation (SAGE-style), leaderboard, replay, speed and rollout benchmarks.")
     commands = p.add_subparsers(dest="command", required=True)
     for flags in (eval_flags, leaderboard_flags, replay_flags, benchmark_flags):
         flags(commands)

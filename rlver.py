@@ -49,13 +49,6 @@ class ConfigError(ValueError):
     """A bad flag, path or state of --out: one line, exit 2."""
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line naming the flag, exit 2: "rlver: error: --lr -1.0: must be > 0"
-        message = re.sub(r"^argument (\S+): ", r"\1 ", message)
-        print(f"rlver: error: {message}", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # a None default is described in the flag's own help
         return action.help if action.default is None else super()._get_help_string(action)
@@ -72,10 +65,11 @@ def warmup_ratios(text):
 def get_args(argv=None):
     demo = ", ".join(f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, tuple) else v}"
                      for k, v in DEMO.items() if k != "think")
-    p = Parser(description="RLVER: RL with verifiable emotion rewards (PPO / GRPO).", formatter_class=HelpFormatter,
-               epilog=f"Demo mode (no --model): a tiny random model on CPU, and these defaults instead of the ones "
-                      f"above (a flag you give wins): {demo}, --no-think. CPU runs use one torch thread unless "
-                      f"OMP_NUM_THREADS says otherwise (README: CPU threads).")
+    p = sim.Parser(name="rlver", description="RLVER: RL with verifiable emotion rewards (PPO / GRPO).",
+                   formatter_class=HelpFormatter,
+                   epilog=f"Demo mode (no --model): a tiny random model on CPU, and these defaults instead of the "
+                          f"ones above (a flag you give wins): {demo}, --no-think. CPU runs use one torch thread "
+                          f"unless OMP_NUM_THREADS says otherwise (README: CPU threads).")
     a, count, positive, share = p.add_argument, sim.in_range(1, kind=int), sim.in_range(0, above=True), sim.in_range(0)
     a("--algo", choices=["grpo", "ppo"], default="grpo")
     a("--model", default=None, help=f"HF checkpoint dir, or random weights: {'|'.join(lm.SHAPES)}; none: demo")

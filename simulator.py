@@ -1122,7 +1122,20 @@ def make_backend(spec, *, model_name=None, api_key_env="OPENAI_API_KEY", device=
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. Command-line flags shared by rlver.py and benchmark.py eval: same names, same meanings
+# 7. Command-line flags shared by rlver.py and benchmark.py eval: same names, same meanings
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose bad input is one line naming the flag, exit 2 ("rlver: error: --lr -1.0: must be > 0");
+    name: the line's first word (default: prog; a subcommand's parser gets its own prog, "benchmark.py eval")."""
+
+    def __init__(self, *args, name=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.name = name or self.prog
+
+    def error(self, message):
+        message = re.sub(r"^argument (\S+): ", r"\1 ", message)
+        self.exit(2, f"{self.name}: error: {message}\n")
 
 
 def in_range(low, high=math.inf, kind=float, above=False):
