@@ -13,7 +13,6 @@ Randomness: each dialogue samples from its own stream seeded by rollout_seed(run
 rank or a resume (exactly in fp32; bf16 kernels may round a row differently in another batch shape).
 """
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -343,10 +342,8 @@ class Engine:
     def run(self):
         """The phases in turn until every dialogue ended; a progress line every progress_every seconds."""
         started = last_line = time.time()
-        # one mixed-precision region for every eager forward of the rollout (the compiled step turns it off)
-        compiled = lm.compiled_decode(self.model) if self.cfg.compile else contextlib.nullcontext()
-        try:
-            with lm.compute_region(self.model), compiled as self.decode_step:
+        try:  # one mixed-precision region for every eager forward (the compiled step turns it off)
+            with lm.compute_region(self.model), lm.compiled_decode(self.model, self.cfg.compile) as self.decode_step:
                 while self.generating or self.ready or self.held or self.turns.pending or self.turns.ended:
                     t0 = time.time()
                     if self.ready:
