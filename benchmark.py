@@ -113,15 +113,13 @@ def report(episodes, out_dir=None, *, seeds=None, title="", config=None, max_tur
 
 def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=None, mode="vanilla", think=False,
              max_new_tokens=2048, max_context=8192, temperature=0.0, out_dir=None, log=print, title="", config=None,
-             protocol="sage", lang=None, initial_emotion=None, max_parse_failure_rate=0.0, turn_deadline=600.0,
-             policy_turn_deadline=600.0):
+             protocol="sage", max_parse_failure_rate=0.0, turn_deadline=600.0, policy_turn_deadline=600.0):
     """Play every profile once per seed and report(). policy: a model.Transformer (played by rollout.rollout, as in
     training) or a chat backend such as simulator.OpenAIBackend (rollout.endpoint_rollout)."""
     local = isinstance(policy, torch.nn.Module)
     max_turns = max_turns or sim.protocol_of(protocol).max_turns
     # the protocol's start emotion and language; openings written once, shared by every seed (as SAGE's first_talk)
-    profiles = sim.prepare_profiles(profiles, backend, protocol=protocol, mode=mode, lang=lang,
-                                    initial_emotion=initial_emotion, log=log)
+    profiles = sim.prepare_profiles(profiles, backend, protocol=protocol, mode=mode, log=log)
     config = dict(config or {}, seeds=list(seeds), max_turns=max_turns, mode=mode, think=think, protocol=protocol,
                   max_new_tokens=max_new_tokens, temperature=temperature, n_profiles=len(profiles))
     episodes, episode_seeds = [], []
@@ -129,13 +127,12 @@ def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=None
         start = time.time()
         log(f"seed {seed}: {len(profiles)} dialogues, {'local model' if local else 'endpoint'} policy vs {backend!r}")
         if local:  # each dialogue its own random stream, as in training (greedy at temperature 0)
-            dialogues = ro.rollout(policy, tokenizer, profiles, backend, think=think, max_turns=max_turns,
-                                   max_new_tokens=max_new_tokens, max_context=max_context, temperature=temperature,
-                                   mode=mode, turn_deadline=turn_deadline,
-                                   seeds=[ro.rollout_seed(seed, 0, i) for i in range(len(profiles))])
-            played = [d.episode for d in dialogues]
+            played = [d.episode for d in ro.rollout(
+                policy, tokenizer, profiles, backend, think=think, max_turns=max_turns, max_new_tokens=max_new_tokens,
+                max_context=max_context, temperature=temperature, mode=mode, turn_deadline=turn_deadline,
+                seeds=[ro.rollout_seed(seed, 0, i) for i in range(len(profiles))])]
         else:  # (an endpoint gets no seed: with temperature 0 the seeds repeat, above 0 they are not reproducible)
-            played = ro.endpoint_rollout(policy, profiles, backend, mode=mode, max_turns=max_turns, think=think,
+            played = ro.endpoint_rollout(policy, profiles, backend, think=think, mode=mode, max_turns=max_turns,
                                          log=log, turn_deadline=turn_deadline,
                                          policy_turn_deadline=policy_turn_deadline)
         log(f"seed {seed}: score {summarize(played)['score']:.1f} in {time.time() - start:.1f}s")
@@ -162,8 +159,7 @@ def setting_label(args):
 def provenance(args, profiles, profiles_path, seeds, temperature):
     """What makes a score comparable (summary.json, every transcript). args: eval's or rlver.py's flags."""
     official = profiles[0].prompts
-    langs = sorted({p.lang or sim.detect_lang(p) for p in profiles})
-    policy = sorted({ro.system_prompt(args.think, lang, official) for lang in langs})
+    policy = sorted({ro.system_prompt(args.think, p.lang or sim.detect_lang(p), official) for p in profiles})
     return {"protocol": args.protocol, "simulator": args.simulator_model or args.simulator,
             "simulator_prompts": ({"source": f"official {official.source}", "files": official.files,
                                    "official_quirks": official.start_emotion_quirk} if official
@@ -267,8 +263,7 @@ def eval_command(args):
     profiles = sim.load_profiles(profiles_path) if profiles_path else sim.builtin_profiles("test")
     profiles = [replace(p, prompts=official) for p in (profiles[:args.limit] if args.limit else profiles)]
     policy, tokenizer = check_policy(args), None
-    endpoint = args.simulator.startswith(("http://", "https://"))
-    client = dict(timeout=args.simulator_timeout) if endpoint else {}
+    client = dict(timeout=args.simulator_timeout) if args.simulator.startswith(("http://", "https://")) else {}
     try:  # (a local simulator model is loaded here: the policy was checked first, cheaply)
         backend = sim.make_backend(args.simulator, model_name=args.simulator_model, api_key_env=args.simulator_key_env,
                                    device=args.device, **client)
@@ -290,22 +285,18 @@ def eval_command(args):
                     title=f"{args.policy_model or os.path.basename(args.policy.rstrip('/'))} ({setting_label(args)})")
 
 
-def flag_type(convert, ok, rule):
-    """An argparse type= for a list flag (a range is sim.in_range): convert the text, require ok(value), else
-    '<text>: <rule>'."""
+def comma_list(convert, rule, ok=bool):
+    """An argparse type= for a comma-separated list flag (a range is sim.in_range): each item convert()-ed, the
+    list non-empty and ok(list), else '<text>: <rule>'."""
     def parse(text):
         try:
-            value = convert(text)
+            values = [convert(v) for v in text.split(",") if v.strip()]
         except ValueError:
-            value = None
-        if value is None or not ok(value):
+            values = []
+        if not values or not ok(values):
             raise argparse.ArgumentTypeError(f"{text!r}: {rule}")
-        return value
+        return values
     return parse
-
-
-def comma_separated(convert):
-    return lambda text: [convert(v) for v in text.split(",") if v.strip()]
 
 
 POSITIVE, COUNT, SECONDS = sim.in_range(1, kind=int), sim.in_range(0, kind=int), sim.in_range(0, above=True)
@@ -320,9 +311,8 @@ def eval_flags(commands):
     sim.add_simulator_flags(e.add_argument, protocol="sage", max_parse_failure_rate=0.0)
     e.add_argument("--profiles", default=None, help="profile JSONL (ours or public RLVER); default: built-in test set")
     e.add_argument("--limit", type=COUNT, default=0, help="use only the first N profiles (0: all)")
-    e.add_argument("--seeds", default="0", help="comma-separated: each profile is played once per seed",
-                   type=flag_type(comma_separated(int), lambda v: v and len(set(v)) == len(v),
-                                  "give distinct comma-separated integers, e.g. 0,1,2"))
+    seeds = comma_list(int, "give distinct comma-separated integers, e.g. 0,1,2", lambda v: len(set(v)) == len(v))
+    e.add_argument("--seeds", type=seeds, default="0", help="comma-separated: each profile is played once per seed")
     e.add_argument("--think", action=argparse.BooleanOptionalAction, default=False, help="think-then-say prompt")
     e.add_argument("--max-new-tokens", type=POSITIVE, default=2048, help="per policy turn (a cut reply is warned)")
     e.add_argument("--max-context", type=POSITIVE, default=8192, help="a local policy's dialogue's token limit")
@@ -369,14 +359,14 @@ def read_system(path):
     path = os.path.join(path, "transcripts.jsonl") if os.path.isdir(path) else path
     if not os.path.isfile(path):
         raise BenchmarkError(f"no such results file {path}")
-    dialogues, records, provenances, folder = [], [], [], os.path.basename(os.path.dirname(os.path.abspath(path)))
+    dialogues, records, folder = [], [], os.path.basename(os.path.dirname(os.path.abspath(path)))
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 records.append(json.loads(line))
-                dialogue, prov = read_record(records[-1], folder)
+                dialogue = read_record(records[-1], folder)[0]
             except (ValueError, KeyError, TypeError) as e:
                 raise BenchmarkError(f"{path}:{lineno} is neither a SAGE result record (id, emo_point, "
                                      f"history) nor one of our transcripts ({e!r})") from None
@@ -385,12 +375,11 @@ def read_system(path):
                 raise BenchmarkError(f"{path}:{lineno}: an emotion value is {bad[0]!r}, not a number: fix or drop "
                                      f"that record")
             dialogues.append(dialogue)
-            provenances.append(prov)
     if not dialogues:
         raise BenchmarkError(f"{path} has no records")
     name = folder if os.path.basename(path) == "transcripts.jsonl" else os.path.basename(path).removesuffix(".jsonl")
-    return {"name": name.removesuffix("_result"), "dialogues": dialogues, "provenance": provenances[0],
-            "records": records}
+    return {"name": name.removesuffix("_result"), "dialogues": dialogues,
+            "provenance": read_record(records[0], folder)[1], "records": records}
 
 
 def round_half_up(value, digits=1):
@@ -422,21 +411,20 @@ def leaderboard_rows(systems):
 
 def versus(systems, name):
     """Per-scenario wins / ties / losses of every other system against `name` (several seeds: the mean final)."""
-    finals = {s["name"]: {} for s in systems}
+    mean = {}   # system -> scenario id -> mean final emotion
     for s in systems:
+        finals = {}
         for pid, final, _, _ in s["dialogues"]:
-            finals[s["name"]].setdefault(pid, []).append(final)
-    name = next((n for n in finals if n.lower() == name.lower()), name)   # as a README writes it: GPT-4.1
-    if name not in finals:
-        raise BenchmarkError(f"--versus {name!r} is none of the systems {sorted(finals)}")
-    mean = {n: {pid: statistics.mean(v) for pid, v in by_id.items()} for n, by_id in finals.items()}
+            finals.setdefault(pid, []).append(final)
+        mean[s["name"]] = {pid: statistics.mean(v) for pid, v in finals.items()}
+    name = next((n for n in mean if n.lower() == name.lower()), name)   # as a README writes it: GPT-4.1
+    if name not in mean:
+        raise BenchmarkError(f"--versus {name!r} is none of the systems {sorted(mean)}")
     base, rows = mean.pop(name), []
     for other, theirs in mean.items():
-        common = set(base) & set(theirs)
-        rows.append({"name": other, "versus": name, "scenarios": len(common),
-                     "wins": sum(theirs[i] > base[i] for i in common),
-                     "ties": sum(theirs[i] == base[i] for i in common),
-                     "losses": sum(theirs[i] < base[i] for i in common)})
+        diffs = [theirs[i] - base[i] for i in set(base) & set(theirs)]   # the scenarios both played
+        rows.append({"name": other, "versus": name, "scenarios": len(diffs), "wins": sum(d > 0 for d in diffs),
+                     "ties": diffs.count(0), "losses": sum(d < 0 for d in diffs)})
     return rows
 
 
@@ -498,10 +486,10 @@ def replay_policy(profiles, records):
     """A chat opened as profile p's, holding k agent replies, gets p's published reply k + 1 (past the end: "")."""
     replies = {p.opening: published_turns(records[p.id])[0] for p in profiles}
 
-    def policy(requests):   # requests: rollout.policy_messages, [system, opening, assistant, user, ...]
-        asked = [(replies[m[1]["content"]], sum(x["role"] == "assistant" for x in m)) for m in requests]
-        return [agents[k] if k < len(agents) else "" for agents, k in asked]
-    return sim.Scripted(lambda messages: policy([messages])[0])
+    def answer(messages):   # rollout.policy_messages: [system, opening, assistant, user, ...]
+        agents, k = replies[messages[1]["content"]], sum(m["role"] == "assistant" for m in messages)
+        return agents[k] if k < len(agents) else ""
+    return sim.Scripted(answer)
 
 
 def replay_simulator(prompts, profiles, records):
@@ -511,21 +499,19 @@ def replay_simulator(prompts, profiles, records):
     analysis_start, calls = prompts.analysis.split("{{")[0], {}
     past_the_end = {"planning": {"change": 0}, "thinking": "", "content": ""}
 
-    def backend(requests):
-        texts = []
-        for (message,) in requests:
-            scenes = [s for s in turns if s in message["content"]]
-            if len(scenes) != 1:
-                raise sim.SimulatorError(f"replay: a simulator request holds {len(scenes)} of the scenarios' scenes")
-            kind = "analysis" if message["content"].startswith(analysis_start) else "reply"
-            k = calls[scenes[0], kind] = calls.get((scenes[0], kind), -1) + 1
-            turn = turns[scenes[0]][k] if k < len(turns[scenes[0]]) else past_the_end
-            planning = {key.lower(): value for key, value in turn["planning"].items()}  # under prompts.headers
-            analysis = "".join(f"{h}:\n{planning.get(h.lower(), '')}\n" for h in prompts.headers)
-            texts.append(analysis if kind == "analysis" else f"Thinking:\n{turn['thinking']}\n"
-                                                             f"Response:\n{turn['content']}")
-        return texts
-    return sim.Scripted(lambda messages: backend([messages])[0])
+    def answer(messages):
+        (message,) = messages
+        scenes = [s for s in turns if s in message["content"]]
+        if len(scenes) != 1:
+            raise sim.SimulatorError(f"replay: a simulator request holds {len(scenes)} of the scenarios' scenes")
+        kind = "analysis" if message["content"].startswith(analysis_start) else "reply"
+        k = calls[scenes[0], kind] = calls.get((scenes[0], kind), -1) + 1
+        turn = turns[scenes[0]][k] if k < len(turns[scenes[0]]) else past_the_end
+        if kind == "reply":
+            return f"Thinking:\n{turn['thinking']}\nResponse:\n{turn['content']}"
+        planning = {key.lower(): value for key, value in turn["planning"].items()}  # under prompts.headers
+        return "".join(f"{h}:\n{planning.get(h.lower(), '')}\n" for h in prompts.headers)
+    return sim.Scripted(answer)
 
 
 def replay_differences(records, transcripts):
@@ -693,10 +679,6 @@ def mean_trajectory(trajectories):
     return [statistics.mean(traj[min(t, len(traj) - 1)] for traj in trajectories) for t in range(longest)]
 
 
-def mean_per_turn(system):
-    return mean_trajectory([traj for _, _, traj, _ in system["dialogues"]])
-
-
 def write_svg(path, trajectories, *, max_turns, title, subtitle="", labels=None, protocol="classic"):
     """An eval's trajectories.svg: a thin line per dialogue ([e_0, e_1, ...]) coloured by how it ended, the mean in
     bold. Returns the SVG text (written if path is set)."""
@@ -722,7 +704,7 @@ def write_svg(path, trajectories, *, max_turns, title, subtitle="", labels=None,
 
 def write_leaderboard_svg(path, systems):
     """One line per system: its mean emotion per turn (x: user turn, 0 = the opening's emotion)."""
-    means = [mean_per_turn(s) for s in systems]
+    means = [mean_trajectory([traj for _, _, traj, _ in s["dialogues"]]) for s in systems]
     settings = sorted({f"{s['provenance']['protocol']} protocol, simulator {s['provenance']['simulator']}"
                        for s in systems})
     legend = [(COLORS[j % len(COLORS)], 2.5, s["name"]) for j, s in enumerate(systems)]
@@ -821,9 +803,8 @@ def speed(args, log=print):
     transformers.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:
         torch.set_num_threads(args.threads or torch.get_num_threads())
-        path = args.model or make_tiny_checkpoint(os.path.join(tmp, "model"), "qwen2", vocab_size=1024,
-                                                  hidden_size=args.hidden, num_layers=args.layers, num_heads=4,
-                                                  num_kv_heads=2, intermediate_size=768)
+        path = args.model or make_tiny_checkpoint(os.path.join(tmp, "model"), hidden_size=args.hidden,
+                                                  num_layers=args.layers, intermediate_size=768)
         read_config(path)  # one-line error for a bad --model before anything heavy
         model = load_model(path, device=device, dtype=DTYPES[args.dtype])
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype]).to(device).eval()
@@ -838,10 +819,9 @@ def speed(args, log=print):
             "transformers generate": lambda: hf_model.generate(
                 input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=N, min_new_tokens=N,
                 do_sample=False, pad_token_id=0)[:, P:].tolist()}
-    if not args.compile:
-        del runs["model.py + compile"]
     with torch.no_grad():
-        results = {name: run_times(fn, device, 1, args.repeats) for name, fn in runs.items()}
+        results = {name: run_times(fn, device, 1, args.repeats) for name, fn in runs.items()
+                   if args.compile or name != "model.py + compile"}
     base_ids, hf_seconds = results["model.py generate"][1], statistics.median(results["transformers generate"][0])
     log(f"{'generation':<22} {'seconds':>8} {'tokens/s min/median/max':>26} {'vs transformers':>16} "
         f"{'same tokens':>12}")
@@ -863,13 +843,11 @@ def train_step_speed(args, model, log):
     model.autocast_dtype = None if args.dtype == "float32" else DTYPES[args.dtype]
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (B, T), generator=g).to(device)  # (B, T)
-    mask = torch.zeros(B, T - 1, device=device)  # (B, T-1): the tokens the policy "sampled"
-    mask[:, P - 1:] = 1.0
     advantages = torch.randn(B, 1, generator=g).to(device)  # (B, 1), one per sequence
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
     def step():
-        (-(advantages * token_logprobs(model, ids) * mask).sum() / mask.sum()).backward()
+        (-(advantages * token_logprobs(model, ids)[:, P - 1:]).mean()).backward()  # over the "sampled" tokens
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     times, _ = run_times(step, device, 1, args.repeats)
@@ -888,8 +866,7 @@ def serve_simulator(latency_s, port_queue):
         def do_POST(self):  # /v1/chat/completions
             messages = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"]
             time.sleep(latency_s)
-            change = len(messages[-1]["content"]) % 9 - 4
-            content = sim.format_simulator_output("(a stand-in)", change, "I see. Go on.")
+            content = sim.format_simulator_output("(a stand-in)", len(messages[-1]["content"]) % 9 - 4, "I see. Go on.")
             data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
@@ -900,7 +877,6 @@ def serve_simulator(latency_s, port_queue):
             pass
 
     class Server(http.server.ThreadingHTTPServer):
-        daemon_threads = True
         request_queue_size = 128  # (the default backlog of 5 drops simultaneous connects: 1 s SYN retries)
 
     server = Server(("127.0.0.1", 0), Handler)
@@ -908,23 +884,19 @@ def serve_simulator(latency_s, port_queue):
     server.serve_forever(poll_interval=0.05)
 
 
-ENGINE_VARIANTS = {  # name -> rollout.rollout's ablation switches
-    "engine": dict(kv_reuse=True, overlap=True),
-    "no-overlap": dict(kv_reuse=True, overlap=False),
-    "no-kv-reuse": dict(kv_reuse=False, overlap=True),
-    "lockstep re-prefill": dict(kv_reuse=False, overlap=False),
-}
+ENGINE_VARIANTS = {"engine": (True, True), "no-overlap": (True, False), "no-kv-reuse": (False, True),
+                   "lockstep re-prefill": (False, False)}  # name -> rollout.rollout's (kv_reuse, overlap)
 
 
 def rollout_variants(model, tokenizer, profiles, backend, args, latency):
     seeds, rows = [ro.rollout_seed(0, 0, j) for j in range(len(profiles))], []
-    for name, switches in ENGINE_VARIANTS.items():
+    for name, (kv_reuse, overlap) in ENGINE_VARIANTS.items():
         times = []
         for _ in range(args.repeats):
             timing, t0 = {}, time.time()
             dialogues = ro.rollout(model, tokenizer, profiles, backend, seeds=seeds, think=False,
                                    max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
-                                   timing=timing, **switches)
+                                   timing=timing, kv_reuse=kv_reuse, overlap=overlap)
             times.append(time.time() - t0)
         rows.append(dict(latency_ms=latency, variant=name, seconds=times, timing=timing,
                          ids=[d.ids for d in dialogues]))
@@ -940,7 +912,7 @@ def rollout_bench(args, log=print):
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.model or make_tiny_checkpoint(os.path.join(tmp, "model"), "qwen2", hidden_size=args.hidden,
+        path = args.model or make_tiny_checkpoint(os.path.join(tmp, "model"), hidden_size=args.hidden,
                                                   num_layers=args.layers)
         read_config(path)
         model, tokenizer = load_model(path), load_tokenizer(path)
@@ -1003,7 +975,7 @@ def benchmark_flags(commands):
     r.add_argument("--max-new-tokens", type=POSITIVE, default=64)
     r.add_argument("--eos-bias", type=float, default=3.5, help="added to the EOS logit: replies of varied length")
     r.add_argument("--latencies-ms", default="0,50,200", help="simulator answer delays to measure",
-                   type=flag_type(comma_separated(float), bool, "give comma-separated milliseconds, e.g. 0,50,200"))
+                   type=comma_list(float, "give comma-separated milliseconds, e.g. 0,50,200"))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -249,5 +249,5 @@ def test_leaderboard_arithmetic(tmp_path):
     assert [len(line.get("points").split()) for line in lines] == [3, 2]   # alpha: 3 user turns, beta: 2
     # alpha's mean per turn, an ended dialogue keeping its last value: [40, (50+55+20+40)/4, (100+55+5+40)/4]
     alpha = benchmark.read_system(a)
-    assert benchmark.mean_per_turn(alpha) == [40, 41.25, 50]
+    assert benchmark.mean_trajectory([traj for _, _, traj, _ in alpha["dialogues"]]) == [40, 41.25, 50]
     assert run(a, str(tmp_path / "missing.jsonl")).returncode == 2
