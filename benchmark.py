@@ -1,5 +1,4 @@
-"""
-benchmark.py: how good is a policy at empathetic dialogue, and how fast is our model code?
+"""benchmark.py: how good is a policy at empathetic dialogue, and how fast is our model code?
 
     python benchmark.py eval --policy runs/rlver/checkpoint --simulator rules --seeds 0,1,2
     python benchmark.py eval --policy http://localhost:8000/v1 --policy-model gpt-4o --simulator rules
@@ -9,9 +8,8 @@ benchmark.py: how good is a policy at empathetic dialogue, and how fast is our m
     python benchmark.py rollout --latencies-ms 0,50,200
 
 `eval` is SAGE's benchmark (arXiv 2505.02847) under --protocol's rules: after each policy reply emotion <-
-clamp(emotion + change, 0, 100) until simulator.dialogue_end; score = mean FINAL emotion. `speed` and `rollout`
-import their heavy modules inside them (rlver.py imports this file for its evaluation, the --out lock, the curves).
-"""
+clamp(emotion + change, 0, 100) until simulator.dialogue_end; score = mean FINAL emotion. rlver.py imports this
+file for its evaluation, the --out lock and the curves, so the benchmarks' heavy imports stay inside them."""
 
 import argparse
 import decimal
@@ -97,9 +95,8 @@ def report(episodes, out_dir=None, *, seeds=None, title="", config=None, max_tur
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "transcripts.jsonl"), "w", encoding="utf-8") as f:
-            for ep, seed in zip(episodes, seeds):
-                f.write(json.dumps(sim.transcript(ep, seed=seed, provenance=summary["provenance"]),
-                                   ensure_ascii=False) + "\n")
+            f.writelines(json.dumps(sim.transcript(ep, seed=seed, provenance=summary["provenance"]), ensure_ascii=False)
+                         + "\n" for ep, seed in zip(episodes, seeds))
         with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2, ensure_ascii=False)
         max_turns = max_turns or config.get("max_turns") or max(len(ep.turns) for ep in episodes) or 1
@@ -146,10 +143,6 @@ def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=None
 # 2. The eval command: every check before any work, the provenance, one writer per --out
 
 
-def sha256(text):
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def setting_label(args):
     """What a plot title names (eval, rlver's periodic eval and curves): the protocol and the simulator."""
     prompts = f"official {args.protocol.upper()} prompts" if args.official_prompts else "our prompts"
@@ -165,7 +158,7 @@ def provenance(args, profiles, profiles_path, seeds, temperature):
                                    "official_quirks": official.start_emotion_quirk} if official
                                   else {"source": "ours", "mode": args.mode}),
             "policy_prompt": {"source": official.policy_source if official else "ours (prompts/policy_system*.txt)",
-                              "sha256": [sha256(t) for t in policy]},
+                              "sha256": [hashlib.sha256(t.encode()).hexdigest() for t in policy]},
             "profiles": {"file": os.path.abspath(profiles_path) if profiles_path else "built-in test set",
                          "sha256": sim._sha256(profiles_path) if profiles_path else None, "count": len(profiles)},
             "decoding": {"temperature": temperature, "top_p": 1.0, "max_new_tokens": args.max_new_tokens},
@@ -241,10 +234,9 @@ def check_policy(args):
         return args.policy
     if not args.policy_model:
         raise BenchmarkError("--policy is an endpoint URL: name the model to query with --policy-model")
-    client = sim.OpenAIBackend(args.policy, model=args.policy_model, api_key_env=args.policy_key_env,
-                               concurrency=args.concurrency, temperature=args.temperature,
-                               max_tokens=args.max_new_tokens, max_retries=args.retries, role="policy",
-                               timeout=args.policy_timeout,
+    client = sim.OpenAIBackend(args.policy, model=args.policy_model, api_key_env=args.policy_key_env, role="policy",
+                               concurrency=args.concurrency, temperature=args.temperature, timeout=args.policy_timeout,
+                               max_tokens=args.max_new_tokens, max_retries=args.retries,
                                unreachable_hint=f"check that the server at {args.policy} is up and --policy is right")
     client.check()
     return client
@@ -354,8 +346,7 @@ def read_record(r, folder):
 
 
 def read_system(path):
-    """A results file or eval folder -> {"name", "dialogues": [(id, final, trajectory, protocol)], "provenance",
-    "records"}."""
+    """A results file or eval folder -> {name, dialogues: [(id, final, trajectory, protocol)], provenance, records}."""
     path = os.path.join(path, "transcripts.jsonl") if os.path.isdir(path) else path
     if not os.path.isfile(path):
         raise BenchmarkError(f"no such results file {path}")
@@ -403,7 +394,7 @@ def leaderboard_rows(systems):
                      "success": outcomes.count("success"), "failure": outcomes.count("failure"),
                      "protocol": prov["protocol"], "simulator": prov["simulator"],
                      "simulator_prompts": prov["simulator_prompts"]["source"],
-                     "profiles": f"{len(ids)} ids #{sha256(chr(10).join(ids))[:8]}",
+                     "profiles": f"{len(ids)} ids #{hashlib.sha256(chr(10).join(ids).encode()).hexdigest()[:8]}",
                      "decoding": f"T={decoding['temperature']:g} max_new={decoding['max_new_tokens']}"
                      if decoding else "-"})
     return sorted(rows, key=lambda r: -r["score"])
@@ -515,8 +506,7 @@ def replay_simulator(prompts, profiles, records):
 
 
 def replay_differences(records, transcripts):
-    """One line per scenario whose replay differs from its published record, naming the first turn where they part."""
-    lines = []
+    """A line per scenario whose replay differs from its published record, naming the first turn where they part."""
     for ours in transcripts:
         record = records[ours["profile_id"]]
         users = published_turns(record)[1]
@@ -530,9 +520,8 @@ def replay_differences(records, transcripts):
         where = (f"they part at turn {part}: published {published[part:part + 1] or 'nothing'}, replayed "
                  f"{replayed[part:part + 1] or 'nothing'}" if part is not None else
                  f"every turn agrees, but the record's emo_point {record['emo_point']} is not its last emotion-point")
-        lines.append(f"  {ours['profile_id']}: published final {record['emo_point']} after {len(users)} turns, "
-                     f"replayed {ours['final_emotion']} after {len(ours['turns'])}; {where}"[:400])
-    return lines
+        yield (f"  {ours['profile_id']}: published final {record['emo_point']} after {len(users)} turns, "
+               f"replayed {ours['final_emotion']} after {len(ours['turns'])}; {where}"[:400])
 
 
 def published_records(path, records):
@@ -568,7 +557,7 @@ def replay_file(path, prompts, profiles, log=print):
         with open(os.path.join(out, "transcripts.jsonl"), encoding="utf-8") as f:
             transcripts = [json.loads(line) for line in f]
     ours = dict(system, dialogues=[(t["profile_id"], t["final_emotion"], [], "sage") for t in transcripts])
-    differ = replay_differences(records, transcripts)
+    differ = list(replay_differences(records, transcripts))
     log(path)
     for label, row in (("published", leaderboard_rows([system])[0]), ("replayed", leaderboard_rows([ours])[0])):
         log(f"  {label:<9}  Score {row['score']:.1f}  Success {row['success']}  Failure {row['failure']}  "
@@ -691,14 +680,12 @@ def write_svg(path, trajectories, *, max_turns, title, subtitle="", labels=None,
     lines = [("dialogue", OUTCOME_COLORS[outcome], 1.5, [(t, e + (i % 5 - 2) / 4) for t, e in enumerate(traj)],
               f"{labels[i] if labels else f'dialogue {i}'}: final emotion {traj[-1]}", 0.55)
              for i, (traj, outcome) in enumerate(zip(trajectories, outcomes))]
-    mean = mean_trajectory(trajectories) if trajectories else []
-    out = []
+    mean, out = mean_trajectory(trajectories), []
     x, y = line_chart(out, EMOTION_BOX, (0, max_turns), (0, 100), range(max_turns + 1), range(0, 101, 20), "turn",
                       "emotion (0 = leaves, 100 = fully supported)",
-                      lines + [("mean", "#111", 3.5, list(enumerate(mean)), None, 1)] if mean else lines,
+                      lines + [("mean", "#111", 3.5, list(enumerate(mean)), None, 1)],
                       legend + [("#111", 3.5, "mean (ended = final value)")])
-    if mean:
-        out.append(f'<text x="{x(len(mean) - 1) + 6}" y="{y(mean[-1]) - 6}" font-weight="bold">{mean[-1]:.1f}</text>')
+    out.append(f'<text x="{x(len(mean) - 1) + 6}" y="{y(mean[-1]) - 6}" font-weight="bold">{mean[-1]:.1f}</text>')
     return write_page(path, 900, 460, title, subtitle, out)
 
 
@@ -730,14 +717,13 @@ CURVE_COLUMNS, PANEL_W, PANEL_H, CURVE_LEFT, CURVE_TOP = 2, 450, 240, 30, 70
 
 def run_rows(out):
     """A training run's metrics.jsonl rows, each with its evaluation's score (eval/step_N/summary.json) if any."""
-    rows = []
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        for row in map(json.loads, f):
-            summary = os.path.join(out, "eval", f"step_{row['step']}", "summary.json")
-            if os.path.isfile(summary):
-                with open(summary) as g:
-                    row["eval_score"] = json.load(g)["score"]
-            rows.append(row)
+        rows = [json.loads(line) for line in f]
+    for row in rows:
+        summary = os.path.join(out, "eval", f"step_{row['step']}", "summary.json")
+        if os.path.isfile(summary):
+            with open(summary) as g:
+                row["eval_score"] = json.load(g)["score"]
     return rows
 
 
@@ -760,8 +746,7 @@ def write_curves(path, rows, title="training curves"):
                    f'{tick_label(points[-1][1])} at step {tick_label(points[-1][0])}</text>')
         x, y = line_chart(out, (px + 60, py + 30, px + 420, py + 190), xlim, ylim, nice_ticks(*xlim, integer=True),
                           nice_ticks(*ylim), "step", lines=[("series", color, 2, points, None, 1)])
-        out.append(f'<circle cx="{x(points[-1][0]):.1f}" cy="{y(points[-1][1]):.1f}" r="3" fill="{color}"/>')
-        out.append("</g>")
+        out += [f'<circle cx="{x(points[-1][0]):.1f}" cy="{y(points[-1][1]):.1f}" r="3" fill="{color}"/>', "</g>"]
     subtitle = (f"{len(steps)} metrics rows, steps {tick_label(min(steps))}..{tick_label(max(steps))}" if steps
                 else "no metrics rows with a step yet")
     height = CURVE_TOP + math.ceil(max(1, panels) / CURVE_COLUMNS) * PANEL_H
@@ -774,17 +759,14 @@ def write_curves(path, rows, title="training curves"):
 
 def run_times(fn, device, warmup, repeats):
     """Wall times of `repeats` runs of fn() after `warmup` untimed ones, and the last output."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
+    sync, times = torch.cuda.synchronize if device.type == "cuda" else lambda: None, []
+    for _ in range(warmup + repeats):
         sync()
         start = time.perf_counter()
         result = fn()
         sync()
         times.append(time.perf_counter() - start)
-    return times, result
+    return times[warmup:], result
 
 
 def spread(values, digits=3):
@@ -831,8 +813,8 @@ def speed(args, log=print):
             f"{hf_seconds / statistics.median(times):>15.2f}x {same:>12.1%}")
     log("(vs transformers = tokens/s / transformers' tokens/s in this run; same tokens = share of greedy tokens equal "
         "to model.py's; with --compile the untimed warm-up call compiles)")
-    del hf_model, runs  # free transformers' memory before the gradients and AdamW state
-    return {name: times for name, (times, _) in results.items()} | {"train": train_step_speed(args, model, log)}
+    del hf_model, runs, results  # free transformers' memory before the gradients and AdamW state
+    train_step_speed(args, model, log)
 
 
 def train_step_speed(args, model, log):
@@ -853,13 +835,11 @@ def train_step_speed(args, model, log):
     times, _ = run_times(step, device, 1, args.repeats)
     log(f"training step (token_logprobs + policy-gradient loss + AdamW, {args.dtype} compute), batch {B} x {T} "
         f"tokens: {spread(times)} s (min/median/max)")
-    return times
 
 
 def serve_simulator(latency_s, port_queue):
-    """An OpenAI-compatible endpoint on 127.0.0.1 answering in the simulator's format (a change from the request's
-    length: a stand-in for an LLM simulator) after latency_s, in its own process (not competing for the rollout's
-    GIL); puts its port on port_queue and serves until terminated."""
+    """In its own process (not competing for the rollout's GIL): an OpenAI-compatible endpoint on 127.0.0.1 whose port
+    goes on port_queue, answering after latency_s with a change from the request's length, in the simulator's format."""
     import http.server
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -888,7 +868,8 @@ ENGINE_VARIANTS = {"engine": (True, True), "no-overlap": (True, False), "no-kv-r
                    "lockstep re-prefill": (False, False)}  # name -> rollout.rollout's (kv_reuse, overlap)
 
 
-def rollout_variants(model, tokenizer, profiles, backend, args, latency):
+def rollout_variants(model, tokenizer, profiles, backend, args, latency, log):
+    """Every ENGINE_VARIANTS entry at one simulator latency: a table row each."""
     seeds, rows = [ro.rollout_seed(0, 0, j) for j in range(len(profiles))], []
     for name, (kv_reuse, overlap) in ENGINE_VARIANTS.items():
         times = []
@@ -898,12 +879,13 @@ def rollout_variants(model, tokenizer, profiles, backend, args, latency):
                                    max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
                                    timing=timing, kv_reuse=kv_reuse, overlap=overlap)
             times.append(time.time() - t0)
-        rows.append(dict(latency_ms=latency, variant=name, seconds=times, timing=timing,
-                         ids=[d.ids for d in dialogues]))
-    for r in rows:  # vs lockstep: the last variant's median wall time / this one's
-        r["speedup"] = statistics.median(rows[-1]["seconds"]) / statistics.median(r["seconds"])
-        r["same"] = r["ids"] == rows[0]["ids"]
-    return rows
+        rows.append((name, times, timing, [d.ids for d in dialogues]))  # the last run's counters
+    for name, times, t, ids in rows:  # vs lockstep: the last variant's median wall time / this one's
+        log(f"{latency:>9.0f}ms {name:<20} {spread(times, 2):>22}  "
+            f"{t['prefill_tokens'] / t['conversation_tokens']:>12.2f} {t['decode_steps']:>12} "
+            f"{t['active_rows'] / max(t['decode_steps'], 1):>9.1f} {t['simulator']:>10.2f} "
+            f"{statistics.median(rows[-1][1]) / statistics.median(times):>10.2f}x "
+            f"{'yes' if ids == rows[0][3] else 'NO':>8}")
 
 
 def rollout_bench(args, log=print):
@@ -926,7 +908,7 @@ def rollout_bench(args, log=print):
         f"{model.config.num_hidden_layers} layers, {torch.get_num_threads()} threads, {args.repeats} repeats")
     log(f"{'sim latency':>11} {'variant':<20} {'wall s (min/med/max)':>22} {'prefill/conv':>12} {'decode steps':>12} "
         f"{'rows/step':>9} {'sim wait s':>10} {'vs lockstep':>11} {'same ids':>8}")
-    rows, ctx = [], multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("spawn")
     for latency in args.latencies_ms:
         port_queue = ctx.Queue()
         server = ctx.Process(target=serve_simulator, args=(latency / 1000, port_queue), daemon=True)
@@ -934,20 +916,12 @@ def rollout_bench(args, log=print):
         backend = sim.OpenAIBackend(f"http://127.0.0.1:{port_queue.get(timeout=60)}/v1", model="rules",
                                     concurrency=len(profiles))
         try:
-            rows += rollout_variants(model, tokenizer, profiles, backend, args, latency)
+            rollout_variants(model, tokenizer, profiles, backend, args, latency, log)
         finally:
             server.terminate()
             server.join()
-        for r in rows[-len(ENGINE_VARIANTS):]:
-            t = r["timing"]
-            log(f"{r['latency_ms']:>9.0f}ms {r['variant']:<20} {spread(r['seconds'], 2):>22}  "
-                f"{t['prefill_tokens'] / t['conversation_tokens']:>12.2f} {t['decode_steps']:>12} "
-                f"{t['active_rows'] / max(t['decode_steps'], 1):>9.1f} {t['simulator']:>10.2f} "
-                f"{r['speedup']:>10.2f}x {'yes' if r['same'] else 'NO':>8}")
-    log("(prefill/conv = tokens fed by prefill / tokens in the finished conversations; vs lockstep = median wall "
-        "time of 'lockstep re-prefill' / this variant's; same ids = every dialogue's tokens equal the engine's; "
-        "the last run's counters)")
-    return rows
+    log("(prefill/conv = tokens prefilled / tokens in the finished dialogues; vs lockstep = the median wall time of "
+        "'lockstep re-prefill' / this one's; same ids = every dialogue's tokens equal the engine's)")
 
 
 def benchmark_flags(commands):
