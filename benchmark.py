@@ -73,7 +73,7 @@ def profile_table(episodes):
                               "goodbye, . ended at max turns)"])
 
 
-def report(episodes, out_dir=None, *, seeds=None, title="", config=None, max_turns=None, log=print):
+def report(episodes, out_dir, *, seeds=None, title="", config=None, max_turns=None, log=print):
     """Summarise episodes (episodes[i] played with seeds[i], default 0), print it, write EVAL_FILES into out_dir."""
     seeds = list(seeds) if seeds is not None else [0] * len(episodes)
     summary = summarize(episodes)
@@ -86,30 +86,28 @@ def report(episodes, out_dir=None, *, seeds=None, title="", config=None, max_tur
                    provenance=config.get("provenance"))
     log(profile_table(episodes))
     headline = (f"score {summary['score']:.1f} (seeds: {summary['seed_mean']:.1f} ± {summary['seed_std']:.1f}) | "
-                f"success {summary['success']} ({summary['success_rate']:.0%}) | "
-                f"failure {summary['failure']} ({summary['failure_rate']:.0%}) | "
-                f"mean turns {summary['mean_turns']:.2f} | {len(episodes)} dialogues")
+                f"success {summary['success']} ({summary['success_rate']:.0%}) | failure {summary['failure']} "
+                f"({summary['failure_rate']:.0%}) | mean turns {summary['mean_turns']:.2f} | {len(episodes)} dialogues")
     log(f"{title + ': ' if title else ''}{headline}")
     for line in sim.count_warnings(summary, title or "evaluation"):   # cut replies, cut thoughts, wild changes
         log(line)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "transcripts.jsonl"), "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(sim.transcript(ep, seed=seed, provenance=summary["provenance"]), ensure_ascii=False)
-                         + "\n" for ep, seed in zip(episodes, seeds))
-        with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2, ensure_ascii=False)
-        max_turns = max_turns or config.get("max_turns") or max(len(ep.turns) for ep in episodes) or 1
-        write_svg(os.path.join(out_dir, "trajectories.svg"), list(map(sim.trajectory, episodes)), max_turns=max_turns,
-                  title=f"{title + ' - ' if title else ''}Sentient-style score {summary['score']:.1f}",
-                  subtitle=headline, labels=[f"{ep.profile.id} (seed {s})" for ep, s in zip(episodes, seeds)],
-                  protocol=episodes[0].profile.protocol)
-        log(f"wrote {out_dir}/transcripts.jsonl, summary.json, trajectories.svg")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "transcripts.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(sim.transcript(ep, seed=seed, provenance=summary["provenance"]), ensure_ascii=False)
+                     + "\n" for ep, seed in zip(episodes, seeds))
+    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2, ensure_ascii=False)
+    max_turns = max_turns or config.get("max_turns") or max(len(ep.turns) for ep in episodes) or 1
+    write_svg(os.path.join(out_dir, "trajectories.svg"), list(map(sim.trajectory, episodes)), max_turns=max_turns,
+              title=f"{title + ' - ' if title else ''}Sentient-style score {summary['score']:.1f}",
+              subtitle=headline, labels=[f"{ep.profile.id} (seed {s})" for ep, s in zip(episodes, seeds)],
+              protocol=episodes[0].profile.protocol)
+    log(f"wrote {out_dir}/transcripts.jsonl, summary.json, trajectories.svg")
     return summary
 
 
-def evaluate(policy, tokenizer, profiles, backend, *, seeds=(0,), max_turns=None, mode="vanilla", think=False,
-             max_new_tokens=2048, max_context=8192, temperature=0.0, out_dir=None, log=print, title="", config=None,
+def evaluate(policy, tokenizer, profiles, backend, out_dir, *, seeds=(0,), max_turns=None, mode="vanilla", think=False,
+             max_new_tokens=2048, max_context=8192, temperature=0.0, log=print, title="", config=None,
              protocol="sage", max_parse_failure_rate=0.0, turn_deadline=600.0, policy_turn_deadline=600.0):
     """Play every profile once per seed and report(). policy: a model.Transformer (played by rollout.rollout, as in
     training) or a chat backend such as simulator.OpenAIBackend (rollout.endpoint_rollout)."""
@@ -278,8 +276,7 @@ def eval_command(args):
 
 
 def comma_list(convert, rule, ok=bool):
-    """An argparse type= for a comma-separated list flag (a range is sim.in_range): each item convert()-ed, the
-    list non-empty and ok(list), else '<text>: <rule>'."""
+    """An argparse type= for a comma-separated list: items convert()-ed, non-empty, ok(list); else '<text>: <rule>'."""
     def parse(text):
         try:
             values = [convert(v) for v in text.split(",") if v.strip()]
@@ -378,9 +375,6 @@ def round_half_up(value, digits=1):
     return float(decimal.Decimal(repr(value)).quantize(decimal.Decimal(1).scaleb(-digits), decimal.ROUND_HALF_UP))
 
 
-COMPARABLE = ("protocol", "profiles", "simulator_prompts")   # rows that differ in one are not ranked together
-
-
 def leaderboard_rows(systems):
     """Score / Success / Failure / dialogues and the provenance shown (the scenarios as a count and a digest of
     their ids, so two files of the same scenarios agree) per system, best score first."""
@@ -425,7 +419,7 @@ def leaderboard_command(args):
     if len(set(names)) != len(names):
         raise BenchmarkError(f"two files give the same system name ({names}); rename one")
     rows = leaderboard_rows(systems)
-    mixed = [k for k in COMPARABLE if len({r[k] for r in rows}) > 1]
+    mixed = [k for k in ("protocol", "profiles", "simulator_prompts") if len({r[k] for r in rows}) > 1]
     if mixed and not args.allow_mixed:  # a ranking across a difference in rules or scenarios compares nothing
         values = ", ".join(f"{r['name']}: {r[mixed[0]]}" for r in rows)
         raise BenchmarkError(f"the systems differ in {mixed[0]} ({values}): their scores are not comparable; "
@@ -463,9 +457,8 @@ def leaderboard_flags(commands):
 
 # ----------------------------------------------------------------------------------------------------------
 # 4. Replay: a published record holds the agent's replies and, per user turn after the opening, the simulator's
-#    parsed analysis ("planning", with its change), "thinking", reply ("content") and "emotion-point". The policy
-#    sends the published replies, the simulator answers with the published output in SAGE's raw format: the loop's
-#    clamp, cap, ending rules and parser must then give the published emotion after every turn.
+#    "planning" (with its change), "thinking", reply ("content") and "emotion-point". Played back through the eval
+#    loop in SAGE's raw format, its clamp, cap, ending rules and parser must give that emotion after every turn.
 
 
 def published_turns(record):
@@ -552,16 +545,15 @@ def replay_file(path, prompts, profiles, log=print):
         raise BenchmarkError(f"{path}: scenario {unknown[0]} is not among the checkout's SAGE scenarios "
                              f"({len(unknown)} such): replay plays the scenarios of the checkout it is given")
     with tempfile.TemporaryDirectory() as out:   # eval's own output, read back; of its log only the warnings
-        evaluate(replay_policy(played, records), None, played, replay_simulator(prompts, played, records),
-                 protocol="sage", out_dir=out, log=lambda line: line.lower().startswith("warning") and log(line))
+        replayed = evaluate(replay_policy(played, records), None, played, replay_simulator(prompts, played, records),
+                            out, protocol="sage", log=lambda line: line.lower().startswith("warning") and log(line))
         with open(os.path.join(out, "transcripts.jsonl"), encoding="utf-8") as f:
             transcripts = [json.loads(line) for line in f]
-    ours = dict(system, dialogues=[(t["profile_id"], t["final_emotion"], [], "sage") for t in transcripts])
     differ = list(replay_differences(records, transcripts))
     log(path)
-    for label, row in (("published", leaderboard_rows([system])[0]), ("replayed", leaderboard_rows([ours])[0])):
-        log(f"  {label:<9}  Score {row['score']:.1f}  Success {row['success']}  Failure {row['failure']}  "
-            f"({row['dialogues']} dialogues)")
+    for label, row in (("published", leaderboard_rows([system])[0]), ("replayed", replayed)):   # as SAGE prints them
+        log(f"  {label:<9}  Score {round_half_up(row['score']):.1f}  Success {row['success']}  "
+            f"Failure {row['failure']}  ({row['dialogues']} dialogues)")
     log("\n".join(differ) if differ else "  reproduced: every scenario's emotion and reply after every turn")
     return not differ
 
@@ -590,8 +582,7 @@ def replay_flags(commands):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. Pictures in hand-written SVG, all drawn by line_chart: an eval's trajectories, the leaderboard's mean per
-#    turn, and the training curves (curves.svg from metrics.jsonl, which rlver.py writes).
+# 5. Hand-written SVG, all drawn by line_chart: eval trajectories, the leaderboard's means, rlver.py's curves.svg
 
 OUTCOME_COLORS = {"success": "#1a9850", "failure": "#d73027", "max_turns": "#7b8794"}
 COLORS = ["#2166ac", "#d73027", "#1a9850", "#762a83", "#e08214", "#35978f", "#7b8794", "#c51b7d"]
@@ -669,8 +660,7 @@ def mean_trajectory(trajectories):
 
 
 def write_svg(path, trajectories, *, max_turns, title, subtitle="", labels=None, protocol="classic"):
-    """An eval's trajectories.svg: a thin line per dialogue ([e_0, e_1, ...]) coloured by how it ended, the mean in
-    bold. Returns the SVG text (written if path is set)."""
+    """trajectories.svg: a thin line per dialogue ([e_0, e_1, ...]) coloured by how it ended, the mean in bold."""
     outcomes = [sim.final_outcome(traj[-1], protocol) or "max_turns" for traj in trajectories]
     below = sim.protocol_of(protocol).failure_below
     words = {"success": "success (reached 100)", "failure": "failure (reached 0)" if below <= 1 else
@@ -696,8 +686,7 @@ def write_leaderboard_svg(path, systems):
                        for s in systems})
     legend = [(COLORS[j % len(COLORS)], 2.5, s["name"]) for j, s in enumerate(systems)]
     lines = [("system", color, 2.5, list(enumerate(mean)), name, 1) for mean, (color, _, name) in zip(means, legend)]
-    last_turn = max(1, max(len(m) for m in means) - 1)
-    out = []
+    last_turn, out = max(1, max(len(m) for m in means) - 1), []
     line_chart(out, EMOTION_BOX, (0, last_turn), (0, 100), range(last_turn + 1), range(0, 101, 20), "user turn",
                "mean emotion", lines, legend)
     return write_page(path, 900, 460, f"mean emotion per turn ({'; '.join(settings)})", f"{len(systems)} systems", out)
@@ -785,8 +774,8 @@ def speed(args, log=print):
     transformers.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:
         torch.set_num_threads(args.threads or torch.get_num_threads())
-        path = args.model or make_tiny_checkpoint(os.path.join(tmp, "model"), hidden_size=args.hidden,
-                                                  num_layers=args.layers, intermediate_size=768)
+        path = args.model or make_tiny_checkpoint(tmp, hidden_size=args.hidden, num_layers=args.layers,
+                                                  intermediate_size=768)
         read_config(path)  # one-line error for a bad --model before anything heavy
         model = load_model(path, device=device, dtype=DTYPES[args.dtype])
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype]).to(device).eval()
@@ -869,7 +858,6 @@ ENGINE_VARIANTS = {"engine": (True, True), "no-overlap": (True, False), "no-kv-r
 
 
 def rollout_variants(model, tokenizer, profiles, backend, args, latency, log):
-    """Every ENGINE_VARIANTS entry at one simulator latency: a table row each."""
     seeds, rows = [ro.rollout_seed(0, 0, j) for j in range(len(profiles))], []
     for name, (kv_reuse, overlap) in ENGINE_VARIANTS.items():
         times = []
@@ -879,7 +867,7 @@ def rollout_variants(model, tokenizer, profiles, backend, args, latency, log):
                                    max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
                                    timing=timing, kv_reuse=kv_reuse, overlap=overlap)
             times.append(time.time() - t0)
-        rows.append((name, times, timing, [d.ids for d in dialogues]))  # the last run's counters
+        rows.append((name, times, timing, [d.ids for d in dialogues]))
     for name, times, t, ids in rows:  # vs lockstep: the last variant's median wall time / this one's
         log(f"{latency:>9.0f}ms {name:<20} {spread(times, 2):>22}  "
             f"{t['prefill_tokens'] / t['conversation_tokens']:>12.2f} {t['decode_steps']:>12} "
@@ -894,14 +882,12 @@ def rollout_bench(args, log=print):
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.model or make_tiny_checkpoint(os.path.join(tmp, "model"), hidden_size=args.hidden,
-                                                  num_layers=args.layers)
+        path = args.model or make_tiny_checkpoint(tmp, hidden_size=args.hidden, num_layers=args.layers)
         read_config(path)
         model, tokenizer = load_model(path), load_tokenizer(path)
     # A random model almost never samples EOS: +eos_bias on its logit gives replies of varied length (geometric)
-    eos = tokenizer.eos_token_id
     model.lm_head.register_forward_hook(lambda m, i, logits: logits.index_add(
-        -1, torch.tensor([eos]), torch.full((*logits.shape[:-1], 1), args.eos_bias)))
+        -1, torch.tensor([tokenizer.eos_token_id]), torch.full((*logits.shape[:-1], 1), args.eos_bias)))
     profiles = [p for p in sim.builtin_profiles("train")[:args.profiles] for _ in range(args.group_size)]
     log(f"rollout: {len(profiles)} dialogues ({args.profiles} profiles x group {args.group_size}), "
         f"{args.max_turns} turns x <= {args.max_new_tokens} tokens, hidden {model.config.hidden_size} x "
@@ -920,8 +906,8 @@ def rollout_bench(args, log=print):
         finally:
             server.terminate()
             server.join()
-    log("(prefill/conv = tokens prefilled / tokens in the finished dialogues; vs lockstep = the median wall time of "
-        "'lockstep re-prefill' / this one's; same ids = every dialogue's tokens equal the engine's)")
+    log("(prefill/conv = tokens prefilled / tokens in the finished dialogues; vs lockstep = median wall time of "
+        "'lockstep re-prefill' / this one's; same ids = every token equals the engine's; the last run's counters)")
 
 
 def benchmark_flags(commands):
@@ -937,16 +923,13 @@ def benchmark_flags(commands):
         p.add_argument("--repeats", type=POSITIVE, default=3, help="timed runs (min/median/max)")
         p.add_argument("--threads", type=COUNT, default=0, help="torch.set_num_threads (0: torch's default)")
         p.set_defaults(func=func)
-    s.add_argument("--batch", type=POSITIVE, default=8)
-    s.add_argument("--prompt-len", type=POSITIVE, default=32)
-    s.add_argument("--new-tokens", type=POSITIVE, default=128)
+    for flag, default in (("--batch", 8), ("--prompt-len", 32), ("--new-tokens", 128)):
+        s.add_argument(flag, type=POSITIVE, default=default)
     s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     s.add_argument("--dtype", choices=list(DTYPES), default="float32")
     s.add_argument("--compile", action="store_true", help="also time model.generate(compile=True)")
-    r.add_argument("--profiles", type=POSITIVE, default=4)
-    r.add_argument("--group-size", type=POSITIVE, default=4)
-    r.add_argument("--max-turns", type=POSITIVE, default=8)
-    r.add_argument("--max-new-tokens", type=POSITIVE, default=64)
+    for flag, default in (("--profiles", 4), ("--group-size", 4), ("--max-turns", 8), ("--max-new-tokens", 64)):
+        r.add_argument(flag, type=POSITIVE, default=default)
     r.add_argument("--eos-bias", type=float, default=3.5, help="added to the EOS logit: replies of varied length")
     r.add_argument("--latencies-ms", default="0,50,200", help="simulator answer delays to measure",
                    type=comma_list(float, "give comma-separated milliseconds, e.g. 0,50,200"))
