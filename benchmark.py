@@ -370,9 +370,9 @@ def read_system(path):
             "provenance": read_record(records[0], folder)[1], "records": records}
 
 
-def round_half_up(value, digits=1):
+def round_half_up(value):
     """SAGE's printed Score: 61.25 -> 61.3 (Python's round and %.1f give 61.2)."""
-    return float(decimal.Decimal(repr(value)).quantize(decimal.Decimal(1).scaleb(-digits), decimal.ROUND_HALF_UP))
+    return float(decimal.Decimal(repr(value)).quantize(decimal.Decimal("0.1"), decimal.ROUND_HALF_UP))
 
 
 def leaderboard_rows(systems):
@@ -659,7 +659,7 @@ def mean_trajectory(trajectories):
     return [statistics.mean(traj[min(t, len(traj) - 1)] for traj in trajectories) for t in range(longest)]
 
 
-def write_svg(path, trajectories, *, max_turns, title, subtitle="", labels=None, protocol="classic"):
+def write_svg(path, trajectories, *, max_turns, title, labels, subtitle="", protocol="classic"):
     """trajectories.svg: a thin line per dialogue ([e_0, e_1, ...]) coloured by how it ended, the mean in bold."""
     outcomes = [sim.final_outcome(traj[-1], protocol) or "max_turns" for traj in trajectories]
     below = sim.protocol_of(protocol).failure_below
@@ -668,7 +668,7 @@ def write_svg(path, trajectories, *, max_turns, title, subtitle="", labels=None,
     legend = [(c, 1.5, f"{words[k]}: {outcomes.count(k)}") for k, c in OUTCOME_COLORS.items()]
     # (i % 5 - 2) / 4: identical dialogues drawn < 1 px apart, not hidden behind each other
     lines = [("dialogue", OUTCOME_COLORS[outcome], 1.5, [(t, e + (i % 5 - 2) / 4) for t, e in enumerate(traj)],
-              f"{labels[i] if labels else f'dialogue {i}'}: final emotion {traj[-1]}", 0.55)
+              f"{labels[i]}: final emotion {traj[-1]}", 0.55)
              for i, (traj, outcome) in enumerate(zip(trajectories, outcomes))]
     mean, out = mean_trajectory(trajectories), []
     x, y = line_chart(out, EMOTION_BOX, (0, max_turns), (0, 100), range(max_turns + 1), range(0, 101, 20), "turn",
