@@ -748,7 +748,7 @@ def write_curves(path, rows, title="training curves"):
 
 def run_times(fn, device, warmup, repeats):
     """Wall times of `repeats` runs of fn() after `warmup` untimed ones, and the last output."""
-    sync, times = torch.cuda.synchronize if device.type == "cuda" else lambda: None, []
+    times, sync = [], (torch.cuda.synchronize if device.type == "cuda" else lambda: None)
     for _ in range(warmup + repeats):
         sync()
         start = time.perf_counter()
@@ -868,7 +868,7 @@ def rollout_variants(model, tokenizer, profiles, backend, args, latency, log):
                                    timing=timing, kv_reuse=kv_reuse, overlap=overlap)
             times.append(time.time() - t0)
         rows.append((name, times, timing, [d.ids for d in dialogues]))
-    for name, times, t, ids in rows:  # vs lockstep: the last variant's median wall time / this one's
+    for name, times, t, ids in rows:  # vs lockstep = rows[-1]'s median wall time / this one's; rows[0]: the engine
         log(f"{latency:>9.0f}ms {name:<20} {spread(times, 2):>22}  "
             f"{t['prefill_tokens'] / t['conversation_tokens']:>12.2f} {t['decode_steps']:>12} "
             f"{t['active_rows'] / max(t['decode_steps'], 1):>9.1f} {t['simulator']:>10.2f} "
