@@ -5,10 +5,8 @@ change, emotion <- clamp(emotion + change, 0, 100), under a PROTOCOL; the reward
 "verifiable": arithmetic over the parsed output. Sections: 1 profiles; 2 protocols and the rules they drive,
 episodes; 3 prompts (3b: the authors'); 4 parsers; 5 the turn loop; 6 backends; 7 the shared flags.
 
-Every backend has `submit(request) -> concurrent.futures.Future[str]`: a Request carries the chat messages (what
-LLM backends send) and the turn's fields (stage, mode, emotion, hidden need, the visible reply: what RulesBackend
-reads). Each backend owns its threads (HTTP: a pool; local model: one worker batching what is pending; rules: none).
-All answer in one format, so one parser serves LLM simulators and the rules backend alike."""
+Every backend has `submit(request) -> concurrent.futures.Future[str]` and owns its threads (section 6); all answer in
+one format, so one parser serves LLM simulators and the rules backend alike."""
 import argparse
 import ast
 import concurrent.futures
@@ -33,11 +31,9 @@ from pathlib import Path
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 MODES = ("vanilla", "challenging")   # the forgiving and the demanding environment (paper: moderate trains best)
 MAX_ABS_CHANGE = 30                  # classic's clamp on a change, [-30, 30] (its parser and templates say so)
-FALLBACK_REPLY = "Sorry, I lost my train of thought. What were you saying?"  # when the simulator fails
-FALLBACK_REPLY_ZH = "抱歉，我刚才走神了。你刚才说什么？"
+FALLBACK_REPLY = {"en": "Sorry, I lost my train of thought. What were you saying?", "zh": "抱歉，我刚才走神了。你刚才说什么？"}
 FALLBACK_OPENING = {"en": "I've had a rough few weeks and I need to talk to someone.", "zh": "最近心里有点堵，想找个人说说。"}
 EMPTY_REPLY = "(the supporter sent an empty message)"  # shown to the simulator for an empty agent reply
-LANGS = ("en", "zh")
 
 
 class ProfileError(ValueError):
@@ -237,19 +233,15 @@ def prepare_profiles(profiles, backend=None, *, protocol=None, mode="vanilla", l
                      initial_emotion=None, retries=2, log=print):
     """The profiles as played; one without an opening gets it from the simulator (as RLVER's trainer) or a fallback."""
     played = [resolve_profile(p, protocol, lang, initial_emotion) for p in profiles]
-    todo = [i for i, p in enumerate(played) if not p.opening]
-    if todo:
-        if backend is None:
-            raise ValueError("profiles without an opening line need a simulator backend to write one")
-        parse = parse_official_reply if played[todo[0]].prompts else parse_reply_output
-        asks = [ask(Request(build_opening_request(played[i], mode), "opening", mode, played[i].lang,
-                            official=bool(played[i].prompts)), parse, retries) for i in todo]
-        for i, (opening, error) in zip(todo, play_turns(backend, asks, log=log)):
-            if opening is None:
-                log(f"WARNING: the simulator could not write an opening for profile {played[i].id} "
-                    f"({error}); using a fallback line")
-            opening = opening or FALLBACK_OPENING[played[i].lang]
-            played[i] = replace(played[i], opening=opening, opening_written=True)
+    todo = [i for i, p in enumerate(played) if not p.opening]   # (backend None: every profile has its opening)
+    asks = [ask(Request(build_opening_request(played[i], mode), "opening", mode, played[i].lang,
+                        official=bool(played[i].prompts)),
+                parse_official_reply if played[i].prompts else parse_reply_output, retries) for i in todo]
+    for i, (opening, error) in zip(todo, play_turns(backend, asks, log=log)):
+        if opening is None:
+            log(f"WARNING: the simulator could not write an opening for profile {played[i].id} "
+                f"({error}); using a fallback line")
+        played[i] = replace(played[i], opening=opening or FALLBACK_OPENING[played[i].lang], opening_written=True)
     return played
 
 
@@ -325,17 +317,17 @@ def _dialogue(episode):   # the dialogue so far from the user's side, one "Speak
                      for role, text in _messages(episode))
 
 
-def _our_request(profile, mode, one_call, template, **values):   # [system: mode template + profile, user: `template`]
+def _our_request(profile, mode, step, **values):   # [system: mode template + profile, user: simulator_<step>.txt]
     if mode not in MODES:
         raise ValueError(f"unknown simulator mode {mode!r}: use one of {', '.join(MODES)}")
     system = _fill(load_prompt(f"simulator_{mode}.txt", profile.lang), [
         ("persona", profile.persona), ("scenario", profile.scenario),
         ("traits", ", ".join(profile.traits) or "(not specified)"), ("hidden_intention", profile.hidden_intention)])
-    if not one_call:
+    if step != "turn":   # (the one-call format is the turn's alone)
         for header in ("## Output format", "## 输出格式"):   # where a mode template's one-call format section starts
             system = system.split(header)[0].rstrip() + "\n"
     return [{"role": "system", "content": system},
-            {"role": "user", "content": _fill(load_prompt(template, profile.lang), values.items())}]
+            {"role": "user", "content": _fill(load_prompt(f"simulator_{step}.txt", profile.lang), values.items())}]
 
 
 def build_request(episode, agent_reply, mode="vanilla", step="turn"):
@@ -346,8 +338,7 @@ def build_request(episode, agent_reply, mode="vanilla", step="turn"):
         earlier, last_two, whole = _official_history(episode, agent_reply)
         return _official_request(episode.profile, p.analysis, [("emotion", emotion)],
                                  *([whole] if p.source == "SAGE" else [earlier, last_two]))
-    template = {"turn": "simulator_turn.txt", "analysis": "simulator_analysis.txt"}[step]
-    return _our_request(episode.profile, mode, step == "turn", template, dialogue=_dialogue(episode),
+    return _our_request(episode.profile, mode, step, dialogue=_dialogue(episode),
                         agent_reply=agent_reply or EMPTY_REPLY, emotion=episode.emotion)
 
 
@@ -356,7 +347,7 @@ def build_reply_request(episode, agent_reply, mode, analysis, emotion):   # two-
         return _official_request(episode.profile, episode.profile.prompts.reply,
                                  [("planning", analysis), ("emotion", f"Emotion-{band(emotion)}")],
                                  *_official_history(episode, agent_reply)[:2])
-    return _our_request(episode.profile, mode, False, "simulator_reply.txt", dialogue=_dialogue(episode),
+    return _our_request(episode.profile, mode, "reply", dialogue=_dialogue(episode),
                         agent_reply=agent_reply or EMPTY_REPLY, analysis=analysis, band=band(emotion))
 
 
@@ -366,7 +357,7 @@ def build_opening_request(profile, mode="vanilla"):   # the first user line, at 
         return _official_request(profile, p.reply, [("planning", p.opening_planning),
                                                     ("emotion", f"Emotion-{band(profile.initial_emotion)}")],
                                  p.opening_history, "")
-    return _our_request(profile, mode, False, "simulator_opening.txt", band=band(profile.initial_emotion))
+    return _our_request(profile, mode, "opening", band=band(profile.initial_emotion))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -418,23 +409,19 @@ def _read_python(path):
                            f"--official-prompts at a checkout of the authors' repository") from None
     try:
         trees = [ast.parse(text)]
-    except SyntaxError:
+    except SyntaxError:   # (RLVER's simulator file): the statements _STATEMENTS finds, one by one
         trees = []
         for m in _STATEMENTS.finditer(text):
-            try:
+            with contextlib.suppress(SyntaxError):
                 trees.append(ast.increment_lineno(ast.parse(m.group(1)), text.count("\n", 0, m.start(1))))
-            except SyntaxError:
-                pass
     assigned, replaced = {}, {}
     for n in sorted((n for tree in trees for n in ast.walk(tree) if hasattr(n, "lineno")),
                     key=lambda n: (n.lineno, n.col_offset)):
         if isinstance(n, ast.Assign):
             for t in n.targets:
                 name = t.id if isinstance(t, ast.Name) else getattr(getattr(t, "slice", None), "value", None)
-                try:
+                with contextlib.suppress(ValueError, TypeError, RecursionError):   # not a literal (a .split(...))
                     assigned.setdefault(name, []).append(ast.literal_eval(n.value))
-                except (ValueError, TypeError, RecursionError):
-                    pass   # not a literal (e.g. planning["analyse"] = reply.split(...))
         elif isinstance(n, ast.Call) and getattr(n.func, "attr", None) == "replace" and len(n.args) == 2:
             replaced.setdefault(getattr(n.args[0], "value", None), []).append(n.args[1])
     return assigned, replaced
@@ -677,18 +664,19 @@ def apply_change(emotion, change, protocol):
 
 
 def user_turn(episode, agent_reply, mode="vanilla", max_turns=8, retries=2):
-    """The simulated user's answer to one agent reply (a generator of Requests, see ask), in one call (thought,
-    change, reply) or two (the analysis' thought and change; the code applies it; the reply from the analysis
-    and the new band). The user sees visible_reply(agent_reply). A stage that fails `retries` re-asks counts as
-    change 0 and/or a fallback reply (parse_failures). Returns the user's message, or None when the dialogue ends."""
+    """The simulated user's answer to one agent reply, recorded in the episode (a generator of Requests, see ask):
+    one call (thought, change, reply) or two (the analysis' thought and change; then the reply, from the analysis and
+    the band after the change). The user sees visible_reply(agent_reply). A stage still unparseable after `retries`
+    re-asks counts as change 0 and/or a fallback reply (parse_failures). Returns the user's message, None at the end."""
     if episode.done:
         return None
     if thought_cut(agent_reply):   # no reply to show: the dialogue ends
         episode.messages.append({"role": "assistant", "content": agent_reply.strip()})
         episode.cut_thoughts, episode.done, episode.end_reason = 1, True, "thought_cut"
         return None
-    shown, prompts = visible_reply(agent_reply), episode.profile.prompts   # prompts: the authors' (3b), or None
-    if protocol_of(episode.profile.protocol).stages == 1:
+    protocol, prompts = episode.profile.protocol, episode.profile.prompts   # prompts: the authors' (3b), or None
+    shown = visible_reply(agent_reply)
+    if protocol_of(protocol).stages == 1:
         request = _request(episode, build_request(episode, shown, mode), "turn", mode, shown)
         parsed, error = yield from ask(request, parse_simulator_output, retries)
         analysis, user_reply, reply_error = parsed and parsed[:2], parsed and parsed[2], error
@@ -698,19 +686,13 @@ def user_turn(episode, agent_reply, mode="vanilla", max_turns=8, retries=2):
         analysis, error = yield from ask(request, parse, retries)
         thought, change = analysis or ("", 0)   # the reply stage sees the analysis and the band after the change
         messages = build_reply_request(episode, shown, mode, thought,
-                                       apply_change(episode.emotion, change, episode.profile.protocol)[1])
+                                       apply_change(episode.emotion, change, protocol)[1])
         user_reply, reply_error = yield from ask(_request(episode, messages, "reply", mode, shown, change),
                                                  parse_official_reply if prompts else parse_reply_output, retries)
-    return _record_turn(episode, agent_reply, shown, analysis, error, user_reply, reply_error, max_turns)
-
-
-def _record_turn(episode, agent_reply, shown, analysis, error, user_reply, reply_error, max_turns):
-    """The turn into the episode: the change applied by the code, the messages, the turn record, the end."""
-    protocol = episode.profile.protocol
     failed = analysis is None or user_reply is None
     thought, change = analysis or (f"(unparseable simulator output: {error})", 0)
     if user_reply is None:   # (an empty reply that parsed stays empty, as SAGE keeps it)
-        user_reply = FALLBACK_REPLY_ZH if episode.profile.lang == "zh" else FALLBACK_REPLY
+        user_reply = FALLBACK_REPLY[episode.profile.lang]
         thought += f" (reply unparseable: {reply_error})" if analysis else ""
     episode.parse_failures += failed
     episode.changes_out_of_range += protocol_of(protocol).max_change is None and abs(change) > 100
@@ -735,16 +717,13 @@ class Turns:
         self.ended = []       # (key, result) not yet collected
         self.asked = self.answered = 0
 
-    def start(self, key, turn):
-        self._send(key, turn, None, time.monotonic())
-
-    def _send(self, key, turn, answer, began):
+    def start(self, key, turn, answer=None, began=None):   # send the turn its answer (None: its first), submit its next
         try:
             request = turn.send(answer)
         except StopIteration as end:
             self.ended.append((key, end.value))
             return
-        self.pending[key] = (turn, self.backend.submit(request), began)
+        self.pending[key] = (turn, self.backend.submit(request), time.monotonic() if began is None else began)
         self.asked += 1
 
     def collect(self, wait):
@@ -755,7 +734,7 @@ class Turns:
             for key, turn, future, began in done:
                 del self.pending[key]
                 self.answered += 1
-                self._send(key, turn, future.result(), began)   # (a backend's error is raised here)
+                self.start(key, turn, future.result(), began)   # (a backend's error is raised here)
             if done:
                 continue   # (a backend that answers at once may have answered the next request already)
             if self.ended or not wait or not self.pending:
@@ -844,12 +823,6 @@ PLANS = {"leave": "I will end the conversation.", "helped": "I will thank them."
          "much_better": "I will tell them more."}
 
 
-def _bucket(change, emotion):
-    """Which kind of canned answer the rules user gives."""
-    return ("leave" if emotion <= 0 else "helped" if emotion >= 100 else "much_worse" if change <= -5
-            else "worse" if change < 0 else "flat" if change == 0 else "better" if change < 5 else "much_better")
-
-
 class RulesBackend(Backend):
     where = "the rules simulator"
 
@@ -905,12 +878,11 @@ class RulesBackend(Backend):
         if request.stage == "opening":
             lines = self.table["openings"][request.lang]
             return f"<reply>\n{lines[pick % len(lines)]}\n</reply>"
-        if request.stage == "reply":   # written from the analysis' change
-            change, hits = request.change, None
-        else:
-            change, hits = self.score(request.reply, request.need, request.mode)
+        change, hits = ((request.change, None) if request.stage == "reply"   # written from the analysis' change
+                        else self.score(request.reply, request.need, request.mode))
         emotion = max(0, min(100, request.emotion + change))
-        bucket = _bucket(change, emotion)
+        bucket = ("leave" if emotion <= 0 else "helped" if emotion >= 100 else "much_worse" if change <= -5   # (PLANS)
+                  else "worse" if change < 0 else "flat" if change == 0 else "better" if change < 5 else "much_better")
         variants = self.table["replies" if request.lang == "en" else "replies_zh"][bucket]
         if request.stage == "reply":
             return f"<reply>\n{variants[pick % len(variants)]}\n</reply>"
