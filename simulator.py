@@ -252,10 +252,6 @@ def visible_reply(text):   # what the user sees: the text after </think>; nothin
     return "" if "<think>" in text else text
 
 
-def thought_cut(text):   # a message cut inside its <think>: no reply to show, so the dialogue ends
-    return "<think>" in (text or "") and "</think>" not in text
-
-
 COUNT_WARNINGS = {   # the per-episode counts worth a warning -> what it means
     "truncated_replies": "policy replies were cut at --max-new-tokens (raise it: the user read a cut reply)",
     "cut_thoughts": "dialogues ended because a --think reply was cut before </think> (raise --max-new-tokens)",
@@ -366,12 +362,11 @@ def build_opening_request(profile, mode="vanilla"):   # the first user line, at 
 # paper: RLVER's analysis sees the start emotion 30 (ours the live one unless --official-quirks); SAGE reads a
 # `target` its profiles lack (we send it).
 
-RLVER_ROLLOUT = "code/verl/workers/rollout/vllm_rollout/"
-OFFICIAL_SIMULATOR = {"sage": ("SAGE", "simulator_response.py"),
-                      "rlver": ("RLVER", RLVER_ROLLOUT + "hard_player_simulator_dsv3.py")}
-OFFICIAL_POLICY = {"sage": ("SAGE", "npc_response.py", "role_system"),   # (folder, file, variable); think: --think
-                   "rlver": ("RLVER", RLVER_ROLLOUT + "system_prompt.py", "system_prompt_train_unthink"),
-                   "think": ("RLVER", RLVER_ROLLOUT + "system_prompt.py", "system_prompt_train_think")}
+RLVER_ROLLOUT = "RLVER/code/verl/workers/rollout/vllm_rollout/"   # the files below, under the checkout root
+OFFICIAL_SIMULATOR = {"sage": "SAGE/simulator_response.py", "rlver": RLVER_ROLLOUT + "hard_player_simulator_dsv3.py"}
+OFFICIAL_POLICY = {"sage": ("SAGE/npc_response.py", "role_system"),   # (file, variable); think: --think
+                   "rlver": (RLVER_ROLLOUT + "system_prompt.py", "system_prompt_train_unthink"),
+                   "think": (RLVER_ROLLOUT + "system_prompt.py", "system_prompt_train_think")}
 OFFICIAL_ROLES = {"user": "你", "assistant": "NPC"}   # the speakers in their JSON history
 # read of a file that does not parse: templates, targets, {{planning}} / {{dialog_history}}, the opening line
 _STATEMENTS = re.compile(r'^[ \t]*((?:template|role_system|system_prompt_train_\w+) = (?P<q>"""|\'\'\').*?(?P=q)'
@@ -492,14 +487,12 @@ def load_official_prompts(path, protocol, think, quirks=False, simulator="an LLM
     if quirks and protocol != "rlver":
         raise ProfileError("--official-quirks reproduces RLVER's trainer (its analysis always sees the start "
                            "emotion); SAGE has no such quirk: drop the flag or use --protocol rlver")
-    root = official_root(path)
-    folder, name = OFFICIAL_SIMULATOR[protocol]
-    p_folder, p_name, variable = OFFICIAL_POLICY["think" if think else protocol]
-    sim_path, policy_path = root / folder / name, root / p_folder / p_name
+    root, (policy_file, variable) = official_root(path), OFFICIAL_POLICY["think" if think else protocol]
+    sim_path, policy_path = root / OFFICIAL_SIMULATOR[protocol], root / policy_file
     found = _simulator_prompts(sim_path)
-    return OfficialPrompts(source=folder, policy=_first(_read_python(policy_path)[0].get(variable, []),
-                                                        policy_path, variable),
-                           policy_source=f"{p_folder}/{p_name}:{variable}", start_emotion_quirk=bool(quirks),
+    policy = _first(_read_python(policy_path)[0].get(variable, []), policy_path, variable)
+    return OfficialPrompts(source=OFFICIAL_SIMULATOR[protocol].split("/")[0], policy=policy,
+                           policy_source=f"{policy_file}:{variable}", start_emotion_quirk=bool(quirks),
                            files={str(p.relative_to(root)): _sha256(p) for p in (sim_path, policy_path)}, **found)
 
 
@@ -606,9 +599,6 @@ def format_simulator_output(thought, change, reply):   # the format above, as Ru
 # 5. The turn loop. One dialogue's simulated turn is a generator (user_turn) that yields Requests and is sent
 # their answers; Turns drives many over one backend (submit(request) -> Future) and alone waits on it.
 
-POLL_S = 0.25   # how often a waiting Turns wakes up (Ctrl-C, the deadline, progress lines)
-
-
 @dataclass
 class Request:
     messages: list            # the chat, which LLM backends send as it is
@@ -655,8 +645,8 @@ def ask(request, parse, retries):
 
 
 def apply_change(emotion, change, protocol):
-    """The CODE applies the simulator's change (the verifiable part): clamp the change as the protocol says
-    (SAGE: [-10, 10]), add it, cap at 100, floor at 0 (see the protocol notes)."""
+    """The CODE applies the simulator's change (the verifiable part): clamped as the protocol says (SAGE: +-10),
+    added, the emotion capped at 100 and floored at 0. Returns (the change applied, the new emotion)."""
     limit = protocol_of(protocol).max_change
     if limit is not None:
         change = max(-limit, min(limit, change))
@@ -670,7 +660,7 @@ def user_turn(episode, agent_reply, mode="vanilla", max_turns=8, retries=2):
     re-asks counts as change 0 and/or a fallback reply (parse_failures). Returns the user's message, None at the end."""
     if episode.done:
         return None
-    if thought_cut(agent_reply):   # no reply to show: the dialogue ends
+    if "<think>" in (agent_reply or "") and "</think>" not in agent_reply:   # cut inside its <think>: no reply, the end
         episode.messages.append({"role": "assistant", "content": agent_reply.strip()})
         episode.cut_thoughts, episode.done, episode.end_reason = 1, True, "thought_cut"
         return None
@@ -710,6 +700,7 @@ class Turns:
     """The turns in flight over one backend, by key, each a generator (user_turn, ask). While collect() waits, a
     turn older than turn_deadline seconds (re-asks and stages included) raises SimulatorError, and a progress
     line goes to log every progress_every seconds."""
+    poll_s = 0.25   # how often a waiting collect() wakes up (Ctrl-C, the deadline, progress lines)
 
     def __init__(self, backend, turn_deadline=600.0, progress_every=15.0, log=None):
         self.backend, self.turn_deadline, self.progress_every, self.log = backend, turn_deadline, progress_every, log
@@ -749,7 +740,7 @@ class Turns:
                 self.log(f"{role}: {self.answered}/{self.asked} answered, {now - began:.0f} s")
                 last_line = now
             futures = [f for _, f, _ in self.pending.values()]
-            concurrent.futures.wait(futures, min(POLL_S, self.turn_deadline - (now - began)), "FIRST_COMPLETED")
+            concurrent.futures.wait(futures, min(self.poll_s, self.turn_deadline - (now - began)), "FIRST_COMPLETED")
 
     def close(self):
         """Abandon the requests in flight (an error, Ctrl-C): a backend skips those it has not sent yet."""
@@ -760,16 +751,15 @@ class Turns:
 
 def play_turns(backend, turns, turn_deadline=600.0, progress_every=15.0, log=None):
     """Drive every turn generator to its end over `backend` (Turns). Returns their results, in order."""
-    results, flight = [None] * len(turns), Turns(backend, turn_deadline, progress_every, log)
+    results, flight = {}, Turns(backend, turn_deadline, progress_every, log)
     try:
         for key, turn in enumerate(turns):
             flight.start(key, turn)
-        while flight.pending or flight.ended:
-            for key, result in flight.collect(wait=True):
-                results[key] = result
+        while len(results) < len(turns):
+            results.update(flight.collect(wait=True))
     finally:
         flight.close()
-    return results
+    return [results[key] for key in range(len(turns))]
 
 
 def simulate_turn(episodes, agent_replies, backend, mode="vanilla", max_turns=8, retries=2, **wait):
@@ -842,13 +832,11 @@ class RulesBackend(Backend):
         cap = self.table["per_cue_cap"]
         return sum(min(len(p.findall(text)), cap) for p in patterns)
 
-    def needs_of(self, hidden_intention):
-        """Names of the needs whose trigger words occur in a hidden intention."""
+    def needs_of(self, hidden_intention):   # the needs whose trigger words occur in a hidden intention
         text = hidden_intention.lower()
         return [name for name, (triggers, _) in self.needs.items() if any(t.search(text) for t in triggers)]
 
-    def score(self, reply, hidden_intention, mode="vanilla"):
-        """Emotion change for one agent reply, plus the counts that explain it."""
+    def score(self, reply, hidden_intention, mode="vanilla"):   # the emotion change for one reply, and its counts
         rules = self.table["modes"][mode]
         text = reply.lower().replace("\u2019", "'")
         hits = {name: self._count(patterns, text) for name, patterns in self.cues.items()}
@@ -927,30 +915,26 @@ class OpenAIBackend(Backend):
         self.role, self.unreachable_hint = role, unreachable_hint
         if not re.match(r"https?://[^/]", url or ""):
             raise ValueError(f"{role} URL must start with http:// or https://, got {url!r}")
-        if concurrency < 1 or max_retries < 0 or timeout <= 0 or min(backoff, max_wait) < 0:
-            raise ValueError(f"{role} client needs concurrency >= 1, max_retries >= 0, timeout > 0, backoff and "
-                             f"max_wait >= 0")
         url = url.rstrip("/")
         if url.endswith("/chat/completions"):
             url = url[: -len("/chat/completions")]
         elif url.count("/") == 2:          # bare "http://host:port": assume the usual /v1 prefix
             url += "/v1"
         self.base, self.url, self.where = url, url + "/chat/completions", f"{role} endpoint {url}/chat/completions"
-        self.model, self.api_key_env = model, api_key_env
-        self.concurrency, self.timeout, self.max_retries = concurrency, timeout, max_retries
+        self.model, self.api_key_env, self.timeout, self.max_retries = model, api_key_env, timeout, max_retries
         self.backoff, self.max_wait, self.temperature, self.max_tokens = backoff, max_wait, temperature, max_tokens
         self._api_key = os.environ.get(api_key_env) or None   # no key is fine for local servers
-        self._todo, self._workers = queue.SimpleQueue(), []   # (future, messages) for the worker threads
+        self._todo = queue.SimpleQueue()   # (future, messages) for the worker threads
+        for _ in range(concurrency):
+            threading.Thread(target=self._work, name=f"{role}-http", daemon=True).start()
 
     def __repr__(self):   # never shows the key
         return f"OpenAIBackend(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
 
     def _redact(self, text):
-        text = str(text)
-        return text.replace(self._api_key, "***") if self._api_key else text
+        return str(text).replace(self._api_key, "***") if self._api_key else str(text)
 
-    def _http(self, method, url, payload=None, timeout=None):
-        """One HTTP exchange -> parsed JSON body. Errors propagate to the caller."""
+    def _http(self, method, url, payload=None, timeout=None):   # one HTTP exchange -> its parsed JSON body
         headers = {"Content-Type": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
@@ -965,18 +949,16 @@ class OpenAIBackend(Backend):
             listing = self._http("GET", self.base + "/models", timeout=min(self.timeout, 10))
         except urllib.error.HTTPError as e:
             if e.code in (401, 403):
-                raise SimulatorError(f"{self.role} endpoint {self.url} rejected the request (HTTP {e.code}); "
+                raise SimulatorError(f"{self.where} rejected the request (HTTP {e.code}); "
                                      f"put a valid API key in ${self.api_key_env}") from None
             return                          # reachable; this server just has no /models route
         except (OSError, http.client.HTTPException) as e:   # URLError, refused, timeout, reset, DNS
-            raise SimulatorError(f"cannot reach {self.role} endpoint {self.url}: "
-                                 f"{self._redact(getattr(e, 'reason', e))}; "
+            raise SimulatorError(f"cannot reach {self.where}: {self._redact(getattr(e, 'reason', e))}; "
                                  f"{self.unreachable_hint}") from None
         except ValueError:
             return                          # reachable, answered something that is not JSON
-        if self.model is None:
-            with contextlib.suppress(KeyError, IndexError, TypeError):
-                self.model = listing["data"][0]["id"]
+        with contextlib.suppress(KeyError, IndexError, TypeError):   # the given model, else the first listed
+            self.model = self.model or listing["data"][0]["id"]
 
     def submit(self, request):
         if self.model is None:   # check() asks the server which model it serves (vLLM needs the name)
@@ -984,9 +966,6 @@ class OpenAIBackend(Backend):
             self.model = self.model or "default"
         future = concurrent.futures.Future()
         self._todo.put((future, request.messages))
-        while len(self._workers) < self.concurrency:
-            self._workers.append(threading.Thread(target=self._work, name=f"{self.role}-http", daemon=True))
-            self._workers[-1].start()
         return future
 
     def _work(self):   # a worker thread: the next request, for the backend's whole life
@@ -997,8 +976,7 @@ class OpenAIBackend(Backend):
 
     def _complete(self, messages, future):
         """One chat request -> completion text, with retries. Returns None early once `future` is cancelled."""
-        payload = {"model": self.model, "messages": messages,
-                   "temperature": self.temperature, "max_tokens": self.max_tokens}
+        payload = dict(model=self.model, messages=messages, temperature=self.temperature, max_tokens=self.max_tokens)
         last_error, wait = None, 0.0
         for attempt in range(self.max_retries + 1):
             if attempt:
@@ -1010,14 +988,13 @@ class OpenAIBackend(Backend):
                 answer = self._http("POST", self.url, payload)
                 return answer["choices"][0]["message"]["content"] or ""
             except urllib.error.HTTPError as e:
-                try:
+                body = ""
+                with contextlib.suppress(Exception):   # (the body may be gone with the connection)
                     body = e.read()[:300].decode("utf-8", errors="replace")
-                except Exception:
-                    body = ""
                 last_error = f"HTTP {e.code} {body}".strip()
                 if e.code < 500 and e.code not in (408, 429):   # not busy or broken: our mistake, no retry
                     hint = f"; check the API key in ${self.api_key_env}" if e.code in (401, 403) else ""
-                    raise SimulatorError(f"{self.role} endpoint {self.url} refused the request "
+                    raise SimulatorError(f"{self.where} refused the request "
                                          f"({self._redact(last_error)}){hint}") from None
                 retry_after = retry_after_seconds(e.headers.get("Retry-After") if e.headers else None)
             except (OSError, http.client.HTTPException) as e:       # timeout, refused, reset
@@ -1025,8 +1002,7 @@ class OpenAIBackend(Backend):
             except (ValueError, KeyError, IndexError, TypeError) as e:   # 200 with a body we cannot read
                 last_error = f"malformed response: {e!r}"
             wait = min(self.max_wait, self.backoff * 2 ** attempt if retry_after is None else retry_after)
-        raise SimulatorError(f"{self.role} endpoint {self.url} failed after {self.max_retries + 1} attempts: "
-                             f"{self._redact(last_error)}")
+        raise SimulatorError(f"{self.where} failed after {self.max_retries + 1} attempts: {self._redact(last_error)}")
 
 
 # 6c. LocalModelBackend: an LLM simulator in this process. One daemon worker answers every request pending at
@@ -1036,12 +1012,11 @@ class OpenAIBackend(Backend):
 class LocalModelBackend(Backend):
     where = "the local simulator model"
 
-    def __init__(self, model, tokenizer, max_new_tokens=512, temperature=0.7, top_p=1.0, seed=0, batch_size=16):
+    def __init__(self, model, tokenizer, max_new_tokens=512, temperature=0.7, seed=0, batch_size=16):
         import torch
         from model import stop_token_ids
-        self.model, self.tokenizer = model, tokenizer
-        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
-        self.batch_size = batch_size
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
         self.eos_ids = stop_token_ids(tokenizer)   # EOS + the checkpoint's configured stop ids
         self._todo = queue.SimpleQueue()   # (future, messages)
@@ -1065,16 +1040,14 @@ class LocalModelBackend(Backend):
             for k, (future, _) in enumerate(batch):
                 settle(future, lambda: texts.result()[k])
 
-    def generate(self, requests):
-        """Completion texts for chat requests (lists of messages), in one generate call."""
+    def generate(self, requests):   # completion texts for chat requests (lists of messages), in one generate call
         import torch
         from model import generate
-        prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(
-                       messages, tokenize=False, add_generation_prompt=True),
-                       add_special_tokens=False) for messages in requests]
+        prompts = [self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in requests]
+        prompts = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         with torch.no_grad():
-            new_ids, _ = generate(self.model, prompts, self.max_new_tokens, self.eos_ids, temperature=self.temperature,
-                                  top_p=self.top_p, generator=self.generator)
+            new_ids, _ = generate(self.model, prompts, self.max_new_tokens, self.eos_ids, self.temperature,
+                                  generator=self.generator)
         return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
 
 
@@ -1095,7 +1068,6 @@ def make_backend(spec, *, model_name=None, api_key_env="OPENAI_API_KEY", device=
 
 # ----------------------------------------------------------------------------------------------------
 # 7. Command-line flags shared by rlver.py and benchmark.py eval: same names, same meanings
-
 
 class Parser(argparse.ArgumentParser):
     """argparse whose bad input is one line naming the flag, exit 2 ("rlver: error: --lr -1.0: must be > 0");
