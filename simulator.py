@@ -86,12 +86,10 @@ def _profile_from_record(record, where, default_id):   # one JSON object -> Prof
     if missing:
         raise ProfileError(f"{where}: profile is missing key(s) {', '.join(missing)} "
                            f"({'public RLVER' if public else 'rlver'} layout; expected {[k[0] for _, k in table]})")
-    fields = {}
-    for name, keys in table:
-        value = record[key_of[name]] if key_of[name] else ""   # "": an opening the simulator writes later
-        if key_of[name] and (not isinstance(value, str) or not value.strip()):
-            raise ProfileError(f"{where}: '{keys[0]}' must be a non-empty string")
-        fields[name] = value.strip()
+    for key in filter(None, key_of.values()):
+        if not isinstance(record[key], str) or not record[key].strip():
+            raise ProfileError(f"{where}: '{key}' must be a non-empty string")
+    fields = {name: record[key].strip() if key else "" for name, key in key_of.items()}   # "": the simulator writes it
     emotion = record.get("initial_emotion")   # absent: the protocol's start
     if isinstance(emotion, float) and emotion.is_integer():
         emotion = int(emotion)
@@ -326,25 +324,22 @@ def _our_request(profile, mode, step, **values):   # [system: mode template + pr
             {"role": "user", "content": _fill(load_prompt(f"simulator_{step}.txt", profile.lang), values.items())}]
 
 
-def build_request(episode, agent_reply, mode="vanilla", step="turn"):
-    """A turn's request: step 'turn' the one-call protocol, 'analysis' the two-stage call 1 (thought and change)."""
-    p = episode.profile.prompts
-    if p:   # the authors' analysis: SAGE's sees the whole dialogue, RLVER's all but the last two messages, then those
-        emotion = episode.profile.initial_emotion if p.start_emotion_quirk else episode.emotion
+def build_request(episode, agent_reply, mode="vanilla", step="turn", analysis="", change=0):
+    """A turn's messages: step 'turn' the one-call protocol, 'analysis' the two-stage call 1 (thought and change),
+    'reply' call 2 (from the analysis and `change`: shown the band of the emotion after it, not the number)."""
+    profile, p = episode.profile, episode.profile.prompts
+    after = band(apply_change(episode.emotion, change, profile.protocol)[1])   # the reply's: the band after it
+    if p:   # the authors': SAGE's analysis sees the whole dialogue, RLVER's all but the last two messages, then those
         earlier, last_two, whole = _official_history(episode, agent_reply)
-        return _official_request(episode.profile, p.analysis, [("emotion", emotion)],
+        if step == "reply":
+            return _official_request(profile, p.reply, [("planning", analysis), ("emotion", f"Emotion-{after}")],
+                                     earlier, last_two)
+        start = profile.initial_emotion if p.start_emotion_quirk else episode.emotion
+        return _official_request(profile, p.analysis, [("emotion", start)],
                                  *([whole] if p.source == "SAGE" else [earlier, last_two]))
-    return _our_request(episode.profile, mode, step, dialogue=_dialogue(episode),
-                        agent_reply=agent_reply or EMPTY_REPLY, emotion=episode.emotion)
-
-
-def build_reply_request(episode, agent_reply, mode, analysis, emotion):   # two-stage call 2: shown the band only
-    if episode.profile.prompts:
-        return _official_request(episode.profile, episode.profile.prompts.reply,
-                                 [("planning", analysis), ("emotion", f"Emotion-{band(emotion)}")],
-                                 *_official_history(episode, agent_reply)[:2])
-    return _our_request(episode.profile, mode, "reply", dialogue=_dialogue(episode),
-                        agent_reply=agent_reply or EMPTY_REPLY, analysis=analysis, band=band(emotion))
+    values = dict(analysis=analysis, band=after) if step == "reply" else dict(emotion=episode.emotion)
+    return _our_request(profile, mode, step, dialogue=_dialogue(episode), agent_reply=agent_reply or EMPTY_REPLY,
+                        **values)
 
 
 def build_opening_request(profile, mode="vanilla"):   # the first user line, at the start emotion's band
@@ -612,9 +607,10 @@ class Request:
     official: bool = False    # the authors' prompts (section 3b), written for an LLM
 
 
-def _request(episode, messages, stage, mode, shown="", change=0):
+def _request(episode, shown, mode, step, analysis="", change=0):   # build_request's messages and the turn's fields
     p = episode.profile
-    return Request(messages, stage, mode, p.lang, p.hidden_intention, episode.emotion, shown, change, bool(p.prompts))
+    return Request(build_request(episode, shown, mode, step, analysis, change), step, mode, p.lang,
+                   p.hidden_intention, episode.emotion, shown, change, bool(p.prompts))
 
 
 def settle(future, fn, *args):
@@ -667,17 +663,13 @@ def user_turn(episode, agent_reply, mode="vanilla", max_turns=8, retries=2):
     protocol, prompts = episode.profile.protocol, episode.profile.prompts   # prompts: the authors' (3b), or None
     shown = visible_reply(agent_reply)
     if protocol_of(protocol).stages == 1:
-        request = _request(episode, build_request(episode, shown, mode), "turn", mode, shown)
-        parsed, error = yield from ask(request, parse_simulator_output, retries)
+        parsed, error = yield from ask(_request(episode, shown, mode, "turn"), parse_simulator_output, retries)
         analysis, user_reply, reply_error = parsed and parsed[:2], parsed and parsed[2], error
     else:
         parse = functools.partial(parse_official_analysis, prompts) if prompts else parse_analysis_output
-        request = _request(episode, build_request(episode, shown, mode, step="analysis"), "analysis", mode, shown)
-        analysis, error = yield from ask(request, parse, retries)
+        analysis, error = yield from ask(_request(episode, shown, mode, "analysis"), parse, retries)
         thought, change = analysis or ("", 0)   # the reply stage sees the analysis and the band after the change
-        messages = build_reply_request(episode, shown, mode, thought,
-                                       apply_change(episode.emotion, change, protocol)[1])
-        user_reply, reply_error = yield from ask(_request(episode, messages, "reply", mode, shown, change),
+        user_reply, reply_error = yield from ask(_request(episode, shown, mode, "reply", thought, change),
                                                  parse_official_reply if prompts else parse_reply_output, retries)
     failed = analysis is None or user_reply is None
     thought, change = analysis or (f"(unparseable simulator output: {error})", 0)
@@ -875,10 +867,9 @@ class RulesBackend(Backend):
         if request.stage == "reply":
             return f"<reply>\n{variants[pick % len(variants)]}\n</reply>"
         # (i) why the emotion moved, (ii) how the user feels now, (iii) how it will answer
-        touched = "it touched what I really need" if hits["need"] else "it missed what I really need"
         why = (f"(i) The reply had {hits['warmth']} warm or validating words, {hits['question']} question cues, "
-               f"{hits['lecturing']} lecturing and {hits['dismissive']} dismissive cues, and {touched}; "
-               f"my emotion changes by {change:+d}.")
+               f"{hits['lecturing']} lecturing and {hits['dismissive']} dismissive cues, and it "
+               f"{'touched' if hits['need'] else 'missed'} what I really need; my emotion changes by {change:+d}.")
         feeling = next(text for bound, text in self.table["feelings"] if emotion <= bound)
         thought = f"{why} (ii) I feel {feeling} ({emotion}/100). (iii) {PLANS[bucket]}"
         if request.stage == "analysis":   # (the mark shows a reader what the rules decided)
