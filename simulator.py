@@ -232,8 +232,7 @@ def prepare_profiles(profiles, backend=None, *, protocol=None, mode="vanilla", l
     """The profiles as played; one without an opening gets it from the simulator (as RLVER's trainer) or a fallback."""
     played = [resolve_profile(p, protocol, lang, initial_emotion) for p in profiles]
     todo = [i for i, p in enumerate(played) if not p.opening]   # (backend None: every profile has its opening)
-    asks = [ask(Request(build_opening_request(played[i], mode), "opening", mode, played[i].lang,
-                        official=bool(played[i].prompts)),
+    asks = [ask(_request(Episode(played[i], played[i].initial_emotion, [], []), "", mode, "opening"),
                 parse_official_reply if played[i].prompts else parse_reply_output, retries) for i in todo]
     for i, (opening, error) in zip(todo, play_turns(backend, asks, log=log)):
         if opening is None:
@@ -326,29 +325,23 @@ def _our_request(profile, mode, step, **values):   # [system: mode template + pr
 
 def build_request(episode, agent_reply, mode="vanilla", step="turn", analysis="", change=0):
     """A turn's messages: step 'turn' the one-call protocol, 'analysis' the two-stage call 1 (thought and change),
-    'reply' call 2 (from the analysis and `change`: shown the band of the emotion after it, not the number)."""
+    'reply' call 2 (from the analysis and `change`: shown the band of the emotion after it, not the number); or
+    'opening', the user's first line (of an episode with no opening yet), at the start emotion's band."""
     profile, p = episode.profile, episode.profile.prompts
     after = band(apply_change(episode.emotion, change, profile.protocol)[1])   # the reply's: the band after it
     if p:   # the authors': SAGE's analysis sees the whole dialogue, RLVER's all but the last two messages, then those
         earlier, last_two, whole = _official_history(episode, agent_reply)
-        if step == "reply":
+        if step == "opening":   # their reply template, with their opening planning line and history text
+            analysis, earlier, last_two = p.opening_planning, p.opening_history, ""
+        if step in ("reply", "opening"):
             return _official_request(profile, p.reply, [("planning", analysis), ("emotion", f"Emotion-{after}")],
                                      earlier, last_two)
         start = profile.initial_emotion if p.start_emotion_quirk else episode.emotion
         return _official_request(profile, p.analysis, [("emotion", start)],
                                  *([whole] if p.source == "SAGE" else [earlier, last_two]))
-    values = dict(analysis=analysis, band=after) if step == "reply" else dict(emotion=episode.emotion)
+    values = dict(analysis=analysis, band=after) if step in ("reply", "opening") else dict(emotion=episode.emotion)
     return _our_request(profile, mode, step, dialogue=_dialogue(episode), agent_reply=agent_reply or EMPTY_REPLY,
                         **values)
-
-
-def build_opening_request(profile, mode="vanilla"):   # the first user line, at the start emotion's band
-    p = profile.prompts
-    if p:   # their reply template with their opening planning line and history text
-        return _official_request(profile, p.reply, [("planning", p.opening_planning),
-                                                    ("emotion", f"Emotion-{band(profile.initial_emotion)}")],
-                                 p.opening_history, "")
-    return _our_request(profile, mode, "opening", band=band(profile.initial_emotion))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -660,8 +653,7 @@ def user_turn(episode, agent_reply, mode="vanilla", max_turns=8, retries=2):
         episode.messages.append({"role": "assistant", "content": agent_reply.strip()})
         episode.cut_thoughts, episode.done, episode.end_reason = 1, True, "thought_cut"
         return None
-    protocol, prompts = episode.profile.protocol, episode.profile.prompts   # prompts: the authors' (3b), or None
-    shown = visible_reply(agent_reply)
+    protocol, prompts, shown = episode.profile.protocol, episode.profile.prompts, visible_reply(agent_reply)
     if protocol_of(protocol).stages == 1:
         parsed, error = yield from ask(_request(episode, shown, mode, "turn"), parse_simulator_output, retries)
         analysis, user_reply, reply_error = parsed and parsed[:2], parsed and parsed[2], error
@@ -968,12 +960,7 @@ class OpenAIBackend(Backend):
     def _complete(self, messages, future):
         """One chat request -> completion text, with retries. Returns None early once `future` is cancelled."""
         payload = dict(model=self.model, messages=messages, temperature=self.temperature, max_tokens=self.max_tokens)
-        last_error, wait = None, 0.0
         for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(wait)
-                if future.cancelled():
-                    return None
             retry_after = None
             try:
                 answer = self._http("POST", self.url, payload)
@@ -992,7 +979,10 @@ class OpenAIBackend(Backend):
                 last_error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
             except (ValueError, KeyError, IndexError, TypeError) as e:   # 200 with a body we cannot read
                 last_error = f"malformed response: {e!r}"
-            wait = min(self.max_wait, self.backoff * 2 ** attempt if retry_after is None else retry_after)
+            if attempt < self.max_retries:   # the wait: Retry-After, else backoff * 2^attempt; capped at max_wait
+                time.sleep(min(self.max_wait, self.backoff * 2 ** attempt if retry_after is None else retry_after))
+                if future.cancelled():
+                    return None
         raise SimulatorError(f"{self.where} failed after {self.max_retries + 1} attempts: {self._redact(last_error)}")
 
 
