@@ -616,11 +616,6 @@ def settle(future, fn, *args):
     return future
 
 
-def completed(fn, *args):
-    """A Future already holding fn(*args), or its exception: the answer of a backend that answers at once."""
-    return settle(concurrent.futures.Future(), fn, *args)
-
-
 def ask(request, parse, retries):
     """Ask until the answer parses, at most 1 + retries times (a generator: it yields the request and is sent
     the answer). Returns (parsed, None), or (None, the last parse error with the offending output)."""
@@ -767,7 +762,7 @@ class Backend:
         pass
 
     def submit(self, request):
-        return completed(self.answer, request)
+        return settle(concurrent.futures.Future(), self.answer, request)
 
 
 class Scripted(Backend):
@@ -880,12 +875,11 @@ def retry_after_seconds(value, now=None):
     with contextlib.suppress(TypeError, ValueError):
         seconds = float(value)
         return max(0.0, seconds) if math.isfinite(seconds) else None
-    try:
+    with contextlib.suppress(TypeError, ValueError, IndexError):
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    when = when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)   # an HTTP date is GMT
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+        when = when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)   # an HTTP date is GMT
+        return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return None
 
 
 class OpenAIBackend(Backend):
@@ -1017,18 +1011,16 @@ class LocalModelBackend(Backend):
             while len(batch) < self.batch_size and not self._todo.empty():
                 batch.append(self._todo.get())
             batch = [(f, m) for f, m in batch if not f.cancelled()]
-            texts = completed(self.generate, [m for _, m in batch])   # (an error goes to every request)
+            texts = settle(concurrent.futures.Future(), self.generate, [m for _, m in batch])   # (or every one's error)
             for k, (future, _) in enumerate(batch):
                 settle(future, lambda: texts.result()[k])
 
     def generate(self, requests):   # completion texts for chat requests (lists of messages), in one generate call
-        import torch
-        from model import generate
+        from model import generate   # (under no_grad)
         prompts = [self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in requests]
         prompts = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-        with torch.no_grad():
-            new_ids, _ = generate(self.model, prompts, self.max_new_tokens, self.eos_ids, self.temperature,
-                                  generator=self.generator)
+        new_ids, _ = generate(self.model, prompts, self.max_new_tokens, self.eos_ids, temperature=self.temperature,
+                              generator=self.generator)
         return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
 
 
