@@ -91,8 +91,7 @@ def _profile_from_record(record, where, default_id):   # one JSON object -> Prof
             raise ProfileError(f"{where}: '{key}' must be a non-empty string")
     fields = {name: record[key].strip() if key else "" for name, key in key_of.items()}   # "": the simulator writes it
     emotion = record.get("initial_emotion")   # absent: the protocol's start
-    if isinstance(emotion, float) and emotion.is_integer():
-        emotion = int(emotion)
+    emotion = int(emotion) if isinstance(emotion, float) and emotion.is_integer() else emotion   # 50.0 is 50
     if emotion is not None and (isinstance(emotion, bool) or not isinstance(emotion, int) or not 1 <= emotion <= 99):
         raise ProfileError(f"{where}: initial_emotion must be an integer in 1..99, got {emotion!r}")
     traits = [record["main_cha"]] if public and record.get("main_cha") else []
@@ -242,11 +241,9 @@ def prepare_profiles(profiles, backend=None, *, protocol=None, mode="vanilla", l
     return played
 
 
-def visible_reply(text):   # what the user sees: the text after </think>; nothing if <think> never closed
+def visible_reply(text):   # what the user sees: the text after the last </think>; nothing if a <think> never closed
     text = (text or "").strip()
-    if "</think>" in text:
-        return text.rsplit("</think>", 1)[1].strip()
-    return "" if "<think>" in text else text
+    return "" if "<think>" in text and "</think>" not in text else text.rsplit("</think>", 1)[-1].strip()
 
 
 COUNT_WARNINGS = {   # the per-episode counts worth a warning -> what it means
@@ -261,9 +258,8 @@ def count_warnings(counts, where):   # warning lines for the COUNTS totals of a 
     return [f"warning: {where}: {counts[k]:g} {COUNT_WARNINGS[k]}" for k in COUNTS if counts.get(k)]
 
 
-def check_parse_health(episodes, max_rate, where, warn=None, sum_ranks=None):
+def check_parse_health(episodes, max_rate, where, warn=None, sum_ranks=lambda n: n):
     """Unparseable turns (scored 0): a warning, SimulatorError past max_rate; sum_ranks sums over ranks."""
-    sum_ranks = sum_ranks or (lambda n: n)   # one process: its own counts
     bad = [t["thought"] for ep in episodes for t in ep.turns if t.get("parse_failed")]
     failed, total = sum_ranks(len(bad)), sum_ranks(sum(len(ep.turns) for ep in episodes))
     if bad and warn:
@@ -606,8 +602,7 @@ def _request(episode, shown, mode, step, analysis="", change=0):   # build_reque
                    p.hidden_intention, episode.emotion, shown, change, bool(p.prompts))
 
 
-def settle(future, fn, *args):
-    """future gets fn(*args) or its exception, unless it was cancelled meanwhile. Returns future."""
+def settle(future, fn, *args):   # future gets fn(*args) or its exception, unless cancelled meanwhile; returns it
     with contextlib.suppress(concurrent.futures.InvalidStateError):
         try:
             future.set_result(fn(*args))
@@ -639,9 +634,8 @@ def apply_change(emotion, change, protocol):
 
 def user_turn(episode, agent_reply, mode="vanilla", max_turns=8, retries=2):
     """The simulated user's answer to one agent reply, recorded in the episode (a generator of Requests, see ask):
-    one call (thought, change, reply) or two (the analysis' thought and change; then the reply, from the analysis and
-    the band after the change). The user sees visible_reply(agent_reply). A stage still unparseable after `retries`
-    re-asks counts as change 0 and/or a fallback reply (parse_failures). Returns the user's message, None at the end."""
+    one call (thought, change, reply) or two (the analysis' thought and change, then the reply). A stage unparseable
+    after `retries` re-asks counts as change 0 and/or a fallback reply. Returns the user's message, None at the end."""
     if episode.done:
         return None
     if "<think>" in (agent_reply or "") and "</think>" not in agent_reply:   # cut inside its <think>: no reply, the end
@@ -676,9 +670,8 @@ def user_turn(episode, agent_reply, mode="vanilla", max_turns=8, retries=2):
 
 
 class Turns:
-    """The turns in flight over one backend, by key, each a generator (user_turn, ask). While collect() waits, a
-    turn older than turn_deadline seconds (re-asks and stages included) raises SimulatorError, and a progress
-    line goes to log every progress_every seconds."""
+    """The turns in flight over one backend, by key, each a generator (user_turn, ask). While collect() waits, a turn
+    older than turn_deadline s (re-asks, stages included) raises SimulatorError; a log line every progress_every s."""
     poll_s = 0.25   # how often a waiting collect() wakes up (Ctrl-C, the deadline, progress lines)
 
     def __init__(self, backend, turn_deadline=600.0, progress_every=15.0, log=None):
@@ -721,8 +714,7 @@ class Turns:
             futures = [f for _, f, _ in self.pending.values()]
             concurrent.futures.wait(futures, min(self.poll_s, self.turn_deadline - (now - began)), "FIRST_COMPLETED")
 
-    def close(self):
-        """Abandon the requests in flight (an error, Ctrl-C): a backend skips those it has not sent yet."""
+    def close(self):   # abandon the requests in flight (an error, Ctrl-C): a backend skips those it has not sent yet
         for _, future, _ in self.pending.values():
             future.cancel()
         self.pending.clear()
@@ -920,8 +912,7 @@ class OpenAIBackend(Backend):
         with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
             return json.loads(response.read().decode("utf-8"))
 
-    def check(self):
-        """Fail fast, before any heavy work, if the endpoint is unreachable or rejects the key."""
+    def check(self):   # fail fast, before any heavy work, if the endpoint is unreachable or rejects the key
         try:
             listing = self._http("GET", self.base + "/models", timeout=min(self.timeout, 10))
         except urllib.error.HTTPError as e:
@@ -948,13 +939,14 @@ class OpenAIBackend(Backend):
     def _work(self):   # a worker thread: the next request, for the backend's whole life
         while True:
             future, messages = self._todo.get()
-            if not future.cancelled():
-                settle(future, self._complete, messages, future)
+            settle(future, self._complete, messages, future)
 
     def _complete(self, messages, future):
-        """One chat request -> completion text, with retries. Returns None early once `future` is cancelled."""
+        """One chat request -> completion text, with retries. Returns None, unsent, once `future` is cancelled."""
         payload = dict(model=self.model, messages=messages, temperature=self.temperature, max_tokens=self.max_tokens)
         for attempt in range(self.max_retries + 1):
+            if future.cancelled():   # abandoned (Turns.close): not sent
+                return None
             retry_after = None
             try:
                 answer = self._http("POST", self.url, payload)
@@ -975,8 +967,6 @@ class OpenAIBackend(Backend):
                 last_error = f"malformed response: {e!r}"
             if attempt < self.max_retries:   # the wait: Retry-After, else backoff * 2^attempt; capped at max_wait
                 time.sleep(min(self.max_wait, self.backoff * 2 ** attempt if retry_after is None else retry_after))
-                if future.cancelled():
-                    return None
         raise SimulatorError(f"{self.where} failed after {self.max_retries + 1} attempts: {self._redact(last_error)}")
 
 
@@ -1076,8 +1066,7 @@ def add_simulator_flags(add, protocol, max_parse_failure_rate):
     """The simulated user's flags (add: a parser's add_argument), with the defaults where the CLIs differ:
     training plays --protocol rlver and stops past 0.5 unparseable turns, eval plays sage and refuses any."""
     add("--simulator", default="rules", help="'rules', an OpenAI-compatible URL, or a local model folder")
-    add("--simulator-model", default=None, help="model name sent to an OpenAI-compatible simulator endpoint "
-        "(default: the first model the endpoint lists)")
+    add("--simulator-model", default=None, help="model name for a simulator endpoint (default: the first it lists)")
     add("--simulator-key-env", default="OPENAI_API_KEY", help="env var holding the simulator endpoint's API key")
     add("--mode", choices=MODES, default="vanilla", help="simulated-user environment: vanilla or challenging")
     add("--protocol", choices=list(PROTOCOLS), default=protocol, help="dialogue rules (simulator.PROTOCOLS): rlver "
@@ -1088,8 +1077,7 @@ def add_simulator_flags(add, protocol, max_parse_failure_rate):
         "sees the start emotion, as the official trainer's code does (the paper: the live emotion)")
     add("--max-turns", type=in_range(1, kind=int), default=None,
         help="scored policy replies per dialogue (default: the protocol's; rlver 9 = official max_turns 8)")
-    add("--simulator-timeout", type=in_range(0, above=True), default=120.0,
-        help="seconds per HTTP request to a simulator endpoint")
+    add("--simulator-timeout", type=in_range(0, above=True), default=120.0, help="seconds per simulator HTTP request")
     add("--simulator-turn-deadline", type=in_range(0, above=True), default=600.0,
         help="seconds for all simulator answers of one turn; past it the run stops")
     add("--max-parse-failure-rate", type=in_range(0, 1), default=max_parse_failure_rate, help="stop when more "
