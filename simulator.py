@@ -624,8 +624,7 @@ def ask(request, parse, retries):
 
 
 def apply_change(emotion, change, protocol):
-    """The CODE applies the simulator's change (the verifiable part): clamped as the protocol says (SAGE: +-10),
-    added, the emotion capped at 100 and floored at 0. Returns (the change applied, the new emotion)."""
+    """The CODE applies the change (the verifiable part), clamped as the protocol says: (change, emotion in 0..100)."""
     limit = protocol_of(protocol).max_change
     if limit is not None:
         change = max(-limit, min(limit, change))
@@ -799,17 +798,15 @@ class RulesBackend(Backend):
     def __repr__(self):
         return "RulesBackend()"
 
-    def _count(self, patterns, text):
-        cap = self.table["per_cue_cap"]
-        return sum(min(len(p.findall(text)), cap) for p in patterns)
+    def _count(self, patterns, text):   # the patterns' hits in text, at most per_cue_cap each
+        return sum(min(len(p.findall(text)), self.table["per_cue_cap"]) for p in patterns)
 
     def needs_of(self, hidden_intention):   # the needs whose trigger words occur in a hidden intention
         text = hidden_intention.lower()
         return [name for name, (triggers, _) in self.needs.items() if any(t.search(text) for t in triggers)]
 
     def score(self, reply, hidden_intention, mode="vanilla"):   # the emotion change for one reply, and its counts
-        rules = self.table["modes"][mode]
-        text = reply.lower().replace("\u2019", "'")
+        rules, text = self.table["modes"][mode], reply.lower().replace("\u2019", "'")
         hits = {name: self._count(patterns, text) for name, patterns in self.cues.items()}
         hits["need"] = sum(self._count(self.needs[n][1], text) for n in self.needs_of(hidden_intention))
         points = rules["base"]
@@ -1015,8 +1012,7 @@ class LocalModelBackend(Backend):
 
 
 def make_backend(spec, *, model_name=None, api_key_env="OPENAI_API_KEY", device="cpu", **kwargs):
-    """6d. From a CLI string: 'rules' -> RulesBackend; 'http(s)://...' -> OpenAIBackend; a local model folder ->
-    LocalModelBackend. Extra keyword arguments go to the backend's constructor."""
+    """6d. From a CLI string: 'rules', an http(s):// URL or a local model folder; kwargs go to the backend."""
     spec = str(spec)
     if spec == "rules":
         return RulesBackend(**kwargs)
