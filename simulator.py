@@ -5,10 +5,8 @@ change, emotion <- clamp(emotion + change, 0, 100), under a PROTOCOL; the reward
 "verifiable": arithmetic over the parsed output. Sections: 1 profiles; 2 protocols and the rules they drive,
 episodes; 3 prompts (3b: the authors'); 4 parsers; 5 the turn loop; 6 backends; 7 the shared flags.
 
-Every backend has `submit(request) -> concurrent.futures.Future[str]`: a Request carries the chat messages (what
-LLM backends send) and the turn's fields (stage, mode, emotion, hidden need, the visible reply: what RulesBackend
-reads). Each backend owns its threads (HTTP: a pool; local model: one worker batching what is pending; rules: none).
-All answer in one format, so one parser serves LLM simulators and the rules backend alike."""
+Every backend has `submit(request) -> concurrent.futures.Future[str]` and owns its threads (section 6); all answer in
+one format, so one parser serves LLM simulators and the rules backend alike."""
 import argparse
 import ast
 import concurrent.futures
@@ -33,11 +31,9 @@ from pathlib import Path
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 MODES = ("vanilla", "challenging")   # the forgiving and the demanding environment (paper: moderate trains best)
 MAX_ABS_CHANGE = 30                  # classic's clamp on a change, [-30, 30] (its parser and templates say so)
-FALLBACK_REPLY = "Sorry, I lost my train of thought. What were you saying?"  # when the simulator fails
-FALLBACK_REPLY_ZH = "抱歉，我刚才走神了。你刚才说什么？"
+FALLBACK_REPLY = {"en": "Sorry, I lost my train of thought. What were you saying?", "zh": "抱歉，我刚才走神了。你刚才说什么？"}
 FALLBACK_OPENING = {"en": "I've had a rough few weeks and I need to talk to someone.", "zh": "最近心里有点堵，想找个人说说。"}
 EMPTY_REPLY = "(the supporter sent an empty message)"  # shown to the simulator for an empty agent reply
-LANGS = ("en", "zh")
 
 
 class ProfileError(ValueError):
@@ -90,15 +86,12 @@ def _profile_from_record(record, where, default_id):   # one JSON object -> Prof
     if missing:
         raise ProfileError(f"{where}: profile is missing key(s) {', '.join(missing)} "
                            f"({'public RLVER' if public else 'rlver'} layout; expected {[k[0] for _, k in table]})")
-    fields = {}
-    for name, keys in table:
-        value = record[key_of[name]] if key_of[name] else ""   # "": an opening the simulator writes later
-        if key_of[name] and (not isinstance(value, str) or not value.strip()):
-            raise ProfileError(f"{where}: '{keys[0]}' must be a non-empty string")
-        fields[name] = value.strip()
+    for key in filter(None, key_of.values()):
+        if not isinstance(record[key], str) or not record[key].strip():
+            raise ProfileError(f"{where}: '{key}' must be a non-empty string")
+    fields = {name: record[key].strip() if key else "" for name, key in key_of.items()}   # "": the simulator writes it
     emotion = record.get("initial_emotion")   # absent: the protocol's start
-    if isinstance(emotion, float) and emotion.is_integer():
-        emotion = int(emotion)
+    emotion = int(emotion) if isinstance(emotion, float) and emotion.is_integer() else emotion   # 50.0 is 50
     if emotion is not None and (isinstance(emotion, bool) or not isinstance(emotion, int) or not 1 <= emotion <= 99):
         raise ProfileError(f"{where}: initial_emotion must be an integer in 1..99, got {emotion!r}")
     traits = [record["main_cha"]] if public and record.get("main_cha") else []
@@ -237,31 +230,20 @@ def prepare_profiles(profiles, backend=None, *, protocol=None, mode="vanilla", l
                      initial_emotion=None, retries=2, log=print):
     """The profiles as played; one without an opening gets it from the simulator (as RLVER's trainer) or a fallback."""
     played = [resolve_profile(p, protocol, lang, initial_emotion) for p in profiles]
-    todo = [i for i, p in enumerate(played) if not p.opening]
-    if todo:
-        if backend is None:
-            raise ValueError("profiles without an opening line need a simulator backend to write one")
-        parse = parse_official_reply if played[todo[0]].prompts else parse_reply_output
-        asks = [ask(Request(build_opening_request(played[i], mode), "opening", mode, played[i].lang,
-                            official=bool(played[i].prompts)), parse, retries) for i in todo]
-        for i, (opening, error) in zip(todo, play_turns(backend, asks, log=log)):
-            if opening is None:
-                log(f"WARNING: the simulator could not write an opening for profile {played[i].id} "
-                    f"({error}); using a fallback line")
-            opening = opening or FALLBACK_OPENING[played[i].lang]
-            played[i] = replace(played[i], opening=opening, opening_written=True)
+    todo = [i for i, p in enumerate(played) if not p.opening]   # (backend None: every profile has its opening)
+    asks = [ask(_request(Episode(played[i], played[i].initial_emotion, [], []), "", mode, "opening"),
+                parse_official_reply if played[i].prompts else parse_reply_output, retries) for i in todo]
+    for i, (opening, error) in zip(todo, play_turns(backend, asks, log=log)):
+        if opening is None:
+            log(f"WARNING: the simulator could not write an opening for profile {played[i].id} "
+                f"({error}); using a fallback line")
+        played[i] = replace(played[i], opening=opening or FALLBACK_OPENING[played[i].lang], opening_written=True)
     return played
 
 
-def visible_reply(text):   # what the user sees: the text after </think>; nothing if <think> never closed
+def visible_reply(text):   # what the user sees: the text after the last </think>; nothing if a <think> never closed
     text = (text or "").strip()
-    if "</think>" in text:
-        return text.rsplit("</think>", 1)[1].strip()
-    return "" if "<think>" in text else text
-
-
-def thought_cut(text):   # a message cut inside its <think>: no reply to show, so the dialogue ends
-    return "<think>" in (text or "") and "</think>" not in text
+    return "" if "<think>" in text and "</think>" not in text else text.rsplit("</think>", 1)[-1].strip()
 
 
 COUNT_WARNINGS = {   # the per-episode counts worth a warning -> what it means
@@ -276,9 +258,8 @@ def count_warnings(counts, where):   # warning lines for the COUNTS totals of a 
     return [f"warning: {where}: {counts[k]:g} {COUNT_WARNINGS[k]}" for k in COUNTS if counts.get(k)]
 
 
-def check_parse_health(episodes, max_rate, where, warn=None, sum_ranks=None):
+def check_parse_health(episodes, max_rate, where, warn=None, sum_ranks=lambda n: n):
     """Unparseable turns (scored 0): a warning, SimulatorError past max_rate; sum_ranks sums over ranks."""
-    sum_ranks = sum_ranks or (lambda n: n)   # one process: its own counts
     bad = [t["thought"] for ep in episodes for t in ep.turns if t.get("parse_failed")]
     failed, total = sum_ranks(len(bad)), sum_ranks(sum(len(ep.turns) for ep in episodes))
     if bad and warn:
@@ -325,48 +306,38 @@ def _dialogue(episode):   # the dialogue so far from the user's side, one "Speak
                      for role, text in _messages(episode))
 
 
-def _our_request(profile, mode, one_call, template, **values):   # [system: mode template + profile, user: `template`]
+def _our_request(profile, mode, step, **values):   # [system: mode template + profile, user: simulator_<step>.txt]
     if mode not in MODES:
         raise ValueError(f"unknown simulator mode {mode!r}: use one of {', '.join(MODES)}")
     system = _fill(load_prompt(f"simulator_{mode}.txt", profile.lang), [
         ("persona", profile.persona), ("scenario", profile.scenario),
         ("traits", ", ".join(profile.traits) or "(not specified)"), ("hidden_intention", profile.hidden_intention)])
-    if not one_call:
+    if step != "turn":   # (the one-call format is the turn's alone)
         for header in ("## Output format", "## 输出格式"):   # where a mode template's one-call format section starts
             system = system.split(header)[0].rstrip() + "\n"
     return [{"role": "system", "content": system},
-            {"role": "user", "content": _fill(load_prompt(template, profile.lang), values.items())}]
+            {"role": "user", "content": _fill(load_prompt(f"simulator_{step}.txt", profile.lang), values.items())}]
 
 
-def build_request(episode, agent_reply, mode="vanilla", step="turn"):
-    """A turn's request: step 'turn' the one-call protocol, 'analysis' the two-stage call 1 (thought and change)."""
-    p = episode.profile.prompts
-    if p:   # the authors' analysis: SAGE's sees the whole dialogue, RLVER's all but the last two messages, then those
-        emotion = episode.profile.initial_emotion if p.start_emotion_quirk else episode.emotion
+def build_request(episode, agent_reply, mode="vanilla", step="turn", analysis="", change=0):
+    """A turn's messages: step 'turn' the one-call protocol, 'analysis' the two-stage call 1 (thought and change),
+    'reply' call 2 (from the analysis and `change`: shown the band of the emotion after it, not the number); or
+    'opening', the user's first line (of an episode with no opening yet), at the start emotion's band."""
+    profile, p = episode.profile, episode.profile.prompts
+    after = band(apply_change(episode.emotion, change, profile.protocol)[1])   # the reply's: the band after it
+    if p:   # the authors': SAGE's analysis sees the whole dialogue, RLVER's all but the last two messages, then those
         earlier, last_two, whole = _official_history(episode, agent_reply)
-        return _official_request(episode.profile, p.analysis, [("emotion", emotion)],
+        if step == "opening":   # their reply template, with their opening planning line and history text
+            analysis, earlier, last_two = p.opening_planning, p.opening_history, ""
+        if step in ("reply", "opening"):
+            return _official_request(profile, p.reply, [("planning", analysis), ("emotion", f"Emotion-{after}")],
+                                     earlier, last_two)
+        start = profile.initial_emotion if p.start_emotion_quirk else episode.emotion
+        return _official_request(profile, p.analysis, [("emotion", start)],
                                  *([whole] if p.source == "SAGE" else [earlier, last_two]))
-    template = {"turn": "simulator_turn.txt", "analysis": "simulator_analysis.txt"}[step]
-    return _our_request(episode.profile, mode, step == "turn", template, dialogue=_dialogue(episode),
-                        agent_reply=agent_reply or EMPTY_REPLY, emotion=episode.emotion)
-
-
-def build_reply_request(episode, agent_reply, mode, analysis, emotion):   # two-stage call 2: shown the band only
-    if episode.profile.prompts:
-        return _official_request(episode.profile, episode.profile.prompts.reply,
-                                 [("planning", analysis), ("emotion", f"Emotion-{band(emotion)}")],
-                                 *_official_history(episode, agent_reply)[:2])
-    return _our_request(episode.profile, mode, False, "simulator_reply.txt", dialogue=_dialogue(episode),
-                        agent_reply=agent_reply or EMPTY_REPLY, analysis=analysis, band=band(emotion))
-
-
-def build_opening_request(profile, mode="vanilla"):   # the first user line, at the start emotion's band
-    p = profile.prompts
-    if p:   # their reply template with their opening planning line and history text
-        return _official_request(profile, p.reply, [("planning", p.opening_planning),
-                                                    ("emotion", f"Emotion-{band(profile.initial_emotion)}")],
-                                 p.opening_history, "")
-    return _our_request(profile, mode, False, "simulator_opening.txt", band=band(profile.initial_emotion))
+    values = dict(analysis=analysis, band=after) if step in ("reply", "opening") else dict(emotion=episode.emotion)
+    return _our_request(profile, mode, step, dialogue=_dialogue(episode), agent_reply=agent_reply or EMPTY_REPLY,
+                        **values)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -375,12 +346,11 @@ def build_opening_request(profile, mode="vanilla"):   # the first user line, at 
 # paper: RLVER's analysis sees the start emotion 30 (ours the live one unless --official-quirks); SAGE reads a
 # `target` its profiles lack (we send it).
 
-RLVER_ROLLOUT = "code/verl/workers/rollout/vllm_rollout/"
-OFFICIAL_SIMULATOR = {"sage": ("SAGE", "simulator_response.py"),
-                      "rlver": ("RLVER", RLVER_ROLLOUT + "hard_player_simulator_dsv3.py")}
-OFFICIAL_POLICY = {"sage": ("SAGE", "npc_response.py", "role_system"),   # (folder, file, variable); think: --think
-                   "rlver": ("RLVER", RLVER_ROLLOUT + "system_prompt.py", "system_prompt_train_unthink"),
-                   "think": ("RLVER", RLVER_ROLLOUT + "system_prompt.py", "system_prompt_train_think")}
+RLVER_ROLLOUT = "RLVER/code/verl/workers/rollout/vllm_rollout/"   # the files below, under the checkout root
+OFFICIAL_SIMULATOR = {"sage": "SAGE/simulator_response.py", "rlver": RLVER_ROLLOUT + "hard_player_simulator_dsv3.py"}
+OFFICIAL_POLICY = {"sage": ("SAGE/npc_response.py", "role_system"),   # (file, variable); think: --think
+                   "rlver": (RLVER_ROLLOUT + "system_prompt.py", "system_prompt_train_unthink"),
+                   "think": (RLVER_ROLLOUT + "system_prompt.py", "system_prompt_train_think")}
 OFFICIAL_ROLES = {"user": "你", "assistant": "NPC"}   # the speakers in their JSON history
 # read of a file that does not parse: templates, targets, {{planning}} / {{dialog_history}}, the opening line
 _STATEMENTS = re.compile(r'^[ \t]*((?:template|role_system|system_prompt_train_\w+) = (?P<q>"""|\'\'\').*?(?P=q)'
@@ -418,23 +388,19 @@ def _read_python(path):
                            f"--official-prompts at a checkout of the authors' repository") from None
     try:
         trees = [ast.parse(text)]
-    except SyntaxError:
+    except SyntaxError:   # (RLVER's simulator file): the statements _STATEMENTS finds, one by one
         trees = []
         for m in _STATEMENTS.finditer(text):
-            try:
+            with contextlib.suppress(SyntaxError):
                 trees.append(ast.increment_lineno(ast.parse(m.group(1)), text.count("\n", 0, m.start(1))))
-            except SyntaxError:
-                pass
     assigned, replaced = {}, {}
     for n in sorted((n for tree in trees for n in ast.walk(tree) if hasattr(n, "lineno")),
                     key=lambda n: (n.lineno, n.col_offset)):
         if isinstance(n, ast.Assign):
             for t in n.targets:
                 name = t.id if isinstance(t, ast.Name) else getattr(getattr(t, "slice", None), "value", None)
-                try:
+                with contextlib.suppress(ValueError, TypeError, RecursionError):   # not a literal (a .split(...))
                     assigned.setdefault(name, []).append(ast.literal_eval(n.value))
-                except (ValueError, TypeError, RecursionError):
-                    pass   # not a literal (e.g. planning["analyse"] = reply.split(...))
         elif isinstance(n, ast.Call) and getattr(n.func, "attr", None) == "replace" and len(n.args) == 2:
             replaced.setdefault(getattr(n.args[0], "value", None), []).append(n.args[1])
     return assigned, replaced
@@ -505,14 +471,12 @@ def load_official_prompts(path, protocol, think, quirks=False, simulator="an LLM
     if quirks and protocol != "rlver":
         raise ProfileError("--official-quirks reproduces RLVER's trainer (its analysis always sees the start "
                            "emotion); SAGE has no such quirk: drop the flag or use --protocol rlver")
-    root = official_root(path)
-    folder, name = OFFICIAL_SIMULATOR[protocol]
-    p_folder, p_name, variable = OFFICIAL_POLICY["think" if think else protocol]
-    sim_path, policy_path = root / folder / name, root / p_folder / p_name
+    root, (policy_file, variable) = official_root(path), OFFICIAL_POLICY["think" if think else protocol]
+    sim_path, policy_path = root / OFFICIAL_SIMULATOR[protocol], root / policy_file
     found = _simulator_prompts(sim_path)
-    return OfficialPrompts(source=folder, policy=_first(_read_python(policy_path)[0].get(variable, []),
-                                                        policy_path, variable),
-                           policy_source=f"{p_folder}/{p_name}:{variable}", start_emotion_quirk=bool(quirks),
+    policy = _first(_read_python(policy_path)[0].get(variable, []), policy_path, variable)
+    return OfficialPrompts(source=OFFICIAL_SIMULATOR[protocol].split("/")[0], policy=policy,
+                           policy_source=f"{policy_file}:{variable}", start_emotion_quirk=bool(quirks),
                            files={str(p.relative_to(root)): _sha256(p) for p in (sim_path, policy_path)}, **found)
 
 
@@ -619,9 +583,6 @@ def format_simulator_output(thought, change, reply):   # the format above, as Ru
 # 5. The turn loop. One dialogue's simulated turn is a generator (user_turn) that yields Requests and is sent
 # their answers; Turns drives many over one backend (submit(request) -> Future) and alone waits on it.
 
-POLL_S = 0.25   # how often a waiting Turns wakes up (Ctrl-C, the deadline, progress lines)
-
-
 @dataclass
 class Request:
     messages: list            # the chat, which LLM backends send as it is
@@ -635,24 +596,19 @@ class Request:
     official: bool = False    # the authors' prompts (section 3b), written for an LLM
 
 
-def _request(episode, messages, stage, mode, shown="", change=0):
+def _request(episode, shown, mode, step, analysis="", change=0):   # build_request's messages and the turn's fields
     p = episode.profile
-    return Request(messages, stage, mode, p.lang, p.hidden_intention, episode.emotion, shown, change, bool(p.prompts))
+    return Request(build_request(episode, shown, mode, step, analysis, change), step, mode, p.lang,
+                   p.hidden_intention, episode.emotion, shown, change, bool(p.prompts))
 
 
-def settle(future, fn, *args):
-    """future gets fn(*args) or its exception, unless it was cancelled meanwhile. Returns future."""
+def settle(future, fn, *args):   # future gets fn(*args) or its exception, unless cancelled meanwhile; returns it
     with contextlib.suppress(concurrent.futures.InvalidStateError):
         try:
             future.set_result(fn(*args))
         except Exception as e:
             future.set_exception(e)
     return future
-
-
-def completed(fn, *args):
-    """A Future already holding fn(*args), or its exception: the answer of a backend that answers at once."""
-    return settle(concurrent.futures.Future(), fn, *args)
 
 
 def ask(request, parse, retries):
@@ -668,8 +624,7 @@ def ask(request, parse, retries):
 
 
 def apply_change(emotion, change, protocol):
-    """The CODE applies the simulator's change (the verifiable part): clamp the change as the protocol says
-    (SAGE: [-10, 10]), add it, cap at 100, floor at 0 (see the protocol notes)."""
+    """The CODE applies the change (the verifiable part), clamped as the protocol says: (change, emotion in 0..100)."""
     limit = protocol_of(protocol).max_change
     if limit is not None:
         change = max(-limit, min(limit, change))
@@ -677,40 +632,29 @@ def apply_change(emotion, change, protocol):
 
 
 def user_turn(episode, agent_reply, mode="vanilla", max_turns=8, retries=2):
-    """The simulated user's answer to one agent reply (a generator of Requests, see ask), in one call (thought,
-    change, reply) or two (the analysis' thought and change; the code applies it; the reply from the analysis
-    and the new band). The user sees visible_reply(agent_reply). A stage that fails `retries` re-asks counts as
-    change 0 and/or a fallback reply (parse_failures). Returns the user's message, or None when the dialogue ends."""
+    """The simulated user's answer to one agent reply, recorded in the episode (a generator of Requests, see ask):
+    one call (thought, change, reply) or two (the analysis' thought and change, then the reply). A stage unparseable
+    after `retries` re-asks counts as change 0 and/or a fallback reply. Returns the user's message, None at the end."""
     if episode.done:
         return None
-    if thought_cut(agent_reply):   # no reply to show: the dialogue ends
+    if "<think>" in (agent_reply or "") and "</think>" not in agent_reply:   # cut inside its <think>: no reply, the end
         episode.messages.append({"role": "assistant", "content": agent_reply.strip()})
         episode.cut_thoughts, episode.done, episode.end_reason = 1, True, "thought_cut"
         return None
-    shown, prompts = visible_reply(agent_reply), episode.profile.prompts   # prompts: the authors' (3b), or None
-    if protocol_of(episode.profile.protocol).stages == 1:
-        request = _request(episode, build_request(episode, shown, mode), "turn", mode, shown)
-        parsed, error = yield from ask(request, parse_simulator_output, retries)
+    protocol, prompts, shown = episode.profile.protocol, episode.profile.prompts, visible_reply(agent_reply)
+    if protocol_of(protocol).stages == 1:
+        parsed, error = yield from ask(_request(episode, shown, mode, "turn"), parse_simulator_output, retries)
         analysis, user_reply, reply_error = parsed and parsed[:2], parsed and parsed[2], error
     else:
         parse = functools.partial(parse_official_analysis, prompts) if prompts else parse_analysis_output
-        request = _request(episode, build_request(episode, shown, mode, step="analysis"), "analysis", mode, shown)
-        analysis, error = yield from ask(request, parse, retries)
+        analysis, error = yield from ask(_request(episode, shown, mode, "analysis"), parse, retries)
         thought, change = analysis or ("", 0)   # the reply stage sees the analysis and the band after the change
-        messages = build_reply_request(episode, shown, mode, thought,
-                                       apply_change(episode.emotion, change, episode.profile.protocol)[1])
-        user_reply, reply_error = yield from ask(_request(episode, messages, "reply", mode, shown, change),
+        user_reply, reply_error = yield from ask(_request(episode, shown, mode, "reply", thought, change),
                                                  parse_official_reply if prompts else parse_reply_output, retries)
-    return _record_turn(episode, agent_reply, shown, analysis, error, user_reply, reply_error, max_turns)
-
-
-def _record_turn(episode, agent_reply, shown, analysis, error, user_reply, reply_error, max_turns):
-    """The turn into the episode: the change applied by the code, the messages, the turn record, the end."""
-    protocol = episode.profile.protocol
     failed = analysis is None or user_reply is None
     thought, change = analysis or (f"(unparseable simulator output: {error})", 0)
     if user_reply is None:   # (an empty reply that parsed stays empty, as SAGE keeps it)
-        user_reply = FALLBACK_REPLY_ZH if episode.profile.lang == "zh" else FALLBACK_REPLY
+        user_reply = FALLBACK_REPLY[episode.profile.lang]
         thought += f" (reply unparseable: {reply_error})" if analysis else ""
     episode.parse_failures += failed
     episode.changes_out_of_range += protocol_of(protocol).max_change is None and abs(change) > 100
@@ -725,9 +669,9 @@ def _record_turn(episode, agent_reply, shown, analysis, error, user_reply, reply
 
 
 class Turns:
-    """The turns in flight over one backend, by key, each a generator (user_turn, ask). While collect() waits, a
-    turn older than turn_deadline seconds (re-asks and stages included) raises SimulatorError, and a progress
-    line goes to log every progress_every seconds."""
+    """The turns in flight over one backend, by key, each a generator (user_turn, ask). While collect() waits, a turn
+    older than turn_deadline s (re-asks, stages included) raises SimulatorError; a log line every progress_every s."""
+    poll_s = 0.25   # how often a waiting collect() wakes up (Ctrl-C, the deadline, progress lines)
 
     def __init__(self, backend, turn_deadline=600.0, progress_every=15.0, log=None):
         self.backend, self.turn_deadline, self.progress_every, self.log = backend, turn_deadline, progress_every, log
@@ -735,16 +679,13 @@ class Turns:
         self.ended = []       # (key, result) not yet collected
         self.asked = self.answered = 0
 
-    def start(self, key, turn):
-        self._send(key, turn, None, time.monotonic())
-
-    def _send(self, key, turn, answer, began):
+    def start(self, key, turn, answer=None, began=None):   # send the turn its answer (None: its first), submit its next
         try:
             request = turn.send(answer)
         except StopIteration as end:
             self.ended.append((key, end.value))
             return
-        self.pending[key] = (turn, self.backend.submit(request), began)
+        self.pending[key] = (turn, self.backend.submit(request), time.monotonic() if began is None else began)
         self.asked += 1
 
     def collect(self, wait):
@@ -755,7 +696,7 @@ class Turns:
             for key, turn, future, began in done:
                 del self.pending[key]
                 self.answered += 1
-                self._send(key, turn, future.result(), began)   # (a backend's error is raised here)
+                self.start(key, turn, future.result(), began)   # (a backend's error is raised here)
             if done:
                 continue   # (a backend that answers at once may have answered the next request already)
             if self.ended or not wait or not self.pending:
@@ -770,10 +711,9 @@ class Turns:
                 self.log(f"{role}: {self.answered}/{self.asked} answered, {now - began:.0f} s")
                 last_line = now
             futures = [f for _, f, _ in self.pending.values()]
-            concurrent.futures.wait(futures, min(POLL_S, self.turn_deadline - (now - began)), "FIRST_COMPLETED")
+            concurrent.futures.wait(futures, min(self.poll_s, self.turn_deadline - (now - began)), "FIRST_COMPLETED")
 
-    def close(self):
-        """Abandon the requests in flight (an error, Ctrl-C): a backend skips those it has not sent yet."""
+    def close(self):   # abandon the requests in flight (an error, Ctrl-C): a backend skips those it has not sent yet
         for _, future, _ in self.pending.values():
             future.cancel()
         self.pending.clear()
@@ -781,16 +721,15 @@ class Turns:
 
 def play_turns(backend, turns, turn_deadline=600.0, progress_every=15.0, log=None):
     """Drive every turn generator to its end over `backend` (Turns). Returns their results, in order."""
-    results, flight = [None] * len(turns), Turns(backend, turn_deadline, progress_every, log)
+    results, flight = {}, Turns(backend, turn_deadline, progress_every, log)
     try:
         for key, turn in enumerate(turns):
             flight.start(key, turn)
-        while flight.pending or flight.ended:
-            for key, result in flight.collect(wait=True):
-                results[key] = result
+        while len(results) < len(turns):
+            results.update(flight.collect(wait=True))
     finally:
         flight.close()
-    return results
+    return [results[key] for key in range(len(turns))]
 
 
 def simulate_turn(episodes, agent_replies, backend, mode="vanilla", max_turns=8, retries=2, **wait):
@@ -814,7 +753,7 @@ class Backend:
         pass
 
     def submit(self, request):
-        return completed(self.answer, request)
+        return settle(concurrent.futures.Future(), self.answer, request)
 
 
 class Scripted(Backend):
@@ -844,12 +783,6 @@ PLANS = {"leave": "I will end the conversation.", "helped": "I will thank them."
          "much_better": "I will tell them more."}
 
 
-def _bucket(change, emotion):
-    """Which kind of canned answer the rules user gives."""
-    return ("leave" if emotion <= 0 else "helped" if emotion >= 100 else "much_worse" if change <= -5
-            else "worse" if change < 0 else "flat" if change == 0 else "better" if change < 5 else "much_better")
-
-
 class RulesBackend(Backend):
     where = "the rules simulator"
 
@@ -865,19 +798,15 @@ class RulesBackend(Backend):
     def __repr__(self):
         return "RulesBackend()"
 
-    def _count(self, patterns, text):
-        cap = self.table["per_cue_cap"]
-        return sum(min(len(p.findall(text)), cap) for p in patterns)
+    def _count(self, patterns, text):   # the patterns' hits in text, at most per_cue_cap each
+        return sum(min(len(p.findall(text)), self.table["per_cue_cap"]) for p in patterns)
 
-    def needs_of(self, hidden_intention):
-        """Names of the needs whose trigger words occur in a hidden intention."""
+    def needs_of(self, hidden_intention):   # the needs whose trigger words occur in a hidden intention
         text = hidden_intention.lower()
         return [name for name, (triggers, _) in self.needs.items() if any(t.search(text) for t in triggers)]
 
-    def score(self, reply, hidden_intention, mode="vanilla"):
-        """Emotion change for one agent reply, plus the counts that explain it."""
-        rules = self.table["modes"][mode]
-        text = reply.lower().replace("\u2019", "'")
+    def score(self, reply, hidden_intention, mode="vanilla"):   # the emotion change for one reply, and its counts
+        rules, text = self.table["modes"][mode], reply.lower().replace("\u2019", "'")
         hits = {name: self._count(patterns, text) for name, patterns in self.cues.items()}
         hits["need"] = sum(self._count(self.needs[n][1], text) for n in self.needs_of(hidden_intention))
         points = rules["base"]
@@ -905,20 +834,18 @@ class RulesBackend(Backend):
         if request.stage == "opening":
             lines = self.table["openings"][request.lang]
             return f"<reply>\n{lines[pick % len(lines)]}\n</reply>"
-        if request.stage == "reply":   # written from the analysis' change
-            change, hits = request.change, None
-        else:
-            change, hits = self.score(request.reply, request.need, request.mode)
+        change, hits = ((request.change, None) if request.stage == "reply"   # written from the analysis' change
+                        else self.score(request.reply, request.need, request.mode))
         emotion = max(0, min(100, request.emotion + change))
-        bucket = _bucket(change, emotion)
+        bucket = ("leave" if emotion <= 0 else "helped" if emotion >= 100 else "much_worse" if change <= -5   # (PLANS)
+                  else "worse" if change < 0 else "flat" if change == 0 else "better" if change < 5 else "much_better")
         variants = self.table["replies" if request.lang == "en" else "replies_zh"][bucket]
         if request.stage == "reply":
             return f"<reply>\n{variants[pick % len(variants)]}\n</reply>"
         # (i) why the emotion moved, (ii) how the user feels now, (iii) how it will answer
-        touched = "it touched what I really need" if hits["need"] else "it missed what I really need"
         why = (f"(i) The reply had {hits['warmth']} warm or validating words, {hits['question']} question cues, "
-               f"{hits['lecturing']} lecturing and {hits['dismissive']} dismissive cues, and {touched}; "
-               f"my emotion changes by {change:+d}.")
+               f"{hits['lecturing']} lecturing and {hits['dismissive']} dismissive cues, and it "
+               f"{'touched' if hits['need'] else 'missed'} what I really need; my emotion changes by {change:+d}.")
         feeling = next(text for bound, text in self.table["feelings"] if emotion <= bound)
         thought = f"{why} (ii) I feel {feeling} ({emotion}/100). (iii) {PLANS[bucket]}"
         if request.stage == "analysis":   # (the mark shows a reader what the rules decided)
@@ -937,12 +864,11 @@ def retry_after_seconds(value, now=None):
     with contextlib.suppress(TypeError, ValueError):
         seconds = float(value)
         return max(0.0, seconds) if math.isfinite(seconds) else None
-    try:
+    with contextlib.suppress(TypeError, ValueError, IndexError):
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    when = when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)   # an HTTP date is GMT
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+        when = when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)   # an HTTP date is GMT
+        return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return None
 
 
 class OpenAIBackend(Backend):
@@ -955,30 +881,26 @@ class OpenAIBackend(Backend):
         self.role, self.unreachable_hint = role, unreachable_hint
         if not re.match(r"https?://[^/]", url or ""):
             raise ValueError(f"{role} URL must start with http:// or https://, got {url!r}")
-        if concurrency < 1 or max_retries < 0 or timeout <= 0 or min(backoff, max_wait) < 0:
-            raise ValueError(f"{role} client needs concurrency >= 1, max_retries >= 0, timeout > 0, backoff and "
-                             f"max_wait >= 0")
         url = url.rstrip("/")
         if url.endswith("/chat/completions"):
             url = url[: -len("/chat/completions")]
         elif url.count("/") == 2:          # bare "http://host:port": assume the usual /v1 prefix
             url += "/v1"
         self.base, self.url, self.where = url, url + "/chat/completions", f"{role} endpoint {url}/chat/completions"
-        self.model, self.api_key_env = model, api_key_env
-        self.concurrency, self.timeout, self.max_retries = concurrency, timeout, max_retries
+        self.model, self.api_key_env, self.timeout, self.max_retries = model, api_key_env, timeout, max_retries
         self.backoff, self.max_wait, self.temperature, self.max_tokens = backoff, max_wait, temperature, max_tokens
         self._api_key = os.environ.get(api_key_env) or None   # no key is fine for local servers
-        self._todo, self._workers = queue.SimpleQueue(), []   # (future, messages) for the worker threads
+        self._todo = queue.SimpleQueue()   # (future, messages) for the worker threads
+        for _ in range(concurrency):
+            threading.Thread(target=self._work, name=f"{role}-http", daemon=True).start()
 
     def __repr__(self):   # never shows the key
         return f"OpenAIBackend(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
 
     def _redact(self, text):
-        text = str(text)
-        return text.replace(self._api_key, "***") if self._api_key else text
+        return str(text).replace(self._api_key, "***") if self._api_key else str(text)
 
-    def _http(self, method, url, payload=None, timeout=None):
-        """One HTTP exchange -> parsed JSON body. Errors propagate to the caller."""
+    def _http(self, method, url, payload=None, timeout=None):   # one HTTP exchange -> its parsed JSON body
         headers = {"Content-Type": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
@@ -987,24 +909,21 @@ class OpenAIBackend(Backend):
         with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
             return json.loads(response.read().decode("utf-8"))
 
-    def check(self):
-        """Fail fast, before any heavy work, if the endpoint is unreachable or rejects the key."""
+    def check(self):   # fail fast, before any heavy work, if the endpoint is unreachable or rejects the key
         try:
             listing = self._http("GET", self.base + "/models", timeout=min(self.timeout, 10))
         except urllib.error.HTTPError as e:
             if e.code in (401, 403):
-                raise SimulatorError(f"{self.role} endpoint {self.url} rejected the request (HTTP {e.code}); "
+                raise SimulatorError(f"{self.where} rejected the request (HTTP {e.code}); "
                                      f"put a valid API key in ${self.api_key_env}") from None
             return                          # reachable; this server just has no /models route
         except (OSError, http.client.HTTPException) as e:   # URLError, refused, timeout, reset, DNS
-            raise SimulatorError(f"cannot reach {self.role} endpoint {self.url}: "
-                                 f"{self._redact(getattr(e, 'reason', e))}; "
+            raise SimulatorError(f"cannot reach {self.where}: {self._redact(getattr(e, 'reason', e))}; "
                                  f"{self.unreachable_hint}") from None
         except ValueError:
             return                          # reachable, answered something that is not JSON
-        if self.model is None:
-            with contextlib.suppress(KeyError, IndexError, TypeError):
-                self.model = listing["data"][0]["id"]
+        with contextlib.suppress(KeyError, IndexError, TypeError):   # the given model, else the first listed
+            self.model = self.model or listing["data"][0]["id"]
 
     def submit(self, request):
         if self.model is None:   # check() asks the server which model it serves (vLLM needs the name)
@@ -1012,49 +931,40 @@ class OpenAIBackend(Backend):
             self.model = self.model or "default"
         future = concurrent.futures.Future()
         self._todo.put((future, request.messages))
-        while len(self._workers) < self.concurrency:
-            self._workers.append(threading.Thread(target=self._work, name=f"{self.role}-http", daemon=True))
-            self._workers[-1].start()
         return future
 
     def _work(self):   # a worker thread: the next request, for the backend's whole life
         while True:
             future, messages = self._todo.get()
-            if not future.cancelled():
-                settle(future, self._complete, messages, future)
+            settle(future, self._complete, messages, future)
 
     def _complete(self, messages, future):
-        """One chat request -> completion text, with retries. Returns None early once `future` is cancelled."""
-        payload = {"model": self.model, "messages": messages,
-                   "temperature": self.temperature, "max_tokens": self.max_tokens}
-        last_error, wait = None, 0.0
+        """One chat request -> completion text, with retries. Returns None, unsent, once `future` is cancelled."""
+        payload = dict(model=self.model, messages=messages, temperature=self.temperature, max_tokens=self.max_tokens)
         for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(wait)
-                if future.cancelled():
-                    return None
+            if future.cancelled():   # abandoned (Turns.close): not sent
+                return None
             retry_after = None
             try:
                 answer = self._http("POST", self.url, payload)
                 return answer["choices"][0]["message"]["content"] or ""
             except urllib.error.HTTPError as e:
-                try:
+                body = ""
+                with contextlib.suppress(Exception):   # (the body may be gone with the connection)
                     body = e.read()[:300].decode("utf-8", errors="replace")
-                except Exception:
-                    body = ""
                 last_error = f"HTTP {e.code} {body}".strip()
                 if e.code < 500 and e.code not in (408, 429):   # not busy or broken: our mistake, no retry
                     hint = f"; check the API key in ${self.api_key_env}" if e.code in (401, 403) else ""
-                    raise SimulatorError(f"{self.role} endpoint {self.url} refused the request "
+                    raise SimulatorError(f"{self.where} refused the request "
                                          f"({self._redact(last_error)}){hint}") from None
                 retry_after = retry_after_seconds(e.headers.get("Retry-After") if e.headers else None)
             except (OSError, http.client.HTTPException) as e:       # timeout, refused, reset
                 last_error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
             except (ValueError, KeyError, IndexError, TypeError) as e:   # 200 with a body we cannot read
                 last_error = f"malformed response: {e!r}"
-            wait = min(self.max_wait, self.backoff * 2 ** attempt if retry_after is None else retry_after)
-        raise SimulatorError(f"{self.role} endpoint {self.url} failed after {self.max_retries + 1} attempts: "
-                             f"{self._redact(last_error)}")
+            if attempt < self.max_retries:   # the wait: Retry-After, else backoff * 2^attempt; capped at max_wait
+                time.sleep(min(self.max_wait, self.backoff * 2 ** attempt if retry_after is None else retry_after))
+        raise SimulatorError(f"{self.where} failed after {self.max_retries + 1} attempts: {self._redact(last_error)}")
 
 
 # 6c. LocalModelBackend: an LLM simulator in this process. One daemon worker answers every request pending at
@@ -1064,12 +974,11 @@ class OpenAIBackend(Backend):
 class LocalModelBackend(Backend):
     where = "the local simulator model"
 
-    def __init__(self, model, tokenizer, max_new_tokens=512, temperature=0.7, top_p=1.0, seed=0, batch_size=16):
+    def __init__(self, model, tokenizer, max_new_tokens=512, temperature=0.7, seed=0, batch_size=16):
         import torch
         from model import stop_token_ids
-        self.model, self.tokenizer = model, tokenizer
-        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
-        self.batch_size = batch_size
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
         self.eos_ids = stop_token_ids(tokenizer)   # EOS + the checkpoint's configured stop ids
         self._todo = queue.SimpleQueue()   # (future, messages)
@@ -1089,26 +998,21 @@ class LocalModelBackend(Backend):
             while len(batch) < self.batch_size and not self._todo.empty():
                 batch.append(self._todo.get())
             batch = [(f, m) for f, m in batch if not f.cancelled()]
-            texts = completed(self.generate, [m for _, m in batch])   # (an error goes to every request)
+            texts = settle(concurrent.futures.Future(), self.generate, [m for _, m in batch])   # (or every one's error)
             for k, (future, _) in enumerate(batch):
                 settle(future, lambda: texts.result()[k])
 
-    def generate(self, requests):
-        """Completion texts for chat requests (lists of messages), in one generate call."""
-        import torch
-        from model import generate
-        prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(
-                       messages, tokenize=False, add_generation_prompt=True),
-                       add_special_tokens=False) for messages in requests]
-        with torch.no_grad():
-            new_ids, _ = generate(self.model, prompts, self.max_new_tokens, self.eos_ids, temperature=self.temperature,
-                                  top_p=self.top_p, generator=self.generator)
+    def generate(self, requests):   # completion texts for chat requests (lists of messages), in one generate call
+        from model import generate   # (under no_grad)
+        prompts = [self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in requests]
+        prompts = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        new_ids, _ = generate(self.model, prompts, self.max_new_tokens, self.eos_ids, temperature=self.temperature,
+                              generator=self.generator)
         return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
 
 
 def make_backend(spec, *, model_name=None, api_key_env="OPENAI_API_KEY", device="cpu", **kwargs):
-    """6d. From a CLI string: 'rules' -> RulesBackend; 'http(s)://...' -> OpenAIBackend; a local model folder ->
-    LocalModelBackend. Extra keyword arguments go to the backend's constructor."""
+    """6d. From a CLI string: 'rules', an http(s):// URL or a local model folder; kwargs go to the backend."""
     spec = str(spec)
     if spec == "rules":
         return RulesBackend(**kwargs)
@@ -1123,7 +1027,6 @@ def make_backend(spec, *, model_name=None, api_key_env="OPENAI_API_KEY", device=
 
 # ----------------------------------------------------------------------------------------------------
 # 7. Command-line flags shared by rlver.py and benchmark.py eval: same names, same meanings
-
 
 class Parser(argparse.ArgumentParser):
     """argparse whose bad input is one line naming the flag, exit 2 ("rlver: error: --lr -1.0: must be > 0");
@@ -1159,8 +1062,7 @@ def add_simulator_flags(add, protocol, max_parse_failure_rate):
     """The simulated user's flags (add: a parser's add_argument), with the defaults where the CLIs differ:
     training plays --protocol rlver and stops past 0.5 unparseable turns, eval plays sage and refuses any."""
     add("--simulator", default="rules", help="'rules', an OpenAI-compatible URL, or a local model folder")
-    add("--simulator-model", default=None, help="model name sent to an OpenAI-compatible simulator endpoint "
-        "(default: the first model the endpoint lists)")
+    add("--simulator-model", default=None, help="model name for a simulator endpoint (default: the first it lists)")
     add("--simulator-key-env", default="OPENAI_API_KEY", help="env var holding the simulator endpoint's API key")
     add("--mode", choices=MODES, default="vanilla", help="simulated-user environment: vanilla or challenging")
     add("--protocol", choices=list(PROTOCOLS), default=protocol, help="dialogue rules (simulator.PROTOCOLS): rlver "
@@ -1171,8 +1073,7 @@ def add_simulator_flags(add, protocol, max_parse_failure_rate):
         "sees the start emotion, as the official trainer's code does (the paper: the live emotion)")
     add("--max-turns", type=in_range(1, kind=int), default=None,
         help="scored policy replies per dialogue (default: the protocol's; rlver 9 = official max_turns 8)")
-    add("--simulator-timeout", type=in_range(0, above=True), default=120.0,
-        help="seconds per HTTP request to a simulator endpoint")
+    add("--simulator-timeout", type=in_range(0, above=True), default=120.0, help="seconds per simulator HTTP request")
     add("--simulator-turn-deadline", type=in_range(0, above=True), default=600.0,
         help="seconds for all simulator answers of one turn; past it the run stops")
     add("--max-parse-failure-rate", type=in_range(0, 1), default=max_parse_failure_rate, help="stop when more "

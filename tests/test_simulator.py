@@ -406,7 +406,7 @@ def test_unparseable_output_is_retried_then_counted():
     assert ["reply\na\n" in c for c in calls] == [True, False, True, True]   # asked 1 + 2 times, the other once
     bad, good = episodes
     assert (bad.parse_failures, bad.emotion, bad.turns[0]["change"], bad.turns[0]["parse_failed"]) == (1, 50, 0, True)
-    assert "missing section" in bad.turns[0]["thought"] and returned[0] == S.FALLBACK_REPLY
+    assert "missing section" in bad.turns[0]["thought"] and returned[0] == S.FALLBACK_REPLY["en"]
     assert not bad.done and good.parse_failures == 0 and good.emotion == 55
     simulate_turn(episodes, ["c", "d"], S.Scripted(lambda messages: "still nonsense"), retries=0)
     assert bad.parse_failures == 2 and len(bad.turns) == 2     # counted, never raised
@@ -507,7 +507,7 @@ def test_http_garbage_is_parse_retried_then_counted(server):
     episode = new_episode(profile())
     simulate_turn([episode], [WARM], http_backend(server, model="x"), retries=2)
     assert len(server.posts) == 3 and episode.parse_failures == 1 and episode.emotion == 50
-    assert episode.turns[0]["user"] == S.FALLBACK_REPLY and not episode.done
+    assert episode.turns[0]["user"] == S.FALLBACK_REPLY["en"] and not episode.done
     server.plan = ["garbage", "ok"]
     server.posts.clear()
     episode = new_episode(profile())
@@ -686,4 +686,4 @@ def test_local_model_backend_batches_what_is_pending(tiny_qwen2):
     episode = new_episode(builtin_profiles("test")[0])
     simulate_turn([episode], [WARM], S.LocalModelBackend(model, tokenizer, max_new_tokens=4), retries=1)
     assert episode.parse_failures == 1 and episode.emotion == episode.profile.initial_emotion
-    assert not episode.done and episode.turns[0]["user"] == S.FALLBACK_REPLY
+    assert not episode.done and episode.turns[0]["user"] == S.FALLBACK_REPLY["en"]
