@@ -690,14 +690,8 @@ RESUME_KEYS = ("algo", "model", "train_profiles", "profiles_per_step", "group_si
 
 
 def check_out(args):
-    """Refuses an --out that is a file or holds an earlier run, and --resume with other flags; resume_checkpoint()."""
-    if benchmark.blocking_file(args.out):
-        raise ConfigError(f"--out {args.out}: {benchmark.blocking_file(args.out)} is a file, not a folder: "
-                          f"choose another --out")
-    old = [n for n in RUN_FILES if os.path.exists(os.path.join(args.out, n))]
-    if old and not args.resume and not args.overwrite:
-        raise ConfigError(f"--out {args.out} holds an earlier run ({', '.join(old)}): continue it with --resume, "
-                          f"replace it with --overwrite, or choose another --out")
+    """benchmark.check_out for a run; with --resume, the run's flags (RESUME_KEYS) checked, and resume_checkpoint()."""
+    benchmark.check_out(args.out, RUN_FILES, args.overwrite, args.resume)
     if not args.resume or not checkpoint_dirs(args.out):
         return None, []
     try:
@@ -726,10 +720,8 @@ def claim_out(args):
 
     def lock():
         if rank == 0:
-            benchmark.check_not_locked(args.out)
             check_out(args)  # before the lock file is written: a refused run leaves --out as it was
-            benchmark.lock_out(args.out, token)
-            path, damaged = check_out(args)  # again under the lock: another run may have ended in between
+            path, damaged = benchmark.lock_out(args.out, lambda: check_out(args), token)
             for line in damaged:
                 print(f"rlver: warning: --resume: {line}; left in place, resuming from an older checkpoint", flush=True)
             return path
