@@ -205,7 +205,8 @@ def check_out(out, earlier, overwrite, resume=None):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise BenchmarkError(f"--out {out}: {parent} is a file, not a folder: choose another --out")
-    if os.path.isfile(os.path.join(out, LOCK_FILE)):
+    lock = os.path.join(out, LOCK_FILE)
+    if os.path.isfile(lock) and lock not in [f.name for f in HELD_LOCKS]:  # (rechecked under this process's lock)
         open_locked(out, fcntl.LOCK_SH).close()
     old = [name for name in earlier if os.path.exists(os.path.join(out, name))]
     if old and not (overwrite or resume):

@@ -378,13 +378,11 @@ def setup(args, argv):
     make_model = resolve_model(args, argv)
     validate_args(args, int(os.environ.get("WORLD_SIZE", "1")))  # flags only: alike on every rank
     alone = {} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)  # python rlver.py
-    if torch.cuda.is_available():  # a backend per device: NCCL for CUDA tensors, gloo for the gathers of CPU objects
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    cuda = torch.cuda.is_available()  # a backend per device: NCCL for CUDA tensors, gloo for gathers of CPU objects
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if cuda:
         torch.cuda.set_device(device)
-        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device, **alone)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo", **alone)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", device_id=device if cuda else None, **alone)
     if args.activation_checkpointing is None:  # on by default on CUDA: 7B does not fit without it
         args.activation_checkpointing = device.type == "cuda"
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -450,9 +448,7 @@ def resolve_model(args, argv):
 
 def make_simulator(args, device):
     """The simulated user's backend (simulator.make_backend), reachability checked."""
-    client = {}  # the HTTP client's knobs, for an endpoint simulator
-    if args.simulator.startswith(("http://", "https://")):
-        client = dict(timeout=args.simulator_timeout)
+    client = dict(timeout=args.simulator_timeout) if args.simulator.startswith(("http://", "https://")) else {}
     try:
         backend = sim.make_backend(args.simulator, model_name=args.simulator_model,
                                    api_key_env=args.simulator_key_env, device=device, **client)
@@ -538,7 +534,6 @@ def build_model(args, cfg, device, trainable, critic=False):
 @contextlib.contextmanager
 def generation_mode(model):
     """The policy unsharded once for the rollout: no all-gather per token, so ranks may decode different lengths."""
-
     fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in fsdp_modules:  # every block and the root
         m.unshard()
@@ -624,7 +619,7 @@ def finish_checkpoint(run, args, step, full, tmp, final):
 
 
 def resume_checkpoint(out):
-    """(the newest readable checkpoint or None, a line per damaged newer one): small files load, shards whole."""
+    """The newest readable checkpoint (small files load, shards whole) or None; a warning per damaged newer one."""
     from torch.distributed.checkpoint import FileSystemReader
 
     dirs, damaged = checkpoint_dirs(out), []
@@ -636,13 +631,14 @@ def resume_checkpoint(out):
                      if os.path.getsize(os.path.join(path, "trainer", i.relative_path)) < i.offset + i.length]
             if short:
                 raise OSError(f"{os.path.join(path, 'trainer', short[0])} is truncated")
-            return path, damaged
+            for line in damaged:
+                print(f"rlver: warning: --resume: {line}; left in place, resuming from an older checkpoint", flush=True)
+            return path
         except Exception as e:  # noqa: BLE001 (unreadable in any way is damaged: OSError, pickle, zip errors)
             damaged.append(f"{path} is damaged ({describe(e)})")
     if dirs:
         raise ConfigError(f"--resume: no checkpoint in {out}/checkpoints is readable ({'; '.join(damaged)}): start "
                           f"afresh with --overwrite, or in another --out")
-    return None, []
 
 
 def start_step(run, args):
@@ -690,10 +686,10 @@ RESUME_KEYS = ("algo", "model", "train_profiles", "profiles_per_step", "group_si
 
 
 def check_out(args):
-    """benchmark.check_out for a run; with --resume, the run's flags (RESUME_KEYS) checked, and resume_checkpoint()."""
+    """benchmark.check_out for a run; with --resume, the flags that must be the run's (RESUME_KEYS)."""
     benchmark.check_out(args.out, RUN_FILES, args.overwrite, args.resume)
     if not args.resume or not checkpoint_dirs(args.out):
-        return None, []
+        return
     try:
         with open(os.path.join(args.out, "config.json")) as f:
             was = json.load(f)
@@ -711,7 +707,6 @@ def check_out(args):
     if diff:
         raise ConfigError(f"--resume: flags differ from the run in {args.out}: {'; '.join(diff)}. Give the run's "
                           f"flags, or start a new run in another --out")
-    return resume_checkpoint(args.out)
 
 
 def claim_out(args):
@@ -721,10 +716,8 @@ def claim_out(args):
     def lock():
         if rank == 0:
             check_out(args)  # before the lock file is written: a refused run leaves --out as it was
-            path, damaged = benchmark.lock_out(args.out, lambda: check_out(args), token)
-            for line in damaged:
-                print(f"rlver: warning: --resume: {line}; left in place, resuming from an older checkpoint", flush=True)
-            return path
+            benchmark.lock_out(args.out, lambda: check_out(args), token)
+            return resume_checkpoint(args.out) if args.resume else None
 
     shared = [token, together(lock, USER_ERRORS)]
     dist.broadcast_object_list(shared, src=0)
