@@ -41,7 +41,7 @@ LOG_SAMPLES = 2  # transcripts per step in samples.jsonl
 
 DEMO = dict(  # `python rlver.py` with no --model: everything small enough for a laptop CPU
     steps=30, profiles_per_step=8, max_turns=3, max_new_tokens=24, micro_batch=16, lr=1e-2, critic_lr=1e-2,
-    warmup_ratio=(0.0, 0.0), out="runs/demo", save_every=10, think=False, eval_every=15,
+    warmup_ratio=(0.0, 0.0), out="runs/demo", save_every=10, eval_every=15,
     protocol="classic", entropy_coef=0.0, weight_decay=0.0)  # our English rules users, no extra terms
 
 
@@ -64,11 +64,11 @@ def warmup_ratios(text):
 
 def get_args(argv=None):
     demo = ", ".join(f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, tuple) else v}"
-                     for k, v in DEMO.items() if k != "think")
+                     for k, v in DEMO.items())
     p = sim.Parser(name="rlver", description="RLVER: RL with verifiable emotion rewards (PPO / GRPO).",
                    formatter_class=HelpFormatter,
                    epilog=f"Demo mode (no --model): a tiny random model on CPU, and these defaults instead of the "
-                          f"ones above (a flag you give wins): {demo}, --no-think. CPU runs use one torch thread "
+                          f"ones above (a flag you give wins): {demo}. CPU runs use one torch thread "
                           f"unless OMP_NUM_THREADS says otherwise (README: CPU threads).")
     a, count, positive, share = p.add_argument, sim.in_range(1, kind=int), sim.in_range(0, above=True), sim.in_range(0)
     a("--algo", choices=["grpo", "ppo"], default="grpo")
@@ -108,6 +108,9 @@ def get_args(argv=None):
     a("--save-every", type=count, default=50, help="checkpoint every N steps (and at the end)")
     a("--eval-every", type=sim.in_range(0, kind=int), default=0, help="evaluate every N steps (0: never)")
     args = p.parse_args(argv)
+    if args.model is None:  # demo mode: DEMO's defaults, parsed again so that a flag given (even abbreviated) wins
+        p.set_defaults(**DEMO)
+        args = p.parse_args(argv)
     args.group_size = args.group_size or (4 if args.algo == "grpo" else 1)
     args.max_turns = args.max_turns or sim.PROTOCOLS[args.protocol].max_turns
     return args
@@ -373,9 +376,9 @@ class Run:
 USER_ERRORS = (ConfigError, lm.CheckpointError, sim.ProfileError, sim.SimulatorError, benchmark.BenchmarkError)
 
 
-def setup(args, argv):
+def setup(args):
     """Cheap checks, then models and optimizers; a check that reads files or endpoints stops every rank together."""
-    make_model = resolve_model(args, argv)
+    make_model = resolve_model(args)
     validate_args(args, int(os.environ.get("WORLD_SIZE", "1")))  # flags only: alike on every rank
     alone = {} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)  # python rlver.py
     cuda = torch.cuda.is_available()  # a backend per device: NCCL for CUDA tensors, gloo for gathers of CPU objects
@@ -430,13 +433,9 @@ def all_reduce(x, op=dist.ReduceOp.SUM):
     return t if torch.is_tensor(x) else t.item()
 
 
-def resolve_model(args, argv):
-    """No --model: the demo (its defaults, a tiny model); a model.SHAPES name: <out>/random-NAME. Returns its maker."""
+def resolve_model(args):
+    """No --model: the demo's tiny model, <out>/tiny-qwen2; a model.SHAPES name: <out>/random-NAME. Returns its maker."""
     if args.model is None:
-        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv or sys.argv[1:]) if a.startswith("--")}
-        for key, value in DEMO.items():
-            if key not in given and not (key == "think" and "no_think" in given):
-                setattr(args, key, value)
         args.model = os.path.join(args.out, "tiny-qwen2")
         if os.environ.get("RANK", "0") == "0":
             print(f"rlver: demo mode (no --model): a tiny random model in {args.model}", flush=True)
@@ -738,15 +737,15 @@ def check_parse_failures(args, episodes, where):
     """simulator.check_parse_health over every rank; rank 0 shows one bad answer a run (key redacted)."""
     def warn_once(line):
         key = os.environ.get(args.simulator_key_env)
-        if dist.get_rank() == 0 and not WARNED:
-            WARNED.append(line)
+        if dist.get_rank() == 0 and "parse" not in WARNED:
+            WARNED.add("parse")
             print(f"rlver: {line.replace(key, '***') if key else line}", flush=True)
 
     return sim.check_parse_health(episodes, args.max_parse_failure_rate, where, warn_once,
                                   sum_ranks=lambda n: int(all_reduce(n)))
 
 
-WARNED = []  # the first unparseable answer is shown once per run
+WARNED = set()  # what is warned about once a run: "parse" (an unparseable answer), the COUNTS (log_step)
 SIGNALLED = []  # the signal that asked this rank to stop
 
 
@@ -771,7 +770,7 @@ def interrupted(code):
 
 def train(args, argv=None):
     """Setup, then the steps from the start (or the resumed) step on. Returns the exit code."""
-    run = setup(args, argv)
+    run = setup(args)
     start = start_step(run, args)
     given = list(argv if argv is not None else sys.argv[1:])
     hint = " ".join(given + ([] if "--resume" in given else ["--resume"]))  # the command that continues this run
@@ -787,10 +786,9 @@ def train(args, argv=None):
         signal.signal(signum, on_signal)
     stop_asked = lambda: int(all_reduce(max(SIGNALLED, default=0), dist.ReduceOp.MAX))  # noqa: E731 (0: none)
     done = saved = start  # the last step whose update and metrics are complete; the last checkpointed step
-    warned = set()  # the COUNTS already warned about (cut replies, cut thoughts, wild changes)
     for step in range(start, args.steps):
         try:
-            log_step(args, step, *train_step(run, args, step), warned)
+            log_step(args, step, *train_step(run, args, step))
             done = step + 1
             if args.eval_every and done % args.eval_every == 0:
                 evaluate_policy(run, args, done)
@@ -814,7 +812,7 @@ def train(args, argv=None):
     return 0
 
 
-def log_step(args, step, metrics, dialogues, warned):
+def log_step(args, step, metrics, dialogues):
     """Rank 0: the metrics row, the first LOG_SAMPLES transcripts, the step's line, each count's first warning."""
     metrics["step"] = m = step + 1
     if dist.get_rank() != 0:
@@ -831,8 +829,8 @@ def log_step(args, step, metrics, dialogues, warned):
           f"{metrics['time_rollout']:.1f}s (sim {metrics['time_simulator']:.1f}s) update {metrics['time_update']:.1f}s"
           f" | {metrics['gen_tokens_per_s']:.0f} tok/s | parse fail {metrics['parse_failed_turns']}/"
           f"{metrics['simulator_turns']}", flush=True)
-    first = {k: metrics[k] for k in sim.COUNTS if metrics.get(k) and k not in warned}  # once a run
-    warned.update(first)
+    first = {k: metrics[k] for k in sim.COUNTS if metrics.get(k) and k not in WARNED}  # once a run
+    WARNED.update(first)
     for line in sim.count_warnings(first, f"step {m}"):
         print(f"rlver: {line} (warned once; every step's count is in metrics.jsonl)", flush=True)
 
