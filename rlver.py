@@ -23,7 +23,12 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule
+import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 import benchmark
 import grpo
@@ -283,10 +288,8 @@ def evaluate_policy(run, args, step):
     episodes = [e for part in gathered for e in part]
     if rank == 0:
         provenance = benchmark.provenance(args, profiles, args.test_profiles, list(range(len(profiles))), 0.0)
-        s = benchmark.report(episodes, os.path.join(args.out, "eval", f"step_{step}"),
-                             config={"provenance": provenance}, title=f"step {step} ({benchmark.setting_label(args)})")
-        print(f"eval step {step}: score {s['score']:.1f} success {s['success_rate']:.2f} "
-              f"failure {s['failure_rate']:.2f}", flush=True)
+        benchmark.report(episodes, os.path.join(args.out, "eval", f"step_{step}"), config={"provenance": provenance},
+                         title=f"step {step} ({benchmark.setting_label(args)})")  # (it prints the score)
 
 
 # The update: clipped-surrogate losses, --mini-batches optimizer steps over the step's rollouts --------------
@@ -434,7 +437,7 @@ def all_reduce(x, op=dist.ReduceOp.SUM):
 
 
 def resolve_model(args):
-    """No --model: the demo's tiny model, <out>/tiny-qwen2; a model.SHAPES name: <out>/random-NAME. Returns its maker."""
+    """No --model: the demo's tiny model, <out>/tiny-qwen2; a SHAPES name: <out>/random-NAME. Returns its maker."""
     if args.model is None:
         args.model = os.path.join(args.out, "tiny-qwen2")
         if os.environ.get("RANK", "0") == "0":
@@ -495,9 +498,6 @@ def build_run(args, cfg, device, tokenizer, profiles, test_profiles, backend):
 
 def build_model(args, cfg, device, trainable, critic=False):
     """The policy, reference or critic: fp32 master weights (bf16 ones lose lr 1e-6 updates), bf16 compute."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
     if args.no_fsdp:  # a plain module: loaded directly (keeps a tied embedding/head tied)
         module = lm.load_model(args.model, device, torch.float32)
@@ -560,8 +560,6 @@ def checkpoint_dirs(out):
 
 def trainer_state(run):
     """What --resume needs: model and optimizer state of the policy (and critic), sharded, for DCP."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     return {k: v for name, model, optimizer, _ in run.trained()
             for k, v in zip((name, f"{name}_optimizer"), get_state_dict(model, optimizer))}
 
@@ -574,11 +572,6 @@ def describe(e):
 
 def save(run, args, step):
     """step_N.tmp (each rank writes its trainer/ shard, rank 0 the rest), renamed when complete; then curves.svg."""
-    import torch.distributed.checkpoint as dcp
-    from safetensors import SafetensorError
-    from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     rank, final = dist.get_rank(), os.path.join(args.out, "checkpoints", f"step_{step}")
     tmp, failed = final + ".tmp", (OSError, SafetensorError)  # safetensors reports a full disk as its own error
     try:  # each `together` is also the barrier between the ranks' parts
@@ -617,20 +610,18 @@ def finish_checkpoint(run, args, step, full, tmp, final):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def resume_checkpoint(out):
-    """The newest readable checkpoint (small files load, shards whole) or None; a warning per damaged newer one."""
-    from torch.distributed.checkpoint import FileSystemReader
-
+def resume_checkpoint(out, warn=False):
+    """The newest readable checkpoint (small files load, shards whole) or None; warn: a line per damaged newer one."""
     dirs, damaged = checkpoint_dirs(out), []
     for path in reversed(dirs):
         try:
             torch.load(os.path.join(path, "schedulers.pt"), weights_only=False)
-            storage = FileSystemReader(os.path.join(path, "trainer")).read_metadata().storage_data or {}
+            storage = dcp.FileSystemReader(os.path.join(path, "trainer")).read_metadata().storage_data or {}
             short = [i.relative_path for i in storage.values()
                      if os.path.getsize(os.path.join(path, "trainer", i.relative_path)) < i.offset + i.length]
             if short:
                 raise OSError(f"{os.path.join(path, 'trainer', short[0])} is truncated")
-            for line in damaged:
+            for line in damaged if warn else []:
                 print(f"rlver: warning: --resume: {line}; left in place, resuming from an older checkpoint", flush=True)
             return path
         except Exception as e:  # noqa: BLE001 (unreadable in any way is damaged: OSError, pickle, zip errors)
@@ -642,10 +633,6 @@ def resume_checkpoint(out):
 
 def start_step(run, args):
     """0 for a fresh run; with --resume the checkpoint's step, its state restored, later rows dropped (redone)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-
     start, path = 0, args.resume_from
     if path:
         try:
@@ -684,8 +671,8 @@ RESUME_KEYS = ("algo", "model", "train_profiles", "profiles_per_step", "group_si
                "mode", "official_prompts", "official_quirks")  # what a resumed run must share with its run
 
 
-def check_out(args):
-    """benchmark.check_out for a run; with --resume, the flags that must be the run's (RESUME_KEYS)."""
+def check_out(args, warn=False):
+    """benchmark.check_out; for --resume the run's flags (RESUME_KEYS) too: the checkpoint to resume, or None."""
     benchmark.check_out(args.out, RUN_FILES, args.overwrite, args.resume)
     if not args.resume or not checkpoint_dirs(args.out):
         return
@@ -706,6 +693,7 @@ def check_out(args):
     if diff:
         raise ConfigError(f"--resume: flags differ from the run in {args.out}: {'; '.join(diff)}. Give the run's "
                           f"flags, or start a new run in another --out")
+    return resume_checkpoint(args.out, warn)
 
 
 def claim_out(args):
@@ -715,8 +703,7 @@ def claim_out(args):
     def lock():
         if rank == 0:
             check_out(args)  # before the lock file is written: a refused run leaves --out as it was
-            benchmark.lock_out(args.out, lambda: check_out(args), token)
-            return resume_checkpoint(args.out) if args.resume else None
+            return benchmark.lock_out(args.out, lambda: check_out(args, warn=True), token)
 
     shared = [token, together(lock, USER_ERRORS)]
     dist.broadcast_object_list(shared, src=0)
