@@ -46,7 +46,7 @@ LOG_SAMPLES = 2  # transcripts per step in samples.jsonl
 
 DEMO = dict(  # `python rlver.py` with no --model: everything small enough for a laptop CPU
     steps=30, profiles_per_step=8, max_turns=3, max_new_tokens=24, micro_batch=16, lr=1e-2, critic_lr=1e-2,
-    warmup_ratio=(0.0, 0.0), out="runs/demo", save_every=10, eval_every=15,
+    warmup_ratio="0,0", out="runs/demo", save_every=10, eval_every=15,
     protocol="classic", entropy_coef=0.0, weight_decay=0.0)  # our English rules users, no extra terms
 
 
@@ -68,13 +68,11 @@ def warmup_ratios(text):
 
 
 def get_args(argv=None):
-    demo = ", ".join(f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, tuple) else v}"
-                     for k, v in DEMO.items())
+    demo = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO.items())
     p = sim.Parser(name="rlver", description="RLVER: RL with verifiable emotion rewards (PPO / GRPO).",
-                   formatter_class=HelpFormatter,
-                   epilog=f"Demo mode (no --model): a tiny random model on CPU, and these defaults instead of the "
-                          f"ones above (a flag you give wins): {demo}. CPU runs use one torch thread "
-                          f"unless OMP_NUM_THREADS says otherwise (README: CPU threads).")
+                   formatter_class=HelpFormatter, epilog=f"Demo mode (no --model): a tiny random model on CPU, and "
+                   f"these defaults instead of the ones above (a flag you give wins): {demo}. CPU runs use one torch "
+                   f"thread unless OMP_NUM_THREADS says otherwise (README: CPU threads).")
     a, count, positive, share = p.add_argument, sim.in_range(1, kind=int), sim.in_range(0, above=True), sim.in_range(0)
     a("--algo", choices=["grpo", "ppo"], default="grpo")
     a("--model", default=None, help=f"HF checkpoint dir, or random weights: {'|'.join(lm.SHAPES)}; none: demo")
@@ -139,7 +137,6 @@ def validate_args(args, world):
 
 
 # One training step ------------------------------------------------------------------------------------------
-
 
 def step_profiles(n_profiles, per_step, step, seed):
     """A step's profile indices: the training set visited epoch by epoch, each epoch in its own shuffled order."""
@@ -231,15 +228,12 @@ def score_rollouts(run, args, samples):
 
 def advantages(run, args, batch, rewards):
     """(B, T-1) advantages, each sample taking its dialogue's reward: GRPO group-relative, PPO GAE whitened."""
-    mask, dialogue = batch["mask"], batch["dialogue"]
-    if args.algo == "grpo" and args.think_history == "strip":  # over every turn sample of a group (grpo.py)
-        adv = grpo.group_advantages(rewards[dialogue], dialogue // args.group_size, mask.any(1),
-                                    scale_by_std=not args.no_std)  # (samples,)
-        return adv[:, None] * mask
-    if args.algo == "grpo":  # dialogues i*G .. (i+1)*G-1 are profile i's group
-        groups = torch.arange(len(rewards), device=rewards.device) // args.group_size  # (dialogues,)
-        group = grpo.group_advantages(rewards, groups, scale_by_std=not args.no_std)  # (dialogues,)
-        return group[dialogue][:, None] * mask
+    mask, dialogue, strip = batch["mask"], batch["dialogue"], args.think_history == "strip"
+    if args.algo == "grpo":  # dialogues i*G .. (i+1)*G-1 are profile i's group; strip: over its turn samples (grpo.py)
+        rows = dialogue if strip else torch.arange(len(rewards), device=rewards.device)  # each row's dialogue
+        adv = grpo.group_advantages(rewards[rows], rows // args.group_size, mask.any(1) if strip else None,
+                                    scale_by_std=not args.no_std)  # (rows,)
+        return (adv if strip else adv[dialogue])[:, None] * mask
     kl = args.kl_coef if "ref_logprobs" in batch else 0.0
     token_rewards = ppo.token_rewards(rewards[dialogue], mask, batch.get("old_logprobs"), batch.get("ref_logprobs"), kl)
     adv, batch["returns"] = ppo.compute_gae(token_rewards, batch["old_values"], mask, GAMMA, LAM)
@@ -342,18 +336,16 @@ def update(run, batch, args, step):
 
 def micro_batch_loss(run, args, x, mb, logprobs, scale):
     """GRPO's loss, or PPO's policy + value loss (the critic shares no parameter: one backward serves both)."""
-    eps = args.clip_ratio
+    eps, value_clip = args.clip_ratio, args.value_clip
     if args.algo == "grpo":
         return grpo.grpo_loss(logprobs, mb["old_logprobs"], mb.get("ref_logprobs"), mb["advantages"], mb["mask"],
                               eps, eps, args.kl_coef, **scale)
     loss, metrics = ppo.policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mb["mask"], eps, eps, **scale)
-    vloss, vmetrics = ppo.value_loss(run.critic(x), mb["old_values"], mb["returns"], mb["mask"], args.value_clip,
-                                     **scale)
+    vloss, vmetrics = ppo.value_loss(run.critic(x), mb["old_values"], mb["returns"], mb["mask"], value_clip, **scale)
     return loss + vloss, metrics | vmetrics | {"loss": loss.detach()}
 
 
 # Setup: one process per device (torchrun), FSDP2 shards parameters, grads and optimizer state ---------------
-
 
 @dataclass
 class Run:
@@ -548,7 +540,6 @@ def generation_mode(model):
 
 
 # Checkpoints: <out>/checkpoints/step_N/{hf/ (HF layout, for transformers), trainer/ (sharded state)} --------
-
 
 def checkpoint_dirs(out):
     """The complete checkpoints, oldest first: step_N with DONE (a step_N.tmp, killed mid-save, is ignored)."""
@@ -754,7 +745,6 @@ def interrupted(code):
 
 # The training loop and main ---------------------------------------------------------------------------------
 
-
 def train(args, argv=None):
     """Setup, then the steps from the start (or the resumed) step on. Returns the exit code."""
     run = setup(args)
@@ -809,13 +799,11 @@ def log_step(args, step, metrics, dialogues):
     for name, records in rows.items():
         with open(os.path.join(args.out, name), "a") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    print(f"step {m}/{args.steps} | reward {metrics['reward']:.3f} ± {metrics['reward_std']:.3f} | success "
-          f"{metrics['success']:.2f} fail {metrics['failure']:.2f} | turns {metrics['turns']:.1f} | kl "
-          f"{metrics.get('kl_ref', 0.0):.4f} clip {metrics.get('clip_frac', 0.0):.3f} ent "
-          f"{metrics.get('entropy', 0.0):.2f} | len {metrics['policy_tokens']:.0f} | rollout "
-          f"{metrics['time_rollout']:.1f}s (sim {metrics['time_simulator']:.1f}s) update {metrics['time_update']:.1f}s"
-          f" | {metrics['gen_tokens_per_s']:.0f} tok/s | parse fail {metrics['parse_failed_turns']}/"
-          f"{metrics['simulator_turns']}", flush=True)
+    print("step {step}/{steps} | reward {reward:.3f} ± {reward_std:.3f} | success {success:.2f} fail {failure:.2f} | "
+          "turns {turns:.1f} | kl {kl_ref:.4f} clip {clip_frac:.3f} ent {entropy:.2f} | len {policy_tokens:.0f} | "
+          "rollout {time_rollout:.1f}s (sim {time_simulator:.1f}s) update {time_update:.1f}s | {gen_tokens_per_s:.0f} "
+          "tok/s | parse fail {parse_failed_turns}/{simulator_turns}".format(
+              **{"kl_ref": 0.0, "clip_frac": 0.0, "entropy": 0.0, **metrics, "steps": args.steps}), flush=True)
     first = {k: metrics[k] for k in sim.COUNTS if metrics.get(k) and k not in WARNED}  # once a run
     WARNED.update(first)
     for line in sim.count_warnings(first, f"step {m}"):
