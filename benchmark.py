@@ -217,9 +217,8 @@ def check_out(out, earlier, overwrite, resume=None):
 
 
 def lock_out(out, check, token=""):
-    """One writer per --out: an exclusive flock that the OS drops when this process dies, even by SIGKILL (line 1
-    names the holder, line 2 is `token`: rlver.py's ranks read it). Then check() again under the lock, as another
-    run may have ended since the first check; returns what it returns."""
+    """One writer per --out: an exclusive flock the OS drops when this process dies, even by SIGKILL (line 1 names the
+    holder, line 2 is `token`, for rlver.py's ranks); returns check() run again under it (a run may have ended)."""
     os.makedirs(out, exist_ok=True)
     f = open_locked(out, fcntl.LOCK_EX)
     f.truncate(0)

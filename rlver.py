@@ -156,7 +156,6 @@ def train_step(run, args, step):
     dialogues = play(run, args, [run.profiles[i] for i in mine], args.group_size, seeds, args.temperature, timing)
     timing["rollout"], timing["peak_gb_rollout"] = time.time() - t0, peak_memory_gb(run.device)
     failures = check_parse_failures(args, [d.episode for d in dialogues], f"step {step + 1}")  # before any update
-
     t0 = time.time()
     rewards = torch.tensor([sim.reward(d.episode) for d in dialogues], device=run.device)  # (B,)
     batch = score_rollouts(run, args, ro.training_samples(dialogues))
@@ -300,9 +299,8 @@ def shuffle_seed(seed, step):
 def update(run, batch, args, step):
     """--mini-batches optimizer steps over the step's rollouts (PPO's critic alongside); the update's metrics."""
     ids, mask, lengths, world = batch["ids"], batch["mask"], batch["lengths"], dist.get_world_size()
-    reuse = "old_logprobs" not in batch  # reuses_update_forward: pi_old = this forward, filled in as we go
+    reuse, sums = "old_logprobs" not in batch, {}  # reuse (reuses_update_forward): pi_old = this forward, filled in
     batch.setdefault("old_logprobs", torch.zeros(mask.shape, device=mask.device))  # (B, T-1)
-    sums = {}
     order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(shuffle_seed(args.seed, step)))
     for mini in [part.tolist() for part in order.tensor_split(args.mini_batches)]:
         # / the GLOBAL count (all ranks' micro-batches) / world, as FSDP averages gradients (ppo.aggregate)
@@ -410,14 +408,14 @@ def setup(args):
 
 def together(fn, catch):
     """fn() on every rank; an error of `catch` on any rank is raised on every rank (none left in a collective)."""
-    result, error, errors = None, None, [None] * dist.get_world_size()
+    errors = [None] * dist.get_world_size()
     try:
-        result = fn()
+        result, error = fn(), None
     except catch as e:
-        error = e
+        result, error = None, e
     dist.all_gather_object(errors, error)
-    if any(e is not None for e in errors):
-        raise next(e for e in errors if e is not None)
+    if raised := [e for e in errors if e is not None]:
+        raise raised[0]
     return result
 
 
@@ -471,20 +469,18 @@ def build_run(args, cfg, device, tokenizer, profiles, test_profiles, backend):
     """The models and their optimizers: the policy; the frozen reference when --kl-coef > 0; PPO's critic."""
     torch.manual_seed(args.seed)
 
-    def trainable(model, lr, ratio):  # AdamW, linear warmup over ratio x --steps, then constant
-        n = int(ratio * args.steps)
-        warmup = lambda s: min(1.0, (s + 1) / n) if n else 1.0  # noqa: E731
+    def trainable(lr, ratio, critic=False):  # the model, AdamW, a linear warmup over ratio x --steps, then constant
+        model, n = build_model(args, cfg, device, True, critic), max(1, int(ratio * args.steps))  # (1: no warmup)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
-        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
+        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / n))
 
-    policy, optimizer, scheduler = trainable(build_model(args, cfg, device, True), args.lr, args.warmup_ratio[0])
+    policy, optimizer, scheduler = trainable(args.lr, args.warmup_ratio[0])
     run = Run(device=device, tokenizer=tokenizer, eos_ids=lm.stop_token_ids(tokenizer, args.model), profiles=profiles,
               test_profiles=test_profiles, backend=backend, policy=policy, optimizer=optimizer, scheduler=scheduler)
     if args.kl_coef > 0:
         run.reference = build_model(args, cfg, device, trainable=False)
     if args.algo == "ppo":
-        run.critic, run.critic_optimizer, run.critic_scheduler = trainable(
-            build_model(args, cfg, device, True, critic=True), args.critic_lr, args.warmup_ratio[1])
+        run.critic, run.critic_optimizer, run.critic_scheduler = trainable(args.critic_lr, args.warmup_ratio[1], True)
     return run
 
 
@@ -493,8 +489,7 @@ def build_model(args, cfg, device, trainable, critic=False):
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
     if args.no_fsdp:  # a plain module: loaded directly (keeps a tied embedding/head tied)
         module = lm.load_model(args.model, device, torch.float32)
-        if bf16:
-            module.autocast_dtype = torch.bfloat16
+        module.autocast_dtype = torch.bfloat16 if bf16 else None
         if critic:
             torch.manual_seed(args.seed)
             module = ppo.Critic(module)
