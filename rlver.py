@@ -11,12 +11,9 @@ One step (train_step): profiles -> rollout (rollout.py) -> reward = final emotio
 import argparse
 import contextlib
 import json
-import math
 import os
-import re
 import shutil
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -253,7 +250,7 @@ def step_metrics(run, dialogues, rewards, batch, stats, timing):
         metrics.update({k: slowest(k) for k in ("peak_gb_rollout", "peak_gb_update")})
     outcomes = [sim.final_outcome(e.emotion, e.profile.protocol) for e in episodes]
     return metrics | dict(
-        reward=reward, reward_std=math.sqrt(max(mean([r * r for r in rewards.tolist()]) - reward ** 2, 0.0)),
+        reward=reward, reward_std=max(mean([r * r for r in rewards.tolist()]) - reward ** 2, 0.0) ** 0.5,
         emotion=mean([e.emotion for e in episodes]), success=mean([o == "success" for o in outcomes]),
         failure=mean([o == "failure" for o in outcomes]), turns=mean([len(e.turns) for e in episodes]),
         truncated=mean([d.truncated for d in dialogues]), parse_failures=mean([e.parse_failures for e in episodes]),
@@ -316,9 +313,8 @@ def update(run, batch, args, step):
                 loss = loss - args.entropy_coef * ppo.aggregate(entropy, mb["mask"], **scale)
             loss.backward()
             metrics["entropy"] = ppo.masked_mean(entropy.detach(), mb["mask"])
-            for k, v in metrics.items():  # the losses (already / N_global) add up; the rest weighted by tokens
+            for k, v in (metrics | {"_tokens": 1.0}).items():  # losses (already / N_global) add up; the rest by tokens
                 sums[k] = sums.get(k, 0.0) + float(v) * (1.0 if k in SUMMED else mb["mask"].sum().item())
-            sums["_tokens"] = sums.get("_tokens", 0.0) + mb["mask"].sum().item()
         for name, model, optimizer, _ in run.trained():
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # (a DTensor under FSDP2)
@@ -403,7 +399,21 @@ def setup(args):
             elif os.path.exists(path):
                 os.remove(path)
     dist.barrier()
-    return build_run(args, cfg, device, tokenizer, profiles, test_profiles, backend)
+    torch.manual_seed(args.seed)  # the models and their optimizers: the policy, the reference (--kl-coef), PPO's critic
+
+    def trainable(lr, ratio, critic=False):  # the model, AdamW, a linear warmup over ratio x --steps, then constant
+        model, n = build_model(args, cfg, device, True, critic), max(1, int(ratio * args.steps))  # (1: no warmup)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / n))
+
+    policy, optimizer, scheduler = trainable(args.lr, args.warmup_ratio[0])
+    run = Run(device=device, tokenizer=tokenizer, eos_ids=lm.stop_token_ids(tokenizer, args.model), profiles=profiles,
+              test_profiles=test_profiles, backend=backend, policy=policy, optimizer=optimizer, scheduler=scheduler)
+    if args.kl_coef > 0:
+        run.reference = build_model(args, cfg, device, trainable=False)
+    if args.algo == "ppo":
+        run.critic, run.critic_optimizer, run.critic_scheduler = trainable(args.critic_lr, args.warmup_ratio[1], True)
+    return run
 
 
 def together(fn, catch):
@@ -465,25 +475,6 @@ def validate_model(args, profiles):
     return cfg, tokenizer
 
 
-def build_run(args, cfg, device, tokenizer, profiles, test_profiles, backend):
-    """The models and their optimizers: the policy; the frozen reference when --kl-coef > 0; PPO's critic."""
-    torch.manual_seed(args.seed)
-
-    def trainable(lr, ratio, critic=False):  # the model, AdamW, a linear warmup over ratio x --steps, then constant
-        model, n = build_model(args, cfg, device, True, critic), max(1, int(ratio * args.steps))  # (1: no warmup)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
-        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / n))
-
-    policy, optimizer, scheduler = trainable(args.lr, args.warmup_ratio[0])
-    run = Run(device=device, tokenizer=tokenizer, eos_ids=lm.stop_token_ids(tokenizer, args.model), profiles=profiles,
-              test_profiles=test_profiles, backend=backend, policy=policy, optimizer=optimizer, scheduler=scheduler)
-    if args.kl_coef > 0:
-        run.reference = build_model(args, cfg, device, trainable=False)
-    if args.algo == "ppo":
-        run.critic, run.critic_optimizer, run.critic_scheduler = trainable(args.critic_lr, args.warmup_ratio[1], True)
-    return run
-
-
 def build_model(args, cfg, device, trainable, critic=False):
     """The policy, reference or critic: fp32 master weights (bf16 ones lose lr 1e-6 updates), bf16 compute."""
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
@@ -540,7 +531,7 @@ def checkpoint_dirs(out):
     """The complete checkpoints, oldest first: step_N with DONE (a step_N.tmp, killed mid-save, is ignored)."""
     root = os.path.join(out, "checkpoints")
     steps = [int(n[5:]) for n in (os.listdir(root) if os.path.isdir(root) else [])
-             if re.fullmatch(r"step_\d+", n) and os.path.isfile(os.path.join(root, n, "DONE"))]
+             if n.startswith("step_") and n[5:].isdecimal() and os.path.isfile(os.path.join(root, n, "DONE"))]
     return [os.path.join(root, f"step_{s}") for s in sorted(steps)]
 
 
@@ -698,7 +689,7 @@ def claim_out(args):
         with contextlib.suppress(OSError), open(os.path.join(args.out, benchmark.LOCK_FILE), encoding="utf-8") as f:
             if shared[0] in f.read():
                 return
-        raise ConfigError(f"rank {rank} on {socket.gethostname()} does not see the run folder rank 0 writes (--out "
+        raise ConfigError(f"rank {rank} on {os.uname().nodename} does not see the run folder rank 0 writes (--out "
                           f"{args.out} lacks rank 0's {benchmark.LOCK_FILE}): give every node the same --out on a "
                           f"filesystem they share")
 
