@@ -197,9 +197,8 @@ def open_locked(out, mode):
     raise BenchmarkError(f"--out {out} {problem} --out")
 
 
-def check_out(out, earlier, overwrite, resume=None):
-    """The one check of an --out (eval's and rlver.py's): refuses a file, a folder in use, and one holding files
-    named in `earlier` unless --overwrite or --resume (None: eval, which has no --resume). Returns those files."""
+def check_out(out, earlier, overwrite, resume=None):  # resume None: eval's (no --resume); returns the earlier files
+    """Eval's and rlver.py's --out check: no file, no folder in use, no `earlier` files unless --overwrite/--resume."""
     parent = os.path.abspath(out)
     while not os.path.exists(parent):  # the nearest existing path: no folder can be made under a file
         parent = os.path.dirname(parent)

@@ -183,10 +183,9 @@ def play(run, args, profiles, group, seeds, temperature, timing=None):
             prepared = sim.prepare_profiles(profiles, run.backend, protocol=args.protocol, mode=args.mode)
             played = [p for p in prepared for _ in range(group)]
             return ro.rollout(run.policy, run.tokenizer, played, run.backend, seeds=seeds, think=args.think,
-                              think_history=args.think_history, max_turns=args.max_turns,
-                              max_new_tokens=args.max_new_tokens, temperature=temperature, mode=args.mode,
-                              max_context=args.max_context, eos_ids=run.eos_ids, timing=timing, compile=args.compile,
-                              turn_deadline=args.simulator_turn_deadline,
+                              think_history=args.think_history, max_turns=args.max_turns, mode=args.mode,
+                              max_new_tokens=args.max_new_tokens, temperature=temperature, max_context=args.max_context,
+                              timing=timing, compile=args.compile, turn_deadline=args.simulator_turn_deadline,
                               log=(lambda line: print(line, flush=True)) if dist.get_rank() == 0 else None)
     return together(rollout, sim.SimulatorError)
 
@@ -344,8 +343,7 @@ def micro_batch_loss(run, args, x, mb, logprobs, scale):
 @dataclass
 class Run:
     device: torch.device
-    tokenizer: object
-    eos_ids: list  # token ids that end a policy turn (model.stop_token_ids)
+    tokenizer: object  # (its folder's config and generation_config name the stop tokens: model.stop_token_ids)
     profiles: list  # training profiles (simulator.Profile)
     test_profiles: list
     backend: object  # the simulated user (simulator.make_backend)
@@ -407,8 +405,8 @@ def setup(args):
         return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / n))
 
     policy, optimizer, scheduler = trainable(args.lr, args.warmup_ratio[0])
-    run = Run(device=device, tokenizer=tokenizer, eos_ids=lm.stop_token_ids(tokenizer, args.model), profiles=profiles,
-              test_profiles=test_profiles, backend=backend, policy=policy, optimizer=optimizer, scheduler=scheduler)
+    run = Run(device=device, tokenizer=tokenizer, profiles=profiles, test_profiles=test_profiles, backend=backend,
+              policy=policy, optimizer=optimizer, scheduler=scheduler)
     if args.kl_coef > 0:
         run.reference = build_model(args, cfg, device, trainable=False)
     if args.algo == "ppo":
@@ -560,8 +558,7 @@ def save(run, args, step):
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         # fp32 weights and both AdamW moments of what is trained, and the policy's hf/ (at most fp32)
-        need = sum(p.numel() * (16 if name == "policy" else 12) for name, model, _, _ in run.trained()
-                   for p in model.parameters())
+        need = sum(p.numel() * (16 if who == "policy" else 12) for who, m, _, _ in run.trained() for p in m.parameters())
         raise ConfigError(f"saving {tmp} failed ({describe(e)}): a checkpoint needs up to {need / 2**20:.1f} MiB "
                           f"free on that disk ({shutil.disk_usage(os.path.dirname(final)).free / 2**20:.1f} MiB free "
                           f"now); the .tmp is removed and every earlier checkpoint kept: free space, then continue "
@@ -616,9 +613,8 @@ def start_step(run, args):
             state = trainer_state(run)
             dcp.load(state, checkpoint_id=os.path.join(path, "trainer"))
             schedulers = torch.load(os.path.join(path, "schedulers.pt"), weights_only=False)
-            for name, model, optimizer, scheduler in run.trained():
-                set_state_dict(model, optimizer, model_state_dict=state[name],
-                               optim_state_dict=state[f"{name}_optimizer"])
+            for name, model, optim, scheduler in run.trained():
+                set_state_dict(model, optim, model_state_dict=state[name], optim_state_dict=state[f"{name}_optimizer"])
                 scheduler.load_state_dict(schedulers[name])
             start = int(os.path.basename(path)[len("step_"):])
         except (Exception, CheckpointException) as e:  # noqa: BLE001 (damaged past resume_checkpoint's look)
@@ -731,12 +727,11 @@ def interrupted(code):
 
 # The training loop and main ---------------------------------------------------------------------------------
 
-def train(args, argv=None):
+def train(args, argv):
     """Setup, then the steps from the start (or the resumed) step on. Returns the exit code."""
     run = setup(args)
     start = start_step(run, args)
-    given = list(argv if argv is not None else sys.argv[1:])
-    hint = " ".join(given + ([] if "--resume" in given else ["--resume"]))  # the command that continues this run
+    hint = " ".join(argv + ([] if "--resume" in argv else ["--resume"]))  # the command that continues this run
     hint = f"the same torchrun command with {hint}" if dist.get_world_size() > 1 else f"python rlver.py {hint}"
     if dist.get_rank() == 0:  # after the checkpoint loaded: a --resume that fails leaves config.json as it was
         with open(os.path.join(args.out, "config.json"), "w") as f:
@@ -799,7 +794,7 @@ def log_step(args, step, metrics, dialogues):
 def main(argv=None):
     args, code = get_args(argv), 2
     try:
-        code = train(args, argv)
+        code = train(args, list(sys.argv[1:] if argv is None else argv))
     except USER_ERRORS as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun: one line, not one per rank
             print(f"rlver: error: {e}", file=sys.stderr, flush=True)
