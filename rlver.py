@@ -239,14 +239,13 @@ def step_metrics(run, dialogues, rewards, batch, stats, timing):
     """One metrics.jsonl row: the update's metrics plus means over the global batch of dialogues."""
     episodes, n = [d.episode for d in dialogues], all_reduce(len(dialogues))
     mean = lambda xs: all_reduce(sum(xs)) / n  # noqa: E731
-    slowest = lambda key: all_reduce(timing.get(key, 0.0), dist.ReduceOp.MAX)  # noqa: E731
+    rank_max = lambda key: all_reduce(timing.get(key, 0.0), dist.ReduceOp.MAX)  # noqa: E731 (the slowest rank's)
     reward, real = mean(rewards.tolist()), batch["mask"].sum(1) > 0  # real: (B,) samples with policy tokens
     metrics, samples = dict(stats), all_reduce(float(real.sum()))
     if "ref_logprobs" in batch:  # k1 estimate of KL(pi_old || pi_ref) over the global batch's policy tokens
         metrics["kl_ref"] = ppo.masked_mean(batch["old_logprobs"] - batch["ref_logprobs"], batch["mask"],
                                             reduce=all_reduce).item()
-    if run.device.type == "cuda":  # the largest rank's peak GPU memory per phase
-        metrics.update({k: slowest(k) for k in ("peak_gb_rollout", "peak_gb_update")})
+    metrics.update({k: rank_max(k) for k in ("peak_gb_rollout", "peak_gb_update") if run.device.type == "cuda"})
     outcomes = [sim.final_outcome(e.emotion, e.profile.protocol) for e in episodes]
     return metrics | dict(
         reward=reward, reward_std=max(mean([r * r for r in rewards.tolist()]) - reward ** 2, 0.0) ** 0.5,
@@ -258,9 +257,9 @@ def step_metrics(run, dialogues, rewards, batch, stats, timing):
         samples=samples,  # training sequences with policy tokens (the padding ones do not count)
         prefill_tokens=all_reduce(timing.get("prefill_tokens", 0)),  # what the rollout engine fed the model
         conversation_tokens=all_reduce(timing.get("conversation_tokens", 0)),  # the conversations' own length
-        decode_steps=slowest("decode_steps"),
+        decode_steps=rank_max("decode_steps"),
         active_rows=all_reduce(timing.get("active_rows", 0)) / max(all_reduce(timing.get("decode_steps", 0)), 1),
-        **{f"time_{k}": slowest(k) for k in ("rollout", "generate", "simulator", "update")},
+        **{f"time_{k}": rank_max(k) for k in ("rollout", "generate", "simulator", "update")},
         gen_tokens_per_s=all_reduce(timing.get("tokens", 0) / max(timing.get("generate", 1e-9), 1e-9)),
         lr=run.optimizer.param_groups[0]["lr"],
         **{k: all_reduce(sum(getattr(e, k) for e in episodes)) for k in sim.COUNTS})  # totals, warned per step
@@ -403,7 +402,6 @@ def setup(args):
         model, n = build_model(args, cfg, device, True, critic), max(1, int(ratio * args.steps))  # (1: no warmup)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
         return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / n))
-
     policy, optimizer, scheduler = trainable(args.lr, args.warmup_ratio[0])
     run = Run(device=device, tokenizer=tokenizer, profiles=profiles, test_profiles=test_profiles, backend=backend,
               policy=policy, optimizer=optimizer, scheduler=scheduler)
@@ -558,7 +556,7 @@ def save(run, args, step):
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         # fp32 weights and both AdamW moments of what is trained, and the policy's hf/ (at most fp32)
-        need = sum(p.numel() * (16 if who == "policy" else 12) for who, m, _, _ in run.trained() for p in m.parameters())
+        need = sum(p.numel() * (12 if m is run.critic else 16) for _, m, _, _ in run.trained() for p in m.parameters())
         raise ConfigError(f"saving {tmp} failed ({describe(e)}): a checkpoint needs up to {need / 2**20:.1f} MiB "
                           f"free on that disk ({shutil.disk_usage(os.path.dirname(final)).free / 2**20:.1f} MiB free "
                           f"now); the .tmp is removed and every earlier checkpoint kept: free space, then continue "
@@ -585,9 +583,9 @@ def finish_checkpoint(run, args, step, full, tmp, final):
 
 
 def resume_checkpoint(out, warn=False):
-    """The newest readable checkpoint (small files load, shards whole) or None; warn: a line per damaged newer one."""
-    dirs, damaged = checkpoint_dirs(out), []
-    for path in reversed(dirs):
+    """The newest readable one of out's checkpoints (small files load, shards whole); warn: a line per damaged one."""
+    damaged = []
+    for path in reversed(checkpoint_dirs(out)):
         try:
             torch.load(os.path.join(path, "schedulers.pt"), weights_only=False)
             storage = dcp.FileSystemReader(os.path.join(path, "trainer")).read_metadata().storage_data or {}
@@ -600,9 +598,8 @@ def resume_checkpoint(out, warn=False):
             return path
         except Exception as e:  # noqa: BLE001 (unreadable in any way is damaged: OSError, pickle, zip errors)
             damaged.append(f"{path} is damaged ({describe(e)})")
-    if dirs:
-        raise ConfigError(f"--resume: no checkpoint in {out}/checkpoints is readable ({'; '.join(damaged)}): start "
-                          f"afresh with --overwrite, or in another --out")
+    raise ConfigError(f"--resume: no checkpoint in {out}/checkpoints is readable ({'; '.join(damaged)}): start "
+                      f"afresh with --overwrite, or in another --out")
 
 
 def start_step(run, args):
@@ -659,7 +656,6 @@ def check_out(args, warn=False):
     def place(path, out):  # relative to its run folder when inside it (the demo's model: a moved run matches)
         inside = os.path.relpath(os.path.abspath(path), os.path.abspath(out))
         return os.path.abspath(path) if inside.startswith(os.pardir) else inside
-
     diff = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run used {was[k]})" for k in RESUME_KEYS
             if k in was and getattr(args, k) != was[k]
             and not (k == "model" and place(args.model, args.out) == place(was[k], was.get("out", args.out)))]
@@ -677,7 +673,6 @@ def claim_out(args):
         if rank == 0:
             check_out(args)  # before the lock file is written: a refused run leaves --out as it was
             return benchmark.lock_out(args.out, lambda: check_out(args, warn=True), token)
-
     shared = [token, together(lock, USER_ERRORS)]
     dist.broadcast_object_list(shared, src=0)
 
@@ -688,7 +683,6 @@ def claim_out(args):
         raise ConfigError(f"rank {rank} on {os.uname().nodename} does not see the run folder rank 0 writes (--out "
                           f"{args.out} lacks rank 0's {benchmark.LOCK_FILE}): give every node the same --out on a "
                           f"filesystem they share")
-
     together(sees, USER_ERRORS)
     return shared[1]
 
@@ -700,7 +694,6 @@ def check_parse_failures(args, episodes, where):
         if dist.get_rank() == 0 and "parse" not in WARNED:
             WARNED.add("parse")
             print(f"rlver: {line.replace(key, '***') if key else line}", flush=True)
-
     return sim.check_parse_health(episodes, args.max_parse_failure_rate, where, warn_once,
                                   sum_ranks=lambda n: int(all_reduce(n)))
 
@@ -803,10 +796,9 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    # files closed; os._exit skips the teardown that a thread hung on a dead simulator can abort ("terminate called")
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
+    os._exit(code)  # files closed; skips the teardown a thread hung on a dead simulator can abort ("terminate called")
 
 
 if __name__ == "__main__":
