@@ -267,8 +267,8 @@ def eval_command(args):
     except ValueError as e:  # unknown spec or malformed URL
         raise BenchmarkError(str(e)) from None
     backend.check()
-    for name in lock_out(args.out, lambda: check_out(args.out, EVAL_FILES, args.overwrite)):  # --overwrite: the
-        os.remove(os.path.join(args.out, name))  # earlier eval goes now, so old and new never mix
+    for name in lock_out(args.out, lambda: check_out(args.out, EVAL_FILES, args.overwrite)):  # one eval per --out
+        os.remove(os.path.join(args.out, name))  # --overwrite: the earlier eval goes now, so old and new never mix
     if isinstance(policy, str):  # the heavy part starts here, after every cheap check passed
         policy, tokenizer = load_model(policy, device=args.device, dtype=DTYPES[args.dtype]), load_tokenizer(policy)
     config = {k: v for k, v in vars(args).items() if k != "func"}
