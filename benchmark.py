@@ -163,16 +163,9 @@ def provenance(args, profiles, profiles_path, seeds, temperature):
             "seeds": seeds}
 
 
-def blocking_file(out):
-    """The nearest existing path at or above `out` if it is a file (no --out folder can be made there), else None."""
-    parent = os.path.abspath(out)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    return None if os.path.isdir(parent) else parent
-
-
 LOCK_FILE = ".lock"  # <out>/.lock: held by the one process that writes in that --out (lock_out)
 HELD_LOCKS = []  # the lock files this process holds, open until it exits
+EVAL_FILES = ("transcripts.jsonl", "summary.json", "trajectories.svg")  # what an eval writes in its --out
 
 
 def open_locked(out, mode):
@@ -191,14 +184,27 @@ def open_locked(out, mode):
     raise BenchmarkError(f"--out {out} {problem} --out")
 
 
-def check_not_locked(out):
-    if os.path.isfile(os.path.join(out, LOCK_FILE)):
+def check_out(out, earlier, overwrite, resume=None):  # resume None: eval's (no --resume); returns the earlier files
+    """Eval's and rlver.py's --out check: no file, no folder in use, no `earlier` files unless --overwrite/--resume."""
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):  # the nearest existing path: no folder can be made under a file
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise BenchmarkError(f"--out {out}: {parent} is a file, not a folder: choose another --out")
+    lock = os.path.join(out, LOCK_FILE)
+    if os.path.isfile(lock) and lock not in [f.name for f in HELD_LOCKS]:  # (rechecked under this process's lock)
         open_locked(out, fcntl.LOCK_SH).close()
+    old = [name for name in earlier if os.path.exists(os.path.join(out, name))]
+    if old and not (overwrite or resume):
+        what, hint = ("eval", "") if resume is None else ("run", "continue it with --resume, ")
+        raise BenchmarkError(f"--out {out} holds an earlier {what} ({', '.join(old)}): {hint}replace it with "
+                             f"--overwrite, or choose another --out")
+    return old
 
 
-def lock_out(out, token=""):
-    """One writer per --out: an exclusive flock that the OS drops when this process dies, even by SIGKILL. Line 1
-    names the holder, line 2 is `token` (rlver.py's ranks read it)."""
+def lock_out(out, check, token=""):
+    """One writer per --out: an exclusive flock the OS drops when this process dies, even by SIGKILL (line 1 names the
+    holder, line 2 is `token`, for rlver.py's ranks); returns check() run again under it (a run may have ended)."""
     os.makedirs(out, exist_ok=True)
     f = open_locked(out, fcntl.LOCK_EX)
     f.truncate(0)
@@ -206,20 +212,7 @@ def lock_out(out, token=""):
             f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n{token}\n")
     f.flush()
     HELD_LOCKS.append(f)
-
-
-EVAL_FILES = ("transcripts.jsonl", "summary.json", "trajectories.svg")  # what an eval writes in its --out
-
-
-def check_eval_out(args):
-    if blocking_file(args.out):
-        raise BenchmarkError(f"--out {args.out}: {blocking_file(args.out)} is a file, not a folder: choose "
-                             f"another --out")
-    old = [name for name in EVAL_FILES if os.path.exists(os.path.join(args.out, name))]
-    if old and not args.overwrite:
-        raise BenchmarkError(f"--out {args.out} holds an earlier eval ({', '.join(old)}): replace it with "
-                             f"--overwrite, or choose another --out")
-    return old
+    return check()
 
 
 def check_policy(args):
@@ -244,8 +237,7 @@ def eval_command(args):
     if args.max_new_tokens >= args.max_context:
         raise BenchmarkError(f"--max-new-tokens {args.max_new_tokens} must be >= 1 and below --max-context "
                              f"{args.max_context}")
-    check_eval_out(args)  # before anything is written
-    check_not_locked(args.out)
+    check_out(args.out, EVAL_FILES, args.overwrite)  # before anything is written
     official = args.official_prompts and sim.load_official_prompts(   # the authors' prompts, on every profile
         args.official_prompts, args.protocol, args.think, args.official_quirks, args.simulator)
     profiles_path = args.profiles or (sim.official_profiles_path(args.official_prompts)
@@ -260,9 +252,8 @@ def eval_command(args):
     except ValueError as e:  # unknown spec or malformed URL
         raise BenchmarkError(str(e)) from None
     backend.check()
-    lock_out(args.out)  # one eval per --out; checked again under the lock: two evals started at once
-    for name in check_eval_out(args):  # --overwrite: the earlier eval goes now, so old and new never mix
-        os.remove(os.path.join(args.out, name))
+    for name in lock_out(args.out, lambda: check_out(args.out, EVAL_FILES, args.overwrite)):  # one eval per --out
+        os.remove(os.path.join(args.out, name))  # --overwrite: the earlier eval goes now, so old and new never mix
     if isinstance(policy, str):  # the heavy part starts here, after every cheap check passed
         policy, tokenizer = load_model(policy, device=args.device, dtype=DTYPES[args.dtype]), load_tokenizer(policy)
     config = {k: v for k, v in vars(args).items() if k != "func"}

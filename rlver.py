@@ -11,19 +11,21 @@ One step (train_step): profiles -> rollout (rollout.py) -> reward = final emotio
 import argparse
 import contextlib
 import json
-import math
 import os
-import re
 import shutil
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule
+import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 import benchmark
 import grpo
@@ -41,7 +43,7 @@ LOG_SAMPLES = 2  # transcripts per step in samples.jsonl
 
 DEMO = dict(  # `python rlver.py` with no --model: everything small enough for a laptop CPU
     steps=30, profiles_per_step=8, max_turns=3, max_new_tokens=24, micro_batch=16, lr=1e-2, critic_lr=1e-2,
-    warmup_ratio=(0.0, 0.0), out="runs/demo", save_every=10, think=False, eval_every=15,
+    warmup_ratio="0,0", out="runs/demo", save_every=10, eval_every=15,
     protocol="classic", entropy_coef=0.0, weight_decay=0.0)  # our English rules users, no extra terms
 
 
@@ -63,13 +65,11 @@ def warmup_ratios(text):
 
 
 def get_args(argv=None):
-    demo = ", ".join(f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, tuple) else v}"
-                     for k, v in DEMO.items() if k != "think")
+    demo = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO.items())
     p = sim.Parser(name="rlver", description="RLVER: RL with verifiable emotion rewards (PPO / GRPO).",
-                   formatter_class=HelpFormatter,
-                   epilog=f"Demo mode (no --model): a tiny random model on CPU, and these defaults instead of the "
-                          f"ones above (a flag you give wins): {demo}, --no-think. CPU runs use one torch thread "
-                          f"unless OMP_NUM_THREADS says otherwise (README: CPU threads).")
+                   formatter_class=HelpFormatter, epilog=f"Demo mode (no --model): a tiny random model on CPU, and "
+                   f"these defaults instead of the ones above (a flag you give wins): {demo}. CPU runs use one torch "
+                   f"thread unless OMP_NUM_THREADS says otherwise (README: CPU threads).")
     a, count, positive, share = p.add_argument, sim.in_range(1, kind=int), sim.in_range(0, above=True), sim.in_range(0)
     a("--algo", choices=["grpo", "ppo"], default="grpo")
     a("--model", default=None, help=f"HF checkpoint dir, or random weights: {'|'.join(lm.SHAPES)}; none: demo")
@@ -108,6 +108,9 @@ def get_args(argv=None):
     a("--save-every", type=count, default=50, help="checkpoint every N steps (and at the end)")
     a("--eval-every", type=sim.in_range(0, kind=int), default=0, help="evaluate every N steps (0: never)")
     args = p.parse_args(argv)
+    if args.model is None:  # demo mode: DEMO's defaults, parsed again so that a flag given (even abbreviated) wins
+        p.set_defaults(**DEMO)
+        args = p.parse_args(argv)
     args.group_size = args.group_size or (4 if args.algo == "grpo" else 1)
     args.max_turns = args.max_turns or sim.PROTOCOLS[args.protocol].max_turns
     return args
@@ -132,7 +135,6 @@ def validate_args(args, world):
 
 # One training step ------------------------------------------------------------------------------------------
 
-
 def step_profiles(n_profiles, per_step, step, seed):
     """A step's profile indices: the training set visited epoch by epoch, each epoch in its own shuffled order."""
     order = lambda epoch: torch.randperm(n_profiles, generator=torch.Generator().manual_seed(seed + epoch))  # noqa
@@ -151,7 +153,6 @@ def train_step(run, args, step):
     dialogues = play(run, args, [run.profiles[i] for i in mine], args.group_size, seeds, args.temperature, timing)
     timing["rollout"], timing["peak_gb_rollout"] = time.time() - t0, peak_memory_gb(run.device)
     failures = check_parse_failures(args, [d.episode for d in dialogues], f"step {step + 1}")  # before any update
-
     t0 = time.time()
     rewards = torch.tensor([sim.reward(d.episode) for d in dialogues], device=run.device)  # (B,)
     batch = score_rollouts(run, args, ro.training_samples(dialogues))
@@ -182,10 +183,9 @@ def play(run, args, profiles, group, seeds, temperature, timing=None):
             prepared = sim.prepare_profiles(profiles, run.backend, protocol=args.protocol, mode=args.mode)
             played = [p for p in prepared for _ in range(group)]
             return ro.rollout(run.policy, run.tokenizer, played, run.backend, seeds=seeds, think=args.think,
-                              think_history=args.think_history, max_turns=args.max_turns,
-                              max_new_tokens=args.max_new_tokens, temperature=temperature, mode=args.mode,
-                              max_context=args.max_context, eos_ids=run.eos_ids, timing=timing, compile=args.compile,
-                              turn_deadline=args.simulator_turn_deadline,
+                              think_history=args.think_history, max_turns=args.max_turns, mode=args.mode,
+                              max_new_tokens=args.max_new_tokens, temperature=temperature, max_context=args.max_context,
+                              timing=timing, compile=args.compile, turn_deadline=args.simulator_turn_deadline,
                               log=(lambda line: print(line, flush=True)) if dist.get_rank() == 0 else None)
     return together(rollout, sim.SimulatorError)
 
@@ -223,15 +223,12 @@ def score_rollouts(run, args, samples):
 
 def advantages(run, args, batch, rewards):
     """(B, T-1) advantages, each sample taking its dialogue's reward: GRPO group-relative, PPO GAE whitened."""
-    mask, dialogue = batch["mask"], batch["dialogue"]
-    if args.algo == "grpo" and args.think_history == "strip":  # over every turn sample of a group (grpo.py)
-        adv = grpo.group_advantages(rewards[dialogue], dialogue // args.group_size, mask.any(1),
-                                    scale_by_std=not args.no_std)  # (samples,)
-        return adv[:, None] * mask
-    if args.algo == "grpo":  # dialogues i*G .. (i+1)*G-1 are profile i's group
-        groups = torch.arange(len(rewards), device=rewards.device) // args.group_size  # (dialogues,)
-        group = grpo.group_advantages(rewards, groups, scale_by_std=not args.no_std)  # (dialogues,)
-        return group[dialogue][:, None] * mask
+    mask, dialogue, strip = batch["mask"], batch["dialogue"], args.think_history == "strip"
+    if args.algo == "grpo":  # dialogues i*G .. (i+1)*G-1 are profile i's group; strip: over its turn samples (grpo.py)
+        rows = dialogue if strip else torch.arange(len(rewards), device=rewards.device)  # each row's dialogue
+        adv = grpo.group_advantages(rewards[rows], rows // args.group_size, mask.any(1) if strip else None,
+                                    scale_by_std=not args.no_std)  # (rows,)
+        return (adv if strip else adv[dialogue])[:, None] * mask
     kl = args.kl_coef if "ref_logprobs" in batch else 0.0
     token_rewards = ppo.token_rewards(rewards[dialogue], mask, batch.get("old_logprobs"), batch.get("ref_logprobs"), kl)
     adv, batch["returns"] = ppo.compute_gae(token_rewards, batch["old_values"], mask, GAMMA, LAM)
@@ -242,17 +239,16 @@ def step_metrics(run, dialogues, rewards, batch, stats, timing):
     """One metrics.jsonl row: the update's metrics plus means over the global batch of dialogues."""
     episodes, n = [d.episode for d in dialogues], all_reduce(len(dialogues))
     mean = lambda xs: all_reduce(sum(xs)) / n  # noqa: E731
-    slowest = lambda key: all_reduce(timing.get(key, 0.0), dist.ReduceOp.MAX)  # noqa: E731
+    rank_max = lambda key: all_reduce(timing.get(key, 0.0), dist.ReduceOp.MAX)  # noqa: E731 (the slowest rank's)
     reward, real = mean(rewards.tolist()), batch["mask"].sum(1) > 0  # real: (B,) samples with policy tokens
     metrics, samples = dict(stats), all_reduce(float(real.sum()))
     if "ref_logprobs" in batch:  # k1 estimate of KL(pi_old || pi_ref) over the global batch's policy tokens
         metrics["kl_ref"] = ppo.masked_mean(batch["old_logprobs"] - batch["ref_logprobs"], batch["mask"],
                                             reduce=all_reduce).item()
-    if run.device.type == "cuda":  # the largest rank's peak GPU memory per phase
-        metrics.update({k: slowest(k) for k in ("peak_gb_rollout", "peak_gb_update")})
+    metrics.update({k: rank_max(k) for k in ("peak_gb_rollout", "peak_gb_update") if run.device.type == "cuda"})
     outcomes = [sim.final_outcome(e.emotion, e.profile.protocol) for e in episodes]
     return metrics | dict(
-        reward=reward, reward_std=math.sqrt(max(mean([r * r for r in rewards.tolist()]) - reward ** 2, 0.0)),
+        reward=reward, reward_std=max(mean([r * r for r in rewards.tolist()]) - reward ** 2, 0.0) ** 0.5,
         emotion=mean([e.emotion for e in episodes]), success=mean([o == "success" for o in outcomes]),
         failure=mean([o == "failure" for o in outcomes]), turns=mean([len(e.turns) for e in episodes]),
         truncated=mean([d.truncated for d in dialogues]), parse_failures=mean([e.parse_failures for e in episodes]),
@@ -261,9 +257,9 @@ def step_metrics(run, dialogues, rewards, batch, stats, timing):
         samples=samples,  # training sequences with policy tokens (the padding ones do not count)
         prefill_tokens=all_reduce(timing.get("prefill_tokens", 0)),  # what the rollout engine fed the model
         conversation_tokens=all_reduce(timing.get("conversation_tokens", 0)),  # the conversations' own length
-        decode_steps=slowest("decode_steps"),
+        decode_steps=rank_max("decode_steps"),
         active_rows=all_reduce(timing.get("active_rows", 0)) / max(all_reduce(timing.get("decode_steps", 0)), 1),
-        **{f"time_{k}": slowest(k) for k in ("rollout", "generate", "simulator", "update")},
+        **{f"time_{k}": rank_max(k) for k in ("rollout", "generate", "simulator", "update")},
         gen_tokens_per_s=all_reduce(timing.get("tokens", 0) / max(timing.get("generate", 1e-9), 1e-9)),
         lr=run.optimizer.param_groups[0]["lr"],
         **{k: all_reduce(sum(getattr(e, k) for e in episodes)) for k in sim.COUNTS})  # totals, warned per step
@@ -280,10 +276,8 @@ def evaluate_policy(run, args, step):
     episodes = [e for part in gathered for e in part]
     if rank == 0:
         provenance = benchmark.provenance(args, profiles, args.test_profiles, list(range(len(profiles))), 0.0)
-        s = benchmark.report(episodes, os.path.join(args.out, "eval", f"step_{step}"),
-                             config={"provenance": provenance}, title=f"step {step} ({benchmark.setting_label(args)})")
-        print(f"eval step {step}: score {s['score']:.1f} success {s['success_rate']:.2f} "
-              f"failure {s['failure_rate']:.2f}", flush=True)
+        benchmark.report(episodes, os.path.join(args.out, "eval", f"step_{step}"), config={"provenance": provenance},
+                         title=f"step {step} ({benchmark.setting_label(args)})")  # (it prints the score)
 
 
 # The update: clipped-surrogate losses, --mini-batches optimizer steps over the step's rollouts --------------
@@ -300,9 +294,8 @@ def shuffle_seed(seed, step):
 def update(run, batch, args, step):
     """--mini-batches optimizer steps over the step's rollouts (PPO's critic alongside); the update's metrics."""
     ids, mask, lengths, world = batch["ids"], batch["mask"], batch["lengths"], dist.get_world_size()
-    reuse = "old_logprobs" not in batch  # reuses_update_forward: pi_old = this forward, filled in as we go
+    reuse, sums = "old_logprobs" not in batch, {}  # reuse (reuses_update_forward): pi_old = this forward, filled in
     batch.setdefault("old_logprobs", torch.zeros(mask.shape, device=mask.device))  # (B, T-1)
-    sums = {}
     order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(shuffle_seed(args.seed, step)))
     for mini in [part.tolist() for part in order.tensor_split(args.mini_batches)]:
         # / the GLOBAL count (all ranks' micro-batches) / world, as FSDP averages gradients (ppo.aggregate)
@@ -318,9 +311,8 @@ def update(run, batch, args, step):
                 loss = loss - args.entropy_coef * ppo.aggregate(entropy, mb["mask"], **scale)
             loss.backward()
             metrics["entropy"] = ppo.masked_mean(entropy.detach(), mb["mask"])
-            for k, v in metrics.items():  # the losses (already / N_global) add up; the rest weighted by tokens
+            for k, v in (metrics | {"_tokens": 1.0}).items():  # losses (already / N_global) add up; the rest by tokens
                 sums[k] = sums.get(k, 0.0) + float(v) * (1.0 if k in SUMMED else mb["mask"].sum().item())
-            sums["_tokens"] = sums.get("_tokens", 0.0) + mb["mask"].sum().item()
         for name, model, optimizer, _ in run.trained():
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # (a DTensor under FSDP2)
@@ -336,24 +328,21 @@ def update(run, batch, args, step):
 
 def micro_batch_loss(run, args, x, mb, logprobs, scale):
     """GRPO's loss, or PPO's policy + value loss (the critic shares no parameter: one backward serves both)."""
-    eps = args.clip_ratio
+    eps, value_clip = args.clip_ratio, args.value_clip
     if args.algo == "grpo":
         return grpo.grpo_loss(logprobs, mb["old_logprobs"], mb.get("ref_logprobs"), mb["advantages"], mb["mask"],
                               eps, eps, args.kl_coef, **scale)
     loss, metrics = ppo.policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mb["mask"], eps, eps, **scale)
-    vloss, vmetrics = ppo.value_loss(run.critic(x), mb["old_values"], mb["returns"], mb["mask"], args.value_clip,
-                                     **scale)
+    vloss, vmetrics = ppo.value_loss(run.critic(x), mb["old_values"], mb["returns"], mb["mask"], value_clip, **scale)
     return loss + vloss, metrics | vmetrics | {"loss": loss.detach()}
 
 
 # Setup: one process per device (torchrun), FSDP2 shards parameters, grads and optimizer state ---------------
 
-
 @dataclass
 class Run:
     device: torch.device
-    tokenizer: object
-    eos_ids: list  # token ids that end a policy turn (model.stop_token_ids)
+    tokenizer: object  # (its folder's config and generation_config name the stop tokens: model.stop_token_ids)
     profiles: list  # training profiles (simulator.Profile)
     test_profiles: list
     backend: object  # the simulated user (simulator.make_backend)
@@ -373,18 +362,16 @@ class Run:
 USER_ERRORS = (ConfigError, lm.CheckpointError, sim.ProfileError, sim.SimulatorError, benchmark.BenchmarkError)
 
 
-def setup(args, argv):
+def setup(args):
     """Cheap checks, then models and optimizers; a check that reads files or endpoints stops every rank together."""
-    make_model = resolve_model(args, argv)
+    make_model = resolve_model(args)
     validate_args(args, int(os.environ.get("WORLD_SIZE", "1")))  # flags only: alike on every rank
     alone = {} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)  # python rlver.py
-    if torch.cuda.is_available():  # a backend per device: NCCL for CUDA tensors, gloo for the gathers of CPU objects
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    cuda = torch.cuda.is_available()  # a backend per device: NCCL for CUDA tensors, gloo for gathers of CPU objects
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if cuda:
         torch.cuda.set_device(device)
-        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device, **alone)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo", **alone)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", device_id=device if cuda else None, **alone)
     if args.activation_checkpointing is None:  # on by default on CUDA: 7B does not fit without it
         args.activation_checkpointing = device.type == "cuda"
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -409,19 +396,32 @@ def setup(args, argv):
             elif os.path.exists(path):
                 os.remove(path)
     dist.barrier()
-    return build_run(args, cfg, device, tokenizer, profiles, test_profiles, backend)
+    torch.manual_seed(args.seed)  # the models and their optimizers: the policy, the reference (--kl-coef), PPO's critic
+
+    def trainable(lr, ratio, critic=False):  # the model, AdamW, a linear warmup over ratio x --steps, then constant
+        model, n = build_model(args, cfg, device, True, critic), max(1, int(ratio * args.steps))  # (1: no warmup)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / n))
+    policy, optimizer, scheduler = trainable(args.lr, args.warmup_ratio[0])
+    run = Run(device=device, tokenizer=tokenizer, profiles=profiles, test_profiles=test_profiles, backend=backend,
+              policy=policy, optimizer=optimizer, scheduler=scheduler)
+    if args.kl_coef > 0:
+        run.reference = build_model(args, cfg, device, trainable=False)
+    if args.algo == "ppo":
+        run.critic, run.critic_optimizer, run.critic_scheduler = trainable(args.critic_lr, args.warmup_ratio[1], True)
+    return run
 
 
 def together(fn, catch):
     """fn() on every rank; an error of `catch` on any rank is raised on every rank (none left in a collective)."""
-    result, error, errors = None, None, [None] * dist.get_world_size()
+    errors = [None] * dist.get_world_size()
     try:
-        result = fn()
+        result, error = fn(), None
     except catch as e:
-        error = e
+        result, error = None, e
     dist.all_gather_object(errors, error)
-    if any(e is not None for e in errors):
-        raise next(e for e in errors if e is not None)
+    if raised := [e for e in errors if e is not None]:
+        raise raised[0]
     return result
 
 
@@ -432,13 +432,9 @@ def all_reduce(x, op=dist.ReduceOp.SUM):
     return t if torch.is_tensor(x) else t.item()
 
 
-def resolve_model(args, argv):
-    """No --model: the demo (its defaults, a tiny model); a model.SHAPES name: <out>/random-NAME. Returns its maker."""
+def resolve_model(args):
+    """No --model: the demo's tiny model, <out>/tiny-qwen2; a SHAPES name: <out>/random-NAME. Returns its maker."""
     if args.model is None:
-        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv or sys.argv[1:]) if a.startswith("--")}
-        for key, value in DEMO.items():
-            if key not in given and not (key == "think" and "no_think" in given):
-                setattr(args, key, value)
         args.model = os.path.join(args.out, "tiny-qwen2")
         if os.environ.get("RANK", "0") == "0":
             print(f"rlver: demo mode (no --model): a tiny random model in {args.model}", flush=True)
@@ -450,9 +446,7 @@ def resolve_model(args, argv):
 
 def make_simulator(args, device):
     """The simulated user's backend (simulator.make_backend), reachability checked."""
-    client = {}  # the HTTP client's knobs, for an endpoint simulator
-    if args.simulator.startswith(("http://", "https://")):
-        client = dict(timeout=args.simulator_timeout)
+    client = dict(timeout=args.simulator_timeout) if args.simulator.startswith(("http://", "https://")) else {}
     try:
         backend = sim.make_backend(args.simulator, model_name=args.simulator_model,
                                    api_key_env=args.simulator_key_env, device=device, **client)
@@ -477,37 +471,12 @@ def validate_model(args, profiles):
     return cfg, tokenizer
 
 
-def build_run(args, cfg, device, tokenizer, profiles, test_profiles, backend):
-    """The models and their optimizers: the policy; the frozen reference when --kl-coef > 0; PPO's critic."""
-    torch.manual_seed(args.seed)
-
-    def trainable(model, lr, ratio):  # AdamW, linear warmup over ratio x --steps, then constant
-        n = int(ratio * args.steps)
-        warmup = lambda s: min(1.0, (s + 1) / n) if n else 1.0  # noqa: E731
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
-        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
-
-    policy, optimizer, scheduler = trainable(build_model(args, cfg, device, True), args.lr, args.warmup_ratio[0])
-    run = Run(device=device, tokenizer=tokenizer, eos_ids=lm.stop_token_ids(tokenizer, args.model), profiles=profiles,
-              test_profiles=test_profiles, backend=backend, policy=policy, optimizer=optimizer, scheduler=scheduler)
-    if args.kl_coef > 0:
-        run.reference = build_model(args, cfg, device, trainable=False)
-    if args.algo == "ppo":
-        run.critic, run.critic_optimizer, run.critic_scheduler = trainable(
-            build_model(args, cfg, device, True, critic=True), args.critic_lr, args.warmup_ratio[1])
-    return run
-
-
 def build_model(args, cfg, device, trainable, critic=False):
     """The policy, reference or critic: fp32 master weights (bf16 ones lose lr 1e-6 updates), bf16 compute."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
     if args.no_fsdp:  # a plain module: loaded directly (keeps a tied embedding/head tied)
         module = lm.load_model(args.model, device, torch.float32)
-        if bf16:
-            module.autocast_dtype = torch.bfloat16
+        module.autocast_dtype = torch.bfloat16 if bf16 else None
         if critic:
             torch.manual_seed(args.seed)
             module = ppo.Critic(module)
@@ -538,7 +507,6 @@ def build_model(args, cfg, device, trainable, critic=False):
 @contextlib.contextmanager
 def generation_mode(model):
     """The policy unsharded once for the rollout: no all-gather per token, so ranks may decode different lengths."""
-
     fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in fsdp_modules:  # every block and the root
         m.unshard()
@@ -555,19 +523,16 @@ def generation_mode(model):
 
 # Checkpoints: <out>/checkpoints/step_N/{hf/ (HF layout, for transformers), trainer/ (sharded state)} --------
 
-
 def checkpoint_dirs(out):
     """The complete checkpoints, oldest first: step_N with DONE (a step_N.tmp, killed mid-save, is ignored)."""
     root = os.path.join(out, "checkpoints")
     steps = [int(n[5:]) for n in (os.listdir(root) if os.path.isdir(root) else [])
-             if re.fullmatch(r"step_\d+", n) and os.path.isfile(os.path.join(root, n, "DONE"))]
+             if n.startswith("step_") and n[5:].isdecimal() and os.path.isfile(os.path.join(root, n, "DONE"))]
     return [os.path.join(root, f"step_{s}") for s in sorted(steps)]
 
 
 def trainer_state(run):
     """What --resume needs: model and optimizer state of the policy (and critic), sharded, for DCP."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     return {k: v for name, model, optimizer, _ in run.trained()
             for k, v in zip((name, f"{name}_optimizer"), get_state_dict(model, optimizer))}
 
@@ -580,11 +545,6 @@ def describe(e):
 
 def save(run, args, step):
     """step_N.tmp (each rank writes its trainer/ shard, rank 0 the rest), renamed when complete; then curves.svg."""
-    import torch.distributed.checkpoint as dcp
-    from safetensors import SafetensorError
-    from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     rank, final = dist.get_rank(), os.path.join(args.out, "checkpoints", f"step_{step}")
     tmp, failed = final + ".tmp", (OSError, SafetensorError)  # safetensors reports a full disk as its own error
     try:  # each `together` is also the barrier between the ranks' parts
@@ -596,8 +556,7 @@ def save(run, args, step):
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         # fp32 weights and both AdamW moments of what is trained, and the policy's hf/ (at most fp32)
-        need = sum(p.numel() * (16 if name == "policy" else 12) for name, model, _, _ in run.trained()
-                   for p in model.parameters())
+        need = sum(p.numel() * (12 if m is run.critic else 16) for _, m, _, _ in run.trained() for p in m.parameters())
         raise ConfigError(f"saving {tmp} failed ({describe(e)}): a checkpoint needs up to {need / 2**20:.1f} MiB "
                           f"free on that disk ({shutil.disk_usage(os.path.dirname(final)).free / 2**20:.1f} MiB free "
                           f"now); the .tmp is removed and every earlier checkpoint kept: free space, then continue "
@@ -623,43 +582,36 @@ def finish_checkpoint(run, args, step, full, tmp, final):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def resume_checkpoint(out):
-    """(the newest readable checkpoint or None, a line per damaged newer one): small files load, shards whole."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    dirs, damaged = checkpoint_dirs(out), []
-    for path in reversed(dirs):
+def resume_checkpoint(out, warn=False):
+    """The newest readable one of out's checkpoints (small files load, shards whole); warn: a line per damaged one."""
+    damaged = []
+    for path in reversed(checkpoint_dirs(out)):
         try:
             torch.load(os.path.join(path, "schedulers.pt"), weights_only=False)
-            storage = FileSystemReader(os.path.join(path, "trainer")).read_metadata().storage_data or {}
+            storage = dcp.FileSystemReader(os.path.join(path, "trainer")).read_metadata().storage_data or {}
             short = [i.relative_path for i in storage.values()
                      if os.path.getsize(os.path.join(path, "trainer", i.relative_path)) < i.offset + i.length]
             if short:
                 raise OSError(f"{os.path.join(path, 'trainer', short[0])} is truncated")
-            return path, damaged
+            for line in damaged if warn else []:
+                print(f"rlver: warning: --resume: {line}; left in place, resuming from an older checkpoint", flush=True)
+            return path
         except Exception as e:  # noqa: BLE001 (unreadable in any way is damaged: OSError, pickle, zip errors)
             damaged.append(f"{path} is damaged ({describe(e)})")
-    if dirs:
-        raise ConfigError(f"--resume: no checkpoint in {out}/checkpoints is readable ({'; '.join(damaged)}): start "
-                          f"afresh with --overwrite, or in another --out")
-    return None, []
+    raise ConfigError(f"--resume: no checkpoint in {out}/checkpoints is readable ({'; '.join(damaged)}): start "
+                      f"afresh with --overwrite, or in another --out")
 
 
 def start_step(run, args):
     """0 for a fresh run; with --resume the checkpoint's step, its state restored, later rows dropped (redone)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-
     start, path = 0, args.resume_from
     if path:
         try:
             state = trainer_state(run)
             dcp.load(state, checkpoint_id=os.path.join(path, "trainer"))
             schedulers = torch.load(os.path.join(path, "schedulers.pt"), weights_only=False)
-            for name, model, optimizer, scheduler in run.trained():
-                set_state_dict(model, optimizer, model_state_dict=state[name],
-                               optim_state_dict=state[f"{name}_optimizer"])
+            for name, model, optim, scheduler in run.trained():
+                set_state_dict(model, optim, model_state_dict=state[name], optim_state_dict=state[f"{name}_optimizer"])
                 scheduler.load_state_dict(schedulers[name])
             start = int(os.path.basename(path)[len("step_"):])
         except (Exception, CheckpointException) as e:  # noqa: BLE001 (damaged past resume_checkpoint's look)
@@ -689,17 +641,11 @@ RESUME_KEYS = ("algo", "model", "train_profiles", "profiles_per_step", "group_si
                "mode", "official_prompts", "official_quirks")  # what a resumed run must share with its run
 
 
-def check_out(args):
-    """Refuses an --out that is a file or holds an earlier run, and --resume with other flags; resume_checkpoint()."""
-    if benchmark.blocking_file(args.out):
-        raise ConfigError(f"--out {args.out}: {benchmark.blocking_file(args.out)} is a file, not a folder: "
-                          f"choose another --out")
-    old = [n for n in RUN_FILES if os.path.exists(os.path.join(args.out, n))]
-    if old and not args.resume and not args.overwrite:
-        raise ConfigError(f"--out {args.out} holds an earlier run ({', '.join(old)}): continue it with --resume, "
-                          f"replace it with --overwrite, or choose another --out")
+def check_out(args, warn=False):
+    """benchmark.check_out; for --resume the run's flags (RESUME_KEYS) too: the checkpoint to resume, or None."""
+    benchmark.check_out(args.out, RUN_FILES, args.overwrite, args.resume)
     if not args.resume or not checkpoint_dirs(args.out):
-        return None, []
+        return
     try:
         with open(os.path.join(args.out, "config.json")) as f:
             was = json.load(f)
@@ -710,14 +656,13 @@ def check_out(args):
     def place(path, out):  # relative to its run folder when inside it (the demo's model: a moved run matches)
         inside = os.path.relpath(os.path.abspath(path), os.path.abspath(out))
         return os.path.abspath(path) if inside.startswith(os.pardir) else inside
-
     diff = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run used {was[k]})" for k in RESUME_KEYS
             if k in was and getattr(args, k) != was[k]
             and not (k == "model" and place(args.model, args.out) == place(was[k], was.get("out", args.out)))]
     if diff:
         raise ConfigError(f"--resume: flags differ from the run in {args.out}: {'; '.join(diff)}. Give the run's "
                           f"flags, or start a new run in another --out")
-    return resume_checkpoint(args.out)
+    return resume_checkpoint(args.out, warn)
 
 
 def claim_out(args):
@@ -726,14 +671,8 @@ def claim_out(args):
 
     def lock():
         if rank == 0:
-            benchmark.check_not_locked(args.out)
             check_out(args)  # before the lock file is written: a refused run leaves --out as it was
-            benchmark.lock_out(args.out, token)
-            path, damaged = check_out(args)  # again under the lock: another run may have ended in between
-            for line in damaged:
-                print(f"rlver: warning: --resume: {line}; left in place, resuming from an older checkpoint", flush=True)
-            return path
-
+            return benchmark.lock_out(args.out, lambda: check_out(args, warn=True), token)
     shared = [token, together(lock, USER_ERRORS)]
     dist.broadcast_object_list(shared, src=0)
 
@@ -741,10 +680,9 @@ def claim_out(args):
         with contextlib.suppress(OSError), open(os.path.join(args.out, benchmark.LOCK_FILE), encoding="utf-8") as f:
             if shared[0] in f.read():
                 return
-        raise ConfigError(f"rank {rank} on {socket.gethostname()} does not see the run folder rank 0 writes (--out "
+        raise ConfigError(f"rank {rank} on {os.uname().nodename} does not see the run folder rank 0 writes (--out "
                           f"{args.out} lacks rank 0's {benchmark.LOCK_FILE}): give every node the same --out on a "
                           f"filesystem they share")
-
     together(sees, USER_ERRORS)
     return shared[1]
 
@@ -753,15 +691,14 @@ def check_parse_failures(args, episodes, where):
     """simulator.check_parse_health over every rank; rank 0 shows one bad answer a run (key redacted)."""
     def warn_once(line):
         key = os.environ.get(args.simulator_key_env)
-        if dist.get_rank() == 0 and not WARNED:
-            WARNED.append(line)
+        if dist.get_rank() == 0 and "parse" not in WARNED:
+            WARNED.add("parse")
             print(f"rlver: {line.replace(key, '***') if key else line}", flush=True)
-
     return sim.check_parse_health(episodes, args.max_parse_failure_rate, where, warn_once,
                                   sum_ranks=lambda n: int(all_reduce(n)))
 
 
-WARNED = []  # the first unparseable answer is shown once per run
+WARNED = set()  # what is warned about once a run: "parse" (an unparseable answer), the COUNTS (log_step)
 SIGNALLED = []  # the signal that asked this rank to stop
 
 
@@ -783,13 +720,11 @@ def interrupted(code):
 
 # The training loop and main ---------------------------------------------------------------------------------
 
-
-def train(args, argv=None):
+def train(args, argv):
     """Setup, then the steps from the start (or the resumed) step on. Returns the exit code."""
-    run = setup(args, argv)
+    run = setup(args)
     start = start_step(run, args)
-    given = list(argv if argv is not None else sys.argv[1:])
-    hint = " ".join(given + ([] if "--resume" in given else ["--resume"]))  # the command that continues this run
+    hint = " ".join(argv + ([] if "--resume" in argv else ["--resume"]))  # the command that continues this run
     hint = f"the same torchrun command with {hint}" if dist.get_world_size() > 1 else f"python rlver.py {hint}"
     if dist.get_rank() == 0:  # after the checkpoint loaded: a --resume that fails leaves config.json as it was
         with open(os.path.join(args.out, "config.json"), "w") as f:
@@ -802,10 +737,9 @@ def train(args, argv=None):
         signal.signal(signum, on_signal)
     stop_asked = lambda: int(all_reduce(max(SIGNALLED, default=0), dist.ReduceOp.MAX))  # noqa: E731 (0: none)
     done = saved = start  # the last step whose update and metrics are complete; the last checkpointed step
-    warned = set()  # the COUNTS already warned about (cut replies, cut thoughts, wild changes)
     for step in range(start, args.steps):
         try:
-            log_step(args, step, *train_step(run, args, step), warned)
+            log_step(args, step, *train_step(run, args, step))
             done = step + 1
             if args.eval_every and done % args.eval_every == 0:
                 evaluate_policy(run, args, done)
@@ -829,7 +763,7 @@ def train(args, argv=None):
     return 0
 
 
-def log_step(args, step, metrics, dialogues, warned):
+def log_step(args, step, metrics, dialogues):
     """Rank 0: the metrics row, the first LOG_SAMPLES transcripts, the step's line, each count's first warning."""
     metrics["step"] = m = step + 1
     if dist.get_rank() != 0:
@@ -839,15 +773,13 @@ def log_step(args, step, metrics, dialogues, warned):
     for name, records in rows.items():
         with open(os.path.join(args.out, name), "a") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    print(f"step {m}/{args.steps} | reward {metrics['reward']:.3f} ± {metrics['reward_std']:.3f} | success "
-          f"{metrics['success']:.2f} fail {metrics['failure']:.2f} | turns {metrics['turns']:.1f} | kl "
-          f"{metrics.get('kl_ref', 0.0):.4f} clip {metrics.get('clip_frac', 0.0):.3f} ent "
-          f"{metrics.get('entropy', 0.0):.2f} | len {metrics['policy_tokens']:.0f} | rollout "
-          f"{metrics['time_rollout']:.1f}s (sim {metrics['time_simulator']:.1f}s) update {metrics['time_update']:.1f}s"
-          f" | {metrics['gen_tokens_per_s']:.0f} tok/s | parse fail {metrics['parse_failed_turns']}/"
-          f"{metrics['simulator_turns']}", flush=True)
-    first = {k: metrics[k] for k in sim.COUNTS if metrics.get(k) and k not in warned}  # once a run
-    warned.update(first)
+    print("step {step}/{steps} | reward {reward:.3f} ± {reward_std:.3f} | success {success:.2f} fail {failure:.2f} | "
+          "turns {turns:.1f} | kl {kl_ref:.4f} clip {clip_frac:.3f} ent {entropy:.2f} | len {policy_tokens:.0f} | "
+          "rollout {time_rollout:.1f}s (sim {time_simulator:.1f}s) update {time_update:.1f}s | {gen_tokens_per_s:.0f} "
+          "tok/s | parse fail {parse_failed_turns}/{simulator_turns}".format(
+              **{"kl_ref": 0.0, "clip_frac": 0.0, "entropy": 0.0, **metrics, "steps": args.steps}), flush=True)
+    first = {k: metrics[k] for k in sim.COUNTS if metrics.get(k) and k not in WARNED}  # once a run
+    WARNED.update(first)
     for line in sim.count_warnings(first, f"step {m}"):
         print(f"rlver: {line} (warned once; every step's count is in metrics.jsonl)", flush=True)
 
@@ -855,7 +787,7 @@ def log_step(args, step, metrics, dialogues, warned):
 def main(argv=None):
     args, code = get_args(argv), 2
     try:
-        code = train(args, argv)
+        code = train(args, list(sys.argv[1:] if argv is None else argv))
     except USER_ERRORS as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun: one line, not one per rank
             print(f"rlver: error: {e}", file=sys.stderr, flush=True)
@@ -864,10 +796,9 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    # files closed; os._exit skips the teardown that a thread hung on a dead simulator can abort ("terminate called")
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
+    os._exit(code)  # files closed; skips the teardown a thread hung on a dead simulator can abort ("terminate called")
 
 
 if __name__ == "__main__":

@@ -746,7 +746,7 @@ def test_no_fsdp_bf16_keeps_fp32_master_weights_so_small_updates_survive(tiny_qw
     argv = ["--model", tiny_qwen2, "--out", str(tmp_path), "--no-fsdp", "--dtype", "bfloat16", "--lr", "1e-6",
             "--kl-coef", "0", "--micro-batch", "4", *SMALL, "--mini-batches", "2"]  # 2: pi_old gets its own pass
     args = rlver.get_args(argv)
-    run = rlver.setup(args, argv)
+    run = rlver.setup(args)
     try:
         policy, optimizer = run.policy, run.optimizer
         assert {p.dtype for p in policy.parameters()} == {torch.float32}
@@ -798,7 +798,7 @@ def in_process(argv, monkeypatch):
                            MASTER_PORT=str(closed_port())).items():
         monkeypatch.setenv(key, value)  # restored after the test
     args = rlver.get_args(argv)
-    run = rlver.setup(args, argv)
+    run = rlver.setup(args)
     try:
         yield run, args
     finally:
@@ -888,7 +888,7 @@ def test_update_without_scoring_pass_equals_the_scored_update(algo, tiny_qwen2, 
             "--group-size", "2", "--max-turns", "2", "--max-new-tokens", "8", "--micro-batch", "2", "--lr", "1e-2",
             "--no-think"] + (["--kl-coef", "0"] if algo == "ppo" else [])  # PPO's KL reward needs pi_old first
     args = rlver.get_args(argv)
-    run = rlver.setup(args, argv)
+    run = rlver.setup(args)
     try:
         assert rlver.reuses_update_forward(run, args)
         dialogues = rlver.play(run, args, run.profiles[:4], 1, [ro.rollout_seed(0, 0, j) for j in range(4)], 1.0)
