@@ -20,8 +20,7 @@ def check_group_layout(groups):
     """The layout the trainer makes and the advantage relies on: each group's rows are contiguous (rows i*G ..
     (i+1)*G - 1 are the G rollouts of profile i; under strip, a dialogue's turn samples follow each other).
     groups (S,) long. Raises ValueError naming the broken invariant."""
-    run_starts = torch.ones_like(groups, dtype=torch.bool)  # (S,) a row whose group differs from the row before
-    run_starts[1:] = groups[1:] != groups[:-1]
+    run_starts = torch.diff(groups, prepend=groups[:1] - 1) != 0  # (S,) a row whose group differs from the one before
     ids, runs = groups[run_starts].unique(return_counts=True)  # the runs of consecutive rows of each group
     if (runs > 1).any():
         raise ValueError(f"group layout broken: each group's rows must be contiguous, but the rows of group "
@@ -79,16 +78,14 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_low=0
     and normaliser, so the loss is linear in the per-token terms and micro-batches add up exactly.
     ref_logprobs may be None when kl_coef == 0.
     """
-    loss, metrics = policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=clip_low,
-                                clip_high=clip_high, dual_clip=dual_clip, agg=agg,
-                                loss_scale_tokens=loss_scale_tokens, loss_scale_seqs=loss_scale_seqs)
-    if kl_coef:
-        if ref_logprobs is None:
-            raise ValueError("kl_coef > 0 needs ref_logprobs; pass them or set kl_coef=0")
-        kl = k3_kl(logprobs, ref_logprobs)  # (B, T-1)
-        loss = loss + kl_coef * aggregate(kl, mask, agg, loss_scale_tokens, loss_scale_seqs)
+    if kl_coef and ref_logprobs is None:
+        raise ValueError("kl_coef > 0 needs ref_logprobs; pass them or set kl_coef=0")
+    loss, metrics = policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, agg,
+                                loss_scale_tokens, loss_scale_seqs)
+    if ref_logprobs is not None:  # (logged at kl_coef 0 too)
+        kl = k3_kl(logprobs if kl_coef else logprobs.detach(), ref_logprobs)  # (B, T-1)
+        if kl_coef:
+            loss = loss + kl_coef * aggregate(kl, mask, agg, loss_scale_tokens, loss_scale_seqs)
         metrics["kl"] = masked_mean(kl.detach(), mask)
-    elif ref_logprobs is not None:
-        metrics["kl"] = masked_mean(k3_kl(logprobs.detach(), ref_logprobs), mask)
     metrics["loss"] = loss.detach()
     return loss, metrics

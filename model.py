@@ -344,17 +344,15 @@ def decode_one_token(model, cache, slots, tokens, lengths, pad_id, compiled=None
     one per (dialogue count, attended_columns), the span every slot. Returns the slots' logits (b, V)."""
     device = tokens.device
     lo, hi = (0, cache.k[0].shape[0]) if compiled is not None else (min(slots), max(slots) + 1)
-    # (b,) rows of the span and (b, 1) write positions, in one host-to-device copy
+    # (b,) rows of the span and write positions, in one host-to-device copy
     index, positions = torch.tensor([[i - lo for i in slots], [lengths[i] for i in slots]], device=device)
-    positions = positions[:, None]
     span_tokens = torch.full((hi - lo, 1), pad_id, dtype=torch.long, device=device)  # (hi - lo, 1)
     span_tokens.index_copy_(0, index, tokens[:, None])
     span_positions = torch.full((hi - lo, 1), cache.trash, dtype=torch.long, device=device)  # idle rows: trash
-    span_positions.index_copy_(0, index, positions)
+    span_positions.index_copy_(0, index, positions[:, None])
     used = max(lengths[i] for i in slots) + 1
     used = attended_columns(used, cache.trash + 1) if compiled is not None else used
-    step = model if compiled is None else compiled
-    return forward_slots(step, cache, slice(lo, hi), span_tokens, span_positions, used)[index]
+    return forward_slots(compiled or model, cache, slice(lo, hi), span_tokens, span_positions, used)[index]
 
 
 def keyed_uniform(keys):
@@ -379,27 +377,25 @@ def sample(logits, temperature, top_p, generator):
     smallest set whose probability reaches top_p (nucleus, Holtzman et al. 2020) -> tokens (B,) and their log-probs
     (what the trainer recomputes). generator: a torch.Generator, B of them (a stream per row) or (B, 2) keys."""
     logits = logits.float()
-    if temperature == 0:
-        tokens = logits.argmax(-1)
-        return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
-    logprobs = torch.log_softmax(logits / temperature, dim=-1)  # (B, V)
+    logprobs = torch.log_softmax(logits / (temperature or 1.0), dim=-1)  # (B, V) (greedy: of the plain softmax)
     probs = logprobs.exp()
-    if top_p < 1.0:
+    if top_p < 1.0 and temperature:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep tokens until the mass reaches top_p
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    if isinstance(generator, torch.Tensor):  # inverse CDF: the first token whose cumulative mass passes u * total
+    if temperature == 0:
+        tokens = logits.argmax(-1)
+    elif isinstance(generator, torch.Tensor):  # inverse CDF: the first token whose cumulative mass passes u * total
         cdf = probs.cumsum(-1)  # (B, V) (its last column is the mass top-p kept)
         u = (keyed_uniform(generator) * cdf[:, -1].double()).float()  # (B,)
         tokens = torch.searchsorted(cdf, u[:, None], right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
-        return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
-    # argmax(p / E), E = -log(U) ~ Exp(1), draws from p (the exponential race, as Gumbel-max) with no host sync
-    if isinstance(generator, (list, tuple)):  # a row's sample does not depend on the other rows of its batch
-        uniform = torch.stack([torch.rand(probs.shape[-1], device=probs.device, generator=g) for g in generator])
-    else:
-        uniform = torch.rand(probs.shape, device=probs.device, generator=generator)
-    tokens = (probs / -uniform.log()).argmax(-1)
+    else:  # argmax(p / E), E = -log(U) ~ Exp(1), draws from p (the exponential race, as Gumbel-max), no host sync
+        if isinstance(generator, (list, tuple)):  # a row's sample does not depend on the other rows of its batch
+            uniform = torch.stack([torch.rand(probs.shape[-1], device=probs.device, generator=g) for g in generator])
+        else:
+            uniform = torch.rand(probs.shape, device=probs.device, generator=generator)
+        tokens = (probs / -uniform.log()).argmax(-1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
@@ -591,22 +587,18 @@ def save_model(state_dict: dict, cfg: ModelConfig, path, tokenizer=None, max_sha
     dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32  # none declared: fp32 loses nothing
     state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous().cpu()  # a tied head: not stored
              for k, v in state_dict.items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
-    shards, size = [{}], 0   # tensors in order, a new shard where the next would pass max_shard_bytes
+    shards = [{}]   # tensors in order, a new shard where the next would pass max_shard_bytes
     for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
+        if shards[-1] and sum(t.nbytes for t in shards[-1].values()) + tensor.nbytes > max_shard_bytes:
             shards.append({})
-            size = 0
         shards[-1][name] = tensor
-        size += nbytes
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     names = names if len(shards) > 1 else ["model.safetensors"]
     for name, shard in zip(names, shards):
         save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
     if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in state.values())
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total},
+            json.dump({"metadata": {"total_size": sum(t.nbytes for t in state.values())},
                        "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}, f, indent=2)
     Path(path, "config.json").write_text(json.dumps(cfg.hf, indent=2))
     if tokenizer is not None:

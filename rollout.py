@@ -13,6 +13,7 @@ Randomness: each dialogue samples from its own stream seeded by rollout_seed(run
 rank or a resume (exactly in fp32; bf16 kernels may round a row differently in another batch shape).
 """
 
+import bisect
 import time
 from dataclasses import dataclass, field
 
@@ -111,14 +112,10 @@ def visible_ids(reply, tokenizer):
     closing = tokenizer.decode(reply).count("</think>")
     if not closing:
         return reply
-    lo, hi = 1, len(reply)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if tokenizer.decode(reply[:mid]).count("</think>") == closing:
-            hi = mid
-        else:
-            lo = mid + 1
-    return reply[lo:]
+    # the shortest prefix that holds every "</think>" (a prefix's count only grows with its length)
+    end = bisect.bisect_left(range(len(reply) + 1), closing, lo=1,
+                             key=lambda n: tokenizer.decode(reply[:n]).count("</think>"))
+    return reply[end:]
 
 
 @dataclass
@@ -333,6 +330,5 @@ def endpoint_rollout(policy_client, profiles, backend, *, think, mode="vanilla",
         sim.simulate_turn(active, texts, backend, mode=mode, max_turns=max_turns, turn_deadline=turn_deadline,
                           progress_every=progress_every, log=log)
         log(f"  turn {turn}/{max_turns}: {len(active)} open dialogues, mean emotion "
-            f"{sum(ep.emotion for ep in active) / len(active):.1f}, "
-            f"{time.time() - start:.1f}s")
+            f"{sum(ep.emotion for ep in active) / len(active):.1f}, {time.time() - start:.1f}s")
     return episodes
