@@ -4,10 +4,8 @@ For each profile we run G dialogues (the RLVER scripts use G = 4). Each dialogue
 (final emotion / 100); its advantage is that reward measured against its group (Shao et al. 2024,
 "DeepSeekMath", eq. 3 and sec. 4.1.2, outcome supervision), and every policy token of the dialogue
 shares it. The KL to the reference model is a loss term (the k3 estimator), not a reward penalty.
-The clipped surrogate and the loss aggregation are PPO's, imported from ppo.py.
-
-Same conventions as ppo.py: per-token tensors are (B, T-1), aligned with ids[:, 1:]; `mask` marks the
-policy's sampled tokens; log-probs are computed by the caller at the sampling temperature.
+The clipped surrogate, the loss aggregation and the conventions (per-token tensors (B, T-1) aligned with
+ids[:, 1:], `mask`, log-probs at the sampling temperature) are PPO's, from ppo.py.
 """
 import torch
 
@@ -29,11 +27,10 @@ def check_group_layout(groups):
 
 @torch.no_grad()
 def group_advantages(rewards, groups, valid=None, eps=1e-6, scale_by_std=True):
-    """Group-relative advantage (GRPO, Shao et al. 2024, sec. 4.1.2): A_i = (r_i - mean(r)) / (std(r) + eps).
-
-    rewards (S,) one per row; groups (S,) long, the group id of each row; valid (S,) bool, the rows that take
-    part (others get 0, and are not checked). std is the unbiased sample std. scale_by_std=False gives
-    A_i = r_i - mean(r) (Dr.GRPO, Liu et al. 2025: the std up-weights nearly all-equal groups).
+    """Group-relative advantage (GRPO, Shao et al. 2024, sec. 4.1.2): A_i = (r_i - mean(r)) / (std(r) + eps), std
+    unbiased; scale_by_std=False: A_i = r_i - mean(r) (Dr.GRPO, Liu et al. 2025: the std up-weights nearly all-equal
+    groups). rewards (S,); groups (S,) long, each row's group id; valid (S,) bool, the rows that take part (others
+    get 0, and are not checked).
     Under --think-history strip the rows are turn samples carrying their dialogue's reward, grouped by profile
     as the official think trainer (verl's GRPO over the expanded batch) does: a dialogue with more turns weighs
     more. A group whose rewards are all equal gets EXACTLY zero: the float mean of equal values can be an ulp
@@ -71,8 +68,7 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_low=0
 
         L = aggregate( PPO-clip_t(ratio_t, A_i)  +  kl_coef * k3_t )
 
-    advantages: (B, T-1), a rollout's advantage on each of its tokens (rlver broadcasts the (B,) group
-    advantages over the policy mask).
+    advantages: (B, T-1), a rollout's advantage on each of its tokens (the (B,) group advantages broadcast).
     The original GRPO aggregates "seq-mean-token-mean"; "token-mean" (the default) weights every token
     equally, which avoids favouring short answers (DAPO; Dr.GRPO). Both terms use the same aggregation
     and normaliser, so the loss is linear in the per-token terms and micro-batches add up exactly.

@@ -283,16 +283,16 @@ def token_logprobs(model, ids, temperature=1.0, return_entropy=False):
 
 # ----------------------------------------------------------------------------------------------------------
 # KV cache, prefill and decode, sampling, generate (rollout.Engine drives the same steps per dialogue)
-#
-# Each sequence owns a row ("slot") of a KV cache preallocated for the generation, (N, H_kv, S + 1, D), S the
-# longest length, the last column a trash slot for padding. A slot holds its first `length` ids at positions 0..
-# (= RoPE positions); a prefill feeds a slot only the ids new since its last forward, a decode step one token.
 
 class KVCache:
-    """One (N, H_kv, S + 1, D) pair per layer in the compute dtype. Before each forward forward_slots sets `rows`
-    (a slice lo:hi, a view; or a (b,) tensor, gathered) and `positions` (b, T) where the new tokens go."""
+    """Preallocated keys/values of `model`, one (N, H_kv, S + 1, D) pair per layer in its compute dtype: each sequence
+    owns a row ("slot") holding its first `length` ids at positions 0.. (= RoPE positions), the last column a trash
+    slot for padding. Before each forward, forward_slots sets `rows` (a slice lo:hi, a view; or a (b,) tensor,
+    gathered) and `positions` (b, T) where the new tokens go."""
 
-    def __init__(self, cfg, n_slots, max_len, device, dtype):
+    def __init__(self, model, n_slots, max_len):
+        cfg, device = model.config, model.inv_freq.device
+        dtype = model.autocast_dtype or model.model.embed_tokens.weight.dtype  # the compute dtype
         shape = (n_slots, cfg.num_key_value_heads, max_len + 1, cfg.head_dim)  # + 1: the trash column
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
@@ -315,8 +315,7 @@ class KVCache:
 def forward_slots(model, cache, rows, tokens, positions, used):
     """One forward of some slots: tokens, positions (b, T); rows a slice or (b,) tensor; used: cache columns
     attended. A query at position p sees its own row's keys at positions <= p. Returns logits (b, V)."""
-    columns = torch.arange(used, device=tokens.device)
-    mask = (columns <= positions[:, :, None])[:, None]  # (b, 1, T, used)
+    mask = (torch.arange(used, device=tokens.device) <= positions[:, :, None])[:, None]  # (b, 1, T, used)
     cache.rows, cache.positions = rows, positions
     return model(tokens, positions=positions, mask=mask, cache=cache)
 
@@ -450,8 +449,7 @@ def generate(model, prompts, max_new_tokens, eos_ids, temperature=1.0, top_p=1.0
     (sample()): every prompt prefilled into its slot, then one decode_one_token per new token. compile: the decode
     step through torch.compile."""
     device, rows = model.inv_freq.device, list(range(len(prompts)))
-    cache = KVCache(model.config, len(prompts), max(map(len, prompts)) + max_new_tokens, device,
-                    model.autocast_dtype or model.model.embed_tokens.weight.dtype)
+    cache = KVCache(model, len(prompts), max(map(len, prompts)) + max_new_tokens)
     eos = torch.tensor(list(eos_ids), device=device)
     out_ids = torch.full((len(prompts), max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_logprobs = torch.zeros(len(prompts), max_new_tokens, device=device)
@@ -479,8 +477,7 @@ def read_config(path) -> ModelConfig:
     if not os.path.isdir(path):
         raise CheckpointError(f"model path {path!r} is not a directory: pass a local HF checkpoint folder")
     try:
-        with open(config_file) as f:
-            return ModelConfig.from_hf(json.load(f))
+        return ModelConfig.from_hf(json.loads(Path(config_file).read_text()))
     except FileNotFoundError:
         raise CheckpointError(f"{config_file} not found: a HF checkpoint folder needs config.json") from None
     except json.JSONDecodeError as e:

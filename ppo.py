@@ -34,8 +34,7 @@ class Critic(nn.Module):
         self.backbone = copy.deepcopy(policy_model)
         self.backbone.lm_head = None  # the critic reads hidden states only
         self.backbone.requires_grad_(True)
-        hidden_size = policy_model.config.hidden_size
-        device = next(policy_model.parameters()).device
+        hidden_size, device = policy_model.config.hidden_size, next(policy_model.parameters()).device
         # the head stays fp32 even for a bf16 backbone: values are small regression targets
         self.value_head = init_value_head(nn.Linear(hidden_size, 1, device=device, dtype=torch.float32))
 
@@ -62,8 +61,7 @@ def token_rewards(final_rewards, mask, logprobs=None, ref_logprobs=None, kl_coef
     if kl_coef:
         if logprobs is None or ref_logprobs is None:
             raise ValueError("kl_coef > 0 needs logprobs and ref_logprobs; pass both or set kl_coef=0")
-        k1 = logprobs.float() - ref_logprobs.float()  # (B, T-1)
-        rewards = rewards - kl_coef * k1 * mask
+        rewards = rewards - kl_coef * (logprobs.float() - ref_logprobs.float()) * mask  # k1_t, (B, T-1)
     return rewards
 
 

@@ -1,5 +1,4 @@
-"""
-rollout.py: the multi-turn engine. A policy talks with simulated users until each dialogue ends.
+"""The multi-turn engine: a policy talks with simulated users until each dialogue ends.
 
 RLVER's environment is a conversation (arXiv 2507.03112, sec. 3): the policy replies, the simulated user
 (simulator.py) moves its emotion and answers, for up to max_turns turns. Two loops play it:
@@ -56,8 +55,7 @@ def user_turn_ids(tokenizer, user_text, stop_text=None, think=None):
                 {"role": "assistant", "content": marker}, {"role": "user", "content": user_text}]
     text = render(tokenizer, messages, add_generation_prompt=True, think=think)
     delta = text[text.rindex(marker) + len(marker):]
-    if stop_text and delta.startswith(stop_text):
-        delta = delta[len(stop_text):]
+    delta = delta.removeprefix(stop_text) if stop_text else delta
     return tokenizer.encode(delta, add_special_tokens=False)
 
 
@@ -145,21 +143,14 @@ class Engine:
 
     def __init__(self, model, tokenizer, backend, dialogues, cfg, timing, log=None):
         self.model, self.tokenizer, self.dialogues, self.cfg, self.timing = model, tokenizer, dialogues, cfg, timing
-        self.log = log
         self.eos, self.pad_id = set(cfg.eos_ids or lm.stop_token_ids(tokenizer)), tokenizer.pad_token_id
-        self.device = model.inv_freq.device
-        dtype = getattr(model, "autocast_dtype", None) or model.model.embed_tokens.weight.dtype  # the compute dtype
-        self.cache = lm.KVCache(model.config, len(dialogues), cfg.max_context, self.device, dtype)
+        self.log, self.device = log, model.inv_freq.device
+        self.cache = lm.KVCache(model, len(dialogues), cfg.max_context)
         self.turns = sim.Turns(backend, cfg.turn_deadline, cfg.progress_every, log)
         self.generating, self.logits = [], None  # slots decoding now, and their next-token logits (b, V)
         self.held = []  # slots whose reply waits for the lockstep turn to end (overlap off)
         self.decode_step = None  # model.compiled_decode's step under compile, else None (eager)
         self.ready = [i for i in range(len(dialogues)) if self.begin_turn(i)]  # slots to prefill
-
-    def finish(self, i):   # (strip: the turns' samples are made as they end)
-        d = self.dialogues[i]
-        if self.cfg.think_history == "keep":
-            d.samples = [Sample(d.ids, d.policy_mask, i)]
 
     def begin_turn(self, i):
         """The dialogue starts a turn, or ends here when the turn could outgrow max_context."""
@@ -167,7 +158,6 @@ class Engine:
         if len(d.context) + self.cfg.max_new_tokens > self.cfg.max_context:
             d.truncated = d.episode.done = True  # the reward is the emotion reached so far
             d.episode.end_reason = "max_context"
-            self.finish(i)
             return False
         if not self.cfg.kv_reuse:
             d.length = 0  # ablation: forget the cache, re-prefill the whole context
@@ -186,7 +176,7 @@ class Engine:
         """The user's answer (None: the dialogue ended) closes the turn; returns whether a next turn begins."""
         d = self.dialogues[i]
         if user_text is None:
-            return self.finish(i)
+            return False
         stop_text = self.tokenizer.convert_ids_to_tokens(d.reply[-1]) if d.reply and d.reply[-1] in self.eos else None
         turn = user_turn_ids(self.tokenizer, user_text, stop_text, self.cfg.think)
         d.ids += turn
@@ -290,6 +280,9 @@ def rollout(model, tokenizer, profiles, backend, *, seeds, timing=None, log=None
     dialogues = [start_dialogue(p, tokenizer, cfg.think, s, model.inv_freq.device, cfg.think_history == "strip")
                  for p, s in zip(profiles, seeds, strict=True)]
     Engine(model, tokenizer, backend, dialogues, cfg, timing, log).run()
+    if cfg.think_history == "keep":  # one sample per dialogue (strip: one per turn, made as each turn ends)
+        for i, d in enumerate(dialogues):
+            d.samples = [Sample(d.ids, d.policy_mask, i)]
     timing["conversation_tokens"] += sum(len(d.ids) for d in dialogues)
     return dialogues
 
@@ -319,8 +312,7 @@ def endpoint_rollout(policy_client, profiles, backend, *, think, mode="vanilla",
     """The same conversation for a policy behind HTTP: per turn every open dialogue's chat (policy_messages)
     goes to policy_client (a backend: simulator.OpenAIBackend(role="policy")), then simulate_turn answers
     the replies; each side's turn within its deadline (simulator.Turns). Returns the Episodes."""
-    episodes = [sim.new_episode(p) for p in profiles]
-    start = time.time()
+    episodes, start = [sim.new_episode(p) for p in profiles], time.time()
     for turn in range(1, max_turns + 1):
         active = [ep for ep in episodes if not ep.done]
         if not active:
