@@ -332,15 +332,15 @@ def prefill(model, cache, slots, new_ids, starts, pad_id):
 
 
 def attended_columns(needed, total):
-    """The compiled decode step's attended columns: the smallest of total / 8, / 4, / 2, total (= max_context + 1)
-    that holds `needed`, so a short context does not pay for max_context and each length compiles once."""
+    """The compiled decode step's attended columns: the smallest of total / 8, / 4, / 2, total (the cache's columns)
+    that holds `needed`, so a short context does not pay for the whole cache and each length compiles once."""
     return next(n for n in (total >> 3, total >> 2, total >> 1, total) if n >= needed)
 
 
 def decode_one_token(model, cache, slots, tokens, lengths, pad_id, compiled=None):
     """One token for each generating slot, written at lengths[slot], over the span of slots lo:hi (a view, no copy;
-    idle slots in it write a pad to the trash column). compiled (model.compiled_decode's step): static shapes,
-    one per (dialogue count, attended_columns), the span every slot. Returns the slots' logits (b, V)."""
+    idle slots in it write a pad to the trash column). compiled (compiled_decode's step): static shapes, one per
+    (slot count, attended_columns), the span every slot. Returns the slots' logits (b, V)."""
     device = tokens.device
     lo, hi = (0, cache.k[0].shape[0]) if compiled is not None else (min(slots), max(slots) + 1)
     # (b,) rows of the span and write positions, in one host-to-device copy
