@@ -4,10 +4,8 @@ For each profile we run G dialogues (the RLVER scripts use G = 4). Each dialogue
 (final emotion / 100); its advantage is that reward measured against its group (Shao et al. 2024,
 "DeepSeekMath", eq. 3 and sec. 4.1.2, outcome supervision), and every policy token of the dialogue
 shares it. The KL to the reference model is a loss term (the k3 estimator), not a reward penalty.
-The clipped surrogate and the loss aggregation are PPO's, imported from ppo.py.
-
-Same conventions as ppo.py: per-token tensors are (B, T-1), aligned with ids[:, 1:]; `mask` marks the
-policy's sampled tokens; log-probs are computed by the caller at the sampling temperature.
+The clipped surrogate, the loss aggregation and the conventions (per-token tensors (B, T-1) aligned with
+ids[:, 1:], `mask`, log-probs at the sampling temperature) are PPO's, from ppo.py.
 """
 import torch
 
@@ -20,8 +18,7 @@ def check_group_layout(groups):
     """The layout the trainer makes and the advantage relies on: each group's rows are contiguous (rows i*G ..
     (i+1)*G - 1 are the G rollouts of profile i; under strip, a dialogue's turn samples follow each other).
     groups (S,) long. Raises ValueError naming the broken invariant."""
-    run_starts = torch.ones_like(groups, dtype=torch.bool)  # (S,) a row whose group differs from the row before
-    run_starts[1:] = groups[1:] != groups[:-1]
+    run_starts = torch.diff(groups, prepend=groups[:1] - 1) != 0  # (S,) a row whose group differs from the one before
     ids, runs = groups[run_starts].unique(return_counts=True)  # the runs of consecutive rows of each group
     if (runs > 1).any():
         raise ValueError(f"group layout broken: each group's rows must be contiguous, but the rows of group "
@@ -30,11 +27,10 @@ def check_group_layout(groups):
 
 @torch.no_grad()
 def group_advantages(rewards, groups, valid=None, eps=1e-6, scale_by_std=True):
-    """Group-relative advantage (GRPO, Shao et al. 2024, sec. 4.1.2): A_i = (r_i - mean(r)) / (std(r) + eps).
-
-    rewards (S,) one per row; groups (S,) long, the group id of each row; valid (S,) bool, the rows that take
-    part (others get 0, and are not checked). std is the unbiased sample std. scale_by_std=False gives
-    A_i = r_i - mean(r) (Dr.GRPO, Liu et al. 2025: the std up-weights nearly all-equal groups).
+    """Group-relative advantage (GRPO, Shao et al. 2024, sec. 4.1.2): A_i = (r_i - mean(r)) / (std(r) + eps), std
+    unbiased; scale_by_std=False: A_i = r_i - mean(r) (Dr.GRPO, Liu et al. 2025: the std up-weights nearly all-equal
+    groups). rewards (S,); groups (S,) long, each row's group id; valid (S,) bool, the rows that take part (others
+    get 0, and are not checked).
     Under --think-history strip the rows are turn samples carrying their dialogue's reward, grouped by profile
     as the official think trainer (verl's GRPO over the expanded batch) does: a dialogue with more turns weighs
     more. A group whose rewards are all equal gets EXACTLY zero: the float mean of equal values can be an ulp
@@ -72,23 +68,20 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_low=0
 
         L = aggregate( PPO-clip_t(ratio_t, A_i)  +  kl_coef * k3_t )
 
-    advantages: (B, T-1), a rollout's advantage on each of its tokens (rlver broadcasts the (B,) group
-    advantages over the policy mask).
+    advantages: (B, T-1), a rollout's advantage on each of its tokens (the (B,) group advantages broadcast).
     The original GRPO aggregates "seq-mean-token-mean"; "token-mean" (the default) weights every token
     equally, which avoids favouring short answers (DAPO; Dr.GRPO). Both terms use the same aggregation
     and normaliser, so the loss is linear in the per-token terms and micro-batches add up exactly.
     ref_logprobs may be None when kl_coef == 0.
     """
-    loss, metrics = policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=clip_low,
-                                clip_high=clip_high, dual_clip=dual_clip, agg=agg,
-                                loss_scale_tokens=loss_scale_tokens, loss_scale_seqs=loss_scale_seqs)
-    if kl_coef:
-        if ref_logprobs is None:
-            raise ValueError("kl_coef > 0 needs ref_logprobs; pass them or set kl_coef=0")
-        kl = k3_kl(logprobs, ref_logprobs)  # (B, T-1)
-        loss = loss + kl_coef * aggregate(kl, mask, agg, loss_scale_tokens, loss_scale_seqs)
+    if kl_coef and ref_logprobs is None:
+        raise ValueError("kl_coef > 0 needs ref_logprobs; pass them or set kl_coef=0")
+    loss, metrics = policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, agg,
+                                loss_scale_tokens, loss_scale_seqs)
+    if ref_logprobs is not None:  # (logged at kl_coef 0 too)
+        kl = k3_kl(logprobs if kl_coef else logprobs.detach(), ref_logprobs)  # (B, T-1)
+        if kl_coef:
+            loss = loss + kl_coef * aggregate(kl, mask, agg, loss_scale_tokens, loss_scale_seqs)
         metrics["kl"] = masked_mean(kl.detach(), mask)
-    elif ref_logprobs is not None:
-        metrics["kl"] = masked_mean(k3_kl(logprobs.detach(), ref_logprobs), mask)
     metrics["loss"] = loss.detach()
     return loss, metrics

@@ -166,7 +166,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, cache_index=None):
+    def forward(self, x, cos, sin, mask=None, cache=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, D)
@@ -176,7 +176,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # write this step's keys/values, attend over the slots the mask covers (its last dim)
-            k, v = cache.update(self.layer_idx, cache_index, k, v, mask.shape[-1])  # (B, H_kv, S_used, D)
+            k, v = cache.update(self.layer_idx, k, v, mask.shape[-1])  # (B, H_kv, S_used, D)
         if mask is None:  # right-padded training data: plain causal attention is exact for every real token (flash)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:  # prefill and decode: a mask over the cache
@@ -206,8 +206,8 @@ class Block(nn.Module):
                                       up_proj=nn.Linear(hidden, inner, bias=cfg.mlp_bias),
                                       down_proj=nn.Linear(inner, hidden, bias=cfg.mlp_bias)))
 
-    def forward(self, x, cos, sin, mask=None, cache=None, cache_index=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         h, mlp = self.post_attention_layernorm(x), self.mlp
         return x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))  # down(silu(gate(h)) * up(h))
 
@@ -231,8 +231,8 @@ class Transformer(nn.Module):
         """Recompute the (non-checkpoint) RoPE buffer, e.g. after the model was built on the meta device."""
         self.inv_freq = rope_inv_freq(self.config).to(device)
 
-    def forward(self, ids, targets=None, temperature=1.0, positions=None, mask=None, cache=None, cache_index=None,
-                return_hidden=False, with_entropy=True):
+    def forward(self, ids, targets=None, temperature=1.0, positions=None, mask=None, cache=None, return_hidden=False,
+                with_entropy=True):
         """ids (B, T) -> logits (B, T, V); return_hidden: final-norm hidden states (B, T, C); targets (B, T): (log p,
         entropy) (chunked_logprobs); a cache: the last logits (B, V). positions (B, T): RoPE positions (0..T-1).
         mask (B, 1, T, S) bool, True = may attend; None = causal over a right-padded batch (via forward: FSDP2)."""
@@ -246,7 +246,7 @@ class Transformer(nn.Module):
                 if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:  # training forwards
                     x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
                 else:
-                    x = block(x, cos, sin, mask, cache, cache_index)
+                    x = block(x, cos, sin, mask, cache)
             x = self.model.norm(x)
             if return_hidden:
                 return x
@@ -282,21 +282,76 @@ def token_logprobs(model, ids, temperature=1.0, return_entropy=False):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Static KV cache + generation (prefill, then one token at a time)
+# KV cache, prefill and decode, sampling, generate (rollout.Engine drives the same steps per dialogue)
 
 class KVCache:
-    """Preallocated keys/values, a (B, H_kv, S_max, D) pair per layer in the compute dtype, written in place."""
+    """Preallocated keys/values of `model`, one (N, H_kv, S + 1, D) pair per layer in its compute dtype: each sequence
+    owns a row ("slot") holding its first `length` ids at positions 0.. (= RoPE positions), the last column a trash
+    slot for padding. Before each forward, forward_slots sets `rows` (a slice lo:hi, a view; or a (b,) tensor,
+    gathered) and `positions` (b, T) where the new tokens go."""
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
-        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+    def __init__(self, model, n_slots, max_len):
+        cfg, device = model.config, model.inv_freq.device
+        dtype = model.autocast_dtype or model.model.embed_tokens.weight.dtype  # the compute dtype
+        shape = (n_slots, cfg.num_key_value_heads, max_len + 1, cfg.head_dim)  # + 1: the trash column
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        for t in self.k + self.v:  # inputs the compiled decode step mutates: static, or CUDA graphs are skipped
+            torch._dynamo.mark_static_address(t, guard=False)  # (no guard: a new rollout's cache compiles nothing)
+        self.trash, self.rows, self.positions = max_len, None, None
 
-    def update(self, layer, index, k, v, used):
-        """Write k, v (B, H_kv, T, D) at slots `index` (T,) and return the first `used` slots."""
-        self.k[layer].index_copy_(2, index, k.to(self.k[layer].dtype))  # (autocast rotates keys in fp32)
-        self.v[layer].index_copy_(2, index, v.to(self.v[layer].dtype))
-        return self.k[layer][:, :, :used], self.v[layer][:, :, :used]
+    def update(self, layer, k, v, used):
+        """Write k, v (b, H_kv, T, D) at (rows, positions); return the rows' first `used` slots (b, H_kv, used, D)."""
+        kc, vc, rows = self.k[layer], self.v[layer], self.rows
+        if isinstance(rows, slice):  # a span lo:hi: a view of its rows (no copy), numbered 0..b-1
+            kc, vc, rows = kc[rows], vc[rows], slice(None)
+        index = torch.arange(k.shape[0], device=k.device) if isinstance(rows, slice) else rows  # (b,)
+        # advanced indices first: (b, T, H_kv, D); in the cache's dtype (under autocast k may leave RoPE in fp32)
+        kc[index[:, None], :, self.positions] = k.transpose(1, 2).to(kc.dtype)
+        vc[index[:, None], :, self.positions] = v.transpose(1, 2).to(vc.dtype)
+        return kc[rows, :, :used], vc[rows, :, :used]  # the span's view, or the gathered rows
+
+
+def forward_slots(model, cache, rows, tokens, positions, used):
+    """One forward of some slots: tokens, positions (b, T); rows a slice or (b,) tensor; used: cache columns
+    attended. A query at position p sees its own row's keys at positions <= p. Returns logits (b, V)."""
+    mask = (torch.arange(used, device=tokens.device) <= positions[:, :, None])[:, None]  # (b, 1, T, used)
+    cache.rows, cache.positions = rows, positions
+    return model(tokens, positions=positions, mask=mask, cache=cache)
+
+
+def prefill(model, cache, slots, new_ids, starts, pad_id):
+    """Feed each slot its new ids (ragged) in one forward, left-padded so every row's last real token is the
+    last column; row i's ids go to positions starts[i]..., padding to the trash column. Returns logits (b, V)."""
+    T, device = max(map(len, new_ids)), cache.k[0].device
+    tokens = torch.tensor([[pad_id] * (T - len(x)) + list(x) for x in new_ids], device=device)  # (b, T)
+    positions = torch.tensor([[cache.trash] * (T - len(x)) + list(range(s, s + len(x)))
+                              for x, s in zip(new_ids, starts)], device=device)  # (b, T)
+    used = max(s + len(x) for x, s in zip(new_ids, starts))
+    return forward_slots(model, cache, torch.tensor(slots, device=device), tokens, positions, used)
+
+
+def attended_columns(needed, total):
+    """The compiled decode step's attended columns: the smallest of total / 8, / 4, / 2, total (the cache's columns)
+    that holds `needed`, so a short context does not pay for the whole cache and each length compiles once."""
+    return next(n for n in (total >> 3, total >> 2, total >> 1, total) if n >= needed)
+
+
+def decode_one_token(model, cache, slots, tokens, lengths, pad_id, compiled=None):
+    """One token for each generating slot, written at lengths[slot], over the span of slots lo:hi (a view, no copy;
+    idle slots in it write a pad to the trash column). compiled (compiled_decode's step): static shapes, one per
+    (slot count, attended_columns), the span every slot. Returns the slots' logits (b, V)."""
+    device = tokens.device
+    lo, hi = (0, cache.k[0].shape[0]) if compiled is not None else (min(slots), max(slots) + 1)
+    # (b,) rows of the span and write positions, in one host-to-device copy
+    index, positions = torch.tensor([[i - lo for i in slots], [lengths[i] for i in slots]], device=device)
+    span_tokens = torch.full((hi - lo, 1), pad_id, dtype=torch.long, device=device)  # (hi - lo, 1)
+    span_tokens.index_copy_(0, index, tokens[:, None])
+    span_positions = torch.full((hi - lo, 1), cache.trash, dtype=torch.long, device=device)  # idle rows: trash
+    span_positions.index_copy_(0, index, positions[:, None])
+    used = max(lengths[i] for i in slots) + 1
+    used = attended_columns(used, cache.trash + 1) if compiled is not None else used
+    return forward_slots(compiled or model, cache, slice(lo, hi), span_tokens, span_positions, used)[index]
 
 
 def keyed_uniform(keys):
@@ -321,27 +376,25 @@ def sample(logits, temperature, top_p, generator):
     smallest set whose probability reaches top_p (nucleus, Holtzman et al. 2020) -> tokens (B,) and their log-probs
     (what the trainer recomputes). generator: a torch.Generator, B of them (a stream per row) or (B, 2) keys."""
     logits = logits.float()
-    if temperature == 0:
-        tokens = logits.argmax(-1)
-        return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
-    logprobs = torch.log_softmax(logits / temperature, dim=-1)  # (B, V)
+    logprobs = torch.log_softmax(logits / (temperature or 1.0), dim=-1)  # (B, V) (greedy: of the plain softmax)
     probs = logprobs.exp()
-    if top_p < 1.0:
+    if top_p < 1.0 and temperature:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep tokens until the mass reaches top_p
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    if isinstance(generator, torch.Tensor):  # inverse CDF: the first token whose cumulative mass passes u * total
+    if temperature == 0:
+        tokens = logits.argmax(-1)
+    elif isinstance(generator, torch.Tensor):  # inverse CDF: the first token whose cumulative mass passes u * total
         cdf = probs.cumsum(-1)  # (B, V) (its last column is the mass top-p kept)
         u = (keyed_uniform(generator) * cdf[:, -1].double()).float()  # (B,)
         tokens = torch.searchsorted(cdf, u[:, None], right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
-        return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
-    # argmax(p / E), E = -log(U) ~ Exp(1), draws from p (the exponential race, as Gumbel-max) with no host sync
-    if isinstance(generator, (list, tuple)):  # a row's sample does not depend on the other rows of its batch
-        uniform = torch.stack([torch.rand(probs.shape[-1], device=probs.device, generator=g) for g in generator])
-    else:
-        uniform = torch.rand(probs.shape, device=probs.device, generator=generator)
-    tokens = (probs / -uniform.log()).argmax(-1)
+    else:  # argmax(p / E), E = -log(U) ~ Exp(1), draws from p (the exponential race, as Gumbel-max), no host sync
+        if isinstance(generator, (list, tuple)):  # a row's sample does not depend on the other rows of its batch
+            uniform = torch.stack([torch.rand(probs.shape[-1], device=probs.device, generator=g) for g in generator])
+        else:
+            uniform = torch.rand(probs.shape, device=probs.device, generator=generator)
+        tokens = (probs / -uniform.log()).argmax(-1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
@@ -393,25 +446,16 @@ def compute_region(model):
 def generate(model, prompts, max_new_tokens, eos_ids, temperature=1.0, top_p=1.0, generator=None, pad_id=0,
              compile=False):
     """Per prompt (B token-id lists) the sampled ids through the first EOS (or max_new_tokens) and their log-probs
-    (sample()). compile: the decode step through torch.compile. Prompts are left-padded to length P so row token t
-    lands in cache slot P + t; RoPE positions count real tokens only, and the mask hides the padding slots."""
-    device = model.inv_freq.device
-    B, P = len(prompts), max(len(p) for p in prompts)
-    S = P + max_new_tokens
-    ids = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)  # (B, P)
-    real = torch.tensor([[False] * (P - len(p)) + [True] * (S - P + len(p)) for p in prompts], device=device)  # (B, S)
-    positions = (real[:, :P].long().cumsum(-1) - 1).clamp(min=0)  # (B, P)
-    slots = torch.arange(S, device=device)  # cache slot numbers, (S,)
-    # Prefill mask (B, 1, P, P): causal, real keys, and itself (an all-masked padding row would put NaN in the cache)
-    causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
-    mask = (causal & real[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)
-    cache = KVCache(model.config, B, S, device, model.autocast_dtype or model.model.embed_tokens.weight.dtype)
+    (sample()): every prompt prefilled into its slot, then one decode_one_token per new token. compile: the decode
+    step through torch.compile."""
+    device, rows = model.inv_freq.device, list(range(len(prompts)))
+    cache = KVCache(model, len(prompts), max(map(len, prompts)) + max_new_tokens)
     eos = torch.tensor(list(eos_ids), device=device)
-    out_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    out_logprobs = torch.zeros(B, max_new_tokens, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    out_ids = torch.full((len(prompts), max_new_tokens), pad_id, dtype=torch.long, device=device)
+    out_logprobs = torch.zeros(len(prompts), max_new_tokens, device=device)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     with compute_region(model), compiled_decode(model, enabled=compile) as compiled:
-        logits = model(ids, positions=positions, mask=mask[:, None], cache=cache, cache_index=slots[:P])  # (B, V)
+        logits = prefill(model, cache, rows, prompts, [0] * len(prompts), pad_id)  # (B, V)
         for t in range(max_new_tokens):
             tokens, logprobs = sample(logits, temperature, top_p, generator)
             tokens = tokens.masked_fill(done, pad_id)  # finished rows keep emitting padding
@@ -419,13 +463,7 @@ def generate(model, prompts, max_new_tokens, eos_ids, temperature=1.0, top_p=1.0
             done = done | torch.isin(tokens, eos)
             if t == max_new_tokens - 1 or (t % SYNC_EVERY == SYNC_EVERY - 1 and bool(done.all())):
                 break
-            slot = P + t  # decode: one token per row, written at cache slot P + t; attend to slots [0, P + t]
-            if compiled:  # static shapes: attend over all S slots, the ones not written yet masked out
-                step_mask = (real & (slots <= slot))[:, None, None, :]  # (B, 1, 1, S)
-            else:  # eager: attend over just the slots written so far
-                step_mask = real[:, None, None, :slot + 1]  # (B, 1, 1, slot + 1)
-            logits = (compiled or model)(tokens[:, None], positions=positions[:, -1:] + t + 1, mask=step_mask,
-                                         cache=cache, cache_index=slots[slot:slot + 1])
+            logits = decode_one_token(model, cache, rows, tokens, [len(p) + t for p in prompts], pad_id, compiled)
     out_ids, out_logprobs, eos = out_ids.tolist(), out_logprobs.tolist(), set(eos_ids)
     ends = [next((i + 1 for i, tok in enumerate(row) if tok in eos), len(row)) for row in out_ids]  # through EOS
     return [r[:n] for r, n in zip(out_ids, ends)], [r[:n] for r, n in zip(out_logprobs, ends)]
@@ -439,8 +477,7 @@ def read_config(path) -> ModelConfig:
     if not os.path.isdir(path):
         raise CheckpointError(f"model path {path!r} is not a directory: pass a local HF checkpoint folder")
     try:
-        with open(config_file) as f:
-            return ModelConfig.from_hf(json.load(f))
+        return ModelConfig.from_hf(json.loads(Path(config_file).read_text()))
     except FileNotFoundError:
         raise CheckpointError(f"{config_file} not found: a HF checkpoint folder needs config.json") from None
     except json.JSONDecodeError as e:
@@ -547,22 +584,18 @@ def save_model(state_dict: dict, cfg: ModelConfig, path, tokenizer=None, max_sha
     dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32  # none declared: fp32 loses nothing
     state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous().cpu()  # a tied head: not stored
              for k, v in state_dict.items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
-    shards, size = [{}], 0   # tensors in order, a new shard where the next would pass max_shard_bytes
+    shards = [{}]   # tensors in order, a new shard where the next would pass max_shard_bytes
     for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
+        if shards[-1] and sum(t.nbytes for t in shards[-1].values()) + tensor.nbytes > max_shard_bytes:
             shards.append({})
-            size = 0
         shards[-1][name] = tensor
-        size += nbytes
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     names = names if len(shards) > 1 else ["model.safetensors"]
     for name, shard in zip(names, shards):
         save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
     if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in state.values())
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total},
+            json.dump({"metadata": {"total_size": sum(t.nbytes for t in state.values())},
                        "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}, f, indent=2)
     Path(path, "config.json").write_text(json.dumps(cfg.hf, indent=2))
     if tokenizer is not None:

@@ -34,8 +34,7 @@ class Critic(nn.Module):
         self.backbone = copy.deepcopy(policy_model)
         self.backbone.lm_head = None  # the critic reads hidden states only
         self.backbone.requires_grad_(True)
-        hidden_size = policy_model.config.hidden_size
-        device = next(policy_model.parameters()).device
+        hidden_size, device = policy_model.config.hidden_size, next(policy_model.parameters()).device
         # the head stays fp32 even for a bf16 backbone: values are small regression targets
         self.value_head = init_value_head(nn.Linear(hidden_size, 1, device=device, dtype=torch.float32))
 
@@ -54,17 +53,15 @@ def token_rewards(final_rewards, mask, logprobs=None, ref_logprobs=None, kl_coef
     without one gets none), minus the KL penalty in the reward (Ouyang et al. 2022, eq. 2) on every policy token:
     r_t -= kl_coef * k1_t, k1_t = log pi(a_t|s_t) - log pi_ref(a_t|s_t)."""
     mask = mask.bool()  # (B, T-1)
-    B, Tm1 = mask.shape
-    rewards = torch.zeros(B, Tm1, device=mask.device, dtype=torch.float32)  # (B, T-1)
-    positions = torch.arange(Tm1, device=mask.device).expand(B, Tm1)  # (B, T-1)
+    rewards = torch.zeros(mask.shape, device=mask.device, dtype=torch.float32)  # (B, T-1)
+    positions = torch.arange(mask.shape[1], device=mask.device)  # (T-1,)
     last = torch.where(mask, positions, -1).max(dim=1).values  # (B,) last policy position, -1 if none
     rows = (last >= 0).nonzero().squeeze(1)  # the rows with a policy token
     rewards[rows, last[rows]] = final_rewards.float().to(mask.device)[rows]
     if kl_coef:
         if logprobs is None or ref_logprobs is None:
             raise ValueError("kl_coef > 0 needs logprobs and ref_logprobs; pass both or set kl_coef=0")
-        k1 = logprobs.float() - ref_logprobs.float()  # (B, T-1)
-        rewards = rewards - kl_coef * k1 * mask
+        rewards = rewards - kl_coef * (logprobs.float() - ref_logprobs.float()) * mask  # k1_t, (B, T-1)
     return rewards
 
 
@@ -83,11 +80,10 @@ def compute_gae(token_rewards, values, mask, gamma=1.0, lam=1.0):
     Returns (advantages, returns), (B, T-1), 0 / V at masked positions."""
     mask = mask.bool()  # (B, T-1)
     rewards, values = token_rewards.float(), values.float()  # (B, T-1)
-    B, Tm1 = rewards.shape
-    next_value = rewards.new_zeros(B)  # (B,) V of the next policy token (0 after the end)
-    running = rewards.new_zeros(B)  # (B,) A of the next policy token
+    next_value = rewards.new_zeros(rewards.shape[0])  # (B,) V of the next policy token (0 after the end)
+    running = torch.zeros_like(next_value)  # (B,) A of the next policy token
     advantages = torch.zeros_like(rewards)  # (B, T-1)
-    for t in reversed(range(Tm1)):  # vectorised over the batch
+    for t in reversed(range(rewards.shape[1])):  # vectorised over the batch
         valid = mask[:, t]  # (B,)
         delta = rewards[:, t] + gamma * next_value - values[:, t]  # (B,)
         advantage = delta + gamma * lam * running  # (B,)
@@ -202,8 +198,7 @@ def value_loss(values, old_values, returns, mask, clip=0.2, agg="token-mean", lo
         L_t    = 0.5 * max((V - R)^2, (V_clip - R)^2)
     """
     mask = mask.bool()  # (B, T-1)
-    values = values.float()
-    old_values, returns = old_values.detach().float(), returns.detach().float()  # (B, T-1)
+    values, old_values, returns = values.float(), old_values.detach().float(), returns.detach().float()  # (B, T-1)
     error_unclipped = (values - returns) ** 2  # (B, T-1)
     values_clipped = old_values + (values - old_values).clamp(-clip, clip)  # (B, T-1)
     error_clipped = (values_clipped - returns) ** 2  # (B, T-1)

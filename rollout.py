@@ -1,5 +1,4 @@
-"""
-rollout.py: the multi-turn engine. A policy talks with simulated users until each dialogue ends.
+"""The multi-turn engine: a policy talks with simulated users until each dialogue ends.
 
 RLVER's environment is a conversation (arXiv 2507.03112, sec. 3): the policy replies, the simulated user
 (simulator.py) moves its emotion and answers, for up to max_turns turns. Two loops play it:
@@ -13,6 +12,7 @@ Randomness: each dialogue samples from its own stream seeded by rollout_seed(run
 rank or a resume (exactly in fp32; bf16 kernels may round a row differently in another batch shape).
 """
 
+import bisect
 import time
 from dataclasses import dataclass, field
 
@@ -55,19 +55,16 @@ def user_turn_ids(tokenizer, user_text, stop_text=None, think=None):
                 {"role": "assistant", "content": marker}, {"role": "user", "content": user_text}]
     text = render(tokenizer, messages, add_generation_prompt=True, think=think)
     delta = text[text.rindex(marker) + len(marker):]
-    if stop_text and delta.startswith(stop_text):
-        delta = delta[len(stop_text):]
+    delta = delta.removeprefix(stop_text) if stop_text else delta
     return tokenizer.encode(delta, add_special_tokens=False)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Token-level rollout: the engine
 #
-# Each dialogue owns a row ("slot") of a KV cache preallocated for the rollout, (N, H_kv, S + 1, D), S =
-# max_context, the last column a trash slot for padding. A slot holds the first `length` ids of d.context at
-# positions 0.. (= RoPE positions); a turn prefills only the ids new since its last forward. Under strip a slot
-# rolls back to the turn's start and prefills only the turn's visible part (the ids after </think>) before the
-# user's answer: each later turn's context is exactly what that turn's training sample holds.
+# Each dialogue owns a slot of one model.KVCache (S = max_context) holding the first `length` ids of d.context.
+# Under strip a slot rolls back to the turn's start and prefills only the turn's visible part (the ids after
+# </think>) before the user's answer: each later turn's context is exactly what that turn's training sample holds.
 
 
 @dataclass
@@ -113,91 +110,10 @@ def visible_ids(reply, tokenizer):
     closing = tokenizer.decode(reply).count("</think>")
     if not closing:
         return reply
-    lo, hi = 1, len(reply)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if tokenizer.decode(reply[:mid]).count("</think>") == closing:
-            hi = mid
-        else:
-            lo = mid + 1
-    return reply[lo:]
-
-
-class SlotCache:
-    """The rollout's KV cache: one (N, H_kv, S + 1, D) pair per layer. Before each forward the engine sets `rows`
-    (a slice lo:hi, a view; or a (b,) tensor, gathered) and `positions` (b, T) where the new tokens go. Same
-    update() contract as model.KVCache, so model.Attention uses it unchanged (cache_index is unused)."""
-
-    def __init__(self, cfg, n_slots, max_len, device, dtype):
-        shape = (n_slots, cfg.num_key_value_heads, max_len + 1, cfg.head_dim)  # + 1: the trash column
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        for t in self.k + self.v:  # inputs the compiled decode step mutates: static, or CUDA graphs are skipped
-            torch._dynamo.mark_static_address(t, guard=False)  # (no guard: a new rollout's cache compiles nothing)
-        self.trash, self.rows, self.positions = max_len, None, None
-
-    def update(self, layer, index, k, v, used):
-        """Write k, v (b, H_kv, T, D) at (rows, positions); return the rows' first `used` slots (b, H_kv, used, D)."""
-        if isinstance(self.rows, slice):  # a view of the span's rows
-            kc, vc = self.k[layer][self.rows], self.v[layer][self.rows]
-            rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (b, 1)
-        else:
-            kc, vc, rows = self.k[layer], self.v[layer], self.rows[:, None]
-        # advanced indices first: (b, T, H_kv, D); in the cache's dtype (under autocast k may leave RoPE in fp32)
-        kc[rows, :, self.positions] = k.transpose(1, 2).to(kc.dtype)
-        vc[rows, :, self.positions] = v.transpose(1, 2).to(vc.dtype)
-        if isinstance(self.rows, slice):
-            return kc[:, :, :used], vc[:, :, :used]
-        return kc[self.rows, :, :used], vc[self.rows, :, :used]  # (gathers the used columns of those rows)
-
-
-def forward_slots(model, cache, rows, tokens, positions, used):
-    """One forward of some slots: tokens, positions (b, T); rows a slice or (b,) tensor; used: cache columns
-    attended. A query at position p sees its own row's keys at positions <= p. Returns logits (b, V)."""
-    columns = torch.arange(used, device=tokens.device)
-    mask = (columns <= positions[:, :, None])[:, None]  # (b, 1, T, used)
-    cache.rows, cache.positions = rows, positions
-    return model(tokens, positions=positions, mask=mask, cache=cache)
-
-
-def prefill(model, cache, slots, new_ids, starts, pad_id):
-    """Feed each slot its new ids (ragged) in one forward, left-padded so every row's last real token is the
-    last column; row i's ids go to positions starts[i]..., padding to the trash column. Returns logits (b, V)."""
-    device = cache.k[0].device
-    T = max(len(x) for x in new_ids)
-    tokens = torch.full((len(slots), T), pad_id, dtype=torch.long)
-    positions = torch.full((len(slots), T), cache.trash, dtype=torch.long)
-    for r, (x, s) in enumerate(zip(new_ids, starts)):
-        tokens[r, T - len(x):] = torch.tensor(x, dtype=torch.long)
-        positions[r, T - len(x):] = torch.arange(s, s + len(x))
-    used = max(s + len(x) for x, s in zip(new_ids, starts))
-    return forward_slots(model, cache, torch.tensor(slots, device=device), tokens.to(device), positions.to(device),
-                         used)
-
-
-def attended_columns(needed, total):
-    """The compiled decode step's attended columns: the smallest of total / 8, / 4, / 2, total (= max_context + 1)
-    that holds `needed`, so a short context does not pay for max_context and each length compiles once."""
-    return next(n for n in (total >> 3, total >> 2, total >> 1, total) if n >= needed)
-
-
-def decode_one_token(model, cache, slots, tokens, lengths, pad_id, compiled=None):
-    """One token for each generating slot, written at lengths[slot], over the span of slots lo:hi (a view, no copy;
-    idle slots in it write a pad to the trash column). compiled (model.compiled_decode's step): static shapes,
-    one per (dialogue count, attended_columns), the span every slot. Returns the slots' logits (b, V)."""
-    device = tokens.device
-    lo, hi = (0, cache.k[0].shape[0]) if compiled is not None else (min(slots), max(slots) + 1)
-    # (b,) rows of the span and (b, 1) write positions, in one host-to-device copy
-    index, positions = torch.tensor([[i - lo for i in slots], [lengths[i] for i in slots]], device=device)
-    positions = positions[:, None]
-    span_tokens = torch.full((hi - lo, 1), pad_id, dtype=torch.long, device=device)  # (hi - lo, 1)
-    span_tokens.index_copy_(0, index, tokens[:, None])
-    span_positions = torch.full((hi - lo, 1), cache.trash, dtype=torch.long, device=device)  # idle rows: trash
-    span_positions.index_copy_(0, index, positions)
-    used = max(lengths[i] for i in slots) + 1
-    used = attended_columns(used, cache.trash + 1) if compiled is not None else used
-    step = model if compiled is None else compiled
-    return forward_slots(step, cache, slice(lo, hi), span_tokens, span_positions, used)[index]
+    # the shortest prefix that holds every "</think>" (a prefix's count only grows with its length)
+    end = bisect.bisect_left(range(len(reply) + 1), closing, lo=1,
+                             key=lambda n: tokenizer.decode(reply[:n]).count("</think>"))
+    return reply[end:]
 
 
 @dataclass
@@ -227,21 +143,14 @@ class Engine:
 
     def __init__(self, model, tokenizer, backend, dialogues, cfg, timing, log=None):
         self.model, self.tokenizer, self.dialogues, self.cfg, self.timing = model, tokenizer, dialogues, cfg, timing
-        self.log = log
         self.eos, self.pad_id = set(cfg.eos_ids or lm.stop_token_ids(tokenizer)), tokenizer.pad_token_id
-        self.device = model.inv_freq.device
-        dtype = getattr(model, "autocast_dtype", None) or model.model.embed_tokens.weight.dtype  # the compute dtype
-        self.cache = SlotCache(model.config, len(dialogues), cfg.max_context, self.device, dtype)
+        self.log, self.device = log, model.inv_freq.device
+        self.cache = lm.KVCache(model, len(dialogues), cfg.max_context)
         self.turns = sim.Turns(backend, cfg.turn_deadline, cfg.progress_every, log)
         self.generating, self.logits = [], None  # slots decoding now, and their next-token logits (b, V)
         self.held = []  # slots whose reply waits for the lockstep turn to end (overlap off)
         self.decode_step = None  # model.compiled_decode's step under compile, else None (eager)
         self.ready = [i for i in range(len(dialogues)) if self.begin_turn(i)]  # slots to prefill
-
-    def finish(self, i):   # (strip: the turns' samples are made as they end)
-        d = self.dialogues[i]
-        if self.cfg.think_history == "keep":
-            d.samples = [Sample(d.ids, d.policy_mask, i)]
 
     def begin_turn(self, i):
         """The dialogue starts a turn, or ends here when the turn could outgrow max_context."""
@@ -249,7 +158,6 @@ class Engine:
         if len(d.context) + self.cfg.max_new_tokens > self.cfg.max_context:
             d.truncated = d.episode.done = True  # the reward is the emotion reached so far
             d.episode.end_reason = "max_context"
-            self.finish(i)
             return False
         if not self.cfg.kv_reuse:
             d.length = 0  # ablation: forget the cache, re-prefill the whole context
@@ -268,7 +176,7 @@ class Engine:
         """The user's answer (None: the dialogue ended) closes the turn; returns whether a next turn begins."""
         d = self.dialogues[i]
         if user_text is None:
-            return self.finish(i)
+            return False
         stop_text = self.tokenizer.convert_ids_to_tokens(d.reply[-1]) if d.reply and d.reply[-1] in self.eos else None
         turn = user_turn_ids(self.tokenizer, user_text, stop_text, self.cfg.think)
         d.ids += turn
@@ -280,11 +188,11 @@ class Engine:
 
     def prefill_ready(self):
         """Each ready slot is fed only what is new since its last forward, then joins the decode batch."""
-        new_ids = [self.dialogues[i].context[self.dialogues[i].length:] for i in self.ready]
-        logits = prefill(self.model, self.cache, self.ready, new_ids, [self.dialogues[i].length for i in self.ready],
-                         self.pad_id)
-        for i, x in zip(self.ready, new_ids):
-            self.dialogues[i].length += len(x)
+        ds = [self.dialogues[i] for i in self.ready]
+        new_ids = [d.context[d.length:] for d in ds]
+        logits = lm.prefill(self.model, self.cache, self.ready, new_ids, [d.length for d in ds], self.pad_id)
+        for d, x in zip(ds, new_ids):
+            d.length += len(x)
         self.timing["prefill_tokens"] += sum(map(len, new_ids))
         self.generating += self.ready
         self.ready = []
@@ -314,8 +222,8 @@ class Engine:
         self.generating, self.logits = [self.generating[r] for r in going], None
         if self.generating:  # decode: feed each continuing slot its sampled token
             lengths = {i: self.dialogues[i].length for i in self.generating}
-            self.logits = decode_one_token(self.model, self.cache, self.generating, tokens[going], lengths,
-                                           self.pad_id, self.decode_step)
+            self.logits = lm.decode_one_token(self.model, self.cache, self.generating, tokens[going], lengths,
+                                              self.pad_id, self.decode_step)
             for i in self.generating:
                 self.dialogues[i].length += 1
             self.timing["decode_steps"] += 1
@@ -372,6 +280,9 @@ def rollout(model, tokenizer, profiles, backend, *, seeds, timing=None, log=None
     dialogues = [start_dialogue(p, tokenizer, cfg.think, s, model.inv_freq.device, cfg.think_history == "strip")
                  for p, s in zip(profiles, seeds, strict=True)]
     Engine(model, tokenizer, backend, dialogues, cfg, timing, log).run()
+    if cfg.think_history == "keep":  # one sample per dialogue (strip: one per turn, made as each turn ends)
+        for i, d in enumerate(dialogues):
+            d.samples = [Sample(d.ids, d.policy_mask, i)]
     timing["conversation_tokens"] += sum(len(d.ids) for d in dialogues)
     return dialogues
 
@@ -401,8 +312,7 @@ def endpoint_rollout(policy_client, profiles, backend, *, think, mode="vanilla",
     """The same conversation for a policy behind HTTP: per turn every open dialogue's chat (policy_messages)
     goes to policy_client (a backend: simulator.OpenAIBackend(role="policy")), then simulate_turn answers
     the replies; each side's turn within its deadline (simulator.Turns). Returns the Episodes."""
-    episodes = [sim.new_episode(p) for p in profiles]
-    start = time.time()
+    episodes, start = [sim.new_episode(p) for p in profiles], time.time()
     for turn in range(1, max_turns + 1):
         active = [ep for ep in episodes if not ep.done]
         if not active:
@@ -412,6 +322,5 @@ def endpoint_rollout(policy_client, profiles, backend, *, think, mode="vanilla",
         sim.simulate_turn(active, texts, backend, mode=mode, max_turns=max_turns, turn_deadline=turn_deadline,
                           progress_every=progress_every, log=log)
         log(f"  turn {turn}/{max_turns}: {len(active)} open dialogues, mean emotion "
-            f"{sum(ep.emotion for ep in active) / len(active):.1f}, "
-            f"{time.time() - start:.1f}s")
+            f"{sum(ep.emotion for ep in active) / len(active):.1f}, {time.time() - start:.1f}s")
     return episodes

@@ -412,7 +412,7 @@ def test_compiled_decode_compiles_once_per_dialogue_count_and_bucket(tiny_qwen2,
         ds = ro.rollout(model, tok, profiles[:n], sim.RulesBackend(), compile=True, **kw)
         compiles.append(counters["stats"]["unique_graphs"])
         prompts = [d.policy_mask.index(True) for d in ds]  # each dialogue's decode attends prompt + 1 .. len(ids)
-        buckets.append({ro.attended_columns(m, 400) for d, p in zip(ds, prompts) for m in (p + 1, len(d.ids))})
+        buckets.append({lm.attended_columns(m, 400) for d, p in zip(ds, prompts) for m in (p + 1, len(d.ids))})
     assert sum(counters["graph_break"].values()) == 0
     assert buckets[0] == buckets[1] == {200, 400} and buckets[2] == {200, 400}
     assert compiles == [2, 2, 4]  # the second rollout (new cache, same shapes) compiles nothing
