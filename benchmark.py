@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import socket
 import statistics
 import sys
@@ -245,13 +244,7 @@ def eval_command(args):
     profiles = sim.load_profiles(profiles_path) if profiles_path else sim.builtin_profiles("test")
     profiles = [replace(p, prompts=official) for p in (profiles[:args.limit] if args.limit else profiles)]
     policy, tokenizer = check_policy(args), None
-    client = dict(timeout=args.simulator_timeout) if args.simulator.startswith(("http://", "https://")) else {}
-    try:  # (a local simulator model is loaded here: the policy was checked first, cheaply)
-        backend = sim.make_backend(args.simulator, model_name=args.simulator_model, api_key_env=args.simulator_key_env,
-                                   device=args.device, **client)
-    except ValueError as e:  # unknown spec or malformed URL
-        raise BenchmarkError(str(e)) from None
-    backend.check()
+    backend = sim.backend_from_flags(args, args.device)  # (a local simulator model loads after the policy's check)
     for name in lock_out(args.out, lambda: check_out(args.out, EVAL_FILES, args.overwrite)):  # one eval per --out
         os.remove(os.path.join(args.out, name))  # --overwrite: the earlier eval goes now, so old and new never mix
     if isinstance(policy, str):  # the heavy part starts here, after every cheap check passed

@@ -345,7 +345,7 @@ class Run:
     tokenizer: object  # (its folder's config and generation_config name the stop tokens: model.stop_token_ids)
     profiles: list  # training profiles (simulator.Profile)
     test_profiles: list
-    backend: object  # the simulated user (simulator.make_backend)
+    backend: object  # the simulated user (simulator.backend_from_flags)
     policy: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -379,7 +379,7 @@ def setup(args):
     profiles, test_profiles, backend, official = together(lambda: [
         sim.load_profiles(args.train_profiles) if args.train_profiles else sim.builtin_profiles("train"),
         sim.load_profiles(args.test_profiles) if args.test_profiles else sim.builtin_profiles("test"),
-        make_simulator(args, device), args.official_prompts and sim.load_official_prompts(  # the authors' prompts
+        sim.backend_from_flags(args, device), args.official_prompts and sim.load_official_prompts(
             args.official_prompts, args.protocol, args.think, args.official_quirks, args.simulator)], USER_ERRORS)
     args.resume_from = claim_out(args)  # the first write into --out
     if make_model and dist.get_rank() == 0 and not os.path.isdir(args.model):  # once, via a renamed .tmp
@@ -442,18 +442,6 @@ def resolve_model(args):
     if args.model in lm.SHAPES:
         shape, args.model = args.model, os.path.join(args.out, f"random-{args.model}")
         return lambda path: lm.make_random_checkpoint(path, lm.SHAPES[shape], seed=args.seed)
-
-
-def make_simulator(args, device):
-    """The simulated user's backend (simulator.make_backend), reachability checked."""
-    client = dict(timeout=args.simulator_timeout) if args.simulator.startswith(("http://", "https://")) else {}
-    try:
-        backend = sim.make_backend(args.simulator, model_name=args.simulator_model,
-                                   api_key_env=args.simulator_key_env, device=device, **client)
-    except (ValueError, lm.CheckpointError) as e:
-        raise ConfigError(f"--simulator: {e}") from None
-    backend.check()
-    return backend
 
 
 def validate_model(args, profiles):

@@ -1011,13 +1011,13 @@ class LocalModelBackend(Backend):
         return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
 
 
-def make_backend(spec, *, model_name=None, api_key_env="OPENAI_API_KEY", device="cpu", **kwargs):
+def make_backend(spec, *, model_name=None, api_key_env="OPENAI_API_KEY", device="cpu", timeout=120.0, **kwargs):
     """6d. From a CLI string: 'rules', an http(s):// URL or a local model folder; kwargs go to the backend."""
     spec = str(spec)
     if spec == "rules":
         return RulesBackend(**kwargs)
     if re.match(r"https?://", spec):
-        return OpenAIBackend(spec, model=model_name, api_key_env=api_key_env, **kwargs)
+        return OpenAIBackend(spec, model=model_name, api_key_env=api_key_env, timeout=timeout, **kwargs)
     if Path(spec).is_dir():
         from model import load_model, load_tokenizer
         return LocalModelBackend(load_model(spec, device=device), load_tokenizer(spec), **kwargs)
@@ -1078,3 +1078,14 @@ def add_simulator_flags(add, protocol, max_parse_failure_rate):
         help="seconds for all simulator answers of one turn; past it the run stops")
     add("--max-parse-failure-rate", type=in_range(0, 1), default=max_parse_failure_rate, help="stop when more "
         "than this share of the simulator's turns (a training step's, an eval's) stays unparseable")
+
+
+def backend_from_flags(args, device):
+    """The simulated user add_simulator_flags' flags name, its endpoint reachable (SimulatorError otherwise)."""
+    try:
+        backend = make_backend(args.simulator, model_name=args.simulator_model, api_key_env=args.simulator_key_env,
+                               device=device, timeout=args.simulator_timeout)
+    except ValueError as e:   # an unknown spec, a malformed URL, a bad model folder (model.CheckpointError)
+        raise SimulatorError(f"--simulator: {e}") from None
+    backend.check()
+    return backend
