@@ -85,12 +85,27 @@ def command(args, nproc=None):
 
 
 def run_cli(args, nproc=None, check=True, timeout=TIMEOUT):
-    p = subprocess.run(command(args, nproc), cwd=ROOT, env=cli_env(), capture_output=True, text=True,
-                       timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"rlver.py {' '.join(args)} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}"
-                             f"\n--- stderr\n{p.stderr[-4000:]}")
-    return p
+    return run_clis((args, nproc), check=check, timeout=timeout)[0]
+
+
+def run_clis(*runs, check=True, timeout=TIMEOUT):
+    """Independent runs, each (args, nproc), started at once (most of a short run is imports and setup, which
+    overlap); returns their finished processes (returncode, stdout, stderr) in order."""
+    procs = [subprocess.Popen(command(args, nproc), cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for args, nproc in runs]
+    try:
+        for p in procs:
+            p.stdout, p.stderr = p.communicate(timeout=timeout)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for (args, _), p in zip(runs, procs):
+        if check and p.returncode != 0:
+            raise AssertionError(f"rlver.py {' '.join(args)} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}"
+                                 f"\n--- stderr\n{p.stderr[-4000:]}")
+    return procs
 
 
 def metrics(out):
@@ -261,8 +276,8 @@ def test_ppo_fsdp_equals_single_process(tiny_qwen2, tmp_path):
     args = ["--model", tiny_qwen2, "--train-profiles", mixed_profiles(tmp_path), *SMALL, "--algo", "ppo",
             "--group-size", "4", "--micro-batch", "8", "--lr", "1e-2", "--critic-lr", "1e-2", "--steps", "1",
             "--loss-agg", "seq-mean-token-mean"]
-    run_cli([*args, "--out", str(tmp_path / "fsdp")], nproc=2)
-    run_cli([*args, "--out", str(tmp_path / "single"), "--no-fsdp"])
+    run_clis(([*args, "--out", str(tmp_path / "fsdp")], 2),
+             ([*args, "--out", str(tmp_path / "single"), "--no-fsdp"], None))
     fsdp, single = metrics(tmp_path / "fsdp"), metrics(tmp_path / "single")
     assert abs(fsdp[0]["policy_loss"]) > 1e-3 and fsdp[0]["value_loss"] > 1e-3 and fsdp[0]["grad_norm"] > 1e-3
     assert_same_metrics(single, fsdp, PPO_COMPARED, rel=1e-5, abs_=1e-7, what="ppo: --no-fsdp vs torchrun")
@@ -278,8 +293,8 @@ def test_think_history_strip_fsdp_equals_single_process(algo, tiny_qwen2, tmp_pa
             mixed_profiles(tmp_path), "--profiles-per-step", "4", "--group-size", "2", "--max-turns", "3",
             "--max-new-tokens", "16", "--micro-batch", "4", "--steps", "1", "--protocol", "classic", "--kl-coef", "0",
             "--lr", "1e-2", "--critic-lr", "1e-2"]
-    run_cli([*args, "--out", str(tmp_path / "fsdp")], nproc=2)
-    run_cli([*args, "--out", str(tmp_path / "single"), "--no-fsdp"])
+    run_clis(([*args, "--out", str(tmp_path / "fsdp")], 2),
+             ([*args, "--out", str(tmp_path / "single"), "--no-fsdp"], None))
     fsdp, single = metrics(tmp_path / "fsdp"), metrics(tmp_path / "single")
     # one sample per turn of each of the 8 dialogues; some ended early (at 100), so turns < 3 on average
     assert single[0]["samples"] == fsdp[0]["samples"] == single[0]["turns"] * 8 < 3 * 8 and single[0]["success"] > 0
@@ -406,8 +421,7 @@ def test_activation_checkpointing_trains_single_and_torchrun_and_hf_keeps_dtype(
 
     args = ["--model", bf16_checkpoint, *SMALL, "--algo", algo, "--group-size", "2", "--micro-batch", "2",
             "--lr", "1e-2", "--critic-lr", "1e-2", "--steps", "1", "--activation-checkpointing"]
-    run_cli([*args, "--out", str(tmp_path / "single")])
-    run_cli([*args, "--out", str(tmp_path / "fsdp")], nproc=2)
+    run_clis(([*args, "--out", str(tmp_path / "single")], None), ([*args, "--out", str(tmp_path / "fsdp")], 2))
     single, fsdp = metrics(tmp_path / "single"), metrics(tmp_path / "fsdp")
     assert single[0]["grad_norm"] > 1e-3
     keys = [k for k in (PPO_COMPARED if algo == "ppo" else COMPARED) if k != "kl_ref"]
