@@ -86,19 +86,22 @@ EVAL = ["eval", "--policy", None, "--limit", "2", "--max-turns", "2", "--max-new
 
 
 def test_eval_refuses_an_earlier_eval_and_overwrite_replaces_it(tiny_qwen2, tmp_path):
-    out = tmp_path / "eval"
-    args = [*EVAL[:2], tiny_qwen2, *EVAL[3:], "--out", str(out)]
-    out.mkdir()
-    for name in ("transcripts.jsonl", "summary.json", "trajectories.svg"):  # an earlier eval's files
-        (out / name).write_text(f"earlier {name}\n")
-    before = snapshot(out)
-    p = subprocess.run([sys.executable, BENCHMARK, *args], cwd=ROOT, env=cli_env(), capture_output=True, text=True,
-                       timeout=TIMEOUT)
-    one_line(p, 2, "holds an earlier eval (transcripts.jsonl, summary.json, trajectories.svg): replace it with "
-                   "--overwrite")
-    assert snapshot(out) == before
-    p = subprocess.run([sys.executable, BENCHMARK, *args, "--overwrite"], cwd=ROOT, env=cli_env(), capture_output=True,
-                       text=True, timeout=TIMEOUT)
+    # two folders holding the same earlier eval, so the refused run and the --overwrite run start together
+    outs = {"refused": tmp_path / "eval", "overwrite": tmp_path / "eval-overwrite"}
+    for out in outs.values():
+        out.mkdir()
+        for name in ("transcripts.jsonl", "summary.json", "trajectories.svg"):  # an earlier eval's files
+            (out / name).write_text(f"earlier {name}\n")
+    before = snapshot(outs["refused"])
+    procs = {what: start([*EVAL[:2], tiny_qwen2, *EVAL[3:], "--out", str(out), *(["--overwrite"] if what == "overwrite"
+                                                                                  else [])], BENCHMARK)
+             for what, out in outs.items()}
+    for p in procs.values():
+        p.stdout, p.stderr = p.communicate(timeout=TIMEOUT)
+    one_line(procs["refused"], 2, "holds an earlier eval (transcripts.jsonl, summary.json, trajectories.svg): replace "
+                                  "it with --overwrite")
+    assert snapshot(outs["refused"]) == before
+    p, out = procs["overwrite"], outs["overwrite"]
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["config"]["overwrite"] is True
     assert len((out / "transcripts.jsonl").read_text().splitlines()) == 2  # the new eval's 2 dialogues only
