@@ -446,10 +446,12 @@ def compute_region(model):
 def generate(model, prompts, max_new_tokens, eos_ids, temperature=1.0, top_p=1.0, generator=None, pad_id=0,
              compile=False):
     """Per prompt (B token-id lists) the sampled ids through the first EOS (or max_new_tokens) and their log-probs
-    (sample()): every prompt prefilled into its slot, then one decode_one_token per new token. compile: the decode
-    step through torch.compile."""
-    device, rows = model.inv_freq.device, list(range(len(prompts)))
-    cache = KVCache(model, len(prompts), max(map(len, prompts)) + max_new_tokens)
+    (sample()): every prompt prefilled into its slot, then one token per row and step, every row in the step (so,
+    unlike decode_one_token, its write positions stay on the device: no host copy, no sync per token). compile: the
+    decode step through torch.compile."""
+    device, rows, P = model.inv_freq.device, list(range(len(prompts))), max(map(len, prompts))
+    cache = KVCache(model, len(prompts), P + max_new_tokens)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)[:, None]  # (B, 1): token t goes to lengths + t
     eos = torch.tensor(list(eos_ids), device=device)
     out_ids = torch.full((len(prompts), max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_logprobs = torch.zeros(len(prompts), max_new_tokens, device=device)
@@ -463,7 +465,8 @@ def generate(model, prompts, max_new_tokens, eos_ids, temperature=1.0, top_p=1.0
             done = done | torch.isin(tokens, eos)
             if t == max_new_tokens - 1 or (t % SYNC_EVERY == SYNC_EVERY - 1 and bool(done.all())):
                 break
-            logits = decode_one_token(model, cache, rows, tokens, [len(p) + t for p in prompts], pad_id, compiled)
+            used = P + t + 1 if compiled is None else attended_columns(P + t + 1, cache.trash + 1)
+            logits = forward_slots(compiled or model, cache, slice(0, len(prompts)), tokens[:, None], lengths + t, used)
     out_ids, out_logprobs, eos = out_ids.tolist(), out_logprobs.tolist(), set(eos_ids)
     ends = [next((i + 1 for i, tok in enumerate(row) if tok in eos), len(row)) for row in out_ids]  # through EOS
     return [r[:n] for r, n in zip(out_ids, ends)], [r[:n] for r, n in zip(out_logprobs, ends)]

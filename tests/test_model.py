@@ -195,7 +195,8 @@ def test_per_row_generators_make_a_row_independent_of_its_batch(tiny_qwen2):
 
 
 def test_compiled_decode_matches_eager(tiny_qwen2):
-    """generate(compile=True) attends over the whole static cache with a mask: same tokens and log-probs."""
+    """generate(compile=True) attends over a fixed bucket of the static cache (attended_columns) with a mask: same
+    tokens and log-probs."""
     model, tokenizer = load_model(tiny_qwen2), load_tokenizer(tiny_qwen2)
     _, prompts = prompts_for(tokenizer)
     eager = generate(model, prompts, 12, [tokenizer.eos_token_id], temperature=0.8,
